@@ -1,0 +1,71 @@
+/**
+ * Plugin: code that joins the worker's life and every task's stages.
+ *
+ * Worker hooks: `boot` in `booting` (a rejection stops the worker), and
+ * `shutdown` in `shuttingDown` (errors are logged).
+ *
+ * Task hooks are called on the object returned by `newTask`, for every
+ * plugin in configuration order, in this fixed order:
+ *
+ *   prepare        [loading]   the payload is valid; fetch what the task needs
+ *   buildSandbox   [loading]   add env vars to the sandbox builder
+ *   started        [running]   the sandbox runs
+ *   stopped        [uploading] the command ended: return a verdict (success)
+ *   finished       [uploading] the resolution is known and not yet reported:
+ *                              upload artifacts here
+ *   exception      [uploading] instead of stopped/finished, when the run
+ *                              ends in an exception (malformed payload,
+ *                              worker shutdown, internal error)
+ *   dispose        [cleanup]   always, in reverse order, for every plugin
+ *                              whose newTask returned; errors are logged
+ *
+ * A hook that throws resolves the run `exception/internal-error` (or
+ * `exception/malformed-payload` for MalformedPayloadError) with the
+ * plugin's name in the message. Hooks receive an AbortSignal that is
+ * aborted when the run is canceled or its claim is lost.
+ */
+import type { Logger } from '../runtime/logger.js';
+import type { Claim, Payload } from '../model/task.js';
+import type { ExceptionReason, Resolution } from '../model/resolution.js';
+import type { RunResult, Sandbox, SandboxBuilder } from '../engines/engine.js';
+import type { Queue } from '../queues/queue.js';
+import type { JsonSchemaObject } from '../runtime/schema.js';
+import type { TaskLog } from '../runtime/task-log.js';
+
+export interface PluginWorkerOptions {
+  readonly workerId: string;
+  readonly logger: Logger;
+}
+
+export interface TaskPluginOptions {
+  readonly claim: Claim;
+  readonly payload: Payload;
+  readonly workerId: string;
+  readonly queue: Queue;
+  /** The run's log: the command's output, and lines plugins and drover write. */
+  readonly log: TaskLog;
+  readonly logger: Logger;
+  readonly signal: AbortSignal;
+}
+
+/** A plugin's say on whether the run succeeded; undefined means no objection. */
+export type Verdict = { readonly state: 'completed' | 'failed'; readonly message?: string } | undefined;
+
+export interface TaskPlugin {
+  prepare?(): Promise<void>;
+  buildSandbox?(builder: SandboxBuilder): Promise<void>;
+  started?(sandbox: Sandbox): Promise<void>;
+  stopped?(result: RunResult): Promise<Verdict>;
+  finished?(resolution: Resolution, sandbox: Sandbox): Promise<void>;
+  exception?(reason: ExceptionReason): Promise<void>;
+  dispose?(): Promise<void>;
+}
+
+export interface Plugin {
+  readonly name: string;
+  /** JSON Schema of the payload properties this plugin reads; joined with the engine's. */
+  readonly payloadSchema?: JsonSchemaObject;
+  boot?(options: PluginWorkerOptions): Promise<void>;
+  shutdown?(options: PluginWorkerOptions): Promise<void>;
+  newTask?(options: TaskPluginOptions): TaskPlugin;
+}

@@ -1,0 +1,70 @@
+/**
+ * Payload schemas: the engine and every plugin each own some top-level
+ * properties of the payload; they are joined into one JSON Schema that
+ * refuses unknown keys, and a payload is checked against it once, with
+ * every problem reported at once, each at its JSON path.
+ */
+import { Ajv, type ErrorObject } from 'ajv';
+import { MalformedPayloadError, type PayloadProblem } from '../model/errors.js';
+
+/** A JSON Schema for an object: its properties and which are required. */
+export interface JsonSchemaObject {
+  readonly type: 'object';
+  readonly properties: Readonly<Record<string, unknown>>;
+  readonly required?: readonly string[];
+  readonly [keyword: string]: unknown;
+}
+
+export interface SchemaPart {
+  /** Who owns these properties, for error messages: `engine process`, `plugin livelog`. */
+  readonly owner: string;
+  readonly schema: JsonSchemaObject;
+}
+
+/** Joins the parts into one payload schema; two owners of one property is a configuration error. */
+export function joinPayloadSchemas(parts: readonly SchemaPart[]): JsonSchemaObject {
+  const properties: Record<string, unknown> = {};
+  const owners: Record<string, string> = {};
+  const required = new Set<string>();
+  for (const { owner, schema } of parts) {
+    for (const [key, value] of Object.entries(schema.properties)) {
+      if (owners[key] !== undefined) {
+        throw new Error(`payload property "${key}" is declared by both ${owners[key]} and ${owner}`);
+      }
+      owners[key] = owner;
+      properties[key] = value;
+    }
+    for (const key of schema.required ?? []) required.add(key);
+  }
+  return { type: 'object', properties, required: [...required].sort(), additionalProperties: false };
+}
+
+export type PayloadValidator = (payload: unknown) => void;
+
+/** Compiles a schema once; the validator throws MalformedPayloadError listing every problem. */
+export function compilePayloadValidator(schema: JsonSchemaObject): PayloadValidator {
+  const ajv = new Ajv({ allErrors: true, strict: false });
+  const validate = ajv.compile(schema);
+  return (payload) => {
+    if (validate(payload)) return;
+    throw new MalformedPayloadError((validate.errors ?? []).map(toProblem));
+  };
+}
+
+function toProblem(error: ErrorObject): PayloadProblem {
+  const path = 'payload' + error.instancePath.split('/').slice(1).map(segment).join('');
+  if (error.keyword === 'additionalProperties') {
+    const extra = String((error.params as { additionalProperty: string }).additionalProperty);
+    return { path: `${path}.${extra}`, message: 'is not a known property' };
+  }
+  if (error.keyword === 'required') {
+    const missing = String((error.params as { missingProperty: string }).missingProperty);
+    return { path: `${path}.${missing}`, message: 'is required' };
+  }
+  return { path, message: error.message ?? error.keyword };
+}
+
+function segment(part: string): string {
+  const key = part.replace(/~1/g, '/').replace(/~0/g, '~');
+  return /^\d+$/.test(key) ? `[${key}]` : `.${key}`;
+}

@@ -1,0 +1,250 @@
+/**
+ * The local transport (commands and files on this machine) and the
+ * `hardware` host (this machine, as is).
+ *
+ * Every command runs in a new session, so in a process group of its own
+ * whose id is the main process's pid: `kill()` signals the whole group and
+ * `waitGone()` watches it through /proc.
+ *
+ * Limitation: a process stays in the command's group only as long as it
+ * does not leave it itself (setsid(), setpgid(), e.g. `setsid cmd` or a
+ * daemonizing service). Such an escapee is not signalled by `kill()` nor
+ * waited for by `waitGone()`; it still carries DROVER_RUN_COOKIE in its
+ * environment, and the crash journal finds it by that when it reaps.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createWriteStream } from 'node:fs';
+import { lstat, mkdir, open, rm, writeFile } from 'node:fs/promises';
+import { arch, availableParallelism, hostname, platform, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { PassThrough, Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from '../runtime/logger.js';
+import { errorMessage } from '../model/errors.js';
+import type { Host, HostBootOptions, HostIdentity } from './host.js';
+import { CrashJournal } from './journal.js';
+import { groupExists, groupPids } from './proc.js';
+import type { ExecOptions, Execution, ExitStatus, FileStat, Transport, TransportCapabilities } from './transport.js';
+
+const POLL_MS = 20;
+
+export interface LocalTransportOptions {
+  /** When given, every started process group is noted in it (see CrashJournal.noteProcessGroup). */
+  readonly journal?: CrashJournal;
+  /** Where a failure to write the journal is reported; the command runs anyway (its cookie is journaled). */
+  readonly logger?: Logger;
+}
+
+export class LocalTransport implements Transport {
+  readonly capabilities: TransportCapabilities = { exec: true, files: true };
+  readonly #journal: CrashJournal | undefined;
+  readonly #logger: Logger | undefined;
+
+  constructor(options: LocalTransportOptions = {}) {
+    this.#journal = options.journal;
+    this.#logger = options.logger;
+  }
+
+  async exec(argv: readonly string[], options: ExecOptions): Promise<LocalExecution> {
+    const [file, ...args] = argv;
+    if (file === undefined) return LocalExecution.failed(new Error('exec: empty argv'));
+    const env = { ...options.env, DROVER_RUN_COOKIE: options.cookie };
+    let child: ChildProcess;
+    try {
+      child = spawn(file, args, { cwd: options.cwd, env, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+    } catch (error) {
+      // Invalid arguments (a NUL byte in argv or env...) throw synchronously.
+      return LocalExecution.failed(error instanceof Error ? error : new Error(String(error)));
+    }
+    const pgid = child.pid;
+    // Synchronously, before anything else can run: the group is on disk
+    // before this process could crash and leave it behind.
+    if (pgid !== undefined && this.#journal !== undefined) {
+      try {
+        this.#journal.noteProcessGroup(options.cookie, pgid);
+      } catch (error) {
+        this.#logger?.warn('crash journal: cannot note process group', { pgid, error: errorMessage(error) });
+      }
+    }
+    let started!: () => void;
+    const startedOrFailed = new Promise<void>((resolve) => (started = resolve));
+    const exited = new Promise<ExitStatus & { readonly startError?: Error }>((resolve) => {
+      // 'exit', not 'close': a background grandchild may hold the pipes open.
+      child.once('exit', (code, signal) => resolve({ exitCode: signal === null ? code : null, signal }));
+      // A listener stays attached: an unhandled 'error' event would crash the worker.
+      child.on('error', (error) => {
+        // 'error' after a successful start comes from child.kill(), which is not used.
+        if (pgid === undefined) resolve({ exitCode: 127, signal: null, startError: error });
+        started();
+      });
+    });
+    child.once('spawn', () => started());
+    // Resolve once the command is started (or has failed to).
+    await startedOrFailed;
+    return new LocalExecution(child, pgid, exited);
+  }
+
+  async mkdir(path: string): Promise<void> {
+    await mkdir(path, { recursive: true });
+  }
+
+  async remove(path: string): Promise<void> {
+    await rm(path, { recursive: true, force: true });
+  }
+
+  async stat(path: string): Promise<FileStat | undefined> {
+    try {
+      const stats = await lstat(path);
+      const type = stats.isSymbolicLink() ? 'symlink' : stats.isFile() ? 'file' : stats.isDirectory() ? 'directory' : 'other';
+      return { type, size: stats.size };
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw error;
+    }
+  }
+
+  async readFile(path: string): Promise<Readable> {
+    // Open first: a missing file rejects here (ENOENT), not later on the stream.
+    const handle = await open(path, 'r');
+    try {
+      const stats = await handle.stat();
+      if (stats.isDirectory()) {
+        throw Object.assign(new Error(`EISDIR: illegal operation on a directory, read '${path}'`), {
+          code: 'EISDIR',
+          errno: -21,
+          syscall: 'read',
+          path,
+        });
+      }
+    } catch (error) {
+      await handle.close();
+      throw error;
+    }
+    return handle.createReadStream();
+  }
+
+  async writeFile(path: string, data: Readable | Uint8Array | string): Promise<void> {
+    if (data instanceof Readable) {
+      await pipeline(data, createWriteStream(path));
+    } else {
+      await writeFile(path, data);
+    }
+  }
+
+  join(...segments: string[]): string {
+    return join(...segments);
+  }
+}
+
+/** A command started by LocalTransport; `pgid` is its process group (undefined when it failed to start). */
+export class LocalExecution implements Execution {
+  readonly stdout: Readable;
+  readonly stderr: Readable;
+  readonly exited: Promise<ExitStatus & { readonly startError?: Error }>;
+  readonly pgid: number | undefined;
+  /** Set once the group id is seen free: it may be reused, so it is never signalled again. */
+  #groupFreed = false;
+
+  /** An execution that never started: exit code 127 with `startError`. */
+  static failed(startError: Error): LocalExecution {
+    return new LocalExecution(undefined, undefined, Promise.resolve({ exitCode: 127, signal: null, startError }));
+  }
+
+  constructor(child: ChildProcess | undefined, pgid: number | undefined, exited: Execution['exited']) {
+    this.stdout = child?.stdout ?? emptyStream();
+    this.stderr = child?.stderr ?? emptyStream();
+    this.exited = exited;
+    this.pgid = pgid;
+  }
+
+  async kill(signal: NodeJS.Signals): Promise<void> {
+    const pgid = this.pgid;
+    if (pgid === undefined || this.#groupFreed) return;
+    // Once no process (not even a zombie) has the group id, the kernel may
+    // hand it to a new, unrelated group: do not signal that one.
+    if (!groupExists(pgid)) {
+      this.#groupFreed = true;
+      return;
+    }
+    try {
+      process.kill(-pgid, signal);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'ESRCH') throw error;
+    }
+  }
+
+  async waitGone(timeoutMs: number): Promise<boolean> {
+    const pgid = this.pgid;
+    if (pgid === undefined) return true;
+    const deadline = performance.now() + Math.max(0, timeoutMs);
+    for (;;) {
+      if (this.#groupFreed || groupPids(pgid).length === 0) return true;
+      const left = deadline - performance.now();
+      if (left <= 0) return false;
+      await sleep(Math.min(POLL_MS, left));
+    }
+  }
+}
+
+function emptyStream(): Readable {
+  const stream = new PassThrough();
+  stream.end();
+  return stream;
+}
+
+export interface HardwareHostOptions {
+  /** The worker's work directory; the crash journal lives in `<workDir>/journal`. */
+  readonly workDir: string;
+}
+
+/**
+ * This machine, as is: nothing to provision, nothing that asks the worker
+ * to leave. Process signals (SIGTERM, SIGINT) are the CLI's to handle, not
+ * the host's, so `shutdown` never fires here.
+ */
+export class HardwareHost implements Host {
+  readonly name = 'hardware';
+  readonly shutdown: AbortSignal = new AbortController().signal;
+  readonly #journal: CrashJournal;
+  #transport: LocalTransport | undefined;
+  #logger: Logger | undefined;
+  #disposed = false;
+
+  constructor(options: HardwareHostOptions) {
+    this.#journal = new CrashJournal(join(options.workDir, 'journal'));
+  }
+
+  get journal(): CrashJournal {
+    return this.#journal;
+  }
+
+  async boot(options: HostBootOptions): Promise<HostIdentity> {
+    this.#logger = options.logger;
+    await mkdir(this.#journal.dir, { recursive: true });
+    // Leftovers of a crashed predecessor go before this worker claims anything.
+    await this.#journal.reap(options.logger);
+    return {
+      hostname: hostname(),
+      facts: {
+        platform: platform(),
+        arch: arch(),
+        cpus: String(availableParallelism()),
+        memory: `${(totalmem() / 2 ** 30).toFixed(1)} GiB`,
+      },
+    };
+  }
+
+  transport(): Transport {
+    this.#transport ??= new LocalTransport(
+      this.#logger === undefined ? { journal: this.#journal } : { journal: this.#journal, logger: this.#logger },
+    );
+    return this.#transport;
+  }
+
+  async dispose(): Promise<void> {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    // Nothing is held: tasks release their own processes and directories.
+  }
+}

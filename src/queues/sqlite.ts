@@ -1,0 +1,587 @@
+/**
+ * The embedded queue: one SQLite file that every worker process on a machine
+ * shares, with artifacts as plain files beside it.
+ *
+ * Layout: `<dir>/queue.db` and `<dir>/artifacts/<taskId>/<runId>/<name>`.
+ * Each write is one `BEGIN IMMEDIATE` transaction, so two processes never
+ * interleave a read-then-write (claiming the same run twice, say); WAL lets
+ * readers carry on while one process writes. Time-based rules (expired
+ * claims, passed deadlines) are applied lazily: every transaction that
+ * claims, reclaims, resolves, cancels or uploads sweeps first, so what a
+ * worker is told never depends on whether some sweeper has run yet.
+ */
+import { randomBytes } from 'node:crypto';
+import { accessSync, closeSync, constants, createReadStream, createWriteStream, mkdirSync, openSync, rmSync } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { dirname, join, resolve as resolvePath } from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import Database from 'better-sqlite3';
+import { ClaimLostError, ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
+import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
+import { runKey, type Claim, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
+import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
+
+export const DEFAULT_CLAIM_TIMEOUT_MS = 30_000;
+export const DEFAULT_POLL_INTERVAL_MS = 200;
+const FOLLOW_POLL_MS = 100;
+const MIN_WATCH_INTERVAL_MS = 100;
+
+export interface SqliteQueueOptions {
+  readonly dir: string;
+  readonly claimTimeoutMs?: number;
+  readonly pollIntervalMs?: number;
+  /** The clock for claims and deadlines; tests inject one to skip time. */
+  readonly now?: () => number;
+}
+
+/** Schema migrations; `PRAGMA user_version` counts how many were applied. Append, never edit. */
+const MIGRATIONS: readonly string[] = [
+  `CREATE TABLE tasks (
+     id           TEXT PRIMARY KEY,
+     payload      TEXT NOT NULL,
+     state        TEXT NOT NULL CHECK (state IN ('pending', 'running', 'completed', 'failed', 'exception')),
+     created      INTEGER NOT NULL,
+     deadline     INTEGER NOT NULL,
+     retries_left INTEGER NOT NULL CHECK (retries_left >= 0)
+   );
+   CREATE INDEX tasks_by_created ON tasks (created);
+   CREATE INDEX tasks_by_state ON tasks (state, created);
+   CREATE INDEX tasks_by_state_deadline ON tasks (state, deadline);
+   CREATE TABLE runs (
+     task_id         TEXT NOT NULL REFERENCES tasks (id),
+     run_id          INTEGER NOT NULL,
+     state           TEXT NOT NULL CHECK (state IN ('pending', 'running', 'completed', 'failed', 'exception')),
+     reason_created  TEXT NOT NULL CHECK (reason_created IN ('scheduled', 'retry')),
+     reason_resolved TEXT,
+     message         TEXT,
+     worker_id       TEXT,
+     taken_until     INTEGER,
+     scheduled       INTEGER NOT NULL,
+     started         INTEGER,
+     resolved        INTEGER,
+     PRIMARY KEY (task_id, run_id)
+   );
+   CREATE INDEX runs_pending ON runs (scheduled) WHERE state = 'pending';
+   CREATE INDEX runs_running ON runs (taken_until) WHERE state = 'running';
+   CREATE TABLE artifacts (
+     task_id      TEXT NOT NULL,
+     run_id       INTEGER NOT NULL,
+     name         TEXT NOT NULL,
+     content_type TEXT NOT NULL,
+     expires      INTEGER,
+     state        TEXT NOT NULL CHECK (state IN ('streaming', 'complete')),
+     size         INTEGER NOT NULL DEFAULT 0,
+     created      INTEGER NOT NULL,
+     PRIMARY KEY (task_id, run_id, name),
+     FOREIGN KEY (task_id, run_id) REFERENCES runs (task_id, run_id)
+   );`,
+];
+
+const OPEN = `state IN ('pending', 'running')`;
+const SQL = {
+  insertTask: `INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES (?, ?, 'pending', ?, ?, ?)`,
+  insertRun: `INSERT INTO runs (task_id, run_id, state, reason_created, scheduled) VALUES (?, ?, 'pending', ?, ?)`,
+  setTaskState: `UPDATE tasks SET state = ? WHERE id = ?`,
+  useRetry: `UPDATE tasks SET retries_left = retries_left - 1, state = 'pending' WHERE id = ? AND retries_left > 0`,
+  // A cheap read that lets idle pollers skip taking the write lock.
+  anyWork: `SELECT EXISTS (SELECT 1 FROM runs WHERE state = 'pending')
+              OR EXISTS (SELECT 1 FROM runs WHERE state = 'running' AND taken_until <= @now)
+              OR EXISTS (SELECT 1 FROM tasks WHERE ${OPEN} AND deadline <= @now) AS yes`,
+  // Scheduling order; rowid breaks ties between runs scheduled in the same millisecond.
+  pendingRuns: `SELECT r.task_id, r.run_id, t.payload, t.deadline, t.retries_left FROM runs r JOIN tasks t ON t.id = r.task_id
+                WHERE r.state = 'pending' ORDER BY r.scheduled, r.rowid LIMIT ?`,
+  startRun: `UPDATE runs SET state = 'running', worker_id = ?, started = ?, taken_until = ? WHERE task_id = ? AND run_id = ?`,
+  holds: `SELECT 1 FROM runs WHERE task_id = ? AND run_id = ? AND state = 'running' AND worker_id = ? AND taken_until > ?`,
+  extendClaim: `UPDATE runs SET taken_until = ? WHERE task_id = ? AND run_id = ? AND state = 'running' AND worker_id = ? AND taken_until > ?`,
+  resolveHeld: `UPDATE runs SET state = @state, reason_resolved = @reason, message = @message, resolved = @now
+                WHERE task_id = @taskId AND run_id = @runId AND state = 'running' AND worker_id = @workerId AND taken_until > @now`,
+  resolveOpen: `UPDATE runs SET state = @state, reason_resolved = @reason, message = @message, resolved = @now
+                WHERE task_id = @taskId AND run_id = @runId AND ${OPEN}`,
+  overdueTasks: `SELECT id AS taskId, deadline, (SELECT max(run_id) FROM runs WHERE task_id = tasks.id) AS runId
+                 FROM tasks WHERE ${OPEN} AND deadline <= ?`,
+  expiredClaims: `SELECT task_id AS taskId, run_id AS runId, worker_id, taken_until FROM runs WHERE state = 'running' AND taken_until <= ?`,
+  task: `SELECT * FROM tasks WHERE id = ?`,
+  tasks: `SELECT * FROM tasks ORDER BY created DESC, rowid DESC LIMIT ?`,
+  tasksIn: `SELECT * FROM tasks WHERE state = ? ORDER BY created DESC, rowid DESC LIMIT ?`,
+  run: `SELECT r.*, t.deadline FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.task_id = ? AND r.run_id = ?`,
+  runs: `SELECT * FROM runs WHERE task_id = ? ORDER BY run_id`,
+  currentRun: `SELECT * FROM runs WHERE task_id = ? ORDER BY run_id DESC LIMIT 1`,
+  // One query for every watched run: the watch list goes in as a JSON array of [taskId, runId].
+  canceledAmong: `SELECT r.task_id, r.run_id FROM json_each(?) w JOIN runs r ON r.task_id = w.value ->> 0 AND r.run_id = w.value ->> 1
+                  WHERE r.state = 'exception' AND r.reason_resolved = 'canceled'`,
+  artifact: `SELECT * FROM artifacts WHERE task_id = ? AND run_id = ? AND name = ?`,
+  artifacts: `SELECT * FROM artifacts WHERE task_id = ? AND run_id = ? ORDER BY created, name`,
+  // The same name, or one that would need the other to be a directory (`a` and `a/b`).
+  artifactClash: `SELECT name FROM artifacts WHERE task_id = @taskId AND run_id = @runId AND (name = @name
+                    OR substr(name, 1, length(@name) + 1) = @name || '/' OR substr(@name, 1, length(name) + 1) = name || '/')`,
+  insertArtifact: `INSERT INTO artifacts (task_id, run_id, name, content_type, expires, state, size, created) VALUES (?, ?, ?, ?, ?, 'streaming', 0, ?)`,
+  completeArtifact: `UPDATE artifacts SET state = 'complete', size = ? WHERE task_id = ? AND run_id = ? AND name = ?`,
+  deleteArtifact: `DELETE FROM artifacts WHERE task_id = ? AND run_id = ? AND name = ?`,
+} as const;
+
+interface TaskRow { id: string; payload: string; state: TaskState; created: number; deadline: number; retries_left: number }
+interface RunRow {
+  task_id: string; run_id: number; state: RunState; reason_created: 'scheduled' | 'retry'; reason_resolved: string | null;
+  message: string | null; worker_id: string | null; taken_until: number | null; scheduled: number; started: number | null; resolved: number | null;
+}
+interface ArtifactRow {
+  task_id: string; run_id: number; name: string; content_type: string; expires: number | null;
+  state: 'streaming' | 'complete'; size: number; created: number;
+}
+interface Watcher { readonly run: RunRef; readonly onCanceled: () => void }
+
+export class SqliteQueue implements Queue {
+  static open(options: SqliteQueueOptions): SqliteQueue {
+    const dir = resolvePath(options.dir);
+    try {
+      mkdirSync(join(dir, 'artifacts'), { recursive: true });
+    } catch (error) {
+      throw new ConfigError(`queue directory "${dir}" cannot be created: ${errorMessage(error)}`, { cause: error });
+    }
+    try {
+      accessSync(dir, constants.W_OK);
+    } catch (error) {
+      throw new ConfigError(`queue directory "${dir}" is not writable: ${errorMessage(error)}`, { cause: error });
+    }
+    for (const [name, value] of [['claimTimeoutMs', options.claimTimeoutMs], ['pollIntervalMs', options.pollIntervalMs]] as const) {
+      if (value !== undefined && !(Number.isFinite(value) && value > 0)) {
+        throw new ConfigError(`queue option ${name} must be a positive number of milliseconds, not ${String(value)}`);
+      }
+    }
+    const file = join(dir, 'queue.db');
+    let db: Database.Database | undefined;
+    try {
+      db = new Database(file);
+      // busy_timeout first: switching to WAL needs a lock another process may hold.
+      db.pragma('busy_timeout = 10000');
+      db.pragma('journal_mode = WAL');
+      db.pragma('synchronous = NORMAL');
+      db.pragma('foreign_keys = ON');
+      migrate(db, file);
+      return new SqliteQueue(db, dir, options);
+    } catch (error) {
+      db?.close();
+      if (error instanceof ConfigError) throw error;
+      throw new ConfigError(`queue database "${file}" cannot be opened: ${errorMessage(error)}`, { cause: error });
+    }
+  }
+
+  readonly dir: string;
+  private readonly db: Database.Database;
+  private readonly s: { readonly [K in keyof typeof SQL]: Database.Statement };
+  private readonly claimTimeoutMs: number;
+  private readonly pollIntervalMs: number;
+  private readonly now: () => number;
+  /** Long polls waiting on this instance; `submit` and `close` wake them. */
+  private readonly wakers = new Set<() => void>();
+  private readonly watchers = new Set<Watcher>();
+  private watchTimer: NodeJS.Timeout | undefined;
+  /** Aborted by `close`, to end followers' waits at once. */
+  private readonly closing = new AbortController();
+  private closed = false;
+
+  private constructor(db: Database.Database, dir: string, options: SqliteQueueOptions) {
+    this.db = db;
+    this.dir = dir;
+    this.claimTimeoutMs = options.claimTimeoutMs ?? DEFAULT_CLAIM_TIMEOUT_MS;
+    this.pollIntervalMs = options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
+    this.now = options.now ?? Date.now;
+    this.s = Object.fromEntries(Object.entries(SQL).map(([key, sql]) => [key, db.prepare(sql)])) as SqliteQueue['s'];
+  }
+
+  async submit(task: TaskDefinition): Promise<TaskId> {
+    if (!Number.isInteger(task.retries) || task.retries < 0) throw new RangeError(`task retries must be a whole number >= 0, not ${task.retries}`);
+    if (!Number.isFinite(task.deadline)) throw new RangeError(`task deadline must be a time in milliseconds, not ${task.deadline}`);
+    const taskId = slugid();
+    this.write(() => {
+      const now = this.now();
+      this.s.insertTask.run(taskId, JSON.stringify(task.payload), now, task.deadline, task.retries);
+      this.s.insertRun.run(taskId, 0, 'scheduled', now);
+    });
+    for (const wake of [...this.wakers]) wake();
+    return taskId;
+  }
+
+  async claimWork({ workerId, count, waitMs, signal }: ClaimWorkOptions): Promise<Claim[]> {
+    // Waiting is measured in real time: the injected clock rules claims and deadlines, not how long a caller blocks.
+    this.assertOpen();
+    const giveUpAt = performance.now() + waitMs;
+    for (;;) {
+      const claims = this.claimNow(workerId, count);
+      const left = giveUpAt - performance.now();
+      if (claims.length > 0 || left <= 0 || signal?.aborted) return claims;
+      await this.pause(Math.min(left, this.pollIntervalMs), signal);
+      if (this.closed || signal?.aborted) return [];
+    }
+  }
+
+  async reclaim(run: RunRef, workerId: string): Promise<{ takenUntil: number }> {
+    const outcome = this.write(() => {
+      const now = this.sweepNow();
+      const takenUntil = now + this.claimTimeoutMs;
+      const { changes } = this.s.extendClaim.run(takenUntil, run.taskId, run.runId, workerId, now);
+      return changes === 1 ? { takenUntil } : this.lostClaim(run, workerId);
+    });
+    if (outcome instanceof Error) throw outcome;
+    return outcome;
+  }
+
+  async resolve(run: RunRef, workerId: string, resolution: Resolution): Promise<void> {
+    const refusal = this.write(() => {
+      const now = this.sweepNow();
+      const { changes } = this.s.resolveHeld.run({ taskId: run.taskId, runId: run.runId, ...columns(resolution), workerId, now });
+      if (changes === 0) return this.lostClaim(run, workerId);
+      this.afterResolve(run, resolution, now);
+      return undefined;
+    });
+    if (refusal) throw refusal;
+  }
+
+  async cancel(taskId: TaskId): Promise<void> {
+    const refusal = this.write(() => {
+      const now = this.sweepNow();
+      const task = this.s.task.get(taskId) as TaskRow | undefined;
+      if (!task) return new TaskStateError(`cannot cancel task ${taskId}: there is no such task`);
+      const current = this.s.currentRun.get(taskId) as RunRow;
+      if (task.state !== 'pending' && task.state !== 'running') {
+        return new TaskStateError(`cannot cancel task ${taskId}: it is already resolved ${describeRun(current)}`);
+      }
+      this.end({ taskId, runId: current.run_id }, { state: 'exception', reason: 'canceled', message: 'canceled by user' }, now);
+      return undefined;
+    });
+    if (refusal) throw refusal;
+    // Watchers on this instance need not wait for the next tick.
+    if (this.watchers.size > 0) queueMicrotask(() => this.checkCancellations());
+  }
+
+  watchCancellation(run: RunRef, onCanceled: () => void): () => void {
+    this.assertOpen();
+    const watcher: Watcher = { run: { taskId: run.taskId, runId: run.runId }, onCanceled };
+    this.watchers.add(watcher);
+    this.watchTimer ??= setInterval(() => this.checkCancellations(), Math.max(MIN_WATCH_INTERVAL_MS, this.pollIntervalMs)).unref();
+    return () => this.unwatch(watcher);
+  }
+
+  async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
+    const problem = artifactNameProblem(meta.name);
+    if (problem) throw new TaskStateError(`artifact name ${JSON.stringify(meta.name)} ${problem}`);
+    const path = this.artifactPath(run, meta.name);
+    const key = [run.taskId, run.runId, meta.name] as const;
+    const refusal = this.write(() => {
+      const now = this.sweepNow();
+      if (this.s.holds.get(run.taskId, run.runId, workerId, now) === undefined) return this.lostClaim(run, workerId);
+      const clash = this.s.artifactClash.get({ taskId: run.taskId, runId: run.runId, name: meta.name }) as { name: string } | undefined;
+      if (clash) {
+        return new TaskStateError(clash.name === meta.name
+          ? `run ${runKey(run)} already has an artifact named "${meta.name}"`
+          : `artifact "${meta.name}" clashes with "${clash.name}" of run ${runKey(run)}: one would have to be a directory of the other`);
+      }
+      this.s.insertArtifact.run(...key, meta.contentType, meta.expires ?? null, now);
+      // The file exists before the row commits, so a reader that finds the row can always open the file.
+      try {
+        mkdirSync(dirname(path), { recursive: true });
+        closeSync(openSync(path, 'w'));
+      } catch (error) {
+        throw new QueueUnavailableError(`cannot create artifact file "${path}": ${errorMessage(error)}`, { cause: error });
+      }
+      return undefined;
+    });
+    if (refusal) throw refusal;
+    let size: number;
+    try {
+      // Our own fd, opened now: a stream left to open the file itself could re-create it after a failed upload removed it.
+      const sink = createWriteStream(path, { fd: openSync(path, 'r+') });
+      await pipeline(source, sink);
+      size = sink.bytesWritten;
+    } catch (error) {
+      // A half-written artifact would pass for a whole one; drop it so the caller can upload again.
+      try {
+        this.write(() => this.s.deleteArtifact.run(...key));
+        rmSync(path, { force: true });
+      } catch {
+        // the source's error says more than a failed clean-up would
+      }
+      throw error;
+    }
+    this.write(() => this.s.completeArtifact.run(size, ...key));
+    return artifactInfo(this.artifactRow(run, meta.name));
+  }
+
+  async readArtifact(run: RunRef, name: string, options: ReadArtifactOptions = {}): Promise<Readable> {
+    this.artifactRow(run, name);
+    const path = this.artifactPath(run, name);
+    if (!options.follow) return createReadStream(path);
+    return Readable.from(this.follow(run, name, path, options.signal), { objectMode: false });
+  }
+
+  async listArtifacts(run: RunRef): Promise<ArtifactInfo[]> {
+    const rows = this.read(() => this.s.artifacts.all(run.taskId, run.runId) as ArtifactRow[]);
+    if (rows.length === 0 && this.read(() => this.s.run.get(run.taskId, run.runId)) === undefined) {
+      throw new TaskStateError(`task ${run.taskId} has no run ${run.runId}`);
+    }
+    return rows.map(artifactInfo);
+  }
+
+  async task(taskId: TaskId): Promise<TaskStatus> {
+    const row = this.read(() => this.s.task.get(taskId) as TaskRow | undefined);
+    if (!row) throw new TaskStateError(`there is no task ${taskId}`);
+    return this.status(row);
+  }
+
+  async listTasks({ state, limit = 100 }: ListTasksOptions = {}): Promise<TaskStatus[]> {
+    const max = Math.max(0, Math.floor(limit));
+    const rows = this.read(() => (state ? this.s.tasksIn.all(state, max) : this.s.tasks.all(max)) as TaskRow[]);
+    return rows.map((row) => this.status(row));
+  }
+
+  async sweep(): Promise<number> {
+    return this.write(() => this.sweepAt(this.now()));
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.closing.abort();
+    for (const wake of [...this.wakers]) wake();
+    this.watchers.clear();
+    this.unwatch();
+    this.db.close();
+  }
+
+  /** Claims up to `count` pending runs, oldest first, in one transaction. */
+  private claimNow(workerId: string, count: number): Claim[] {
+    const now = this.now();
+    if (count < 1 || !this.read(() => (this.s.anyWork.get({ now }) as { yes: number }).yes)) return [];
+    return this.write(() => {
+      const now = this.sweepNow();
+      const takenUntil = now + this.claimTimeoutMs;
+      const pending = this.s.pendingRuns.all(Math.floor(count)) as { task_id: string; run_id: number; payload: string; deadline: number; retries_left: number }[];
+      return pending.map((row): Claim => {
+        this.s.startRun.run(workerId, now, takenUntil, row.task_id, row.run_id);
+        this.s.setTaskState.run('running', row.task_id);
+        return {
+          taskId: row.task_id, runId: row.run_id, workerId, payload: JSON.parse(row.payload) as Claim['payload'],
+          deadline: row.deadline, takenUntil, retriesLeft: row.retries_left,
+        };
+      });
+    });
+  }
+
+  /** Waits `ms`, or less if `submit`, `close` or `signal` says so. */
+  private pause(ms: number, signal?: AbortSignal): Promise<void> {
+    return new Promise((done) => {
+      const wake = (): void => {
+        clearTimeout(timer);
+        this.wakers.delete(wake);
+        signal?.removeEventListener('abort', wake);
+        done();
+      };
+      const timer = setTimeout(wake, ms);
+      this.wakers.add(wake);
+      signal?.addEventListener('abort', wake, { once: true });
+    });
+  }
+
+  private sweepNow(): number {
+    const now = this.now();
+    this.sweepAt(now);
+    return now;
+  }
+
+  /**
+   * Resolves runs the clock has overtaken. Deadlines go first: a run past its
+   * task's deadline ends `deadline-exceeded`, not `claim-expired` plus a retry
+   * that could never run. Call inside a write transaction.
+   */
+  private sweepAt(now: number): number {
+    const overdue = this.s.overdueTasks.all(now) as { taskId: string; runId: number; deadline: number }[];
+    for (const run of overdue) {
+      this.end(run, { state: 'exception', reason: 'deadline-exceeded', message: `task deadline passed at ${iso(run.deadline)}` }, now);
+    }
+    const expired = this.s.expiredClaims.all(now) as { taskId: string; runId: number; worker_id: string; taken_until: number }[];
+    for (const run of expired) {
+      const message = `claim expired at ${iso(run.taken_until)}: worker ${run.worker_id} did not reclaim the run in time`;
+      this.end(run, { state: 'exception', reason: 'claim-expired', message }, now);
+    }
+    return overdue.length + expired.length;
+  }
+
+  /** Resolves a pending or running run that no worker is reporting on: swept or canceled. */
+  private end(run: RunRef, resolution: Resolution, now: number): void {
+    this.s.resolveOpen.run({ taskId: run.taskId, runId: run.runId, ...columns(resolution), now });
+    this.afterResolve(run, resolution, now);
+  }
+
+  /** A resolved run's task follows it, unless the exception earns a retry: then run N+1 waits. */
+  private afterResolve(run: RunRef, resolution: Resolution, now: number): void {
+    const retry = resolution.state === 'exception' && RETRYABLE_REASONS.has(resolution.reason) && this.s.useRetry.run(run.taskId).changes === 1;
+    if (retry) this.s.insertRun.run(run.taskId, run.runId + 1, 'retry', now);
+    else this.s.setTaskState.run(resolution.state, run.taskId);
+  }
+
+  /** Why `workerId` does not hold `run`, as an error to throw once the transaction has committed. */
+  private lostClaim(run: RunRef, workerId: string): Error {
+    const row = this.s.run.get(run.taskId, run.runId) as (RunRow & { deadline: number }) | undefined;
+    if (!row) return new TaskStateError(`there is no run ${runKey(run)}`);
+    if (row.state === 'pending') return new ClaimLostError(run, 'resolved', 'the run is pending: no worker has claimed it');
+    if (row.state === 'running') {
+      return row.worker_id === workerId
+        ? new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}`)
+        : new ClaimLostError(run, 'resolved', `held by worker ${row.worker_id}, not ${workerId}`);
+    }
+    const was = `the run was resolved ${describeRun(row)}`;
+    switch (row.reason_resolved) {
+      case 'canceled': return new ClaimLostError(run, 'canceled', `the task was canceled at ${iso(row.resolved)}; ${was}`);
+      case 'deadline-exceeded': return new ClaimLostError(run, 'deadline-exceeded', `the task deadline passed at ${iso(row.deadline)}; ${was}`);
+      case 'claim-expired': return new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}; ${was}`);
+      default: return new ClaimLostError(run, 'resolved', `already resolved: worker ${row.worker_id} resolved it ${describeRun(row)} at ${iso(row.resolved)}`);
+    }
+  }
+
+  private checkCancellations(): void {
+    if (this.closed || this.watchers.size === 0) return;
+    let canceled: Set<string>;
+    try {
+      const watched = [...this.watchers].map(({ run }) => [run.taskId, run.runId]);
+      const rows = this.s.canceledAmong.all(JSON.stringify(watched)) as { task_id: string; run_id: number }[];
+      canceled = new Set(rows.map((row) => runKey({ taskId: row.task_id, runId: row.run_id })));
+    } catch {
+      return; // a busy or failing database: try again on the next tick
+    }
+    for (const watcher of [...this.watchers]) {
+      if (!canceled.has(runKey(watcher.run))) continue;
+      this.unwatch(watcher);
+      watcher.onCanceled();
+    }
+  }
+
+  /** Drops a watcher; the shared timer goes with the last one. */
+  private unwatch(watcher?: Watcher): void {
+    if (watcher) this.watchers.delete(watcher);
+    if (this.watchers.size === 0 && this.watchTimer) {
+      clearInterval(this.watchTimer);
+      this.watchTimer = undefined;
+    }
+  }
+
+  private async *follow(run: RunRef, name: string, path: string, signal?: AbortSignal): AsyncGenerator<Buffer> {
+    const stop = signal ? AbortSignal.any([signal, this.closing.signal]) : this.closing.signal;
+    const file = await open(path, 'r');
+    try {
+      let position = 0;
+      while (!signal?.aborted) {
+        const chunk = Buffer.allocUnsafe(64 * 1024);
+        const { bytesRead } = await file.read(chunk, 0, chunk.length, position);
+        if (bytesRead > 0) {
+          position += bytesRead;
+          yield chunk.subarray(0, bytesRead);
+          continue;
+        }
+        // Check completeness only after a read came up empty: the size is final once the row says `complete`.
+        const row = this.artifactRow(run, name, 'was removed while being read: its upload failed');
+        if (row.state === 'complete' && position >= row.size) return;
+        await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
+      }
+    } finally {
+      await file.close();
+    }
+  }
+
+  private artifactRow(run: RunRef, name: string, gone = 'does not exist'): ArtifactRow {
+    const row = this.read(() => this.s.artifact.get(run.taskId, run.runId, name) as ArtifactRow | undefined);
+    if (!row) throw new TaskStateError(`artifact "${name}" of task ${run.taskId} run ${run.runId} ${gone}`);
+    return row;
+  }
+
+  private artifactPath(run: RunRef, name: string): string {
+    return join(this.dir, 'artifacts', run.taskId, String(run.runId), ...name.split('/'));
+  }
+
+  private status(row: TaskRow): TaskStatus {
+    const runs = this.read(() => this.s.runs.all(row.id) as RunRow[]);
+    return {
+      taskId: row.id, state: row.state, payload: JSON.parse(row.payload) as TaskStatus['payload'],
+      created: row.created, deadline: row.deadline, retriesLeft: row.retries_left, runs: runs.map(runStatus),
+    };
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new InternalError(`queue "${this.dir}" is closed`);
+  }
+
+  /** Runs `fn` against the database, turning storage failures into QueueUnavailableError (callers retry those). */
+  private read<T>(fn: () => T): T {
+    this.assertOpen();
+    try {
+      return fn();
+    } catch (error) {
+      if (error instanceof Database.SqliteError) {
+        throw new QueueUnavailableError(`queue database "${join(this.dir, 'queue.db')}": ${error.message}`, { cause: error });
+      }
+      throw error;
+    }
+  }
+
+  private write<T>(fn: () => T): T {
+    return this.read(() => this.db.transaction(fn).immediate());
+  }
+}
+
+function migrate(db: Database.Database, file: string): void {
+  db.transaction(() => {
+    const version = db.pragma('user_version', { simple: true }) as number;
+    if (version > MIGRATIONS.length) {
+      throw new ConfigError(`queue database "${file}" has schema version ${version}, newer than this drover knows (${MIGRATIONS.length}); upgrade drover`);
+    }
+    for (const sql of MIGRATIONS.slice(version)) db.exec(sql);
+    if (version < MIGRATIONS.length) db.pragma(`user_version = ${MIGRATIONS.length}`);
+  }).immediate();
+}
+
+/** 22 characters of URL-safe base64, like Taskcluster's slugids; the first is always a letter, so an id never looks like a flag. */
+function slugid(): TaskId {
+  const bytes = randomBytes(16);
+  bytes[0] = bytes[0]! & 0x7f; // top six bits 0..31 encode as A-Z or a-f
+  return bytes.toString('base64url');
+}
+
+/** What is wrong with an artifact name, or undefined when it is fine. */
+export function artifactNameProblem(name: string): string | undefined {
+  if (typeof name !== 'string' || name === '') return 'is empty';
+  if (name.includes('\\')) return 'contains a backslash; separate parts with "/"';
+  if (name.includes('\0')) return 'contains a NUL character';
+  if (name.startsWith('/')) return 'is absolute; artifact names are relative';
+  if (name.split('/').some((part) => part === '' || part === '.' || part === '..')) return 'has an empty, "." or ".." part';
+  return undefined;
+}
+
+function columns(resolution: Resolution): { state: string; reason: string; message: string | null } {
+  const reason = resolution.state === 'exception' ? resolution.reason : resolution.state;
+  return { state: resolution.state, reason, message: resolution.message ?? null };
+}
+
+function describeRun(row: RunRow): string {
+  return row.state === 'exception' ? `exception/${row.reason_resolved}` : row.state;
+}
+
+function iso(ms: number | null): string {
+  return ms === null ? 'an unknown time' : new Date(ms).toISOString();
+}
+
+function runStatus(row: RunRow): RunStatus {
+  return {
+    runId: row.run_id, state: row.state, reasonCreated: row.reason_created, scheduled: row.scheduled,
+    reasonResolved: (row.reason_resolved ?? undefined) as RunStatus['reasonResolved'], message: row.message ?? undefined,
+    workerId: row.worker_id ?? undefined, takenUntil: row.taken_until ?? undefined,
+    started: row.started ?? undefined, resolved: row.resolved ?? undefined,
+  };
+}
+
+function artifactInfo(row: ArtifactRow): ArtifactInfo {
+  return {
+    taskId: row.task_id, runId: row.run_id, name: row.name, contentType: row.content_type,
+    ...(row.expires !== null && { expires: row.expires }), state: row.state, size: row.size, created: row.created,
+  };
+}

@@ -1,0 +1,453 @@
+import t, { type Test } from 'tap';
+import { fork } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { PassThrough, Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import Database from 'better-sqlite3';
+import { ClaimLostError, ConfigError, InternalError, TaskStateError } from '../src/model/errors.js';
+import type { RunRef } from '../src/model/task.js';
+import { DEFAULT_CLAIM_TIMEOUT_MS, SqliteQueue, type SqliteQueueOptions } from '../src/queues/sqlite.js';
+
+const START = Date.parse('2026-01-01T00:00:00Z');
+const HOUR = 3_600_000;
+const TIMEOUT = DEFAULT_CLAIM_TIMEOUT_MS;
+
+/** A queue in its own directory, on a clock that moves only when told to. */
+function setup(t: Test, options: Partial<SqliteQueueOptions> = {}) {
+  const clock = { now: START };
+  const dir = t.testdir();
+  const open = (more: Partial<SqliteQueueOptions> = {}): SqliteQueue => {
+    const queue = SqliteQueue.open({ dir, now: () => clock.now, ...options, ...more });
+    t.teardown(() => queue.close());
+    return queue;
+  };
+  const queue = open();
+  const submit = (more: { deadline?: number; retries?: number; payload?: Record<string, unknown> } = {}) =>
+    queue.submit({ payload: more.payload ?? {}, deadline: more.deadline ?? clock.now + HOUR, retries: more.retries ?? 0 });
+  return { queue, dir, clock, open, submit, advance: (ms: number) => void (clock.now += ms) };
+}
+
+async function text(stream: Readable): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(Buffer.from(chunk as Buffer));
+  return Buffer.concat(chunks).toString();
+}
+
+t.test('submit gives slugid-style ids and claims run FIFO, at most count at a time', async (t) => {
+  const { queue, submit } = setup(t);
+  const ids = [];
+  for (let i = 0; i < 5; i++) ids.push(await submit({ payload: { n: i }, retries: 2 }));
+  for (const id of ids) t.match(id, /^[A-Za-z][A-Za-z0-9_-]{21}$/);
+  t.equal(new Set(ids).size, 5);
+
+  const first = await queue.claimWork({ workerId: 'A', count: 2, waitMs: 0 });
+  t.same(first.map((c) => c.taskId), ids.slice(0, 2));
+  t.match(first[0], { runId: 0, workerId: 'A', payload: { n: 0 }, takenUntil: START + TIMEOUT, deadline: START + HOUR, retriesLeft: 2 });
+  const rest = await queue.claimWork({ workerId: 'B', count: 10, waitMs: 0 });
+  t.same(rest.map((c) => c.taskId), ids.slice(2));
+  t.same(await queue.claimWork({ workerId: 'C', count: 1, waitMs: 0 }), []);
+
+  const status = await queue.task(ids[0]!);
+  t.match(status, { state: 'running', payload: { n: 0 }, retriesLeft: 2, runs: [{ runId: 0, state: 'running', workerId: 'A', reasonCreated: 'scheduled' }] });
+  await t.rejects(queue.task('nosuchtask'), TaskStateError);
+});
+
+t.test('long poll', async (t) => {
+  t.test('wakes as soon as a task is submitted on the same instance', async (t) => {
+    const { queue, submit } = setup(t, { pollIntervalMs: 60_000 });
+    const started = performance.now();
+    const claiming = queue.claimWork({ workerId: 'A', count: 1, waitMs: 10_000 });
+    await sleep(50);
+    const id = await submit();
+    const claims = await claiming;
+    t.same(claims.map((c) => c.taskId), [id]);
+    t.ok(performance.now() - started < 2_000, 'did not wait for a poll tick');
+  });
+
+  t.test('sees work from another instance on the next poll', async (t) => {
+    const { queue, open } = setup(t, { pollIntervalMs: 20 });
+    const other = open();
+    const claiming = queue.claimWork({ workerId: 'A', count: 1, waitMs: 5_000 });
+    await sleep(50);
+    const id = await other.submit({ payload: {}, deadline: START + HOUR, retries: 0 });
+    t.same((await claiming).map((c) => c.taskId), [id]);
+  });
+
+  t.test('returns [] once waitMs has passed', async (t) => {
+    const { queue } = setup(t, { pollIntervalMs: 50 });
+    const started = performance.now();
+    t.same(await queue.claimWork({ workerId: 'A', count: 1, waitMs: 300 }), []);
+    const elapsed = performance.now() - started;
+    t.ok(elapsed >= 250 && elapsed < 2_000, `waited ${Math.round(elapsed)} ms`);
+  });
+
+  t.test('returns [] when the signal aborts', async (t) => {
+    const { queue } = setup(t, { pollIntervalMs: 60_000 });
+    const started = performance.now();
+    t.same(await queue.claimWork({ workerId: 'A', count: 1, waitMs: 30_000, signal: AbortSignal.timeout(50) }), []);
+    t.ok(performance.now() - started < 2_000);
+  });
+
+  t.test('returns [] when the queue closes', async (t) => {
+    const { queue } = setup(t, { pollIntervalMs: 60_000 });
+    const claiming = queue.claimWork({ workerId: 'A', count: 1, waitMs: 30_000 });
+    await sleep(20);
+    await queue.close();
+    t.same(await claiming, []);
+  });
+});
+
+t.test('reclaim', async (t) => {
+  t.test('extends the claim', async (t) => {
+    const { queue, submit, advance, clock } = setup(t);
+    await submit();
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    advance(TIMEOUT - 1);
+    t.same(await queue.reclaim(claim!, 'A'), { takenUntil: clock.now + TIMEOUT });
+    advance(TIMEOUT - 1); // past the first claim, within the second
+    t.same(await queue.reclaim(claim!, 'A'), { takenUntil: clock.now + TIMEOUT });
+    t.equal(await queue.sweep(), 0);
+  });
+
+  t.test('after expiry: claim-expired, and a retry run is pending', async (t) => {
+    const { queue, submit, advance } = setup(t);
+    const id = await submit({ retries: 1 });
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    advance(TIMEOUT);
+    const error = await queue.reclaim(claim!, 'A').catch((e: unknown) => e);
+    t.type(error, ClaimLostError);
+    t.match(error, { reason: 'claim-expired', message: /claim expired at 2026-01-01T00:00:30\.000Z; the run was resolved exception\/claim-expired/ });
+    t.match(await queue.task(id), {
+      state: 'pending',
+      retriesLeft: 0,
+      runs: [
+        { runId: 0, state: 'exception', reasonResolved: 'claim-expired', message: /worker A did not reclaim/ },
+        { runId: 1, state: 'pending', reasonCreated: 'retry' },
+      ],
+    });
+    const [retry] = await queue.claimWork({ workerId: 'B', count: 1, waitMs: 0 });
+    t.match(retry, { taskId: id, runId: 1, retriesLeft: 0 });
+  });
+
+  t.test('by another worker is refused', async (t) => {
+    const { queue, submit } = setup(t);
+    await submit();
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    await t.rejects(queue.reclaim(claim!, 'B'), { name: 'ClaimLostError', message: /held by worker A, not B/ });
+  });
+});
+
+t.test('sweep resolves expired claims, retrying while retries remain', async (t) => {
+  const { queue, submit, advance } = setup(t);
+  const id = await submit({ retries: 1 });
+  await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  advance(TIMEOUT);
+  t.equal(await queue.sweep(), 1);
+  await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  advance(TIMEOUT);
+  t.equal(await queue.sweep(), 1);
+  t.equal(await queue.sweep(), 0);
+  t.match(await queue.task(id), { state: 'exception', retriesLeft: 0, runs: [{ reasonResolved: 'claim-expired' }, { reasonResolved: 'claim-expired' }] });
+});
+
+t.test('resolve', async (t) => {
+  t.test('succeeds exactly once, only for the holder', async (t) => {
+    const { queue, submit } = setup(t);
+    const id = await submit();
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    await t.rejects(queue.resolve(claim!, 'B', { state: 'completed' }), { name: 'ClaimLostError', reason: 'resolved', message: /held by worker A, not B/ });
+    await queue.resolve(claim!, 'A', { state: 'completed', message: 'exit code 0' });
+    await t.rejects(queue.resolve(claim!, 'A', { state: 'failed' }), {
+      name: 'ClaimLostError', reason: 'resolved', message: /already resolved: worker A resolved it completed at/,
+    });
+    t.match(await queue.task(id), { state: 'completed', runs: [{ state: 'completed', reasonResolved: 'completed', message: 'exit code 0' }] });
+    t.equal((await queue.task(id)).runs.length, 1);
+    await t.rejects(queue.resolve({ taskId: id, runId: 1 }, 'A', { state: 'completed' }), { name: 'TaskStateError', message: `there is no run ${id}/1` });
+  });
+
+  t.test('is refused once the claim has expired, even before a sweep', async (t) => {
+    const { queue, submit, advance } = setup(t);
+    const id = await submit();
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    advance(TIMEOUT + 1);
+    await t.rejects(queue.resolve(claim!, 'A', { state: 'completed' }), { name: 'ClaimLostError', reason: 'claim-expired' });
+    t.match(await queue.task(id), { state: 'exception', runs: [{ reasonResolved: 'claim-expired' }] });
+  });
+
+  t.test('retries retryable exceptions until retries run out', async (t) => {
+    const { queue, submit } = setup(t);
+    const id = await submit({ retries: 1 });
+    const [first] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    await queue.resolve(first!, 'A', { state: 'exception', reason: 'worker-shutdown' });
+    t.match(await queue.task(id), { state: 'pending', retriesLeft: 0 });
+    const [second] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    t.equal(second!.runId, 1);
+    await queue.resolve(second!, 'A', { state: 'exception', reason: 'intermittent-task', message: 'flaky' });
+    const status = await queue.task(id);
+    t.match(status, { state: 'exception', retriesLeft: 0, runs: [{ state: 'exception' }, { state: 'exception', reasonCreated: 'retry', message: 'flaky' }] });
+    t.equal(status.runs.length, 2);
+    t.same(await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 }), []);
+  });
+
+  t.test('does not retry other exceptions', async (t) => {
+    const { queue, submit } = setup(t);
+    const id = await submit({ retries: 3 });
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    await queue.resolve(claim!, 'A', { state: 'exception', reason: 'malformed-payload' });
+    t.match(await queue.task(id), { state: 'exception', retriesLeft: 3, runs: [{ reasonResolved: 'malformed-payload' }] });
+  });
+});
+
+t.test('deadlines', async (t) => {
+  const { queue, submit, advance } = setup(t);
+  const running = await submit({ deadline: START + 1_000, retries: 5 });
+  const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  const pending = await submit({ deadline: START + 1_000 });
+  advance(TIMEOUT + 1_000); // the claim expired too, but the deadline wins: no retry
+  t.equal(await queue.sweep(), 2);
+  for (const id of [running, pending]) {
+    const status = await queue.task(id);
+    t.match(status, { state: 'exception', runs: [{ state: 'exception', reasonResolved: 'deadline-exceeded' }] });
+    t.equal(status.runs.length, 1);
+  }
+  await t.rejects(queue.reclaim(claim!, 'A'), {
+    name: 'ClaimLostError', reason: 'deadline-exceeded', message: /deadline passed at 2026-01-01T00:00:01\.000Z; the run was resolved exception\/deadline-exceeded/,
+  });
+  t.same(await queue.claimWork({ workerId: 'A', count: 5, waitMs: 0 }), []);
+});
+
+t.test('cancel', async (t) => {
+  t.test('a pending task', async (t) => {
+    const { queue, submit } = setup(t);
+    const id = await submit({ retries: 2 });
+    await queue.cancel(id);
+    t.match(await queue.task(id), { state: 'exception', runs: [{ state: 'exception', reasonResolved: 'canceled', message: 'canceled by user' }] });
+    t.same(await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 }), []);
+  });
+
+  t.test('a running task: the watcher hears it within a second, reclaim says canceled', async (t) => {
+    const { queue, submit, open } = setup(t, { pollIntervalMs: 100 });
+    const id = await submit({ retries: 2 });
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    let calls = 0;
+    const heard = new Promise<void>((resolve) => queue.watchCancellation(claim!, () => { calls++; resolve(); }));
+    const started = performance.now();
+    await open().cancel(id); // another instance, as another process would
+    const late = new AbortController();
+    await Promise.race([heard, sleep(1_000, undefined, { signal: late.signal }).then(() => t.fail('no cancellation within a second'))]);
+    late.abort();
+    t.ok(performance.now() - started < 1_000, 'heard within a second');
+    await t.rejects(queue.reclaim(claim!, 'A'), { name: 'ClaimLostError', reason: 'canceled', message: /canceled at .*exception\/canceled/ });
+    await t.rejects(queue.resolve(claim!, 'A', { state: 'completed' }), { name: 'ClaimLostError', reason: 'canceled' });
+    await sleep(250);
+    t.equal(calls, 1, 'called once');
+    t.match(await queue.task(id), { state: 'exception', retriesLeft: 2 });
+  });
+
+  t.test('watchers share one unref\'d timer that goes with the last of them', async (t) => {
+    const { queue } = setup(t);
+    // A private peek: the timer is not observable otherwise, since an unref'd one is not an active resource.
+    const timer = () => (queue as unknown as { watchTimer?: NodeJS.Timeout }).watchTimer;
+    const refs = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
+    const before = refs();
+    const stops = [1, 2, 3].map((runId) => queue.watchCancellation({ taskId: 'x', runId }, () => t.fail('not canceled')));
+    const shared = timer();
+    t.ok(shared);
+    t.notOk(shared?.hasRef(), 'does not keep the process alive');
+    t.equal(refs(), before);
+    stops[0]!();
+    stops[0]!();
+    t.equal(timer(), shared, 'one watcher gone, the timer stays');
+    stops[1]!();
+    stops[2]!();
+    t.equal(timer(), undefined, 'no watchers, no timer');
+  });
+
+  t.test('a resolved or unknown task is refused', async (t) => {
+    const { queue, submit } = setup(t);
+    const id = await submit();
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    await queue.resolve(claim!, 'A', { state: 'completed' });
+    await t.rejects(queue.cancel(id), { name: 'TaskStateError', message: new RegExp(`task ${id}.*already resolved completed`) });
+    await t.rejects(queue.cancel('AAAAAAAAAAAAAAAAAAAAAA'), { name: 'TaskStateError', message: /AAAAAAAAAAAAAAAAAAAAAA: there is no such task/ });
+  });
+});
+
+t.test('artifacts', async (t) => {
+  const claimed = async (t: Test) => {
+    const q = setup(t);
+    await q.submit();
+    const [claim] = await q.queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    return { ...q, run: { taskId: claim!.taskId, runId: claim!.runId } as RunRef };
+  };
+  const meta = (name: string) => ({ name, contentType: 'text/plain' });
+
+  t.test('upload, list and read', async (t) => {
+    const { queue, run, dir } = await claimed(t);
+    const info = await queue.uploadArtifact(run, 'A', meta('public/logs/live.log'), Readable.from(['hello ', 'world']));
+    t.match(info, { ...run, name: 'public/logs/live.log', contentType: 'text/plain', state: 'complete', size: 11, created: START });
+    t.ok(existsSync(join(dir, 'artifacts', run.taskId, '0', 'public', 'logs', 'live.log')));
+    t.same(await queue.listArtifacts(run), [info]);
+    t.equal(await text(await queue.readArtifact(run, 'public/logs/live.log')), 'hello world');
+    await t.rejects(queue.uploadArtifact(run, 'A', meta('public/logs/live.log'), Readable.from(['x'])), { name: 'TaskStateError', message: /already has an artifact/ });
+    await t.rejects(queue.uploadArtifact(run, 'A', meta('public/logs'), Readable.from(['x'])), { name: 'TaskStateError', message: /clashes with/ });
+    await t.rejects(queue.readArtifact(run, 'nope.txt'), { name: 'TaskStateError', message: `artifact "nope.txt" of task ${run.taskId} run 0 does not exist` });
+    await t.rejects(queue.listArtifacts({ taskId: run.taskId, runId: 7 }), TaskStateError);
+  });
+
+  t.test('a follower reads a live upload to its end', { timeout: 10_000 }, async (t) => {
+    const { queue, run } = await claimed(t);
+    const source = new PassThrough();
+    const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+    t.match(await queue.listArtifacts(run), [{ name: 'live.log', state: 'streaming', size: 0 }]);
+    let ended = false;
+    const following = queue.readArtifact(run, 'live.log', { follow: true }).then(text).finally(() => void (ended = true));
+    const lines = Array.from({ length: 8 }, (_, i) => `line ${i}\n`);
+    for (const line of lines) {
+      source.write(line);
+      await sleep(30);
+    }
+    t.notOk(ended, 'the follower waits while the upload streams');
+    source.end();
+    t.match(await uploading, { state: 'complete', size: lines.join('').length });
+    t.equal(await following, lines.join(''));
+    t.equal(await text(await queue.readArtifact(run, 'live.log')), lines.join(''));
+  });
+
+  t.test('a follower stops when its signal aborts', { timeout: 10_000 }, async (t) => {
+    const { queue, run } = await claimed(t);
+    const source = new PassThrough();
+    const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+    source.write('partial');
+    const stop = new AbortController();
+    const reader = await queue.readArtifact(run, 'live.log', { follow: true, signal: stop.signal });
+    const chunks: Buffer[] = [];
+    const ended = new Promise((resolve) => reader.once('end', resolve));
+    reader.on('data', (chunk: Buffer) => {
+      chunks.push(chunk);
+      stop.abort(); // the upload is still streaming: only the signal can end this read
+    });
+    await ended;
+    t.equal(Buffer.concat(chunks).toString(), 'partial');
+    source.end();
+    await uploading;
+  });
+
+  t.test('a failed source leaves no artifact behind', async (t) => {
+    const { queue, run, dir } = await claimed(t);
+    const source = new PassThrough();
+    const uploading = queue.uploadArtifact(run, 'A', meta('broken.log'), source);
+    source.write('some');
+    source.destroy(new Error('source broke'));
+    await t.rejects(uploading, { message: 'source broke' });
+    t.same(await queue.listArtifacts(run), []);
+    t.notOk(existsSync(join(dir, 'artifacts', run.taskId, '0', 'broken.log')));
+    t.match(await queue.uploadArtifact(run, 'A', meta('broken.log'), Readable.from(['again'])), { size: 5 });
+  });
+
+  t.test('bad names are refused', async (t) => {
+    const { queue, run } = await claimed(t);
+    for (const name of ['', '/etc/passwd', '../up', 'a/../b', 'a//b', 'a/', '.', 'a/./b', 'a\\b']) {
+      await t.rejects(queue.uploadArtifact(run, 'A', meta(name), Readable.from(['x'])), TaskStateError, JSON.stringify(name));
+    }
+    t.same(await queue.listArtifacts(run), []);
+  });
+
+  t.test('an upload needs the current claim', async (t) => {
+    const { queue, run, submit, advance } = await claimed(t);
+    await t.rejects(queue.uploadArtifact(run, 'B', meta('x.log'), Readable.from(['x'])), { name: 'ClaimLostError', message: /held by worker A, not B/ });
+    const other = await submit();
+    await t.rejects(queue.uploadArtifact({ taskId: other, runId: 0 }, 'A', meta('x.log'), Readable.from(['x'])), { name: 'ClaimLostError', message: /pending/ });
+    advance(TIMEOUT);
+    await t.rejects(queue.uploadArtifact(run, 'A', meta('x.log'), Readable.from(['x'])), { name: 'ClaimLostError', reason: 'claim-expired' });
+  });
+});
+
+t.test('listTasks: newest first, by state, limited', async (t) => {
+  const { queue, submit, advance } = setup(t);
+  const ids = [];
+  for (let i = 0; i < 4; i++) {
+    ids.push(await submit({ payload: { n: i } }));
+    advance(1);
+  }
+  await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  t.same((await queue.listTasks()).map((s) => s.taskId), [...ids].reverse());
+  t.same((await queue.listTasks({ limit: 2 })).map((s) => s.taskId), [ids[3], ids[2]]);
+  t.same((await queue.listTasks({ state: 'running' })).map((s) => s.taskId), [ids[0]]);
+  t.same(await queue.listTasks({ state: 'completed' }), []);
+});
+
+t.test('opening', async (t) => {
+  t.test('a directory under a file is a ConfigError naming it', async (t) => {
+    const root = t.testdir({ file: 'not a directory' });
+    const dir = join(root, 'file', 'queue');
+    const error = (() => { try { SqliteQueue.open({ dir }); } catch (e) { return e; } })();
+    t.type(error, ConfigError);
+    t.match(error, { message: `queue directory "${dir}" cannot be created: ENOTDIR: not a directory` });
+    t.notMatch((error as Error).message, /\n\s+at /, 'no stack in the message');
+  });
+
+  t.test('a file that is not a database is a ConfigError', async (t) => {
+    const dir = t.testdir({ 'queue.db': 'x'.repeat(4096) });
+    t.throws(() => SqliteQueue.open({ dir }), { name: 'ConfigError', message: /queue database ".*queue\.db" cannot be opened: file is not a database/ });
+  });
+
+  t.test('bad options are a ConfigError', async (t) => {
+    t.throws(() => SqliteQueue.open({ dir: t.testdir(), claimTimeoutMs: 0 }), { name: 'ConfigError', message: /claimTimeoutMs/ });
+  });
+
+  t.test('records a schema version and uses WAL', async (t) => {
+    const { queue, dir } = setup(t);
+    await queue.close();
+    const db = new Database(join(dir, 'queue.db'), { readonly: true });
+    t.teardown(() => db.close());
+    t.equal(db.pragma('user_version', { simple: true }), 1);
+    t.equal(db.pragma('journal_mode', { simple: true }), 'wal');
+    t.ok(SqliteQueue.open({ dir }).close(), 'reopens an existing queue');
+  });
+
+  t.test('close is idempotent and later calls reject clearly', async (t) => {
+    const { queue, submit } = setup(t);
+    await queue.close();
+    await queue.close();
+    await t.rejects(submit(), { name: 'InternalError', message: /queue ".*" is closed/ });
+    await t.rejects(queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 }), InternalError);
+    t.throws(() => queue.watchCancellation({ taskId: 'x', runId: 0 }, () => {}), InternalError);
+  });
+});
+
+t.test('separate processes claim each task exactly once', { timeout: 30_000 }, async (t) => {
+  const fixture = fileURLToPath(new URL('./fixtures/sqlite-claimer.mjs', import.meta.url));
+  const built = fileURLToPath(new URL('../dist/queues/sqlite.js', import.meta.url));
+  if (!existsSync(built)) return t.fail(`${built} is missing: run \`npm run build\` first`);
+  const { queue, dir } = setup(t, { now: Date.now });
+  const ids = new Set<string>();
+  for (let i = 0; i < 200; i++) ids.add(await queue.submit({ payload: { i }, deadline: Date.now() + HOUR, retries: 0 }));
+
+  const workers = ['w1', 'w2', 'w3', 'w4'].map((workerId) => {
+    // Plain node: the fixture imports the built module, so tap's TypeScript loader would only slow the start.
+    const child = fork(fixture, [dir, workerId], { execArgv: [], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    t.teardown(() => void child.kill());
+    const ready = new Promise<void>((resolve) => child.once('message', () => resolve()));
+    const done = new Promise<string[]>((resolve, reject) => {
+      let claimed: string[] | undefined;
+      child.on('message', (m: { claimed?: string[] }) => void (claimed = m.claimed ?? claimed));
+      child.once('exit', (code) => (code === 0 && claimed ? resolve(claimed) : reject(new Error(`${workerId} exited ${code}`))));
+    });
+    return { workerId, child, ready, done };
+  });
+  await Promise.all(workers.map((w) => w.ready));
+  for (const w of workers) w.child.send('go'); // all start together, to contend for the lock
+  const results = await Promise.all(workers.map((w) => w.done));
+
+  t.ok([...ids].every((id) => /^[A-Za-z][A-Za-z0-9_-]{21}$/.test(id)), 'ids are slugids that start with a letter');
+  const all = results.flat();
+  t.equal(all.length, 200, 'every task claimed once in all');
+  t.same(new Set(all), ids, 'and no task twice');
+  t.comment(`claims per process: ${results.map((r) => r.length).join(', ')}`);
+  const tasks = await queue.listTasks({ limit: 1_000 });
+  t.equal(tasks.length, 200);
+  t.ok(tasks.every((s) => s.state === 'completed' && s.runs.length === 1), 'all completed in one run');
+});

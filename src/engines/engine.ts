@@ -22,7 +22,7 @@
 import type { Readable } from 'node:stream';
 import type { Logger } from '../runtime/logger.js';
 import type { Transport, TransportCapabilities } from '../hosts/transport.js';
-import type { Claim, Payload } from '../model/task.js';
+import type { Claim, Payload, RunResult } from '../model/task.js';
 import type { JsonSchemaObject } from '../runtime/schema.js';
 
 export interface EnginePrepareOptions {
@@ -36,14 +36,7 @@ export interface EnginePrepareOptions {
   readonly signal: AbortSignal;
 }
 
-/** How a sandbox's command ended. */
-export interface RunResult {
-  readonly exitCode: number | null;
-  readonly signal: NodeJS.Signals | null;
-  readonly durationMs: number;
-  /** Why the command could not start, when it could not (exitCode is then 127). */
-  readonly startError?: string;
-}
+export type { RunResult } from '../model/task.js';
 
 export interface SandboxBuilder {
   /** Sets an environment variable of the command; later calls win. */

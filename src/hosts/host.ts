@@ -34,5 +34,16 @@ export interface Host {
   /** Aborted (with a reason string) when the host asks the worker to stop. */
   readonly shutdown: AbortSignal;
   transport(): Transport;
+  /**
+   * Where the runtime records, before a sandbox starts, what a run will
+   * leave behind, so that a worker starting after a crash can reap it
+   * (see CrashJournal). Hosts whose tasks cannot outlive the worker omit it.
+   */
+  readonly journal?: RunJournal;
   dispose(): Promise<void>;
+}
+
+export interface RunJournal {
+  begin(entry: { readonly cookie: string; readonly runKey: string; readonly taskDir: string }): void;
+  end(cookie: string): void;
 }

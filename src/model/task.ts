@@ -35,3 +35,12 @@ export interface Claim extends RunRef {
 export function runKey(run: RunRef): string {
   return `${run.taskId}/${run.runId}`;
 }
+
+/** How a run's command ended. */
+export interface RunResult {
+  readonly exitCode: number | null;
+  readonly signal: NodeJS.Signals | null;
+  readonly durationMs: number;
+  /** Why the command could not start, when it could not (exitCode is then 127). */
+  readonly startError?: string;
+}

@@ -43,12 +43,23 @@ export type PayloadValidator = (payload: unknown) => void;
 
 /** Compiles a schema once; the validator throws MalformedPayloadError listing every problem. */
 export function compilePayloadValidator(schema: JsonSchemaObject): PayloadValidator {
-  const ajv = new Ajv({ allErrors: true, strict: false });
+  const ajv = new Ajv({ allErrors: true, strict: false, verbose: true });
   const validate = ajv.compile(schema);
   return (payload) => {
     if (validate(payload)) return;
-    throw new MalformedPayloadError((validate.errors ?? []).map(toProblem));
+    throw new MalformedPayloadError(collapseAlternatives(validate.errors ?? []).map(toProblem));
   };
+}
+
+/**
+ * An `anyOf` that fails reports each alternative's failure and then its own;
+ * people need one sentence: the anyOf's, taken from its schema's description.
+ */
+function collapseAlternatives(errors: readonly ErrorObject[]): ErrorObject[] {
+  const alternatives = errors.filter((error) => error.keyword === 'anyOf' || error.keyword === 'oneOf');
+  return errors.filter(
+    (error) => !alternatives.some((alt) => error !== alt && error.instancePath.startsWith(alt.instancePath) && error.schemaPath.startsWith(alt.schemaPath + '/')),
+  );
 }
 
 function toProblem(error: ErrorObject): PayloadProblem {
@@ -61,10 +72,18 @@ function toProblem(error: ErrorObject): PayloadProblem {
     const missing = String((error.params as { missingProperty: string }).missingProperty);
     return { path: `${path}.${missing}`, message: 'is required' };
   }
+  if (error.keyword === 'anyOf' || error.keyword === 'oneOf') {
+    const description = (error.parentSchema as { description?: unknown } | undefined)?.description;
+    return { path, message: typeof description === 'string' ? `must be ${lowerFirst(description)}` : 'matches none of the allowed forms' };
+  }
   return { path, message: error.message ?? error.keyword };
 }
 
 function segment(part: string): string {
   const key = part.replace(/~1/g, '/').replace(/~0/g, '~');
   return /^\d+$/.test(key) ? `[${key}]` : `.${key}`;
+}
+
+function lowerFirst(text: string): string {
+  return text.charAt(0).toLowerCase() + text.slice(1).replace(/\.$/, '');
 }

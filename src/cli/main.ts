@@ -1,0 +1,421 @@
+/**
+ * The `drover` command. Each subcommand parses its own flags strictly,
+ * compiles the configuration once (flag > config file > DROVER_* env), and
+ * maps errors to the exit codes in exit-codes.ts: bad usage or config is 2,
+ * a failed request 1, an internal error 70.
+ */
+import { createWriteStream } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { resolve as resolvePath } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { parse as parseYaml } from 'yaml';
+import { ProcessEngine } from '../engines/process.js';
+import { HardwareHost } from '../hosts/local.js';
+import { ConfigError, DroverError, TaskStateError, errorMessage } from '../model/errors.js';
+import type { Payload } from '../model/task.js';
+import { LIVE_LOG_NAME, livelogPlugin } from '../plugins/livelog.js';
+import type { Queue, RunStatus, TaskStatus } from '../queues/queue.js';
+import { SqliteQueue } from '../queues/sqlite.js';
+import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '../runtime/config.js';
+import { createLogger } from '../runtime/logger.js';
+import { startWorker } from '../runtime/worker.js';
+import { EXIT, exitCodeFor } from './exit-codes.js';
+
+type Options = ParseArgsConfig['options'] & {};
+type Values = Record<string, string | boolean | undefined>;
+
+interface Command {
+  readonly usage: string;
+  readonly summary: string;
+  readonly options: Options;
+  run(values: Values, positionals: string[]): Promise<number>;
+}
+
+/** Default task deadline: one day, as in Taskcluster. */
+const DEFAULT_DEADLINE_S = 24 * 3600;
+const DEFAULT_RETRIES = 5;
+
+const common: Options = {
+  config: { type: 'string', short: 'c' },
+  'queue-dir': { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+};
+
+class UsageError extends DroverError {
+  constructor(message: string) {
+    super('DROVER_USAGE', message);
+  }
+}
+
+function configFrom(values: Values, flags: Record<string, string | undefined> = {}): Config {
+  return loadConfig({
+    file: values['config'] as string | undefined,
+    flags: { 'queue.dir': values['queue-dir'] as string | undefined, ...flags },
+  });
+}
+
+function openQueue(config: Config): SqliteQueue {
+  return SqliteQueue.open({
+    dir: config.queue.dir,
+    claimTimeoutMs: config.queue.claimTimeout * 1000,
+    pollIntervalMs: config.queue.pollInterval * 1000,
+  });
+}
+
+async function withQueue<T>(values: Values, use: (queue: Queue) => Promise<T>): Promise<T> {
+  const queue = openQueue(configFrom(values));
+  try {
+    return await use(queue);
+  } finally {
+    await queue.close();
+  }
+}
+
+const commands: Record<string, Command> = {
+  worker: {
+    usage: 'drover worker [--config FILE] [--capacity N] [--once] [options]',
+    summary: 'claim tasks from the queue and run them',
+    options: {
+      once: { type: 'boolean' },
+      ...Object.fromEntries(SETTINGS.map((setting) => [flagName(setting), { type: 'string' as const }])),
+    },
+    async run(values) {
+      // Every setting has a flag of the same name (queue.claimTimeout: --claim-timeout).
+      const flags = Object.fromEntries(SETTINGS.map((setting) => [setting.path, values[flagName(setting)] as string | undefined]));
+      const config = configFrom(values, flags);
+      return runWorker(config, values['once'] === true);
+    },
+  },
+  submit: {
+    usage: 'drover submit [--max-run-time S] [--retries N] [--deadline S] -- CMD [ARGS...]\n       drover submit --payload FILE|-',
+    summary: 'add a task to the queue and print its id',
+    options: {
+      payload: { type: 'string' },
+      'max-run-time': { type: 'string' },
+      retries: { type: 'string' },
+      deadline: { type: 'string' },
+    },
+    async run(values, positionals) {
+      const payload = await payloadFrom(values, positionals);
+      const retries = integerOption(values, 'retries', DEFAULT_RETRIES, 0);
+      const deadline = Date.now() + integerOption(values, 'deadline', DEFAULT_DEADLINE_S, 1) * 1000;
+      const taskId = await withQueue(values, (queue) => queue.submit({ payload, deadline, retries }));
+      process.stdout.write(taskId + '\n');
+      return EXIT.OK;
+    },
+  },
+  tasks: {
+    usage: 'drover tasks [--state STATE] [--limit N] [--json]',
+    summary: 'list tasks, newest first',
+    options: { state: { type: 'string' }, limit: { type: 'string' }, json: { type: 'boolean' } },
+    async run(values) {
+      const state = values['state'] as TaskStatus['state'] | undefined;
+      if (state !== undefined && !['pending', 'running', 'completed', 'failed', 'exception'].includes(state)) {
+        throw new UsageError(`--state must be pending, running, completed, failed or exception, not "${state}"`);
+      }
+      const limit = integerOption(values, 'limit', 100, 1);
+      const tasks = await withQueue(values, (queue) => queue.listTasks({ ...(state ? { state } : {}), limit }));
+      if (values['json']) {
+        process.stdout.write(JSON.stringify(tasks, null, 2) + '\n');
+        return EXIT.OK;
+      }
+      const rows = tasks.map((task) => [task.taskId, task.state, lastResolution(task), String(task.runs.length), new Date(task.created).toISOString(), commandOf(task.payload)]);
+      process.stdout.write(table(['TASK', 'STATE', 'RESOLUTION', 'RUNS', 'CREATED', 'COMMAND'], rows));
+      return EXIT.OK;
+    },
+  },
+  task: {
+    usage: 'drover task ID [--json]',
+    summary: 'show a task: its payload, runs, resolutions and artifacts',
+    options: { json: { type: 'boolean' } },
+    async run(values, positionals) {
+      const taskId = onePositional(positionals, 'ID');
+      const { task, artifacts } = await withQueue(values, async (queue) => {
+        const task = await queue.task(taskId);
+        const artifacts = await Promise.all(task.runs.map((run) => queue.listArtifacts({ taskId, runId: run.runId })));
+        return { task, artifacts };
+      });
+      if (values['json']) {
+        const runs = task.runs.map((run, i) => ({ ...run, artifacts: artifacts[i] }));
+        process.stdout.write(JSON.stringify({ ...task, runs }, null, 2) + '\n');
+        return EXIT.OK;
+      }
+      const lines = [
+        `task      ${task.taskId}`,
+        `state     ${task.state}`,
+        `command   ${commandOf(task.payload)}`,
+        `payload   ${JSON.stringify(task.payload)}`,
+        `created   ${new Date(task.created).toISOString()}`,
+        `deadline  ${new Date(task.deadline).toISOString()}`,
+        `retries   ${task.retriesLeft} left`,
+      ];
+      task.runs.forEach((run, i) => {
+        lines.push('', `run ${run.runId}  ${runResolution(run)}  (${run.reasonCreated})`);
+        if (run.workerId) lines.push(`  worker    ${run.workerId}`);
+        if (run.started) lines.push(`  started   ${new Date(run.started).toISOString()}`);
+        if (run.resolved) lines.push(`  resolved  ${new Date(run.resolved).toISOString()}`);
+        if (run.message) lines.push(`  message   ${run.message.replace(/\n/g, '\n            ')}`);
+        for (const artifact of artifacts[i] ?? []) {
+          lines.push(`  artifact  ${artifact.name}  ${artifact.size} B  ${artifact.contentType}${artifact.state === 'streaming' ? '  (streaming)' : ''}`);
+        }
+      });
+      process.stdout.write(lines.join('\n') + '\n');
+      return EXIT.OK;
+    },
+  },
+  logs: {
+    usage: 'drover logs ID [-f] [--run N]',
+    summary: 'print a task\'s log; -f follows it while it runs (and into its retries)',
+    options: { follow: { type: 'boolean', short: 'f' }, run: { type: 'string' } },
+    async run(values, positionals) {
+      const taskId = onePositional(positionals, 'ID');
+      const follow = values['follow'] === true;
+      const interrupt = new AbortController();
+      const stop = () => interrupt.abort();
+      process.once('SIGINT', stop);
+      try {
+        return await withQueue(values, (queue) => printLogs(queue, taskId, values['run'] === undefined ? undefined : integerOption(values, 'run', 0, 0), follow, interrupt.signal));
+      } finally {
+        process.off('SIGINT', stop);
+      }
+    },
+  },
+  cancel: {
+    usage: 'drover cancel ID',
+    summary: 'cancel a task: its run resolves exception/canceled and its processes are killed',
+    options: {},
+    async run(values, positionals) {
+      const taskId = onePositional(positionals, 'ID');
+      await withQueue(values, (queue) => queue.cancel(taskId));
+      process.stdout.write(`canceled ${taskId}\n`);
+      return EXIT.OK;
+    },
+  },
+  artifact: {
+    usage: 'drover artifact ID NAME [--run N] [-o FILE]',
+    summary: 'write an artifact of a task\'s run (the latest by default) to stdout or a file',
+    options: { run: { type: 'string' }, output: { type: 'string', short: 'o' } },
+    async run(values, positionals) {
+      if (positionals.length !== 2) throw new UsageError('expected a task ID and an artifact NAME');
+      const [taskId, name] = positionals as [string, string];
+      await withQueue(values, async (queue) => {
+        const task = await queue.task(taskId);
+        const runId = values['run'] === undefined ? latestRun(task).runId : integerOption(values, 'run', 0, 0);
+        const source = await queue.readArtifact({ taskId, runId }, name);
+        const output = values['output'] as string | undefined;
+        await pipeline(source, output === undefined ? process.stdout : createWriteStream(output), { end: output !== undefined });
+      });
+      return EXIT.OK;
+    },
+  },
+};
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    process.stdout.write(overview());
+    return name === undefined ? EXIT.CONFIG : EXIT.OK;
+  }
+  if (name === '--version') {
+    const pkg = JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    process.stdout.write(pkg.version + '\n');
+    return EXIT.OK;
+  }
+  const command = commands[name];
+  if (command === undefined) {
+    process.stderr.write(`drover: unknown command "${name}"\n\n${overview()}`);
+    return EXIT.CONFIG;
+  }
+  try {
+    const { values, positionals } = parseArgs({ args: [...rest], options: { ...common, ...command.options }, allowPositionals: true, strict: true });
+    if (values['help']) {
+      process.stdout.write(help(name, command));
+      return EXIT.OK;
+    }
+    return await command.run(values as Values, positionals);
+  } catch (error) {
+    return reportError(name, error);
+  }
+}
+
+function reportError(name: string, error: unknown): number {
+  const code = (error as { code?: string }).code ?? '';
+  if (error instanceof UsageError || code.startsWith('ERR_PARSE_ARGS')) {
+    process.stderr.write(`drover ${name}: ${errorMessage(error)}\nSee "drover ${name} --help".\n`);
+    return EXIT.CONFIG;
+  }
+  if (error instanceof ConfigError) {
+    process.stderr.write(`drover ${name}: ${error.message}\n`);
+    return EXIT.CONFIG;
+  }
+  if (error instanceof DroverError && !(error.code === 'DROVER_INTERNAL')) {
+    process.stderr.write(`drover ${name}: ${error.message}\n`);
+    return EXIT.FAILED;
+  }
+  process.stderr.write(`drover ${name}: internal error: ${errorMessage(error)}\n`);
+  if (process.env['DROVER_LOG_LEVEL'] === 'debug') process.stderr.write(`${(error as Error).stack ?? ''}\n`);
+  return EXIT.INTERNAL;
+}
+
+async function runWorker(config: Config, once: boolean): Promise<number> {
+  const logger = createLogger({ level: config.logLevel, format: config.logFormat });
+  const queue = openQueue(config);
+  const workDir = resolvePath(config.workDir);
+  const host = new HardwareHost({ workDir });
+  const worker = startWorker({
+    workerId: config.workerId || `${hostname()}-${process.pid}`,
+    queue,
+    host,
+    engine: new ProcessEngine({ killSignal: config.engine.killSignal, killGraceMs: config.engine.killGrace * 1000 }),
+    plugins: [livelogPlugin()],
+    workDir,
+    logger,
+    capacity: config.capacity,
+    maxTasks: config.numberOfTasksToRun,
+    once,
+    idleTimeoutMs: config.idleTimeout * 1000,
+    shutdownGraceMs: config.shutdownGrace * 1000,
+    pollWaitMs: config.pollWait * 1000,
+  });
+  // Shutdown has a hard deadline: the grace period, then time for aborted tasks to report.
+  let deadline: NodeJS.Timeout | undefined;
+  const onSignal = (signal: NodeJS.Signals) => {
+    logger.info(deadline === undefined ? 'shutting down gracefully; send the signal again to abort tasks now' : 'aborting running tasks', { signal });
+    deadline ??= setTimeout(() => {
+      logger.error('shutdown did not finish within its deadline; exiting', { state: worker.state() });
+      process.exit(EXIT.INTERNAL);
+    }, (config.shutdownGrace + config.queue.claimTimeout + 10) * 1000).unref();
+    worker.shutdown({ kind: 'signal', signal });
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+  host.shutdown.addEventListener('abort', () => worker.shutdown({ kind: 'host', message: String(host.shutdown.reason) }));
+  try {
+    const { reason } = await worker.stopped;
+    const code = exitCodeFor(reason);
+    logger.info('worker stopped', { reason: reason.kind, ...('message' in reason ? { message: reason.message } : {}), exitCode: code });
+    return code;
+  } finally {
+    process.off('SIGTERM', onSignal);
+    process.off('SIGINT', onSignal);
+    clearTimeout(deadline);
+    await queue.close();
+  }
+}
+
+async function payloadFrom(values: Values, positionals: string[]): Promise<Payload> {
+  const file = values['payload'] as string | undefined;
+  if (file !== undefined) {
+    if (positionals.length > 0) throw new UsageError('give either --payload or a command, not both');
+    const text = file === '-' ? await readStdin() : await readFile(file, 'utf8').catch((error: NodeJS.ErrnoException) => {
+      throw new UsageError(`payload file "${file}": ${error.code === 'ENOENT' ? 'not found' : error.message}`);
+    });
+    let payload: unknown;
+    try {
+      payload = parseYaml(text);
+    } catch (error) {
+      throw new UsageError(`payload ${file === '-' ? 'on stdin' : `file "${file}"`} is neither JSON nor YAML: ${errorMessage(error).split('\n')[0]}`);
+    }
+    if (payload === null || typeof payload !== 'object' || Array.isArray(payload)) throw new UsageError('a payload must be a JSON or YAML object');
+    return payload as Payload;
+  }
+  if (positionals.length === 0) throw new UsageError('give a command after --, or --payload FILE');
+  // One argument is a shell command line; several are the argv of the command itself.
+  const command = positionals.length === 1 ? positionals[0]! : positionals;
+  const maxRunTime = values['max-run-time'] === undefined ? undefined : integerOption(values, 'max-run-time', 0, 1);
+  return maxRunTime === undefined ? { command } : { command, maxRunTime };
+}
+
+async function printLogs(queue: Queue, taskId: string, runId: number | undefined, follow: boolean, signal: AbortSignal): Promise<number> {
+  let next = runId ?? (await queue.task(taskId)).runs.length - 1;
+  for (let runs = 0; runs < 1000 && !signal.aborted; runs++) {
+    const task = await queue.task(taskId);
+    const run = task.runs[next];
+    if (run === undefined) throw new TaskStateError(`task ${taskId} has no run ${next}`);
+    const artifacts = await queue.listArtifacts({ taskId, runId: next });
+    if (!artifacts.some((artifact) => artifact.name === LIVE_LOG_NAME)) {
+      if (!follow) throw new TaskStateError(`task ${taskId} run ${next} has no log (the run is ${run.state})`);
+      await delay(250, signal);
+      runs--; // waiting for the log to appear is not a new run
+      continue;
+    }
+    await pipeline(await queue.readArtifact({ taskId, runId: next }, LIVE_LOG_NAME, { follow, signal }), process.stdout, { end: false });
+    if (!follow || runId !== undefined) return EXIT.OK;
+    // Follow into the retry, if the queue scheduled one.
+    const after = await queue.task(taskId);
+    if (after.runs.length - 1 <= next && after.runs[next]?.state !== 'pending' && after.runs[next]?.state !== 'running') return EXIT.OK;
+    if (after.runs.length - 1 > next) next++;
+  }
+  return EXIT.OK;
+}
+
+function delay(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener('abort', () => {
+      clearTimeout(timer);
+      resolve();
+    }, { once: true });
+  });
+}
+
+async function readStdin(): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+function integerOption(values: Values, name: string, fallback: number, min: number): number {
+  const raw = values[name];
+  if (raw === undefined) return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} must be a whole number of at least ${min}, not "${String(raw)}"`);
+  return value;
+}
+
+function onePositional(positionals: string[], what: string): string {
+  if (positionals.length !== 1) throw new UsageError(`expected one ${what}, got ${positionals.length}`);
+  return positionals[0]!;
+}
+
+function latestRun(task: TaskStatus): RunStatus {
+  const run = task.runs[task.runs.length - 1];
+  if (run === undefined) throw new TaskStateError(`task ${task.taskId} has no runs`);
+  return run;
+}
+
+function runResolution(run: RunStatus): string {
+  if (run.state === 'exception') return `exception/${run.reasonResolved ?? '?'}`;
+  return run.state;
+}
+
+function lastResolution(task: TaskStatus): string {
+  const run = task.runs[task.runs.length - 1];
+  return run && run.resolved ? runResolution(run) : '';
+}
+
+function commandOf(payload: Payload): string {
+  const command = payload['command'];
+  const text = Array.isArray(command) ? command.map((arg) => (/^[\w./=:,@-]+$/.test(String(arg)) ? String(arg) : JSON.stringify(arg))).join(' ') : String(command ?? '');
+  return text.length > 60 ? text.slice(0, 57) + '...' : text;
+}
+
+function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => (row[i] ?? '').length)));
+  return [header, ...rows].map((row) => row.map((cell, i) => (i === row.length - 1 ? cell : cell.padEnd(widths[i]!))).join('  ')).join('\n') + '\n';
+}
+
+function overview(): string {
+  const list = Object.entries(commands).map(([name, command]) => `  ${name.padEnd(10)} ${command.summary}`).join('\n');
+  return `drover: a task worker engine\n\nUsage: drover COMMAND [options]\n\nCommands:\n${list}\n\nEvery command takes --config FILE, --queue-dir DIR and --help.\n"drover COMMAND --help" tells more.\n`;
+}
+
+function help(name: string, command: Command): string {
+  const text = `Usage: ${command.usage}\n\n${command.summary[0]!.toUpperCase()}${command.summary.slice(1)}.\n\n` +
+    `Common options:\n  -c, --config FILE        YAML config file (also DROVER_CONFIG)\n  --queue-dir DIR          the embedded queue's directory [.drover]\n  -h, --help               this text\n`;
+  if (name !== 'worker') return text;
+  return text + `\nWorker options (flag > config file > DROVER_* environment):\n  --once                   run what is pending, then exit 0\n${describeSettings('text')}\n\nExit codes: 0 tasks done, 2 bad config or usage, 3 idle timeout,\n4 stopped by SIGTERM/SIGINT, 5 stopped by the host, 70 internal error.\n`;
+}
+

@@ -1,0 +1,177 @@
+/**
+ * Options are compiled once: defaults, then `DROVER_*` environment
+ * variables, then the config file (YAML), then command-line flags; every
+ * problem is reported at once with where it came from; the result is
+ * frozen. One table, SETTINGS, says everything about each setting; the
+ * help text and README's config reference are made from it.
+ */
+import { readFileSync } from 'node:fs';
+import { parse as parseYaml } from 'yaml';
+import { ConfigError } from '../model/errors.js';
+
+type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format';
+
+export interface Setting {
+  /** Dotted path in the config file: `queue.claimTimeout`. */
+  readonly path: string;
+  readonly env: string;
+  readonly kind: Kind;
+  readonly min?: number;
+  readonly default: string | number;
+  readonly description: string;
+}
+
+export const SETTINGS: readonly Setting[] = [
+  { path: 'workerId', env: 'DROVER_WORKER_ID', kind: 'string', default: '', description: 'Name of this worker in claims and logs; default `<hostname>-<pid>`.' },
+  { path: 'capacity', env: 'DROVER_CAPACITY', kind: 'integer', min: 1, default: 1, description: 'How many tasks run at once.' },
+  { path: 'queue.dir', env: 'DROVER_QUEUE_DIR', kind: 'string', default: '.drover', description: 'Directory of the embedded SQLite queue and its artifacts.' },
+  { path: 'queue.claimTimeout', env: 'DROVER_CLAIM_TIMEOUT', kind: 'seconds', min: 1, default: 30, description: 'Length of a claim; workers renew it at half that. A dead worker\'s tasks return after at most this long.' },
+  { path: 'queue.pollInterval', env: 'DROVER_POLL_INTERVAL', kind: 'seconds', min: 0.01, default: 0.2, description: 'How often an idle worker looks for new tasks in the embedded queue.' },
+  { path: 'workDir', env: 'DROVER_WORK_DIR', kind: 'string', default: '.drover/work', description: 'Task directories and the crash journal.' },
+  { path: 'pollWait', env: 'DROVER_POLL_WAIT', kind: 'seconds', min: 0.1, default: 10, description: 'How long one claim request waits for work (long poll).' },
+  { path: 'shutdownGrace', env: 'DROVER_SHUTDOWN_GRACE', kind: 'seconds', min: 0, default: 30, description: 'After SIGTERM/SIGINT, how long running tasks may finish before they are aborted.' },
+  { path: 'idleTimeout', env: 'DROVER_IDLE_TIMEOUT', kind: 'seconds', min: 0, default: 0, description: 'Stop after this long with nothing to do (exit code 3); 0 never stops.' },
+  { path: 'numberOfTasksToRun', env: 'DROVER_NUMBER_OF_TASKS_TO_RUN', kind: 'integer', min: 0, default: 0, description: 'Stop after claiming this many tasks (exit code 0); 0 means no limit.' },
+  { path: 'engine.killSignal', env: 'DROVER_KILL_SIGNAL', kind: 'signal', default: 'SIGTERM', description: 'First signal sent to a task\'s process group when it is aborted.' },
+  { path: 'engine.killGrace', env: 'DROVER_KILL_GRACE', kind: 'seconds', min: 0, default: 5, description: 'How long after that signal before SIGKILL.' },
+  { path: 'logLevel', env: 'DROVER_LOG_LEVEL', kind: 'level', default: 'info', description: 'debug, info, warn or error.' },
+  { path: 'logFormat', env: 'DROVER_LOG_FORMAT', kind: 'format', default: 'text', description: 'text or json.' },
+];
+
+export interface Config {
+  readonly workerId: string;
+  readonly capacity: number;
+  readonly queue: { readonly dir: string; readonly claimTimeout: number; readonly pollInterval: number };
+  readonly workDir: string;
+  readonly pollWait: number;
+  readonly shutdownGrace: number;
+  readonly idleTimeout: number;
+  readonly numberOfTasksToRun: number;
+  readonly engine: { readonly killSignal: NodeJS.Signals; readonly killGrace: number };
+  readonly logLevel: 'debug' | 'info' | 'warn' | 'error';
+  readonly logFormat: 'text' | 'json';
+  /** The config file it was read from, if any. */
+  readonly file?: string;
+}
+
+export interface ConfigSources {
+  /** Path of a YAML config file; a missing file is an error. */
+  readonly file?: string;
+  /** Values from command-line flags, by setting path; strings are parsed like env values. */
+  readonly flags?: Readonly<Record<string, string | number | undefined>>;
+  readonly env?: NodeJS.ProcessEnv;
+}
+
+const SIGNALS = new Set(['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2', 'SIGKILL']);
+
+export function loadConfig(sources: ConfigSources = {}): Config {
+  const env = sources.env ?? process.env;
+  const values = new Map<string, unknown>(SETTINGS.map((s) => [s.path, s.default]));
+  const problems: string[] = [];
+  const take = (where: string, setting: Setting, raw: unknown) => {
+    const parsed = coerce(setting, raw);
+    if ('problem' in parsed) problems.push(`${where}: ${parsed.problem}`);
+    else values.set(setting.path, parsed.value);
+  };
+  for (const setting of SETTINGS) {
+    const raw = env[setting.env];
+    if (raw !== undefined && raw !== '') take(`environment variable ${setting.env}`, setting, raw);
+  }
+  const file = sources.file ?? (env['DROVER_CONFIG'] || undefined);
+  if (file !== undefined) {
+    for (const [path, raw] of Object.entries(readConfigFile(file))) {
+      const setting = SETTINGS.find((s) => s.path === path);
+      if (setting === undefined) problems.push(`config file "${file}": ${path}: is not a known setting`);
+      else take(`config file "${file}": ${path}`, setting, raw);
+    }
+  }
+  for (const [path, raw] of Object.entries(sources.flags ?? {})) {
+    const setting = SETTINGS.find((s) => s.path === path);
+    if (setting === undefined) throw new Error(`no setting ${path}`);
+    if (raw !== undefined) take(`option --${flagName(setting)}`, setting, raw);
+  }
+  if (problems.length > 0) throw new ConfigError(problems.join('\n'));
+  const get = <T>(path: string) => values.get(path) as T;
+  return Object.freeze({
+    workerId: get<string>('workerId'),
+    capacity: get<number>('capacity'),
+    queue: Object.freeze({ dir: get<string>('queue.dir'), claimTimeout: get<number>('queue.claimTimeout'), pollInterval: get<number>('queue.pollInterval') }),
+    workDir: get<string>('workDir'),
+    pollWait: get<number>('pollWait'),
+    shutdownGrace: get<number>('shutdownGrace'),
+    idleTimeout: get<number>('idleTimeout'),
+    numberOfTasksToRun: get<number>('numberOfTasksToRun'),
+    engine: Object.freeze({ killSignal: get<NodeJS.Signals>('engine.killSignal'), killGrace: get<number>('engine.killGrace') }),
+    logLevel: get<Config['logLevel']>('logLevel'),
+    logFormat: get<Config['logFormat']>('logFormat'),
+    ...(file === undefined ? {} : { file }),
+  });
+}
+
+/** The flag that sets a setting: `queue.claimTimeout` -> `claim-timeout`. */
+export function flagName(setting: Setting): string {
+  const last = setting.path === 'queue.dir' ? 'queueDir' : setting.path.split('.').pop()!;
+  return last.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+}
+
+/** Reads a YAML file into `{ 'queue.dir': value, ... }`. */
+function readConfigFile(file: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    throw new ConfigError(`config file "${file}": ${code === 'ENOENT' ? 'not found' : `cannot be read (${code ?? String(error)})`}`);
+  }
+  let document: unknown;
+  try {
+    document = parseYaml(text);
+  } catch (error) {
+    throw new ConfigError(`config file "${file}": not valid YAML: ${(error as Error).message.split('\n')[0]}`);
+  }
+  if (document === null || document === undefined) return {};
+  if (typeof document !== 'object' || Array.isArray(document)) throw new ConfigError(`config file "${file}": must be a mapping of settings`);
+  const flat: Record<string, unknown> = {};
+  const walk = (prefix: string, object: Record<string, unknown>) => {
+    for (const [key, value] of Object.entries(object)) {
+      const path = prefix ? `${prefix}.${key}` : key;
+      const isSection = SETTINGS.some((s) => s.path.startsWith(path + '.'));
+      if (isSection && value !== null && typeof value === 'object' && !Array.isArray(value)) walk(path, value as Record<string, unknown>);
+      else flat[path] = value;
+    }
+  };
+  walk('', document as Record<string, unknown>);
+  return flat;
+}
+
+/** The value, or what is wrong with it. */
+function coerce(setting: Setting, raw: unknown): { value: unknown } | { problem: string } {
+  const text = typeof raw === 'string' ? raw.trim() : raw;
+  switch (setting.kind) {
+    case 'integer':
+    case 'seconds': {
+      const value = typeof text === 'number' ? text : typeof text === 'string' && text !== '' ? Number(text) : NaN;
+      const unit = setting.kind === 'seconds' ? 'a number of seconds' : 'a whole number';
+      if (!Number.isFinite(value) || (setting.kind === 'integer' && !Number.isInteger(value))) return { problem: `must be ${unit}, not ${JSON.stringify(raw)}` };
+      if (setting.min !== undefined && value < setting.min) return { problem: `must be at least ${setting.min}, not ${value}` };
+      return { value };
+    }
+    case 'string':
+      return typeof text === 'string' && text !== '' ? { value: text } : { problem: `must be a non-empty string, not ${JSON.stringify(raw)}` };
+    case 'signal':
+      return typeof text === 'string' && SIGNALS.has(text.toUpperCase()) ? { value: text.toUpperCase() } : { problem: `must be one of ${[...SIGNALS].join(', ')}, not ${JSON.stringify(raw)}` };
+    case 'level':
+      return ['debug', 'info', 'warn', 'error'].includes(String(text)) ? { value: text } : { problem: `must be debug, info, warn or error, not ${JSON.stringify(raw)}` };
+    case 'format':
+      return ['text', 'json'].includes(String(text)) ? { value: text } : { problem: `must be text or json, not ${JSON.stringify(raw)}` };
+  }
+}
+
+/** The config reference, as a Markdown table (README) or aligned text (--help). */
+export function describeSettings(format: 'markdown' | 'text'): string {
+  if (format === 'markdown') {
+    const rows = SETTINGS.map((s) => `| \`${s.path}\` | \`--${flagName(s)}\` | \`${s.env}\` | ${s.default === '' ? '' : `\`${s.default}\``} | ${s.description} |`);
+    return ['| setting | flag | environment | default | meaning |', '| --- | --- | --- | --- | --- |', ...rows].join('\n');
+  }
+  return SETTINGS.map((s) => `  --${flagName(s).padEnd(22)} ${s.description}${s.default === '' ? '' : ` [${s.default}]`}`).join('\n');
+}

@@ -1,0 +1,310 @@
+/**
+ * The task machine's actors: the work behind each state, against the real
+ * engine, host, plugins and queue.
+ *
+ * Each claimed run gets a `RunState` that holds what its stages build (the
+ * sandbox, the plugin objects, the task directory), keyed by run. The actors
+ * find it by the claim in their input; `cleanup` releases it, in reverse
+ * order of set-up, waiting first for any stage still under way, and reports
+ * every step's error.
+ */
+import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fromCallback, fromPromise } from 'xstate';
+import type { Engine, Sandbox, SandboxBuilder } from '../engines/engine.js';
+import type { Host } from '../hosts/host.js';
+import { ClaimLostError, InternalError, MalformedPayloadError, QueueUnavailableError, errorMessage } from '../model/errors.js';
+import { describeResolution, type Resolution } from '../model/resolution.js';
+import { runKey, type Claim, type RunResult } from '../model/task.js';
+import type { Plugin, TaskPlugin, Verdict } from '../plugins/plugin.js';
+import type { Queue } from '../queues/queue.js';
+import type { ClaimInput, LoadOutput, ReportInput, StopInput, TaskEvent, UploadInput } from '../machines/task.js';
+import type { Logger } from './logger.js';
+import type { PayloadValidator } from './schema.js';
+import { TaskLog } from './task-log.js';
+
+export interface TaskRuntime {
+  readonly workerId: string;
+  readonly queue: Queue;
+  readonly host: Host;
+  readonly engine: Engine;
+  /** In configuration order; hooks run in this order, dispose in reverse. */
+  readonly plugins: readonly Plugin[];
+  readonly validatePayload: PayloadValidator;
+  /** Task directories are made under `<workDir>/tasks` on the host. */
+  readonly workDir: string;
+  readonly logger: Logger;
+  readonly now?: () => number;
+}
+
+/** How long the log waits for the command's streams to close after its main process exited. */
+const OUTPUT_DRAIN_MS = 500;
+
+class RunState {
+  readonly log = new TaskLog();
+  /** Aborted when the run is canceled or its claim is lost: hooks and engine calls give up. */
+  readonly lost = new AbortController();
+  readonly cookie = randomBytes(12).toString('hex');
+  readonly plugins: { readonly name: string; readonly hooks: TaskPlugin }[] = [];
+  takenUntil: number;
+  taskDir?: string;
+  journaled = false;
+  builder?: SandboxBuilder;
+  sandbox?: Sandbox;
+  /** Stages still under way; cleanup waits for them before it disposes. */
+  loading?: Promise<unknown>;
+  starting?: Promise<unknown>;
+  output?: Promise<unknown>;
+
+  constructor(
+    readonly claim: Claim,
+    readonly logger: Logger,
+  ) {
+    this.takenUntil = claim.takenUntil;
+  }
+}
+
+export function createTaskActors(runtime: TaskRuntime) {
+  const { queue, host, engine, workerId } = runtime;
+  const now = runtime.now ?? Date.now;
+  const runs = new Map<string, RunState>();
+
+  const stateOf = (claim: Claim): RunState => {
+    const key = runKey(claim);
+    let run = runs.get(key);
+    if (run === undefined) {
+      run = new RunState(claim, runtime.logger.child({ taskId: claim.taskId, runId: claim.runId }));
+      runs.set(key, run);
+    }
+    return run;
+  };
+
+  /** Calls one hook on every plugin in order; a throw names the plugin and stops the stage. */
+  const eachPlugin = async (run: RunState, hook: string, call: (hooks: TaskPlugin) => Promise<unknown> | undefined) => {
+    for (const { name, hooks } of run.plugins) {
+      try {
+        await call(hooks);
+      } catch (error) {
+        throw pluginError(name, hook, error);
+      }
+    }
+  };
+
+  async function load(claim: Claim, signal: AbortSignal): Promise<LoadOutput> {
+    const run = stateOf(claim);
+    const transport = host.transport();
+    run.log.line(`worker ${workerId} claimed run ${claim.runId} of task ${claim.taskId}`);
+    // Plugin objects exist before validation so that every path can reach their hooks
+    // (the live log must carry a malformed-payload message too); they read the payload in prepare.
+    for (const plugin of runtime.plugins) {
+      if (plugin.newTask === undefined) continue;
+      try {
+        const hooks = plugin.newTask({ claim, payload: claim.payload, workerId, queue, log: run.log, logger: run.logger, signal: run.lost.signal });
+        run.plugins.push({ name: plugin.name, hooks });
+      } catch (error) {
+        throw pluginError(plugin.name, 'newTask', error);
+      }
+    }
+    runtime.validatePayload(claim.payload);
+    const taskDir = transport.join(runtime.workDir, 'tasks', `${claim.taskId}-${claim.runId}`);
+    // Recorded before anything exists, so a crash at any later point leaves nothing unreaped.
+    host.journal?.begin({ cookie: run.cookie, runKey: runKey(claim), taskDir });
+    run.journaled = host.journal !== undefined;
+    run.taskDir = taskDir;
+    await transport.remove(taskDir);
+    await transport.mkdir(taskDir);
+    run.builder = await engine.prepare(claim.payload, { claim, transport, taskDir, cookie: run.cookie, logger: run.logger, signal });
+    await eachPlugin(run, 'prepare', (hooks) => hooks.prepare?.());
+    const builder = run.builder;
+    await eachPlugin(run, 'buildSandbox', (hooks) => hooks.buildSandbox?.(builder));
+    const maxRunTime = claim.payload['maxRunTime'];
+    return { maxRunTimeMs: typeof maxRunTime === 'number' ? maxRunTime * 1000 : undefined };
+  }
+
+  async function run(claim: Claim): Promise<RunResult> {
+    const state = stateOf(claim);
+    if (state.builder === undefined) throw new InternalError('run: the sandbox was never built');
+    const starting = state.builder.start();
+    state.starting = starting;
+    const sandbox = await starting;
+    state.sandbox = sandbox;
+    state.output = Promise.all([state.log.pipeFrom(sandbox.stdout), state.log.pipeFrom(sandbox.stderr)]);
+    await eachPlugin(state, 'started', (hooks) => hooks.started?.(sandbox));
+    const result = await sandbox.wait();
+    // A background process may hold the pipes open; its output is not worth a stuck task.
+    await Promise.race([state.output, sleep(OUTPUT_DRAIN_MS)]);
+    state.log.line(describeResult(result));
+    return result;
+  }
+
+  async function stop({ claim, reason, detail }: StopInput): Promise<void> {
+    const run = stateOf(claim);
+    run.log.line(`stopping the command: ${detail ?? reason}`);
+    await run.starting?.catch(() => {});
+    await run.sandbox?.abort();
+  }
+
+  async function upload({ claim, result, resolution: decided }: UploadInput): Promise<Resolution> {
+    const run = stateOf(claim);
+    if (decided?.state === 'exception' || result === undefined) {
+      const resolution = decided ?? { state: 'exception', reason: 'internal-error', message: 'the run ended without a result' };
+      run.log.line(`resolved ${describeResolution(resolution)}${resolution.message ? `: ${resolution.message}` : ''}`);
+      if (resolution.state === 'exception') {
+        const reason = resolution.reason;
+        // Every plugin hears of the exception, even when one of them fails (the log must still be uploaded).
+        for (const { name, hooks } of run.plugins) {
+          await Promise.resolve(hooks.exception?.(reason)).catch((error) => run.logger.error(pluginError(name, 'exception', error).message));
+        }
+      }
+      return resolution;
+    }
+    let resolution: Resolution;
+    try {
+      const verdicts: Verdict[] = [];
+      await eachPlugin(run, 'stopped', async (hooks) => verdicts.push(await hooks.stopped?.(result)));
+      resolution = decided ?? judge(result, verdicts);
+    } catch (error) {
+      resolution = { state: 'exception', reason: 'internal-error', message: errorMessage(error) };
+    }
+    run.log.line(`resolved ${describeResolution(resolution)}${resolution.message ? `: ${resolution.message}` : ''}`);
+    for (const { name, hooks } of run.plugins) {
+      try {
+        await hooks.finished?.(resolution, run.sandbox!);
+      } catch (error) {
+        const failure = pluginError(name, 'finished', error);
+        run.logger.error(failure.message);
+        resolution = failure instanceof MalformedPayloadError
+          ? { state: 'exception', reason: 'malformed-payload', message: failure.message }
+          : { state: 'exception', reason: 'internal-error', message: failure.message };
+      }
+    }
+    return resolution;
+  }
+
+  async function report({ claim, resolution }: ReportInput, signal: AbortSignal): Promise<void> {
+    const run = stateOf(claim);
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await queue.resolve(claim, workerId, resolution);
+        run.logger.info('resolved', { resolution: describeResolution(resolution) });
+        return;
+      } catch (error) {
+        if (!(error instanceof QueueUnavailableError) || now() >= run.takenUntil) throw error;
+        run.logger.warn('the queue did not take the resolution; retrying', { error, attempt });
+        await sleep(Math.min(5000, 100 * 2 ** attempt), undefined, { signal });
+      }
+    }
+  }
+
+  async function cleanup(claim: Claim): Promise<void> {
+    const run = stateOf(claim);
+    const failures: string[] = [];
+    const step = async (what: string, action: () => Promise<unknown> | undefined) => {
+      try {
+        await action();
+      } catch (error) {
+        failures.push(`${what}: ${errorMessage(error)}`);
+      }
+    };
+    // Stages that were interrupted may still be settling; dispose only what they finished building.
+    await Promise.allSettled([run.loading, run.starting]);
+    await step('sandbox', () => (run.sandbox ? run.sandbox.dispose() : run.builder?.discard()));
+    for (const { name, hooks } of [...run.plugins].reverse()) {
+      await step(`plugin ${name}: dispose`, () => hooks.dispose?.());
+    }
+    run.log.end();
+    if (run.taskDir !== undefined) {
+      const taskDir = run.taskDir;
+      await step('task directory', () => host.transport().remove(taskDir));
+    }
+    runs.delete(runKey(claim));
+    if (failures.length > 0) {
+      // The journal entry stays, so the next worker to boot here reaps what is left.
+      run.logger.error('cleanup failed', { failures });
+      throw new InternalError(`cleanup failed: ${failures.join('; ')}`);
+    }
+    if (run.journaled) host.journal?.end(run.cookie);
+  }
+
+  /** Renews the claim at half its remaining length; tells the machine when the run is no longer ours. */
+  const reclaim = fromCallback<TaskEvent, ClaimInput>(({ input, sendBack }) => {
+    const run = stateOf(input.claim);
+    let timer: NodeJS.Timeout | undefined;
+    let stopped = false;
+    const lost = (event: TaskEvent) => {
+      if (stopped) return;
+      stopped = true;
+      clearTimeout(timer);
+      run.lost.abort();
+      sendBack(event);
+    };
+    const schedule = () => {
+      timer = setTimeout(tick, Math.max(250, (run.takenUntil - now()) / 2));
+    };
+    const tick = async () => {
+      try {
+        run.takenUntil = (await queue.reclaim(input.claim, workerId)).takenUntil;
+      } catch (error) {
+        if (error instanceof ClaimLostError) {
+          lost(error.reason === 'canceled' ? { type: 'CANCEL' } : { type: 'CLAIM_LOST', message: error.message });
+          return;
+        }
+        run.logger.warn('reclaim failed; retrying', { error });
+        if (now() >= run.takenUntil) {
+          lost({ type: 'CLAIM_LOST', message: `could not reclaim before the claim expired: ${errorMessage(error)}` });
+          return;
+        }
+      }
+      if (!stopped) schedule();
+    };
+    const unwatch = queue.watchCancellation(input.claim, () => lost({ type: 'CANCEL' }));
+    schedule();
+    return () => {
+      stopped = true;
+      clearTimeout(timer);
+      unwatch();
+    };
+  });
+
+  const track = <T>(claim: Claim, field: 'loading', promise: Promise<T>): Promise<T> => {
+    stateOf(claim)[field] = promise;
+    return promise;
+  };
+
+  return {
+    load: fromPromise<LoadOutput, ClaimInput>(({ input, signal }) => track(input.claim, 'loading', load(input.claim, signal))),
+    run: fromPromise<RunResult, ClaimInput>(({ input }) => run(input.claim)),
+    stop: fromPromise<void, StopInput>(({ input }) => stop(input)),
+    upload: fromPromise<Resolution, UploadInput>(({ input }) => upload(input)),
+    report: fromPromise<void, ReportInput>(({ input, signal }) => report(input, signal)),
+    cleanup: fromPromise<void, ClaimInput>(({ input }) => cleanup(input.claim)),
+    reclaim,
+    /** Runs still held: for status output and tests. */
+    runs: () => [...runs.keys()],
+  };
+}
+
+/** The resolution by exit status, unless a plugin's verdict says otherwise (a `failed` verdict wins). */
+function judge(result: RunResult, verdicts: readonly Verdict[]): Resolution {
+  const failed = verdicts.find((verdict) => verdict?.state === 'failed');
+  if (failed) return failed.message === undefined ? { state: 'failed' } : { state: 'failed', message: failed.message };
+  if (result.exitCode === 0) return { state: 'completed' };
+  return { state: 'failed', message: describeResult(result) };
+}
+
+export function describeResult(result: RunResult): string {
+  const seconds = (result.durationMs / 1000).toFixed(2);
+  if (result.startError !== undefined) return `the command could not start: ${result.startError}`;
+  if (result.signal !== null) return `the command was killed by ${result.signal} after ${seconds} s`;
+  return `the command exited with code ${result.exitCode} after ${seconds} s`;
+}
+
+function pluginError(name: string, hook: string, error: unknown): Error {
+  if (error instanceof MalformedPayloadError) {
+    return new MalformedPayloadError(
+      error.problems.map((problem) => ({ ...problem, message: `${problem.message} (plugin ${name})` })),
+      { cause: error },
+    );
+  }
+  return new InternalError(`plugin ${name}: ${hook} failed: ${errorMessage(error)}`, { cause: error });
+}

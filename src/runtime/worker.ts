@@ -1,0 +1,121 @@
+/**
+ * The worker's composition root: the parts a configuration chose (queue,
+ * host, engine, plugins) are handed to the pure machines as actors, and the
+ * result is one running worker with a way to ask it to stop.
+ */
+import { createActor, fromPromise, type Actor, type InspectionEvent } from 'xstate';
+import type { Engine } from '../engines/engine.js';
+import type { Host } from '../hosts/host.js';
+import { ConfigError } from '../model/errors.js';
+import type { Plugin } from '../plugins/plugin.js';
+import type { Queue } from '../queues/queue.js';
+import { taskMachine } from '../machines/task.js';
+import { workerMachine, type ClaimRequest, type ClaimResult, type ShutdownReason, type WorkerInput, type WorkerOutput } from '../machines/worker.js';
+import type { Logger } from './logger.js';
+import { compilePayloadValidator, joinPayloadSchemas } from './schema.js';
+import { createTaskActors } from './task-actors.js';
+
+export interface WorkerOptions extends WorkerInput {
+  readonly workerId: string;
+  readonly queue: Queue;
+  readonly host: Host;
+  readonly engine: Engine;
+  readonly plugins: readonly Plugin[];
+  /** Task directories go under `<workDir>/tasks` on the host. */
+  readonly workDir: string;
+  readonly logger: Logger;
+}
+
+export interface Worker {
+  /** Resolves when the worker has stopped, with the reason. */
+  readonly stopped: Promise<WorkerOutput>;
+  /** Asks the worker to stop; a second call aborts running tasks without waiting for the grace period. */
+  shutdown(reason: ShutdownReason): void;
+  /** The worker machine's current state, for status output: `claiming`, `shuttingDown.draining`... */
+  state(): string;
+}
+
+export function startWorker(options: WorkerOptions): Worker {
+  const { queue, host, engine, plugins, logger, workerId } = options;
+  const validatePayload = compilePayloadValidator(
+    joinPayloadSchemas([
+      { owner: `engine ${engine.name}`, schema: engine.payloadSchema },
+      ...plugins.flatMap((plugin) => (plugin.payloadSchema ? [{ owner: `plugin ${plugin.name}`, schema: plugin.payloadSchema }] : [])),
+    ]),
+  );
+  const taskActors = createTaskActors({ workerId, queue, host, engine, plugins, validatePayload, workDir: options.workDir, logger });
+  const machine = workerMachine.provide({
+    actors: {
+      boot: fromPromise(async () => {
+        const identity = await host.boot({ logger, signal: new AbortController().signal });
+        const capabilities = host.transport().capabilities;
+        const missing = Object.entries(engine.needs).filter(([need, wanted]) => wanted && !capabilities[need as keyof typeof capabilities]);
+        if (missing.length > 0) {
+          throw new ConfigError(`engine ${engine.name} needs ${missing.map(([need]) => need).join(' and ')}, which host ${host.name} does not offer`);
+        }
+        for (const plugin of plugins) await plugin.boot?.({ workerId, logger });
+        logger.info('worker booted', { host: host.name, hostname: identity.hostname, engine: engine.name, capacity: options.capacity, ...identity.facts });
+      }),
+      claimWork: fromPromise<ClaimResult, ClaimRequest>(async ({ input, signal }) => {
+        const claims = await queue.claimWork({ workerId, count: input.count, waitMs: input.waitMs, signal });
+        for (const claim of claims) logger.info('claimed', { taskId: claim.taskId, runId: claim.runId });
+        return { claims, now: Date.now() };
+      }),
+      dispose: fromPromise<void, { reason: ShutdownReason }>(async ({ input }) => {
+        logger.info('shutting down', { reason: input.reason.kind });
+        for (const plugin of [...plugins].reverse()) {
+          await plugin.shutdown?.({ workerId, logger }).catch((error: unknown) => logger.error(`plugin ${plugin.name}: shutdown failed`, { error }));
+        }
+        await host.dispose().catch((error: unknown) => logger.error(`host ${host.name}: dispose failed`, { error }));
+      }),
+      task: taskMachine.provide({ actors: taskActors }),
+    },
+  });
+  const actor: Actor<typeof machine> = createActor(machine, {
+    input: {
+      capacity: options.capacity,
+      maxTasks: options.maxTasks,
+      once: options.once,
+      idleTimeoutMs: options.idleTimeoutMs,
+      shutdownGraceMs: options.shutdownGraceMs,
+      pollWaitMs: options.pollWaitMs,
+    },
+    inspect: logTransitions(logger),
+  });
+  const stopped = new Promise<WorkerOutput>((resolve, reject) => {
+    actor.subscribe({
+      complete: () => resolve(actor.getSnapshot().output!),
+      error: reject,
+    });
+  });
+  actor.start();
+  return {
+    stopped,
+    shutdown: (reason) => actor.send({ type: 'SHUTDOWN', reason }),
+    state: () => stateName(actor.getSnapshot().value),
+  };
+}
+
+/** Logs every state a worker or task machine enters, with the state as data (at debug for tasks). */
+function logTransitions(logger: Logger): (event: InspectionEvent) => void {
+  const last = new Map<string, string>();
+  return (event) => {
+    if (event.type !== '@xstate.snapshot') return;
+    const snapshot = event.snapshot as { value?: unknown; context?: { claim?: { taskId: string; runId: number } } };
+    if (snapshot.value === undefined) return;
+    const state = stateName(snapshot.value);
+    const id = event.actorRef.sessionId;
+    if (last.get(id) === state) return;
+    if (state === 'done' || state === 'stopped') last.delete(id);
+    else last.set(id, state);
+    const claim = snapshot.context?.claim;
+    if (claim) logger.debug('task state', { taskId: claim.taskId, runId: claim.runId, state });
+    else logger.info('worker state', { state });
+  };
+}
+
+function stateName(value: unknown): string {
+  if (typeof value === 'string') return value;
+  const [key, child] = Object.entries(value as Record<string, unknown>)[0] ?? ['?', undefined];
+  return child === undefined ? key : `${key}.${stateName(child)}`;
+}

@@ -6,22 +6,15 @@
  */
 import { createWriteStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { hostname } from 'node:os';
-import { resolve as resolvePath } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { parse as parseYaml } from 'yaml';
-import { ProcessEngine } from '../engines/process.js';
-import { HardwareHost } from '../hosts/local.js';
 import { ConfigError, DroverError, TaskStateError, errorMessage } from '../model/errors.js';
 import type { Payload } from '../model/task.js';
-import { LIVE_LOG_NAME, livelogPlugin } from '../plugins/livelog.js';
+import { LIVE_LOG_NAME } from '../plugins/livelog.js';
 import type { Queue, RunStatus, TaskStatus } from '../queues/queue.js';
 import { SqliteQueue } from '../queues/sqlite.js';
 import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '../runtime/config.js';
-import { createLogger } from '../runtime/logger.js';
-import { startWorker } from '../runtime/worker.js';
-import { EXIT, exitCodeFor } from './exit-codes.js';
+import { EXIT } from './exit-codes.js';
 
 type Options = ParseArgsConfig['options'] & {};
 type Values = Record<string, string | boolean | undefined>;
@@ -56,7 +49,7 @@ function configFrom(values: Values, flags: Record<string, string | undefined> = 
   });
 }
 
-function openQueue(config: Config): SqliteQueue {
+export function openQueue(config: Config): SqliteQueue {
   return SqliteQueue.open({
     dir: config.queue.dir,
     claimTimeoutMs: config.queue.claimTimeout * 1000,
@@ -85,7 +78,9 @@ const commands: Record<string, Command> = {
       // Every setting has a flag of the same name (queue.claimTimeout: --claim-timeout).
       const flags = Object.fromEntries(SETTINGS.map((setting) => [setting.path, values[flagName(setting)] as string | undefined]));
       const config = configFrom(values, flags);
-      return runWorker(config, values['once'] === true);
+      // The worker's stack (xstate, ajv, the engine) loads only for this command, so the others start fast.
+      const { runWorker } = await import('./worker-command.js');
+      return runWorker(config, openQueue(config), values['once'] === true);
     },
   },
   submit: {
@@ -259,52 +254,6 @@ function reportError(name: string, error: unknown): number {
   return EXIT.INTERNAL;
 }
 
-async function runWorker(config: Config, once: boolean): Promise<number> {
-  const logger = createLogger({ level: config.logLevel, format: config.logFormat });
-  const queue = openQueue(config);
-  const workDir = resolvePath(config.workDir);
-  const host = new HardwareHost({ workDir });
-  const worker = startWorker({
-    workerId: config.workerId || `${hostname()}-${process.pid}`,
-    queue,
-    host,
-    engine: new ProcessEngine({ killSignal: config.engine.killSignal, killGraceMs: config.engine.killGrace * 1000 }),
-    plugins: [livelogPlugin()],
-    workDir,
-    logger,
-    capacity: config.capacity,
-    maxTasks: config.numberOfTasksToRun,
-    once,
-    idleTimeoutMs: config.idleTimeout * 1000,
-    shutdownGraceMs: config.shutdownGrace * 1000,
-    pollWaitMs: config.pollWait * 1000,
-  });
-  // Shutdown has a hard deadline: the grace period, then time for aborted tasks to report.
-  let deadline: NodeJS.Timeout | undefined;
-  const onSignal = (signal: NodeJS.Signals) => {
-    logger.info(deadline === undefined ? 'shutting down gracefully; send the signal again to abort tasks now' : 'aborting running tasks', { signal });
-    deadline ??= setTimeout(() => {
-      logger.error('shutdown did not finish within its deadline; exiting', { state: worker.state() });
-      process.exit(EXIT.INTERNAL);
-    }, (config.shutdownGrace + config.queue.claimTimeout + 10) * 1000).unref();
-    worker.shutdown({ kind: 'signal', signal });
-  };
-  process.on('SIGTERM', onSignal);
-  process.on('SIGINT', onSignal);
-  host.shutdown.addEventListener('abort', () => worker.shutdown({ kind: 'host', message: String(host.shutdown.reason) }));
-  try {
-    const { reason } = await worker.stopped;
-    const code = exitCodeFor(reason);
-    logger.info('worker stopped', { reason: reason.kind, ...('message' in reason ? { message: reason.message } : {}), exitCode: code });
-    return code;
-  } finally {
-    process.off('SIGTERM', onSignal);
-    process.off('SIGINT', onSignal);
-    clearTimeout(deadline);
-    await queue.close();
-  }
-}
-
 async function payloadFrom(values: Values, positionals: string[]): Promise<Payload> {
   const file = values['payload'] as string | undefined;
   if (file !== undefined) {
@@ -314,7 +263,8 @@ async function payloadFrom(values: Values, positionals: string[]): Promise<Paylo
     });
     let payload: unknown;
     try {
-      payload = parseYaml(text);
+      const { parse } = await import('yaml');
+      payload = parse(text);
     } catch (error) {
       throw new UsageError(`payload ${file === '-' ? 'on stdin' : `file "${file}"`} is neither JSON nor YAML: ${errorMessage(error).split('\n')[0]}`);
     }

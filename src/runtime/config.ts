@@ -6,7 +6,7 @@
  * help text and README's config reference are made from it.
  */
 import { readFileSync } from 'node:fs';
-import { parse as parseYaml } from 'yaml';
+import { createRequire } from 'node:module';
 import { ConfigError } from '../model/errors.js';
 
 type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format';
@@ -125,7 +125,9 @@ function readConfigFile(file: string): Record<string, unknown> {
   }
   let document: unknown;
   try {
-    document = parseYaml(text);
+    // Loaded only when a file is read: most commands never need a YAML parser.
+    const { parse } = createRequire(import.meta.url)('yaml') as typeof import('yaml');
+    document = parse(text);
   } catch (error) {
     throw new ConfigError(`config file "${file}": not valid YAML: ${(error as Error).message.split('\n')[0]}`);
   }

@@ -52,14 +52,27 @@ export function compilePayloadValidator(schema: JsonSchemaObject): PayloadValida
 }
 
 /**
- * An `anyOf` that fails reports each alternative's failure and then its own;
- * people need one sentence: the anyOf's, taken from its schema's description.
+ * An `anyOf` that fails reports each alternative's failure and then its own.
+ * People need one answer: when exactly one alternative has the value's type
+ * (`command: [ls, 3]` is an array, so the argv form was meant), that
+ * alternative's problems; otherwise one sentence, the anyOf's description.
  */
 function collapseAlternatives(errors: readonly ErrorObject[]): ErrorObject[] {
-  const alternatives = errors.filter((error) => error.keyword === 'anyOf' || error.keyword === 'oneOf');
-  return errors.filter(
-    (error) => !alternatives.some((alt) => error !== alt && error.instancePath.startsWith(alt.instancePath) && error.schemaPath.startsWith(alt.schemaPath + '/')),
-  );
+  let kept = [...errors];
+  for (const alt of errors.filter((error) => error.keyword === 'anyOf' || error.keyword === 'oneOf')) {
+    const inside = (error: ErrorObject) => error !== alt && error.schemaPath.startsWith(alt.schemaPath + '/');
+    const branches = new Map<string, ErrorObject[]>();
+    for (const error of errors.filter(inside)) {
+      const branch = error.schemaPath.slice(alt.schemaPath.length + 1).split('/')[0]!;
+      branches.set(branch, [...(branches.get(branch) ?? []), error]);
+    }
+    const typeMismatch = (list: ErrorObject[]) => list.some((e) => e.keyword === 'type' && e.instancePath === alt.instancePath);
+    const meant = [...branches.values()].filter((list) => !typeMismatch(list));
+    kept = meant.length === 1
+      ? kept.filter((error) => error !== alt && (!inside(error) || meant[0]!.includes(error)))
+      : kept.filter((error) => !inside(error));
+  }
+  return kept;
 }
 
 function toProblem(error: ErrorObject): PayloadProblem {

@@ -1,0 +1,134 @@
+/**
+ * Runs the built `drover` CLI (bin/drover.js -> dist/) in child processes,
+ * the way a user does, and reads the queue directly for assertions.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { SqliteQueue } from '../../src/queues/sqlite.js';
+import type { TaskStatus } from '../../src/queues/queue.js';
+
+export const DROVER = fileURLToPath(new URL('../../bin/drover.js', import.meta.url));
+
+/** Settings that keep tests quick: short claims, fast polls. */
+export const FAST_ENV: Record<string, string> = {
+  DROVER_CLAIM_TIMEOUT: '4',
+  DROVER_POLL_INTERVAL: '0.05',
+  DROVER_POLL_WAIT: '1',
+  DROVER_SHUTDOWN_GRACE: '1',
+  DROVER_KILL_GRACE: '0.5',
+};
+
+/**
+ * The environment a user's shell would give drover: without the hooks tap
+ * injects into child processes (NODE_OPTIONS, _TAPJS_*), which cost about
+ * 200 ms per process and are of no use with coverage off.
+ */
+export function userEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [key, value] of Object.entries(process.env)) {
+    if (key.startsWith('_TAPJS_') || key === 'NODE_OPTIONS' || key.startsWith('TAP')) continue;
+    env[key] = value;
+  }
+  return { ...env, ...FAST_ENV, ...extra };
+}
+
+export interface RunResult {
+  readonly code: number | null;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+export interface RunOptions {
+  readonly cwd: string;
+  readonly env?: Record<string, string>;
+  readonly input?: string;
+  readonly timeoutMs?: number;
+}
+
+/** Runs `drover ARGS...` to completion. */
+export function drover(args: readonly string[], options: RunOptions): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [DROVER, ...args], {
+      cwd: options.cwd,
+      env: userEnv(options.env),
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`drover ${args.join(' ')} did not finish in ${options.timeoutMs ?? 30_000} ms\n${stderr}`));
+    }, options.timeoutMs ?? 30_000);
+    child.on('error', reject);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+    child.stdin.end(options.input ?? '');
+  });
+}
+
+/** Submits a task and returns its id. */
+export async function submit(args: readonly string[], options: RunOptions): Promise<string> {
+  const result = await drover(['submit', ...args], options);
+  if (result.code !== 0) throw new Error(`submit failed (${result.code}): ${result.stderr}`);
+  return result.stdout.trim();
+}
+
+export interface WorkerProcess {
+  readonly child: ChildProcess;
+  /** Everything the worker logged so far. */
+  log(): string;
+  /** Resolves with the exit code (or the signal name) once the process ended. */
+  readonly exited: Promise<number | string>;
+}
+
+/** Starts `drover worker ARGS...` in the background. */
+export function startWorker(args: readonly string[], options: RunOptions): WorkerProcess {
+  const child = spawn(process.execPath, [DROVER, 'worker', ...args], {
+    cwd: options.cwd,
+    env: userEnv(options.env),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let log = '';
+  child.stdout!.on('data', (d: Buffer) => (log += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (log += d.toString()));
+  const exited = new Promise<number | string>((resolve) => child.on('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  return { child, log: () => log, exited };
+}
+
+/** Polls `check` every 50 ms until it returns a value other than undefined/false, or fails after `timeoutMs`. */
+export async function eventually<T>(what: string, check: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined && value !== false) return value;
+    if (Date.now() > until) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Reads a task straight from the queue in `dir`. */
+export async function readTask(dir: string, taskId: string): Promise<TaskStatus> {
+  const queue = SqliteQueue.open({ dir });
+  try {
+    return await queue.task(taskId);
+  } finally {
+    await queue.close();
+  }
+}
+
+/** Waits until the task's latest run is resolved, and returns the task. */
+export function resolved(dir: string, taskId: string, timeoutMs?: number): Promise<TaskStatus> {
+  return eventually(`task ${taskId} to resolve`, async () => {
+    const task = await readTask(dir, taskId);
+    return task.state !== 'pending' && task.state !== 'running' ? task : undefined;
+  }, timeoutMs);
+}
+
+/** `completed`, `failed` or `exception/<reason>` of every run, in order. */
+export function runOutcomes(task: TaskStatus): string[] {
+  return task.runs.map((run) => (run.state === 'exception' ? `exception/${run.reasonResolved}` : run.state));
+}

@@ -18,7 +18,7 @@ t.test('50 tasks, two worker processes with capacity 4: each task completes exac
 
   const workers = ['one', 'two'].map((name) => startWorker(['--once', '--capacity', '4', '--worker-id', name], { cwd }));
   const codes = await Promise.all(workers.map((w) => w.exited));
-  t.same(codes, [0, 0], `both workers drained the queue and exited 0\n${workers.map((w) => w.log()).join('\n')}`);
+  t.same(codes, [0, 0], 'both workers drained the queue and exited 0', { logs: workers.map((w) => w.log()) });
 
   const ledgerLines = readFileSync(ledger, 'utf8').trim().split('\n').map(Number).sort((a, b) => a - b);
   t.same(ledgerLines, Array.from({ length: 50 }, (_, n) => n), 'every command ran exactly once');

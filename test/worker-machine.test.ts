@@ -1,0 +1,539 @@
+/**
+ * The worker machine on its own: a fake queue (claimWork) that waits on a
+ * SimulatedClock, fake boot and dispose, and a small fake task machine that
+ * ends when the test says FINISH (or, if asked, when it is aborted). Every
+ * delay (poll wait, claim backoff, shutdown grace) runs on the simulated clock.
+ */
+import t, { type Test } from 'tap';
+import { assign, createActor, fromPromise, setup, SimulatedClock, waitFor, type AnyActorRef, type PromiseActorLogic } from 'xstate';
+import type { TaskInput, TaskOutput, taskMachine } from '../src/machines/task.js';
+import {
+  TASK_ACTOR_PREFIX,
+  workerMachine,
+  type ClaimRequest,
+  type ClaimResult,
+  type ShutdownReason,
+  type WorkerInput,
+  type WorkerOutput,
+} from '../src/machines/worker.js';
+import type { Claim } from '../src/model/task.js';
+import { runKey } from '../src/model/task.js';
+import { PromiseFake, makeClaim, settle, stateName, until } from './helpers/fake-actors.js';
+
+const WAIT = { timeout: 2000 } as const;
+const SIGTERM: ShutdownReason = { kind: 'signal', signal: 'SIGTERM' };
+const SIGINT: ShutdownReason = { kind: 'signal', signal: 'SIGINT' };
+
+const DEFAULTS: WorkerInput = {
+  capacity: 1,
+  maxTasks: 0,
+  once: false,
+  idleTimeoutMs: 0,
+  shutdownGraceMs: 10_000,
+  pollWaitMs: 20_000,
+};
+
+function claims(n: number, from = 1): Claim[] {
+  return Array.from({ length: n }, (_, i) => makeClaim(`T${from + i}`));
+}
+
+/**
+ * What the fake tasks did: which are alive, the most alive at once, which were
+ * aborted. Each fake task machine registers its own ref so the test can FINISH it.
+ */
+class Tasks {
+  readonly alive = new Set<string>();
+  readonly refs = new Map<string, AnyActorRef>();
+  readonly aborted: string[] = [];
+  readonly finished: string[] = [];
+  maxAlive = 0;
+
+  constructor(
+    private readonly log: string[],
+    /** Whether an ABORT ends a task at once, or the task winds down until FINISH. */
+    readonly finishOnAbort: boolean,
+  ) {}
+
+  readonly machine = setup({
+    types: {
+      input: {} as TaskInput,
+      context: {} as { claim: Claim; aborted: boolean },
+      events: {} as { type: 'FINISH' } | { type: 'ABORT' },
+      output: {} as TaskOutput,
+    },
+    actions: {
+      started: ({ context, self }) => {
+        const id = context.claim.taskId;
+        this.log.push(`start ${id}`);
+        this.alive.add(id);
+        this.refs.set(id, self);
+        this.maxAlive = Math.max(this.maxAlive, this.alive.size);
+      },
+      aborted: ({ context }) => {
+        this.log.push(`abort ${context.claim.taskId}`);
+        this.aborted.push(context.claim.taskId);
+      },
+      finished: ({ context }) => {
+        this.log.push(`finish ${context.claim.taskId}`);
+        this.alive.delete(context.claim.taskId);
+        this.finished.push(context.claim.taskId);
+      },
+    },
+    guards: { finishOnAbort: () => this.finishOnAbort },
+  }).createMachine({
+    id: 'fake-task',
+    context: ({ input }) => ({ claim: input.claim, aborted: false }),
+    entry: 'started',
+    initial: 'working',
+    states: {
+      working: {
+        on: {
+          FINISH: 'finished',
+          ABORT: [
+            { guard: 'finishOnAbort', target: 'finished', actions: ['aborted', assign({ aborted: true })] },
+            { target: 'windingDown', actions: ['aborted', assign({ aborted: true })] },
+          ],
+        },
+      },
+      windingDown: { on: { FINISH: 'finished' } },
+      finished: { type: 'final', entry: 'finished' },
+    },
+    output: ({ context }) => ({
+      claim: context.claim,
+      resolution: context.aborted ? { state: 'exception', reason: 'worker-shutdown' } : { state: 'completed' },
+    }),
+  });
+
+  finish(taskId: string): void {
+    const ref = this.refs.get(taskId);
+    if (ref === undefined) throw new Error(`task ${taskId} never started`);
+    ref.send({ type: 'FINISH' });
+  }
+}
+
+/**
+ * A queue holding `pending` claims: claimWork hands out up to `count` at once,
+ * or waits `waitMs` on the simulated clock when it has none (returning at once
+ * for waitMs 0). `failures` are thrown, one per call, before anything else.
+ */
+class FakeQueue {
+  readonly calls: { count: number; waitMs: number; at: number; alive: number; signal: AbortSignal }[] = [];
+  readonly failures: Error[] = [];
+  readonly logic: PromiseActorLogic<ClaimResult, ClaimRequest>;
+
+  constructor(
+    readonly pending: Claim[],
+    clock: SimulatedClock,
+    log: string[],
+    alive: () => number,
+  ) {
+    this.logic = fromPromise<ClaimResult, ClaimRequest>(({ input, signal }) => {
+      log.push('claimWork');
+      this.calls.push({ ...input, at: clock.now(), alive: alive(), signal });
+      const failure = this.failures.shift();
+      if (failure !== undefined) return Promise.reject(failure);
+      const claims = this.pending.splice(0, input.count);
+      if (claims.length > 0 || input.waitMs === 0) return Promise.resolve({ claims, now: clock.now() });
+      return new Promise<ClaimResult>((resolve) => {
+        const timer = clock.setTimeout(() => resolve({ claims: [], now: clock.now() }), input.waitMs);
+        signal.addEventListener('abort', () => clock.clearTimeout(timer));
+      });
+    });
+  }
+
+  /** How many calls there have been, waiting (bounded) for the count to reach `n`. */
+  async untilCalls(n: number): Promise<void> {
+    await until(() => this.calls.length >= n, `claimWork call #${n}`);
+  }
+}
+
+function harness(t: Test, input: Partial<WorkerInput> = {}, options: { pending?: Claim[]; finishOnAbort?: boolean; holdBoot?: boolean } = {}) {
+  const log: string[] = [];
+  const clock = new SimulatedClock();
+  const tasks = new Tasks(log, options.finishOnAbort ?? true);
+  const queue = new FakeQueue(options.pending ?? [], clock, log, () => tasks.alive.size);
+  const boot = new PromiseFake<void, void>('boot', log, () => undefined);
+  const dispose = new PromiseFake<{ reason: ShutdownReason }, void>('dispose', log, () => undefined);
+  if (options.holdBoot) boot.hold();
+  const machine = workerMachine.provide({
+    actors: {
+      boot: boot.logic,
+      claimWork: queue.logic,
+      dispose: dispose.logic,
+      // The fake's events and context differ from the real task machine's; the worker only spawns it,
+      // sends it ABORT and reads its completion, which the fake does like the real one.
+      task: tasks.machine as unknown as typeof taskMachine,
+    },
+  });
+  const config: WorkerInput = { ...DEFAULTS, ...input };
+  const actor = createActor(machine, { clock, input: config });
+  const states: string[] = [];
+  const errors: unknown[] = [];
+  actor.subscribe({
+    next: (snapshot) => {
+      const state = stateName(snapshot.value);
+      if (states.at(-1) !== state) {
+        states.push(state);
+        log.push(`@${state}`);
+      }
+    },
+    error: (error) => errors.push(error),
+  });
+  t.teardown(() => actor.stop());
+  actor.start();
+
+  const state = () => stateName(actor.getSnapshot().value);
+  const at = (name: string) => waitFor(actor, (s) => stateName(s.value) === name, WAIT);
+  const stopped = async (): Promise<WorkerOutput> => {
+    const snapshot = await waitFor(actor, (s) => s.status !== 'active', WAIT);
+    t.equal(snapshot.status, 'done', 'the worker reaches stopped');
+    t.same(errors, [], 'the worker never errors');
+    return snapshot.output!;
+  };
+  /** The worker's own record of its running task actors. */
+  const running = () => actor.getSnapshot().context.running;
+  return { actor, clock, log, tasks, queue, boot, dispose, states, state, at, stopped, running, config };
+}
+
+t.test('task actors are named task.<taskId>/<runId>', async (t) => {
+  const h = harness(t, { capacity: 2 }, { pending: claims(2) });
+  await h.at('running');
+  t.same(h.running(), [`${TASK_ACTOR_PREFIX}${runKey(makeClaim('T1'))}`, 'task.T2/0']);
+  t.same(Object.keys(h.actor.getSnapshot().children).filter((id) => id.startsWith(TASK_ACTOR_PREFIX)).sort(), ['task.T1/0', 'task.T2/0']);
+});
+
+t.test('capacity: never more tasks than slots; each claim asks for the free slots', async (t) => {
+  const h = harness(t, { capacity: 2 }, { pending: claims(5) });
+  await h.queue.untilCalls(1);
+  await h.at('running');
+  t.same(h.tasks.alive, new Set(['T1', 'T2']));
+  for (const [i, id] of ['T1', 'T2', 'T3', 'T4'].entries()) {
+    h.tasks.finish(id);
+    await h.queue.untilCalls(i + 2);
+    await settle();
+    t.ok(h.tasks.alive.size <= 2, `at most 2 alive after ${id} finished`);
+  }
+  // T5 runs; the last poll waits for work that does not come.
+  t.equal(h.state(), 'claiming.polling');
+  t.same(h.tasks.alive, new Set(['T5']));
+  h.tasks.finish('T5');
+  await until(() => h.running().length === 0, 'T5 forgotten');
+  t.equal(h.queue.calls.length, 5, 'a task ending while polling does not restart the poll');
+
+  t.equal(h.tasks.maxAlive, 2, 'never more than 2 task actors alive');
+  t.same(h.queue.calls.map((c) => c.count), [2, 1, 1, 1, 1]);
+  for (const call of h.queue.calls) t.equal(call.count, 2 - call.alive, `count ${call.count} = free slots (${call.alive} alive)`);
+  t.same(h.queue.calls.map((c) => c.waitMs), [20_000, 20_000, 20_000, 20_000, 20_000]);
+  t.ok(h.states.includes('running'), 'waits in running while full');
+
+  h.actor.send({ type: 'SHUTDOWN', reason: SIGTERM });
+  const output = await h.stopped();
+  t.same(output, { reason: SIGTERM });
+  t.equal(h.dispose.count, 1);
+});
+
+t.test('--once', async (t) => {
+  t.test('an empty queue: drained at once, without waiting for work', async (t) => {
+    const h = harness(t, { once: true, capacity: 2 });
+    const output = await h.stopped();
+    t.same(output, { reason: { kind: 'drained' } });
+    t.same(h.queue.calls.map((c) => [c.count, c.waitMs]), [[2, 0]]);
+    t.equal(h.clock.now(), 0, 'no time passed');
+    t.same(h.dispose.last.input, { reason: { kind: 'drained' } });
+  });
+
+  t.test('drains the queue, then stops once it is empty and no task runs', async (t) => {
+    const h = harness(t, { once: true, capacity: 2 }, { pending: claims(3) });
+    await h.at('running');
+    h.tasks.finish('T1');
+    await h.queue.untilCalls(2); // claims T3
+    await h.at('running');
+    h.tasks.finish('T2');
+    await h.queue.untilCalls(3); // nothing left: waits, as T3 still runs
+    await settle();
+    t.equal(h.state(), 'claiming.polling');
+    t.equal(h.actor.getSnapshot().status, 'active', 'not drained while a task runs');
+    h.tasks.finish('T3');
+    const output = await h.stopped();
+    t.same(output, { reason: { kind: 'drained' } });
+    t.same(
+      h.queue.calls.map((c) => [c.count, c.waitMs]),
+      [
+        [2, 0],
+        [1, 20_000],
+        [1, 20_000],
+        [2, 0],
+      ],
+      'polls wait for work only while tasks run; the last task ending restarts the poll without a wait',
+    );
+    t.ok(h.queue.calls[2]!.signal.aborted, 'the waiting poll was abandoned');
+    t.equal(h.clock.now(), 0, 'no simulated time was needed');
+    t.same(h.tasks.finished, ['T1', 'T2', 'T3']);
+    t.same(h.tasks.aborted, []);
+  });
+});
+
+t.test('maxTasks: stops after that many claims, letting them finish (no grace abort)', async (t) => {
+  const h = harness(t, { capacity: 2, maxTasks: 3, shutdownGraceMs: 1000 }, { pending: claims(5) });
+  await h.at('running');
+  h.tasks.finish('T1');
+  await h.at('shuttingDown.draining');
+  t.same(h.queue.calls.map((c) => c.count), [2, 1], 'the last claim asks only for what the limit leaves');
+  t.same(h.tasks.alive, new Set(['T2', 'T3']));
+  h.clock.increment(1_000_000);
+  await settle();
+  t.equal(h.state(), 'shuttingDown.draining', 'still draining long after the grace period');
+  t.same(h.tasks.aborted, [], 'no task is aborted');
+  t.equal(h.dispose.count, 0);
+  h.tasks.finish('T2');
+  h.tasks.finish('T3');
+  const output = await h.stopped();
+  t.same(output, { reason: { kind: 'tasks-done' } });
+  t.equal(h.queue.calls.length, 2, 'no claim after the limit');
+  t.equal(h.queue.pending.length, 2, 'two runs left in the queue');
+  t.equal(h.actor.getSnapshot().context.claimed, 3);
+  t.ok(h.log.indexOf('dispose') > h.log.indexOf('finish T3'), 'disposed after the last task');
+});
+
+t.test('maxTasks reached in one claim goes straight to draining', async (t) => {
+  const h = harness(t, { capacity: 4, maxTasks: 2 }, { pending: claims(5) });
+  await h.at('shuttingDown.draining');
+  t.same(h.queue.calls.map((c) => c.count), [2]);
+  h.tasks.finish('T1');
+  h.tasks.finish('T2');
+  t.same(await h.stopped(), { reason: { kind: 'tasks-done' } });
+});
+
+t.test('idleTimeoutMs', async (t) => {
+  /** Moves the clock one poll at a time until the worker stops; returns the polls' times. */
+  const runIdle = async (h: ReturnType<typeof harness>) => {
+    for (let i = 0; i < 50 && h.actor.getSnapshot().status === 'active'; i++) {
+      const calls = h.queue.calls.length;
+      h.clock.increment(h.config.pollWaitMs);
+      await until(() => h.queue.calls.length > calls || h.actor.getSnapshot().status !== 'active', 'the next poll or the end');
+    }
+  };
+
+  t.test('stops with reason idle once now - idleSince >= idleTimeoutMs', async (t) => {
+    const h = harness(t, { idleTimeoutMs: 10_000, pollWaitMs: 3000 });
+    await h.queue.untilCalls(1);
+    await runIdle(h);
+    const output = await h.stopped();
+    t.same(output, { reason: { kind: 'idle' } });
+    // idleSince is the end of the first empty poll (3000); the poll that ends at 15000 is the first 10 s after it.
+    t.same(h.queue.calls.map((c) => c.at), [0, 3000, 6000, 9000, 12000]);
+    t.equal(h.clock.now(), 15_000);
+    t.equal(h.dispose.count, 1);
+  });
+
+  t.test('work resets the idle time', async (t) => {
+    const h = harness(t, { idleTimeoutMs: 10_000, pollWaitMs: 3000 });
+    await h.queue.untilCalls(1);
+    h.clock.increment(3000); // empty poll: idle since 3000
+    await h.queue.untilCalls(2);
+    h.queue.pending.push(makeClaim('T1'));
+    h.clock.increment(3000); // empty poll at 6000; the next one claims T1
+    await h.at('running');
+    h.clock.increment(5000); // T1 runs until 11000
+    h.tasks.finish('T1');
+    await h.queue.untilCalls(4);
+    t.equal(h.actor.getSnapshot().context.idleSince, undefined, 'busy: not idle');
+    await runIdle(h);
+    t.same(await h.stopped(), { reason: { kind: 'idle' } });
+    // idle again since the first empty poll after T1 (14000): stops at the poll ending 24000 or later
+    t.equal(h.clock.now(), 26_000);
+  });
+
+  t.test('0 means never', async (t) => {
+    const h = harness(t, { idleTimeoutMs: 0, pollWaitMs: 3000 });
+    await h.queue.untilCalls(1);
+    for (let i = 2; i <= 20; i++) {
+      h.clock.increment(3000);
+      await h.queue.untilCalls(i);
+    }
+    t.equal(h.actor.getSnapshot().status, 'active');
+    t.equal(h.state(), 'claiming.polling');
+  });
+});
+
+t.test('SHUTDOWN while tasks run: grace, then abort; stopped after the last task', async (t) => {
+  const h = harness(t, { capacity: 4, shutdownGraceMs: 10_000 }, { pending: claims(3), finishOnAbort: false });
+  await h.queue.untilCalls(2); // 3 claimed; a second poll waits for the fourth slot
+  await h.at('claiming.polling');
+  t.same(h.tasks.alive, new Set(['T1', 'T2', 'T3']));
+
+  h.actor.send({ type: 'SHUTDOWN', reason: SIGTERM });
+  t.equal(h.state(), 'shuttingDown.draining');
+  t.ok(h.queue.calls[1]!.signal.aborted, 'the poll under way is abandoned');
+  const callsAtShutdown = h.queue.calls.length;
+
+  h.clock.increment(4000);
+  h.tasks.finish('T1');
+  await until(() => h.running().length === 2, 'T1 forgotten');
+  t.equal(h.state(), 'shuttingDown.draining');
+  h.clock.increment(5999);
+  await settle();
+  t.same(h.tasks.aborted, [], 'nothing aborted within the grace period');
+  t.equal(h.state(), 'shuttingDown.draining');
+
+  h.clock.increment(1); // 10 s after the SHUTDOWN
+  await h.at('shuttingDown.aborting');
+  t.same(h.tasks.aborted, ['T2', 'T3'], 'the remaining tasks receive ABORT');
+  t.equal(h.dispose.count, 0, 'not disposed while aborted tasks wind down');
+  h.tasks.finish('T2');
+  await until(() => h.running().length === 1, 'T2 forgotten');
+  t.equal(h.state(), 'shuttingDown.aborting');
+  t.equal(h.dispose.count, 0);
+  h.clock.increment(1_000_000);
+  await settle();
+  t.equal(h.state(), 'shuttingDown.aborting', 'waits for every task however long');
+  h.tasks.finish('T3');
+
+  const output = await h.stopped();
+  t.same(output, { reason: SIGTERM });
+  t.equal(h.queue.calls.length, callsAtShutdown, 'no claimWork after shuttingDown was entered');
+  t.notOk(h.log.slice(h.log.indexOf('@shuttingDown.draining')).includes('claimWork'));
+  t.same(h.tasks.finished, ['T1', 'T2', 'T3']);
+  t.equal(h.dispose.count, 1, 'disposed once');
+  t.same(h.dispose.last.input, { reason: SIGTERM });
+  t.same(h.log.slice(-4), ['finish T3', 'dispose', '@shuttingDown.disposing', '@stopped'], 'disposed after the last task');
+});
+
+t.test('SHUTDOWN when every task finishes within the grace: nothing aborted', async (t) => {
+  const h = harness(t, { capacity: 2, shutdownGraceMs: 10_000 }, { pending: claims(2) });
+  await h.at('running');
+  h.actor.send({ type: 'SHUTDOWN', reason: SIGTERM });
+  h.clock.increment(9000);
+  h.tasks.finish('T1');
+  h.tasks.finish('T2');
+  t.same(await h.stopped(), { reason: SIGTERM });
+  h.clock.increment(10_000);
+  t.same(h.tasks.aborted, []);
+  t.equal(h.dispose.count, 1);
+});
+
+t.test('a second SHUTDOWN while draining aborts at once; the first reason stands', async (t) => {
+  const h = harness(t, { capacity: 2, shutdownGraceMs: 10_000 }, { pending: claims(2) });
+  await h.at('running');
+  h.actor.send({ type: 'SHUTDOWN', reason: SIGTERM });
+  t.equal(h.state(), 'shuttingDown.draining');
+  t.same(h.tasks.aborted, []);
+  h.actor.send({ type: 'SHUTDOWN', reason: SIGINT });
+  t.same(h.tasks.aborted, ['T1', 'T2'], 'ABORT sent without the clock moving');
+  t.equal(h.clock.now(), 0);
+  const output = await h.stopped();
+  t.same(output, { reason: SIGTERM });
+  t.same(h.states.slice(-4), ['shuttingDown.draining', 'shuttingDown.aborting', 'shuttingDown.disposing', 'stopped']);
+  t.equal(h.dispose.count, 1);
+});
+
+t.test('FATAL while tasks run: a grace period, then abort, reason fatal', async (t) => {
+  const h = harness(t, { capacity: 1, shutdownGraceMs: 5000 }, { pending: claims(1) });
+  await h.at('running');
+  h.actor.send({ type: 'FATAL', message: 'lost the host' });
+  t.equal(h.state(), 'shuttingDown.draining');
+  h.clock.increment(5000);
+  t.same(await h.stopped(), { reason: { kind: 'fatal', message: 'lost the host' } });
+  t.same(h.tasks.aborted, ['T1']);
+});
+
+t.test('boot fails: stopped, reason fatal naming the failure; never claims', async (t) => {
+  const h = harness(t, {}, { pending: claims(2), holdBoot: true });
+  await h.at('booting');
+  h.boot.last.result.reject(new Error('no such host: h1'));
+  const output = await h.stopped();
+  t.match(output.reason, { kind: 'fatal', message: /^boot failed: no such host: h1$/ });
+  t.equal(h.queue.calls.length, 0, 'claimWork is never called');
+  t.same(h.tasks.alive, new Set());
+  t.equal(h.dispose.count, 1, 'what booted is still disposed');
+  t.same(h.states, ['booting', 'shuttingDown.disposing', 'stopped']);
+});
+
+t.test('claimWork fails: backs off on the clock, retries, and goes on', async (t) => {
+  const h = harness(t, { capacity: 1 }, { pending: claims(1) });
+  h.queue.failures.push(new Error('ECONNREFUSED'), new Error('ECONNREFUSED'));
+  await h.at('claiming.backingOff');
+  t.equal(h.queue.calls.length, 1);
+  h.clock.increment(999);
+  await settle();
+  t.equal(h.queue.calls.length, 1, 'not retried before the backoff');
+  h.clock.increment(1);
+  await h.queue.untilCalls(2);
+  await h.at('claiming.backingOff');
+  h.clock.increment(1999);
+  await settle();
+  t.equal(h.queue.calls.length, 2, 'the second backoff is longer');
+  h.clock.increment(1);
+  await h.queue.untilCalls(3);
+  await h.at('running');
+  t.same(h.tasks.alive, new Set(['T1']), 'the third try claims');
+  t.equal(h.actor.getSnapshot().context.claimFailures, 0, 'a success resets the failures');
+
+  h.queue.failures.push(new Error('ECONNRESET'));
+  h.tasks.finish('T1');
+  await h.queue.untilCalls(4);
+  await h.at('claiming.backingOff');
+  h.clock.increment(1000);
+  await h.queue.untilCalls(5);
+  t.same(h.queue.calls.map((c) => c.at), [0, 1000, 3000, 3000, 4000], 'backoff 1 s, 2 s; back to 1 s after a success');
+  t.equal(h.actor.getSnapshot().status, 'active', 'the worker keeps going');
+  t.equal(h.state(), 'claiming.polling');
+});
+
+t.test('a task ending during the claim backoff is forgotten', async (t) => {
+  const h = harness(t, { capacity: 2 }, { pending: claims(1) });
+  await h.queue.untilCalls(2); // T1 claimed; the second poll waits
+  h.queue.failures.push(new Error('ECONNREFUSED'));
+  h.clock.increment(20_000); // the waiting poll returns nothing; the next one fails
+  await h.at('claiming.backingOff');
+  h.tasks.finish('T1');
+  await until(() => h.running().length === 0, 'T1 forgotten');
+  t.equal(h.state(), 'claiming.backingOff');
+});
+
+t.test('SHUTDOWN while booting: stopped without claiming', async (t) => {
+  const h = harness(t, {}, { pending: claims(1), holdBoot: true });
+  await h.at('booting');
+  h.actor.send({ type: 'SHUTDOWN', reason: SIGTERM });
+  const output = await h.stopped();
+  t.same(output, { reason: SIGTERM });
+  t.ok(h.boot.last.signal.aborted, 'the boot is abandoned');
+  t.equal(h.queue.calls.length, 0);
+  t.equal(h.dispose.count, 1);
+  t.same(h.states, ['booting', 'shuttingDown.disposing', 'stopped']);
+});
+
+t.test('SHUTDOWN while stopping is ignored', async (t) => {
+  const h = harness(t, {}, {});
+  await h.queue.untilCalls(1);
+  h.dispose.hold();
+  h.actor.send({ type: 'SHUTDOWN', reason: SIGTERM });
+  await h.at('shuttingDown.disposing');
+  h.actor.send({ type: 'SHUTDOWN', reason: SIGINT });
+  h.actor.send({ type: 'FATAL', message: 'late' });
+  t.equal(h.state(), 'shuttingDown.disposing');
+  t.equal(h.dispose.count, 1, 'dispose not restarted');
+  h.dispose.last.result.resolve();
+  t.same(await h.stopped(), { reason: SIGTERM });
+});
+
+t.test('every worker state names SHUTDOWN and FATAL (itself or an ancestor)', async (t) => {
+  const atomic = (node: typeof workerMachine.root): (typeof workerMachine.root)[] =>
+    node.type === 'atomic' ? [node] : Object.values(node.states).flatMap((child) => atomic(child as typeof node));
+  const nodes = atomic(workerMachine.root);
+  t.same(nodes.map((n) => n.id).sort(), [
+    'worker.booting',
+    'worker.claiming.backingOff',
+    'worker.claiming.polling',
+    'worker.claiming.spawning',
+    'worker.running',
+    'worker.shuttingDown.aborting',
+    'worker.shuttingDown.disposing',
+    'worker.shuttingDown.draining',
+  ]);
+  for (const node of nodes) {
+    const handled = new Set<string>();
+    for (let n: typeof node | undefined = node; n !== undefined; n = n.parent) for (const key of n.transitions.keys()) handled.add(key);
+    for (const type of ['SHUTDOWN', 'FATAL']) t.ok(handled.has(type), `${node.id} handles ${type}`);
+  }
+});

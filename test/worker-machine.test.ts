@@ -249,9 +249,9 @@ t.test('--once', async (t) => {
     await h.queue.untilCalls(2); // claims T3
     await h.at('running');
     h.tasks.finish('T2');
-    await h.queue.untilCalls(3); // nothing left: waits, as T3 still runs
+    await h.queue.untilCalls(3); // nothing left, T3 still runs: wait for it without a long poll
     await settle();
-    t.equal(h.state(), 'claiming.polling');
+    t.equal(h.state(), 'running');
     t.equal(h.actor.getSnapshot().status, 'active', 'not drained while a task runs');
     h.tasks.finish('T3');
     const output = await h.stopped();
@@ -260,13 +260,13 @@ t.test('--once', async (t) => {
       h.queue.calls.map((c) => [c.count, c.waitMs]),
       [
         [2, 0],
-        [1, 20_000],
-        [1, 20_000],
+        [1, 0],
+        [1, 0],
         [2, 0],
       ],
-      'polls wait for work only while tasks run; the last task ending restarts the poll without a wait',
+      '--once never waits for work: it claims what is pending, else waits for a running task to end',
     );
-    t.ok(h.queue.calls[2]!.signal.aborted, 'the waiting poll was abandoned');
+    t.notOk(h.queue.calls.some((c) => c.signal.aborted), 'no poll was abandoned, so no claim can be dropped');
     t.equal(h.clock.now(), 0, 'no simulated time was needed');
     t.same(h.tasks.finished, ['T1', 'T2', 'T3']);
     t.same(h.tasks.aborted, []);
@@ -454,13 +454,13 @@ t.test('claimWork fails: backs off on the clock, retries, and goes on', async (t
   h.queue.failures.push(new Error('ECONNREFUSED'), new Error('ECONNREFUSED'));
   await h.at('claiming.backingOff');
   t.equal(h.queue.calls.length, 1);
-  h.clock.increment(999);
+  h.clock.increment(499);
   await settle();
   t.equal(h.queue.calls.length, 1, 'not retried before the backoff');
   h.clock.increment(1);
   await h.queue.untilCalls(2);
   await h.at('claiming.backingOff');
-  h.clock.increment(1999);
+  h.clock.increment(999);
   await settle();
   t.equal(h.queue.calls.length, 2, 'the second backoff is longer');
   h.clock.increment(1);
@@ -473,9 +473,9 @@ t.test('claimWork fails: backs off on the clock, retries, and goes on', async (t
   h.tasks.finish('T1');
   await h.queue.untilCalls(4);
   await h.at('claiming.backingOff');
-  h.clock.increment(1000);
+  h.clock.increment(500);
   await h.queue.untilCalls(5);
-  t.same(h.queue.calls.map((c) => c.at), [0, 1000, 3000, 3000, 4000], 'backoff 1 s, 2 s; back to 1 s after a success');
+  t.same(h.queue.calls.map((c) => c.at), [0, 500, 1500, 1500, 2000], 'backoff 0.5 s, 1 s; back to 0.5 s after a success');
   t.equal(h.actor.getSnapshot().status, 'active', 'the worker keeps going');
   t.equal(h.state(), 'claiming.polling');
 });

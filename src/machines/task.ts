@@ -148,7 +148,13 @@ export const taskMachine = setup({
   states: {
     claimed: {
       description: 'The lease is held; reclaim renews it beside every child state.',
-      invoke: { id: 'reclaim', src: 'reclaim', input: ({ context }) => ({ claim: context.claim }) },
+      invoke: {
+        id: 'reclaim',
+        src: 'reclaim',
+        input: ({ context }) => ({ claim: context.claim }),
+        // Without a reclaimer the claim will run out: stop the run as an internal error while it is still ours.
+        onError: { actions: raise(({ event }) => ({ type: 'INTERNAL_ERROR' as const, message: `the claim cannot be renewed: ${errorText(event.error)}` })) },
+      },
       initial: 'loading',
       states: {
         loading: {
@@ -210,7 +216,7 @@ export const taskMachine = setup({
                     type: 'stopFor',
                     params: ({ context }) => ({
                       reason: 'max-run-time',
-                      detail: `maxRunTime of ${(context.maxRunTimeMs ?? 0) / 1000} s exceeded`,
+                      detail: context.maxRunTimeMs === undefined ? 'maxRunTime exceeded' : `maxRunTime of ${context.maxRunTimeMs / 1000} s exceeded`,
                     }),
                   },
                 },

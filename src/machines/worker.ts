@@ -10,7 +10,7 @@
  * only then reaches `stopped`. Task actors are children of this machine;
  * their completion arrives as `xstate.done.actor.<id>` events.
  */
-import { assign, enqueueActions, fromPromise, setup, type ActorRefFrom } from 'xstate';
+import { assign, enqueueActions, fromPromise, raise, setup, type ActorRefFrom } from 'xstate';
 import type { Claim } from '../model/task.js';
 import { runKey } from '../model/task.js';
 import { ignored, taskMachine, type TaskOutput } from './task.js';
@@ -52,7 +52,8 @@ export type WorkerEvent =
   | { type: 'SHUTDOWN'; reason: ShutdownReason }
   /** Something the worker cannot go on after (lost its host, broken runtime). */
   | { type: 'FATAL'; message: string }
-  | { type: `xstate.done.actor.${string}`; output: TaskOutput };
+  | { type: `xstate.done.actor.${string}`; output: TaskOutput }
+  | { type: `xstate.error.actor.${string}`; error: unknown };
 
 export interface ClaimRequest {
   readonly count: number;
@@ -69,6 +70,11 @@ export interface WorkerOutput {
 
 /** Task actors are named `task.<taskId>/<runId>`, so `xstate.done.actor.task.*` matches their completion only. */
 export const TASK_ACTOR_PREFIX = 'task.';
+
+/** A shutdown someone asked for (or a fatal error), as opposed to one the worker decided on. */
+function isRequested(reason: ShutdownReason | undefined): boolean {
+  return reason?.kind === 'signal' || reason?.kind === 'host' || reason?.kind === 'fatal';
+}
 
 function freeSlots(context: WorkerContext): number {
   const free = context.capacity - context.running.length;
@@ -99,17 +105,21 @@ export const workerMachine = setup({
     taskLimitReached: ({ context }) => context.maxTasks > 0 && context.claimed >= context.maxTasks,
     noTasksRunning: ({ context }) => context.running.length === 0,
     /** A shutdown someone asked for gives tasks a grace period; one the worker decided on waits for them. */
-    graceApplies: ({ context }) => context.reason?.kind === 'signal' || context.reason?.kind === 'host' || context.reason?.kind === 'fatal',
+    graceApplies: ({ context }) => isRequested(context.reason),
   },
   delays: {
     shutdownGrace: ({ context }) => context.shutdownGraceMs,
-    claimBackoff: ({ context }) => Math.min(30_000, 500 * 2 ** Math.min(context.claimFailures, 6)),
+    claimBackoff: ({ context }) => Math.min(30_000, 500 * 2 ** Math.min(Math.max(context.claimFailures - 1, 0), 6)),
   },
   actions: {
     /** The first reason to stop is the one the worker reports. */
     noteReason: assign(({ context }, params: { reason: ShutdownReason }) => ({ reason: context.reason ?? params.reason })),
     forgetTask: assign(({ context, event }) => ({
-      running: context.running.filter((id) => `xstate.done.actor.${id}` !== event.type),
+      running: context.running.filter((id) => event.type.replace(/^xstate\.(done|error)\.actor\./, '') !== id),
+    })),
+    /** A signal or the host overrides a reason the worker chose itself (tasks done, drained, idle). */
+    overrideReason: assign(({ context }, params: { reason: ShutdownReason }) => ({
+      reason: isRequested(context.reason) ? context.reason : params.reason,
     })),
     abortTasks: enqueueActions(({ context, enqueue }) => {
       for (const id of context.running) enqueue.sendTo(id, { type: 'ABORT' });
@@ -119,6 +129,12 @@ export const workerMachine = setup({
   id: 'worker',
   context: ({ input }) => ({ ...input, running: [], claimed: 0, claimFailures: 0 }),
   initial: 'booting',
+  on: {
+    // A task machine that fails skipped its own cleanup: the worker can no longer be trusted.
+    'xstate.error.actor.task.*': {
+      actions: ['forgetTask', raise(({ event }) => ({ type: 'FATAL' as const, message: `a task actor failed: ${errorText((event as { error?: unknown }).error)}` }))],
+    },
+  },
   states: {
     booting: {
       invoke: {
@@ -147,7 +163,7 @@ export const workerMachine = setup({
             src: 'claimWork',
             input: ({ context }) => ({
               count: freeSlots(context),
-              waitMs: context.once && context.running.length === 0 ? 0 : context.pollWaitMs,
+              waitMs: context.once ? 0 : context.pollWaitMs,
             }),
             onDone: [
               {
@@ -164,6 +180,11 @@ export const workerMachine = setup({
                   event.output.now - context.idleSince >= context.idleTimeoutMs,
                 target: '#worker.shuttingDown',
                 actions: { type: 'noteReason', params: { reason: { kind: 'idle' } } },
+              },
+              {
+                // --once never long-polls: with nothing to claim it waits for a running task to end.
+                guard: ({ context, event }) => event.output.claims.length === 0 && context.once,
+                target: '#worker.running',
               },
               {
                 target: '#worker.claiming.spawning',
@@ -183,13 +204,7 @@ export const workerMachine = setup({
             ],
             onError: { target: 'backingOff', actions: assign(({ context }) => ({ claimFailures: context.claimFailures + 1 })) },
           },
-          on: {
-            'xstate.done.actor.task.*': [
-              // In --once mode, the last task ending restarts the poll so that it no longer waits for work.
-              { guard: ({ context }) => context.once && context.running.length === 1, target: 'polling', reenter: true, actions: 'forgetTask' },
-              { actions: 'forgetTask' },
-            ],
-          },
+          on: { 'xstate.done.actor.task.*': { actions: 'forgetTask' } },
         },
         spawning: {
           description: 'Decide where the new claims leave the worker: full, or still free.',
@@ -211,7 +226,7 @@ export const workerMachine = setup({
       },
     },
     running: {
-      description: 'Every slot is busy: wait for a task to finish.',
+      description: 'Every slot is busy (or, with --once, nothing is pending): wait for a task to finish.',
       on: {
         'xstate.done.actor.task.*': { target: 'claiming', actions: 'forgetTask' },
         SHUTDOWN: { target: 'shuttingDown', actions: { type: 'noteReason', params: ({ event }) => ({ reason: event.reason }) } },
@@ -227,8 +242,16 @@ export const workerMachine = setup({
           after: { shutdownGrace: { guard: 'graceApplies', target: 'aborting' } },
           on: {
             'xstate.done.actor.task.*': { actions: 'forgetTask' },
-            SHUTDOWN: { target: 'aborting', actions: { type: 'noteReason', params: ({ event }) => ({ reason: event.reason }) } },
-            FATAL: { target: 'aborting', actions: { type: 'noteReason', params: ({ event }) => ({ reason: { kind: 'fatal', message: event.message } }) } },
+            // A second request aborts at once; a first one, after the worker had decided to stop
+            // (tasks done, drained, idle), starts the grace period and becomes the reason.
+            SHUTDOWN: [
+              { guard: 'graceApplies', target: 'aborting', actions: { type: 'noteReason', params: ({ event }) => ({ reason: event.reason }) } },
+              { target: 'draining', reenter: true, actions: { type: 'overrideReason', params: ({ event }) => ({ reason: event.reason }) } },
+            ],
+            FATAL: [
+              { guard: 'graceApplies', target: 'aborting', actions: { type: 'noteReason', params: ({ event }) => ({ reason: { kind: 'fatal', message: event.message } }) } },
+              { target: 'draining', reenter: true, actions: { type: 'overrideReason', params: ({ event }) => ({ reason: { kind: 'fatal', message: event.message } }) } },
+            ],
           },
         },
         aborting: {

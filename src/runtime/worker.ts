@@ -58,6 +58,16 @@ export function startWorker(options: WorkerOptions): Worker {
       }),
       claimWork: fromPromise<ClaimResult, ClaimRequest>(async ({ input, signal }) => {
         const claims = await queue.claimWork({ workerId, count: input.count, waitMs: input.waitMs, signal });
+        if (signal.aborted && claims.length > 0) {
+          // The worker left `claiming` (shutdown) while the queue handed these out; nobody will run
+          // them, so give them back now instead of letting their claims expire.
+          await Promise.all(claims.map((claim) =>
+            queue
+              .resolve(claim, workerId, { state: 'exception', reason: 'worker-shutdown', message: 'the worker shut down as it claimed the run' })
+              .catch((error: unknown) => logger.warn('could not give back a run claimed during shutdown', { taskId: claim.taskId, error })),
+          ));
+          return { claims: [], now: Date.now() };
+        }
         for (const claim of claims) logger.info('claimed', { taskId: claim.taskId, runId: claim.runId });
         return { claims, now: Date.now() };
       }),

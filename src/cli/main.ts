@@ -7,24 +7,16 @@
 import { createWriteStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
-import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { parseArgs } from 'node:util';
 import { ConfigError, DroverError, TaskStateError, errorMessage } from '../model/errors.js';
 import type { Payload } from '../model/task.js';
 import { LIVE_LOG_NAME } from '../plugins/livelog.js';
 import type { Queue, RunStatus, TaskStatus } from '../queues/queue.js';
 import { SqliteQueue } from '../queues/sqlite.js';
 import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '../runtime/config.js';
+import { UsageError, type Command, type Options, type Values } from './command.js';
 import { EXIT } from './exit-codes.js';
 
-type Options = ParseArgsConfig['options'] & {};
-type Values = Record<string, string | boolean | undefined>;
-
-interface Command {
-  readonly usage: string;
-  readonly summary: string;
-  readonly options: Options;
-  run(values: Values, positionals: string[]): Promise<number>;
-}
 
 /** Default task deadline: one day, as in Taskcluster. */
 const DEFAULT_DEADLINE_S = 24 * 3600;
@@ -35,12 +27,6 @@ const common: Options = {
   'queue-dir': { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 };
-
-class UsageError extends DroverError {
-  constructor(message: string) {
-    super('DROVER_USAGE', message);
-  }
-}
 
 function configFrom(values: Values, flags: Record<string, string | undefined> = {}): Config {
   return loadConfig({

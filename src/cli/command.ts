@@ -1,0 +1,24 @@
+/** The shape of a `drover` subcommand; main.ts lists them, parses flags and maps errors to exit codes. */
+import type { ParseArgsConfig } from 'node:util';
+import { DroverError } from '../model/errors.js';
+
+export type Options = ParseArgsConfig['options'] & {};
+export type Values = Record<string, string | boolean | undefined>;
+
+export interface Command {
+  /** One or more `drover NAME ...` lines. */
+  readonly usage: string;
+  /** One line, lower case, no full stop: shown in `drover --help`. */
+  readonly summary: string;
+  /** Flags beyond the common --config, --queue-dir and --help; parsed strictly. */
+  readonly options: Options;
+  /** Returns the exit code; throws UsageError or ConfigError for exit code 2. */
+  run(values: Values, positionals: string[]): Promise<number>;
+}
+
+/** Bad usage of a command: the CLI prints it with a pointer to --help and exits 2. */
+export class UsageError extends DroverError {
+  constructor(message: string) {
+    super('DROVER_USAGE', message);
+  }
+}

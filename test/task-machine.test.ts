@@ -4,7 +4,7 @@
  * (and is not) invoked on each, and that every state answers every event.
  */
 import t, { type Test } from 'tap';
-import { createActor, SimulatedClock, waitFor, type SnapshotFrom } from 'xstate';
+import { createActor, fromCallback, SimulatedClock, waitFor, type CallbackActorLogic, type SnapshotFrom } from 'xstate';
 import {
   TASK_EVENT_TYPES,
   taskMachine,
@@ -19,7 +19,7 @@ import {
 import { MalformedPayloadError, ResourceUnavailableError } from '../src/model/errors.js';
 import type { Resolution } from '../src/model/resolution.js';
 import type { RunResult } from '../src/model/task.js';
-import { CallbackFake, PromiseFake, makeClaim, settle, stateName } from './helpers/fake-actors.js';
+import { CallbackFake, PromiseFake, makeClaim, settle, stateName, until } from './helpers/fake-actors.js';
 
 const WAIT = { timeout: 2000 } as const;
 const CLAIM = makeClaim('T1', 0);
@@ -39,9 +39,13 @@ type ActorName = 'load' | 'run' | 'stop' | 'upload' | 'report' | 'cleanup';
 /**
  * A task machine with fakes that answer at once (load: no maxRunTime, run:
  * exit 0, upload: the decided resolution or completed) unless named in `hold`,
- * in which case each invocation waits for the test.
+ * in which case each invocation waits for the test. `reclaim` replaces the
+ * reclaim fake (whose `running` then stays false).
  */
-function harness(t: Test, options: { hold?: readonly ActorName[]; load?: LoadOutput } = {}) {
+function harness(
+  t: Test,
+  options: { hold?: readonly ActorName[]; load?: LoadOutput; reclaim?: CallbackActorLogic<TaskEvent, ClaimInput> } = {},
+) {
   const log: string[] = [];
   const fakes = {
     load: new PromiseFake<ClaimInput, LoadOutput>('load', log, () => options.load ?? {}),
@@ -61,7 +65,7 @@ function harness(t: Test, options: { hold?: readonly ActorName[]; load?: LoadOut
       upload: fakes.upload.logic,
       report: fakes.report.logic,
       cleanup: fakes.cleanup.logic,
-      reclaim: reclaim.logic,
+      reclaim: options.reclaim ?? reclaim.logic,
     },
   });
   const clock = new SimulatedClock();
@@ -570,6 +574,33 @@ t.test('reclaim is stopped before cleanup on the cancel path too', async (t) => 
     ],
   );
   t.equal(h.reclaim.stops, 1);
+});
+
+t.test('regression: a reclaimer that throws at start is an internal error, not a failed task machine', async (t) => {
+  // Before the fix, `claimed` invoked reclaim without onError: the callback throwing put the whole
+  // machine in status 'error' (no upload, no report, no cleanup), and took its worker down with it.
+  let starts = 0;
+  const reclaim = fromCallback<TaskEvent, ClaimInput>(() => {
+    starts++;
+    throw new Error('database is closed');
+  });
+  const h = harness(t, { hold: ['load'], reclaim });
+  await until(() => h.actor.getSnapshot().status !== 'active', 'the task machine to end');
+  if (!t.equal(h.actor.getSnapshot().status, 'done', "the task machine ends in 'done', not 'error'")) return;
+  const output = await h.done();
+  t.equal(starts, 1, 'the reclaimer was started once');
+  t.same(h.states(), ['claimed.loading', 'claimed.uploading.artifacts', 'claimed.uploading.reporting', 'cleanup', 'done']);
+  t.equal(h.load.count, 1);
+  t.ok(h.load.last.signal.aborted, 'the load is abandoned');
+  t.equal(h.run.count + h.stop.count, 0, 'nothing runs, nothing to stop');
+  const resolution = h.report.last.input.resolution;
+  t.match(resolution, { state: 'exception', reason: 'internal-error' }, 'resolved exception/internal-error');
+  t.match(resolution.message, /the claim cannot be renewed/);
+  t.match(resolution.message, /database is closed/);
+  t.same(h.upload.last.input.resolution, resolution, 'decided before the upload stage');
+  t.equal(h.report.count, 1, 'reported once');
+  t.equal(h.cleanup.count, 1, 'cleaned up exactly once');
+  t.same(output, { claim: CLAIM, resolution, unreported: undefined, detail: undefined });
 });
 
 /** Every atomic state of a machine, by id. */

@@ -46,6 +46,8 @@ class Tasks {
   readonly refs = new Map<string, AnyActorRef>();
   readonly aborted: string[] = [];
   readonly finished: string[] = [];
+  /** Tasks whose machine throws on entry, so that the actor errors as soon as it is spawned. */
+  readonly failOnStart = new Set<string>();
   maxAlive = 0;
 
   constructor(
@@ -64,6 +66,10 @@ class Tasks {
     actions: {
       started: ({ context, self }) => {
         const id = context.claim.taskId;
+        if (this.failOnStart.has(id)) {
+          this.log.push(`fail ${id}`);
+          throw new Error(`task ${id} broke on entry`);
+        }
         this.log.push(`start ${id}`);
         this.alive.add(id);
         this.refs.set(id, self);
@@ -147,10 +153,21 @@ class FakeQueue {
   }
 }
 
-function harness(t: Test, input: Partial<WorkerInput> = {}, options: { pending?: Claim[]; finishOnAbort?: boolean; holdBoot?: boolean } = {}) {
+interface HarnessOptions {
+  pending?: Claim[];
+  finishOnAbort?: boolean;
+  holdBoot?: boolean;
+  /** Task ids whose task actor errors as soon as it is spawned. */
+  failOnStart?: string[];
+  /** Replaces the fake queue's claimWork (the FakeQueue then records nothing). */
+  claimWork?: PromiseActorLogic<ClaimResult, ClaimRequest>;
+}
+
+function harness(t: Test, input: Partial<WorkerInput> = {}, options: HarnessOptions = {}) {
   const log: string[] = [];
   const clock = new SimulatedClock();
   const tasks = new Tasks(log, options.finishOnAbort ?? true);
+  for (const id of options.failOnStart ?? []) tasks.failOnStart.add(id);
   const queue = new FakeQueue(options.pending ?? [], clock, log, () => tasks.alive.size);
   const boot = new PromiseFake<void, void>('boot', log, () => undefined);
   const dispose = new PromiseFake<{ reason: ShutdownReason }, void>('dispose', log, () => undefined);
@@ -158,7 +175,7 @@ function harness(t: Test, input: Partial<WorkerInput> = {}, options: { pending?:
   const machine = workerMachine.provide({
     actors: {
       boot: boot.logic,
-      claimWork: queue.logic,
+      claimWork: options.claimWork ?? queue.logic,
       dispose: dispose.logic,
       // The fake's events and context differ from the real task machine's; the worker only spawns it,
       // sends it ABORT and reads its completion, which the fake does like the real one.
@@ -515,6 +532,153 @@ t.test('SHUTDOWN while stopping is ignored', async (t) => {
   t.equal(h.dispose.count, 1, 'dispose not restarted');
   h.dispose.last.result.resolve();
   t.same(await h.stopped(), { reason: SIGTERM });
+});
+
+t.test('regression: after the worker decided to stop, a first SHUTDOWN or FATAL starts the grace period and becomes the reason', async (t) => {
+  // Before the fix, draining treated every SHUTDOWN or FATAL as a second request: the tasks were
+  // aborted at once, with no grace period, and the output kept the worker's own reason, tasks-done.
+  const GRACE = 10_000;
+
+  /** A worker that has claimed its maxTasks (T1, T2) and drains for tasks-done, long past a grace period. */
+  const decidedToStop = async (t: Test) => {
+    const h = harness(t, { capacity: 2, maxTasks: 2, shutdownGraceMs: GRACE }, { pending: claims(3) });
+    await h.at('shuttingDown.draining');
+    t.same(h.actor.getSnapshot().context.reason, { kind: 'tasks-done' }, 'the worker decided to stop by itself');
+    h.clock.increment(60_000);
+    await settle();
+    t.same(h.tasks.aborted, [], 'a stop the worker decided on waits for its tasks');
+    return h;
+  };
+
+  /** Sends the first request; nothing is aborted until GRACE after it, then both tasks are. */
+  const graceThenAbort = async (t: Test, h: Awaited<ReturnType<typeof decidedToStop>>, event: { type: 'SHUTDOWN'; reason: ShutdownReason } | { type: 'FATAL'; message: string }) => {
+    h.actor.send(event);
+    t.equal(h.state(), 'shuttingDown.draining', 'still draining: the grace period starts');
+    t.same(h.tasks.aborted, [], 'no task is aborted at once');
+    h.clock.increment(GRACE - 1);
+    await settle();
+    t.same(h.tasks.aborted, [], 'no task is aborted within the grace period');
+    t.equal(h.state(), 'shuttingDown.draining');
+    h.clock.increment(1);
+    await until(() => h.tasks.aborted.length === 2 || h.actor.getSnapshot().status !== 'active', 'the end of the grace period');
+    t.same(h.tasks.aborted, ['T1', 'T2'], 'the tasks are aborted when the grace period ends');
+  };
+
+  t.test('SHUTDOWN (SIGTERM): grace, then abort; the signal is the reason', async (t) => {
+    const h = await decidedToStop(t);
+    await graceThenAbort(t, h, { type: 'SHUTDOWN', reason: SIGTERM });
+    const output = await h.stopped();
+    t.same(output, { reason: SIGTERM }, 'the reason is the signal, not tasks-done');
+    t.same(h.dispose.last.input, { reason: SIGTERM });
+    t.equal(h.dispose.count, 1);
+  });
+
+  t.test('FATAL: grace, then abort; the reason is fatal', async (t) => {
+    const h = await decidedToStop(t);
+    await graceThenAbort(t, h, { type: 'FATAL', message: 'lost the host' });
+    const output = await h.stopped();
+    t.same(output, { reason: { kind: 'fatal', message: 'lost the host' } }, 'the reason is fatal, not tasks-done');
+    t.equal(h.dispose.count, 1);
+  });
+
+  t.test('a second SHUTDOWN aborts at once; the first request stays the reason', async (t) => {
+    const h = await decidedToStop(t);
+    h.actor.send({ type: 'SHUTDOWN', reason: SIGTERM });
+    t.same(h.tasks.aborted, [], 'the first SHUTDOWN aborts nothing');
+    h.clock.increment(GRACE / 2);
+    await settle();
+    t.same(h.tasks.aborted, [], 'nothing aborted half-way through the grace period');
+    const now = h.clock.now();
+    h.actor.send({ type: 'SHUTDOWN', reason: SIGINT });
+    t.same(h.tasks.aborted, ['T1', 'T2'], 'the second SHUTDOWN sends ABORT without the clock moving');
+    t.equal(h.clock.now(), now);
+    const output = await h.stopped();
+    t.same(output, { reason: SIGTERM });
+    t.same(h.states.slice(-4), ['shuttingDown.draining', 'shuttingDown.aborting', 'shuttingDown.disposing', 'stopped']);
+    t.equal(h.dispose.count, 1);
+  });
+});
+
+t.test('regression: a task actor that errors is forgotten and shuts the worker down as fatal, in order', async (t) => {
+  // Before the fix, nothing handled xstate.error.actor.task.*: the worker machine itself went to status
+  // 'error', so the other task got no grace period and no ABORT, and nothing was disposed.
+  const h = harness(t, { capacity: 2, shutdownGraceMs: 10_000 }, { pending: claims(2), failOnStart: ['T2'] });
+  await until(() => h.actor.getSnapshot().status !== 'active' || h.state().startsWith('shuttingDown'), 'the worker to react to the failed task');
+  if (!t.equal(h.actor.getSnapshot().status, 'active', "the worker does not go to status 'error'")) return;
+  t.ok(h.log.includes('fail T2'), 'T2 failed as it was spawned');
+  t.equal(h.state(), 'shuttingDown.draining', 'shutting down, tasks may finish');
+  t.same(h.running(), ['task.T1/0'], 'the failed task is forgotten; T1 still runs');
+  t.same(h.tasks.alive, new Set(['T1']));
+  const reason = h.actor.getSnapshot().context.reason;
+  t.match(reason, { kind: 'fatal', message: /a task actor failed/ });
+  t.match(reason, { message: /task T2 broke on entry/ }, 'the reason names the error');
+
+  t.same(h.tasks.aborted, [], 'T1 is not aborted at once');
+  h.clock.increment(9_999);
+  await settle();
+  t.same(h.tasks.aborted, [], 'T1 is not aborted within the grace period');
+  t.equal(h.dispose.count, 0, 'not disposed while T1 runs');
+  h.clock.increment(1);
+  const output = await h.stopped(); // status 'done'
+  t.same(h.tasks.aborted, ['T1'], 'T1 gets ABORT when the grace period ends');
+  t.same(h.tasks.finished, ['T1']);
+  t.match(output, { reason: { kind: 'fatal', message: /a task actor failed/ } });
+  t.equal(h.dispose.count, 1, 'disposed once');
+  t.same(h.dispose.last.input, { reason: output.reason });
+  t.equal(h.queue.calls.length, 1, 'no claim after the failure');
+});
+
+t.test('regression: --once keeps a claim the queue hands out as the last running task ends', async (t) => {
+  // Before the fix, --once long-polled while a task ran and re-entered the poll when the last task
+  // ended: a claim the queue answered with in that same turn was dropped (never spawned), and the
+  // worker could stop as drained with a run claimed that nothing would ever execute.
+  const polls = new PromiseFake<ClaimRequest, ClaimResult>('claimWork', []); // answered by hand
+  const h = harness(t, { once: true, capacity: 2 }, { claimWork: polls.logic });
+  await until(() => polls.count === 1, 'poll 1');
+  polls.last.result.resolve({ claims: [makeClaim('T1')], now: 0 });
+  await until(() => polls.count === 2, 'poll 2');
+  t.same(h.running(), ['task.T1/0']);
+  const poll2 = polls.last;
+  t.same(poll2.input, { count: 1, waitMs: 0 }, '--once does not wait for work while a task runs');
+
+  // One synchronous block: the queue answers poll 2 with T2, and T1, the last task running, ends.
+  poll2.result.resolve({ claims: [makeClaim('T2')], now: 0 });
+  h.tasks.finish('T1');
+
+  await until(() => polls.count === 3 || h.actor.getSnapshot().status !== 'active', 'poll 3');
+  await settle();
+  t.notOk(poll2.signal.aborted, 'poll 2 was not abandoned');
+  const snapshot = h.actor.getSnapshot();
+  t.equal(snapshot.context.claimed, 2, 'T2 is counted as claimed');
+  t.ok(snapshot.children['task.T2/0'], "T2's task actor exists");
+  if (!t.ok(h.tasks.alive.has('T2'), 'T2 was spawned and runs')) return;
+  t.same(h.running(), ['task.T2/0']);
+  t.same(polls.last.input, { count: 1, waitMs: 0 }, 'poll 3 asks for the one free slot');
+
+  polls.last.result.resolve({ claims: [], now: 0 }); // nothing pending, T2 runs
+  await settle();
+  t.equal(h.actor.getSnapshot().status, 'active', 'not stopped as drained while T2 runs');
+  t.equal(h.state(), 'running');
+  t.equal(h.dispose.count, 0);
+
+  h.tasks.finish('T2');
+  await until(() => polls.count === 4, 'poll 4');
+  polls.last.result.resolve({ claims: [], now: 0 });
+  const output = await h.stopped();
+  t.same(output, { reason: { kind: 'drained' } });
+  t.same(
+    polls.invocations.map((i) => i.input),
+    [
+      { count: 2, waitMs: 0 },
+      { count: 1, waitMs: 0 },
+      { count: 1, waitMs: 0 },
+      { count: 2, waitMs: 0 },
+    ],
+    '--once always claims with waitMs 0',
+  );
+  t.same(h.tasks.finished, ['T1', 'T2']);
+  t.same(h.tasks.aborted, []);
+  t.equal(h.clock.now(), 0, 'no simulated time was needed');
 });
 
 t.test('every worker state names SHUTDOWN and FATAL (itself or an ancestor)', async (t) => {

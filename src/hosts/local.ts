@@ -179,7 +179,8 @@ export class LocalExecution implements Execution {
     if (pgid === undefined) return true;
     const deadline = performance.now() + Math.max(0, timeoutMs);
     for (;;) {
-      if (this.#groupFreed || groupPids(pgid).length === 0) return true;
+      // The cheap check first: once the group is empty, /proc need not be scanned.
+      if (this.#groupFreed || !groupExists(pgid) || groupPids(pgid).length === 0) return true;
       const left = deadline - performance.now();
       if (left <= 0) return false;
       await sleep(Math.min(POLL_MS, left));

@@ -101,6 +101,13 @@ export function groupPids(pgid: number): number[] {
 /** Whether any process (zombies included) still has `pgid` as its group: the id is then not free for reuse. */
 export function groupExists(pgid: number): boolean {
   if (!Number.isInteger(pgid) || pgid <= 0) return false;
+  // kill(-pgid, 0) answers without reading /proc: ESRCH means no process, zombie or not, is in the group.
+  try {
+    process.kill(-pgid, 0);
+    return true;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ESRCH') return false;
+  }
   for (const pid of listPids()) {
     if (readProcStat(pid)?.pgrp === pgid) return true;
   }

@@ -1,0 +1,759 @@
+/**
+ * The distributed queue: PostgreSQL keeps tasks, runs and artifacts for
+ * many workers on many machines. It keeps the rules of queue.ts exactly as
+ * the embedded SqliteQueue does (the conformance suite runs both); what
+ * differs is how:
+ *
+ *  - A claim is ONE statement: pending runs picked `FOR UPDATE SKIP LOCKED`,
+ *    marked running and returned, so workers never wait on each other's
+ *    rows and never get the same run.
+ *  - Every report is a conditional update on task, run, worker, state and
+ *    claim time; a late report from a worker that lost its claim changes
+ *    nothing and is refused with ClaimLostError. A report repeated by the
+ *    same worker with the same resolution (its first attempt committed, but
+ *    the answer was lost with the connection) is acknowledged, not refused:
+ *    reports are retried until acknowledged, and applied once.
+ *  - Time rules are applied lazily, as in SQLite: every transaction that
+ *    reclaims, resolves, cancels or uploads first sweeps expired claims and
+ *    passed deadlines. Sweepers lock rows with SKIP LOCKED, so any number of
+ *    workers may sweep at once and each run is swept once.
+ *  - `submit` and a retry NOTIFY the work channel; waiting workers LISTEN
+ *    on it and claim at once. Polling every `pollIntervalMs` remains as the
+ *    fallback (a lost listener connection, expired claims nobody notified).
+ *    `cancel` NOTIFYs the cancel channel, which feeds watchCancellation.
+ *  - Connection failures become QueueUnavailableError, which the worker
+ *    retries with backoff; the listener reconnects by itself.
+ *
+ * Channels and tables are per schema, so several queues share a database.
+ */
+import { randomBytes } from 'node:crypto';
+import { Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import pg from 'pg';
+import { ClaimLostError, ConfigError, InternalError, QueueUnavailableError, TaskStateError, errorMessage } from '../model/errors.js';
+import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
+import { runKey, type Claim, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
+import { DirectoryArtifactStore, type ArtifactKey, type ArtifactStore } from './artifact-store.js';
+import { PostgresArtifactStore } from './postgres-artifact-store.js';
+import {
+  DEFAULT_SCHEMA, asQueueError, checkSchemaName, isConfigProblem, isTransient, parseQueueUrl, pgTypes, retryTransient, type QueueUrl,
+} from './postgres-connection.js';
+import { MIGRATIONS, migrate, type MigrationResult } from './postgres-migrations.js';
+import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
+import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS, DEFAULT_POLL_INTERVAL_MS } from './sqlite.js';
+
+const FOLLOW_POLL_MS = 100;
+/** Cancellation arrives by NOTIFY; this poll only catches notifications lost while the listener was down. */
+const MIN_CANCEL_POLL_MS = 1_000;
+/** How long writes that must not be lost (an artifact's start and end) are retried while the server is away. */
+const WRITE_RETRY_MS = 120_000;
+/** A transaction that lost a deadlock or serialization race is run again this many times. */
+const RACE_RETRIES = 3;
+
+export interface PostgresQueueOptions {
+  /** `postgres://user[:password]@host[:port]/database`; `?schema=NAME` picks the schema. */
+  readonly url: string;
+  /** The schema of drover's tables; overrides the URL's; default `drover`. */
+  readonly schema?: string;
+  readonly claimTimeoutMs?: number;
+  /** How often a waiting claim looks for work when no notification came. */
+  readonly pollIntervalMs?: number;
+  /** Keep artifacts as files in this directory, shared by every worker and reader; default: in PostgreSQL. */
+  readonly artifactDir?: string;
+  /** Connections in the pool, besides the one that listens; default 10. */
+  readonly poolSize?: number;
+  /** Apply missing migrations when opening (default); false refuses a schema that is not up to date. */
+  readonly migrate?: boolean;
+  /** The clock for claims and deadlines; tests inject one to skip time. */
+  readonly now?: () => number;
+}
+
+interface TaskRow { id: string; payload: TaskStatus['payload']; state: TaskState; created: number; deadline: number; retries_left: number }
+interface RunRow {
+  task_id: string; run_id: number; state: RunState; reason_created: 'scheduled' | 'retry'; reason_resolved: string | null;
+  message: string | null; worker_id: string | null; taken_until: number | null; scheduled: number; started: number | null;
+  resolved: number | null; resolved_by: 'worker' | 'queue' | null;
+}
+interface ArtifactRow {
+  task_id: string; run_id: number; name: string; content_type: string; expires: number | null;
+  state: 'streaming' | 'complete'; size: number; created: number; upload_id: string;
+}
+interface Watcher { readonly run: RunRef; readonly onCanceled: () => void }
+
+const OPEN = `state IN ('pending', 'running')`;
+const RESOLVE_HELD = `UPDATE runs SET state = $1, reason_resolved = $2, message = $3, resolved = $4, resolved_by = 'worker'
+                      WHERE task_id = $5 AND run_id = $6 AND state = 'running' AND worker_id = $7 AND taken_until > $4`;
+const RESOLVE_OPEN = `UPDATE runs SET state = $1, reason_resolved = $2, message = $3, resolved = $4, resolved_by = 'queue'
+                      WHERE task_id = $5 AND run_id = $6 AND ${OPEN}`;
+/** The claim: one statement, so a run is picked, marked and returned atomically, and contenders skip each other's rows. */
+const CLAIM = `
+  WITH picked AS (
+    SELECT r.task_id, r.run_id FROM runs r JOIN tasks t ON t.id = r.task_id
+    WHERE r.state = 'pending' AND t.deadline > $2
+    ORDER BY r.scheduled, r.seq
+    LIMIT $4
+    FOR UPDATE OF r SKIP LOCKED
+  ), started AS (
+    UPDATE runs r SET state = 'running', worker_id = $1, started = $2, taken_until = $3
+    FROM picked p WHERE r.task_id = p.task_id AND r.run_id = p.run_id AND r.state = 'pending'
+    RETURNING r.task_id, r.run_id, r.scheduled, r.seq
+  ), marked AS (
+    UPDATE tasks t SET state = 'running' FROM started s WHERE t.id = s.task_id
+    RETURNING t.id, t.payload, t.deadline, t.retries_left
+  )
+  SELECT s.task_id, s.run_id, m.payload, m.deadline, m.retries_left FROM started s JOIN marked m ON m.id = s.task_id
+  ORDER BY s.scheduled, s.seq`;
+/** A cheap read that lets idle pollers skip the sweep and the claim. */
+const ANY_WORK = `
+  SELECT EXISTS (SELECT 1 FROM runs WHERE state = 'pending') AS pending,
+         EXISTS (SELECT 1 FROM runs WHERE state = 'running' AND taken_until <= $1)
+      OR EXISTS (SELECT 1 FROM tasks WHERE ${OPEN} AND deadline <= $1) AS due`;
+
+export class PostgresQueue implements Queue {
+  /** Connects, applies missing migrations (under an advisory lock) and returns the queue. */
+  static async open(options: PostgresQueueOptions): Promise<PostgresQueue> {
+    const url = parseQueueUrl(options.url);
+    const schema = options.schema ?? url.schema ?? DEFAULT_SCHEMA;
+    checkSchemaName(schema, 'queue schema');
+    for (const [name, value] of [['claimTimeoutMs', options.claimTimeoutMs], ['pollIntervalMs', options.pollIntervalMs], ['poolSize', options.poolSize]] as const) {
+      if (value !== undefined && !(Number.isFinite(value) && value > 0)) {
+        throw new ConfigError(`queue option ${name} must be a positive number, not ${String(value)}`);
+      }
+    }
+    const clientConfig: pg.ClientConfig = {
+      connectionString: url.connectionString,
+      // Every connection works in the queue's schema: the SQL below names tables without one.
+      options: `-c search_path=${schema}`,
+      types: pgTypes,
+      keepAlive: true,
+      connectionTimeoutMillis: 10_000,
+      // A server that stops answering (a cut network) must not hang a worker: the query fails and is retried.
+      query_timeout: 60_000,
+      application_name: 'drover',
+    };
+    const pool = new pg.Pool({ ...clientConfig, max: options.poolSize ?? 10, idleTimeoutMillis: 30_000 });
+    // An idle connection that breaks (a server restart) is dropped by the pool; the next query opens another.
+    pool.on('error', () => undefined);
+    // A checked-out connection that breaks between queries would otherwise throw from an 'error' event nobody hears.
+    pool.on('connect', (client) => client.on('error', () => undefined));
+    try {
+      const client = await pool.connect();
+      let failed: Error | undefined;
+      try {
+        if (options.migrate === false) await checkVersion(client, schema);
+        else await migrate(client, schema);
+      } catch (error) {
+        failed = error as Error;
+        throw error;
+      } finally {
+        client.release(failed !== undefined && isTransient(failed) ? failed : undefined);
+      }
+    } catch (error) {
+      await pool.end().catch(() => undefined);
+      throw openError(error, url, schema);
+    }
+    let store: ArtifactStore;
+    try {
+      store = options.artifactDir === undefined ? new PostgresArtifactStore(pool, url) : new DirectoryArtifactStore(options.artifactDir);
+    } catch (error) {
+      await pool.end().catch(() => undefined);
+      throw error;
+    }
+    return new PostgresQueue(pool, clientConfig, url, schema, store, options);
+  }
+
+  /** Applies missing migrations and closes: `drover migrate`. */
+  static async migrate(options: Omit<PostgresQueueOptions, 'migrate'>): Promise<MigrationResult & { schema: string }> {
+    const url = parseQueueUrl(options.url);
+    const schema = options.schema ?? url.schema ?? DEFAULT_SCHEMA;
+    checkSchemaName(schema, 'queue schema');
+    const client = new pg.Client({ connectionString: url.connectionString, connectionTimeoutMillis: 10_000, types: pgTypes });
+    client.on('error', () => undefined);
+    try {
+      await client.connect();
+      return { ...(await migrate(client, schema)), schema };
+    } catch (error) {
+      throw openError(error, url, schema);
+    } finally {
+      await client.end().catch(() => undefined);
+    }
+  }
+
+  readonly schema: string;
+  readonly url: QueueUrl;
+  readonly artifactStore: ArtifactStore;
+  private readonly pool: pg.Pool;
+  private readonly clientConfig: pg.ClientConfig;
+  private readonly claimTimeoutMs: number;
+  private readonly pollIntervalMs: number;
+  private readonly now: () => number;
+  private readonly workChannel: string;
+  private readonly cancelChannel: string;
+  /** Long polls waiting on this instance; a work notification, `submit` and `close` wake them. */
+  private readonly wakers = new Set<() => void>();
+  /** Counts wake-ups, so a notification that comes between a claim attempt and its wait is not missed. */
+  private wakeups = 0;
+  private readonly watchers = new Set<Watcher>();
+  private watchTimer: NodeJS.Timeout | undefined;
+  private listener: pg.Client | undefined;
+  private listening = false;
+  private listenerFailures = 0;
+  private listenerTimer: NodeJS.Timeout | undefined;
+  private readonly closing = new AbortController();
+  private closed: Promise<void> | undefined;
+
+  private constructor(pool: pg.Pool, clientConfig: pg.ClientConfig, url: QueueUrl, schema: string, store: ArtifactStore, options: PostgresQueueOptions) {
+    this.pool = pool;
+    this.clientConfig = clientConfig;
+    this.url = url;
+    this.schema = schema;
+    this.artifactStore = store;
+    this.claimTimeoutMs = options.claimTimeoutMs ?? DEFAULT_CLAIM_TIMEOUT_MS;
+    this.pollIntervalMs = options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
+    this.now = options.now ?? Date.now;
+    this.workChannel = `${schema}_work`;
+    this.cancelChannel = `${schema}_cancel`;
+  }
+
+  /** Whether the LISTEN connection is up (notifications arrive); for status output and tests. */
+  get isListening(): boolean {
+    return this.listening;
+  }
+
+  async submit(task: TaskDefinition): Promise<TaskId> {
+    if (!Number.isInteger(task.retries) || task.retries < 0) throw new RangeError(`task retries must be a whole number >= 0, not ${task.retries}`);
+    if (!Number.isFinite(task.deadline)) throw new RangeError(`task deadline must be a time in milliseconds, not ${task.deadline}`);
+    const taskId = slugid();
+    const now = this.now();
+    // One statement: the task, its first run and the wake-up commit together.
+    await this.query(
+      `WITH task AS (
+         INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES ($1, $2, 'pending', $3, $4, $5) RETURNING id
+       ), run AS (
+         INSERT INTO runs (task_id, run_id, state, reason_created, scheduled) SELECT id, 0, 'pending', 'scheduled', $3 FROM task
+       )
+       SELECT pg_notify($6, '')`,
+      [taskId, JSON.stringify(task.payload), now, task.deadline, task.retries, this.workChannel],
+    );
+    this.wake();
+    return taskId;
+  }
+
+  async claimWork({ workerId, count, waitMs, signal }: ClaimWorkOptions): Promise<Claim[]> {
+    // Waiting is measured in real time: the injected clock rules claims and deadlines, not how long a caller blocks.
+    this.assertOpen();
+    if (waitMs > 0) this.listen();
+    const giveUpAt = performance.now() + waitMs;
+    for (;;) {
+      const seen = this.wakeups;
+      const claims = await this.claimNow(workerId, count);
+      const left = giveUpAt - performance.now();
+      if (claims.length > 0 || left <= 0 || signal?.aborted) return claims;
+      if (this.wakeups === seen) await this.pause(Math.min(left, this.pollIntervalMs), signal);
+      if (this.closing.signal.aborted || signal?.aborted) return [];
+    }
+  }
+
+  async reclaim(run: RunRef, workerId: string): Promise<{ takenUntil: number }> {
+    const outcome = await this.transaction(async (client) => {
+      const now = await this.sweepNow(client);
+      const takenUntil = now + this.claimTimeoutMs;
+      const { rowCount } = await client.query(
+        `UPDATE runs SET taken_until = $1 WHERE task_id = $2 AND run_id = $3 AND state = 'running' AND worker_id = $4 AND taken_until > $5`,
+        [takenUntil, run.taskId, run.runId, workerId, now],
+      );
+      return rowCount === 1 ? { takenUntil } : lostClaim(await runRow(client, run), run, workerId);
+    });
+    if (outcome instanceof Error) throw outcome;
+    return outcome;
+  }
+
+  async resolve(run: RunRef, workerId: string, resolution: Resolution): Promise<void> {
+    const refusal = await this.transaction(async (client) => {
+      const now = await this.sweepNow(client);
+      const { state, reason, message } = columns(resolution);
+      const { rowCount } = await client.query(RESOLVE_HELD, [state, reason, message, now, run.taskId, run.runId, workerId]);
+      if (rowCount === 1) {
+        await this.afterResolve(client, run, resolution, now);
+        return undefined;
+      }
+      const row = await runRow(client, run);
+      // The same report again: its first attempt committed but the answer was lost. Acknowledge it; change nothing.
+      if (row?.resolved_by === 'worker' && row.worker_id === workerId && row.state === state && row.reason_resolved === reason && row.message === message) {
+        return undefined;
+      }
+      return lostClaim(row, run, workerId);
+    });
+    if (refusal) throw refusal;
+  }
+
+  async cancel(taskId: TaskId): Promise<void> {
+    const refusal = await this.transaction(async (client) => {
+      const now = await this.sweepNow(client);
+      const task = (await client.query<TaskRow>(`SELECT * FROM tasks WHERE id = $1`, [taskId])).rows[0];
+      if (!task) return new TaskStateError(`cannot cancel task ${taskId}: there is no such task`);
+      // Runs are locked before tasks everywhere (claim, resolve, sweep), so cancel takes the run first too.
+      const current = (await client.query<RunRow>(`SELECT * FROM runs WHERE task_id = $1 ORDER BY run_id DESC LIMIT 1 FOR UPDATE`, [taskId])).rows[0]!;
+      if (current.state !== 'pending' && current.state !== 'running') {
+        // A retry may have been scheduled while we waited for the lock: then there is a newer run to cancel.
+        const newer = await client.query(`SELECT 1 FROM runs WHERE task_id = $1 AND run_id > $2`, [taskId, current.run_id]);
+        if (newer.rowCount) throw Object.assign(new Error('a newer run appeared'), { code: '40001' });
+        return new TaskStateError(`cannot cancel task ${taskId}: it is already resolved ${describeRun(current)}`);
+      }
+      const run = { taskId, runId: current.run_id };
+      await this.end(client, run, { state: 'exception', reason: 'canceled', message: 'canceled by user' }, now);
+      await client.query(`SELECT pg_notify($1, $2)`, [this.cancelChannel, runKey(run)]);
+      return undefined;
+    });
+    if (refusal) throw refusal;
+  }
+
+  watchCancellation(run: RunRef, onCanceled: () => void): () => void {
+    this.assertOpen();
+    const watcher: Watcher = { run: { taskId: run.taskId, runId: run.runId }, onCanceled };
+    this.watchers.add(watcher);
+    this.listen();
+    this.watchTimer ??= setInterval(() => void this.checkCancellations(), Math.max(MIN_CANCEL_POLL_MS, this.pollIntervalMs)).unref();
+    return () => this.unwatch(watcher);
+  }
+
+  async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
+    const problem = artifactNameProblem(meta.name);
+    if (problem) throw new TaskStateError(`artifact name ${JSON.stringify(meta.name)} ${problem}`);
+    const key: ArtifactKey = { taskId: run.taskId, runId: run.runId, name: meta.name };
+    const uploadId = randomBytes(12).toString('base64url');
+    let created = 0;
+    // Retried while the server is away: a live log starts with the run, and losing it would fail the task.
+    const refusal = await this.retrying(() => this.transaction(async (client) => {
+      const now = await this.sweepNow(client);
+      const existing = (await client.query<ArtifactRow>(
+        `SELECT * FROM artifacts WHERE task_id = $1 AND run_id = $2 AND name = $3`, [key.taskId, key.runId, key.name],
+      )).rows[0];
+      if (existing?.upload_id === uploadId) {
+        created = existing.created; // our own first attempt committed
+        return undefined;
+      }
+      const held = await client.query(
+        `SELECT 1 FROM runs WHERE task_id = $1 AND run_id = $2 AND state = 'running' AND worker_id = $3 AND taken_until > $4`,
+        [run.taskId, run.runId, workerId, now],
+      );
+      if (held.rowCount === 0) return lostClaim(await runRow(client, run), run, workerId);
+      // The same name, or one that would need the other to be a directory (`a` and `a/b`).
+      const clash = (await client.query<{ name: string }>(
+        `SELECT name FROM artifacts WHERE task_id = $1 AND run_id = $2
+           AND (name = $3 OR left(name, length($3) + 1) = $3 || '/' OR left($3, length(name) + 1) = name || '/') LIMIT 1`,
+        [key.taskId, key.runId, key.name],
+      )).rows[0];
+      if (clash) {
+        return new TaskStateError(clash.name === meta.name
+          ? `run ${runKey(run)} already has an artifact named "${meta.name}"`
+          : `artifact "${meta.name}" clashes with "${clash.name}" of run ${runKey(run)}: one would have to be a directory of the other`);
+      }
+      // The store's artifact exists before the row commits, so a reader that finds the row can always read it.
+      await this.artifactStore.create(key);
+      await client.query(
+        `INSERT INTO artifacts (task_id, run_id, name, content_type, expires, state, size, created, upload_id) VALUES ($1, $2, $3, $4, $5, 'streaming', 0, $6, $7)`,
+        [key.taskId, key.runId, key.name, meta.contentType, meta.expires ?? null, now, uploadId],
+      );
+      created = now;
+      return undefined;
+    }));
+    if (refusal) throw refusal;
+    let size: number;
+    try {
+      size = await this.artifactStore.write(key, source);
+    } catch (error) {
+      // A half-written artifact would pass for a whole one; drop it so the caller can upload again.
+      await this.query(`DELETE FROM artifacts WHERE task_id = $1 AND run_id = $2 AND name = $3 AND upload_id = $4`, [key.taskId, key.runId, key.name, uploadId])
+        .then(() => this.artifactStore.remove(key))
+        .catch(() => undefined); // the source's error says more than a failed clean-up would
+      throw error;
+    }
+    await this.retrying(() => this.query(
+      `UPDATE artifacts SET state = 'complete', size = $1 WHERE task_id = $2 AND run_id = $3 AND name = $4`, [size, key.taskId, key.runId, key.name],
+    ));
+    return {
+      taskId: run.taskId, runId: run.runId, name: meta.name, contentType: meta.contentType,
+      ...(meta.expires === undefined ? {} : { expires: meta.expires }), state: 'complete', size, created,
+    };
+  }
+
+  async readArtifact(run: RunRef, name: string, options: ReadArtifactOptions = {}): Promise<Readable> {
+    await this.artifactRow(run, name);
+    const key: ArtifactKey = { taskId: run.taskId, runId: run.runId, name };
+    if (!options.follow) return Readable.from(this.artifactStore.read(key, 0), { objectMode: false });
+    return Readable.from(this.follow(run, key, options.signal), { objectMode: false });
+  }
+
+  async listArtifacts(run: RunRef): Promise<ArtifactInfo[]> {
+    const rows = await this.query<ArtifactRow>(`SELECT * FROM artifacts WHERE task_id = $1 AND run_id = $2 ORDER BY created, name`, [run.taskId, run.runId]);
+    if (rows.length === 0 && (await this.query(`SELECT 1 FROM runs WHERE task_id = $1 AND run_id = $2`, [run.taskId, run.runId])).length === 0) {
+      throw new TaskStateError(`task ${run.taskId} has no run ${run.runId}`);
+    }
+    return rows.map(artifactInfo);
+  }
+
+  async task(taskId: TaskId): Promise<TaskStatus> {
+    const rows = await this.query<TaskRow>(`SELECT * FROM tasks WHERE id = $1`, [taskId]);
+    if (rows.length === 0) throw new TaskStateError(`there is no task ${taskId}`);
+    return (await this.statuses(rows))[0]!;
+  }
+
+  async listTasks({ state, limit = 100 }: ListTasksOptions = {}): Promise<TaskStatus[]> {
+    const max = Math.max(0, Math.floor(limit));
+    const rows = state
+      ? await this.query<TaskRow>(`SELECT * FROM tasks WHERE state = $1 ORDER BY created DESC, seq DESC LIMIT $2`, [state, max])
+      : await this.query<TaskRow>(`SELECT * FROM tasks ORDER BY created DESC, seq DESC LIMIT $1`, [max]);
+    return this.statuses(rows);
+  }
+
+  async sweep(): Promise<number> {
+    return this.transaction((client) => this.sweepAt(client, this.now()));
+  }
+
+  async close(): Promise<void> {
+    this.closed ??= (async () => {
+      this.closing.abort();
+      this.wake();
+      this.watchers.clear();
+      this.unwatch();
+      clearTimeout(this.listenerTimer);
+      const listener = this.listener;
+      this.listener = undefined;
+      this.listening = false;
+      await listener?.end().catch(() => undefined);
+      await this.artifactStore.close();
+      await this.pool.end().catch(() => undefined);
+    })();
+    return this.closed;
+  }
+
+  /** One attempt: sweep if something is due, then claim up to `count` pending runs, oldest first. */
+  private async claimNow(workerId: string, count: number): Promise<Claim[]> {
+    if (count < 1) return [];
+    const [work] = await this.query<{ pending: boolean; due: boolean }>(ANY_WORK, [this.now()]);
+    if (!work?.pending && !work?.due) return [];
+    if (work.due) await this.transaction((client) => this.sweepAt(client, this.now()));
+    const now = this.now();
+    const rows = await this.query<{ task_id: string; run_id: number; payload: Claim['payload']; deadline: number; retries_left: number }>(
+      CLAIM, [workerId, now, now + this.claimTimeoutMs, Math.floor(count)],
+    );
+    return rows.map((row) => ({
+      taskId: row.task_id, runId: row.run_id, workerId, payload: row.payload,
+      deadline: row.deadline, takenUntil: now + this.claimTimeoutMs, retriesLeft: row.retries_left,
+    }));
+  }
+
+  private async sweepNow(client: pg.ClientBase): Promise<number> {
+    const now = this.now();
+    await this.sweepAt(client, now);
+    return now;
+  }
+
+  /**
+   * Resolves runs the clock has overtaken. Deadlines go first: a run past its
+   * task's deadline ends `deadline-exceeded`, not `claim-expired` plus a retry
+   * that could never run. SKIP LOCKED: a run another transaction is busy with
+   * is left to it, so concurrent sweepers neither wait nor sweep twice.
+   */
+  private async sweepAt(client: pg.ClientBase, now: number): Promise<number> {
+    const overdue = (await client.query<{ task_id: string; run_id: number; deadline: number }>(
+      `SELECT r.task_id, r.run_id, t.deadline FROM runs r JOIN tasks t ON t.id = r.task_id
+       WHERE t.${OPEN} AND t.deadline <= $1 AND r.${OPEN} FOR UPDATE OF r SKIP LOCKED`, [now],
+    )).rows;
+    for (const row of overdue) {
+      const message = `task deadline passed at ${iso(row.deadline)}`;
+      await this.end(client, { taskId: row.task_id, runId: row.run_id }, { state: 'exception', reason: 'deadline-exceeded', message }, now);
+    }
+    const expired = (await client.query<{ task_id: string; run_id: number; worker_id: string; taken_until: number }>(
+      `SELECT task_id, run_id, worker_id, taken_until FROM runs WHERE state = 'running' AND taken_until <= $1 FOR UPDATE SKIP LOCKED`, [now],
+    )).rows;
+    for (const row of expired) {
+      const message = `claim expired at ${iso(row.taken_until)}: worker ${row.worker_id} did not reclaim the run in time`;
+      await this.end(client, { taskId: row.task_id, runId: row.run_id }, { state: 'exception', reason: 'claim-expired', message }, now);
+    }
+    return overdue.length + expired.length;
+  }
+
+  /** Resolves a pending or running run that no worker is reporting on: swept or canceled. */
+  private async end(client: pg.ClientBase, run: RunRef, resolution: Resolution, now: number): Promise<void> {
+    const { state, reason, message } = columns(resolution);
+    await client.query(RESOLVE_OPEN, [state, reason, message, now, run.taskId, run.runId]);
+    await this.afterResolve(client, run, resolution, now);
+  }
+
+  /** A resolved run's task follows it, unless the exception earns a retry: then run N+1 waits, and workers hear of it. */
+  private async afterResolve(client: pg.ClientBase, run: RunRef, resolution: Resolution, now: number): Promise<void> {
+    if (resolution.state === 'exception' && RETRYABLE_REASONS.has(resolution.reason)) {
+      const { rowCount } = await client.query(`UPDATE tasks SET retries_left = retries_left - 1, state = 'pending' WHERE id = $1 AND retries_left > 0`, [run.taskId]);
+      if (rowCount === 1) {
+        await client.query(`INSERT INTO runs (task_id, run_id, state, reason_created, scheduled) VALUES ($1, $2, 'pending', 'retry', $3)`, [run.taskId, run.runId + 1, now]);
+        await client.query(`SELECT pg_notify($1, '')`, [this.workChannel]);
+        return;
+      }
+    }
+    await client.query(`UPDATE tasks SET state = $1 WHERE id = $2`, [resolution.state, run.taskId]);
+  }
+
+  /**
+   * Runs `fn` in a transaction on one pooled connection. A refusal is
+   * returned by `fn` (not thrown), so the sweep it did still commits; a lost
+   * deadlock or serialization race runs it again; a broken connection is
+   * discarded and reported as QueueUnavailableError.
+   */
+  private async transaction<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      this.assertOpen();
+      let client: pg.PoolClient;
+      try {
+        client = await this.pool.connect();
+      } catch (error) {
+        throw this.failure(error);
+      }
+      let broken: Error | undefined;
+      try {
+        await client.query('BEGIN');
+        const result = await fn(client);
+        await client.query('COMMIT');
+        return result;
+      } catch (error) {
+        await client.query('ROLLBACK').catch((rollbackError: Error) => void (broken = rollbackError));
+        const code = (error as { code?: string }).code;
+        if ((code === '40001' || code === '40P01') && attempt < RACE_RETRIES && broken === undefined) continue;
+        throw this.failure(error);
+      } finally {
+        client.release(broken);
+      }
+    }
+  }
+
+  private async query<R extends pg.QueryResultRow>(sql: string, values: unknown[]): Promise<R[]> {
+    this.assertOpen();
+    try {
+      return (await this.pool.query<R>(sql, values)).rows;
+    } catch (error) {
+      throw this.failure(error);
+    }
+  }
+
+  /** Retries `fn` while the queue is unreachable, for writes whose loss would cost a task its log. */
+  private retrying<T>(fn: () => Promise<T>): Promise<T> {
+    return retryTransient(fn, { forMs: WRITE_RETRY_MS, signal: this.closing.signal });
+  }
+
+  private failure(error: unknown): unknown {
+    if (this.closing.signal.aborted && !(error instanceof InternalError)) {
+      return new InternalError(`queue ${this.url.display} (schema ${this.schema}) is closed`, { cause: error });
+    }
+    return asQueueError(error, this.url);
+  }
+
+  /** Starts the LISTEN connection if it is not up; it reconnects by itself until the queue closes. */
+  private listen(): void {
+    if (this.listener !== undefined || this.listenerTimer !== undefined || this.closing.signal.aborted) return;
+    const client = new pg.Client(this.clientConfig);
+    this.listener = client;
+    const lost = () => {
+      if (this.listener !== client) return;
+      this.listener = undefined;
+      this.listening = false;
+      void client.end().catch(() => undefined);
+      if (this.closing.signal.aborted) return;
+      const delay = Math.min(5_000, 100 * 2 ** this.listenerFailures++);
+      this.listenerTimer = setTimeout(() => {
+        this.listenerTimer = undefined;
+        if (this.wakers.size > 0 || this.watchers.size > 0) this.listen();
+      }, delay).unref();
+    };
+    client.on('error', lost);
+    client.on('end', lost);
+    client.on('notification', (message) => {
+      if (message.channel === this.workChannel) this.wake();
+      else if (message.channel === this.cancelChannel) this.canceled(new Set([message.payload ?? '']));
+    });
+    client.connect()
+      .then(() => client.query(`LISTEN "${this.workChannel}"; LISTEN "${this.cancelChannel}"`))
+      .then(() => {
+        if (this.listener !== client) return;
+        this.listening = true;
+        this.listenerFailures = 0;
+        // Whatever was notified while nobody listened: look again now.
+        this.wake();
+        void this.checkCancellations();
+      }, lost);
+  }
+
+  /** Waits `ms`, or less if a notification, `submit`, `close` or `signal` says so. */
+  private pause(ms: number, signal?: AbortSignal): Promise<void> {
+    return new Promise((done) => {
+      const wake = (): void => {
+        clearTimeout(timer);
+        this.wakers.delete(wake);
+        signal?.removeEventListener('abort', wake);
+        done();
+      };
+      const timer = setTimeout(wake, ms);
+      this.wakers.add(wake);
+      signal?.addEventListener('abort', wake, { once: true });
+    });
+  }
+
+  private wake(): void {
+    this.wakeups++;
+    for (const wake of [...this.wakers]) wake();
+  }
+
+  /** The polling fallback: asks which watched runs were canceled, in one query. */
+  private async checkCancellations(): Promise<void> {
+    if (this.closing.signal.aborted || this.watchers.size === 0) return;
+    const watched = [...this.watchers].map((watcher) => watcher.run);
+    try {
+      const rows = await this.query<{ task_id: string; run_id: number }>(
+        `SELECT r.task_id, r.run_id FROM runs r JOIN unnest($1::text[], $2::int[]) AS w (task_id, run_id) ON r.task_id = w.task_id AND r.run_id = w.run_id
+         WHERE r.state = 'exception' AND r.reason_resolved = 'canceled'`,
+        [watched.map((run) => run.taskId), watched.map((run) => run.runId)],
+      );
+      this.canceled(new Set(rows.map((row) => runKey({ taskId: row.task_id, runId: row.run_id }))));
+    } catch {
+      // an unreachable server: the next tick or the listener's return tries again
+    }
+  }
+
+  private canceled(keys: ReadonlySet<string>): void {
+    for (const watcher of [...this.watchers]) {
+      if (!keys.has(runKey(watcher.run))) continue;
+      this.unwatch(watcher);
+      watcher.onCanceled();
+    }
+  }
+
+  /** Drops a watcher; the shared timer goes with the last one. */
+  private unwatch(watcher?: Watcher): void {
+    if (watcher) this.watchers.delete(watcher);
+    if (this.watchers.size === 0 && this.watchTimer) {
+      clearInterval(this.watchTimer);
+      this.watchTimer = undefined;
+    }
+  }
+
+  private async *follow(run: RunRef, key: ArtifactKey, signal?: AbortSignal): AsyncGenerator<Buffer> {
+    const stop = signal ? AbortSignal.any([signal, this.closing.signal]) : this.closing.signal;
+    let position = 0;
+    while (!stop.aborted) {
+      let progressed = false;
+      for await (const chunk of this.artifactStore.read(key, position)) {
+        position += chunk.length;
+        progressed = true;
+        yield chunk;
+        if (stop.aborted) return;
+      }
+      if (progressed) continue;
+      // Check completeness only after a read came up empty: the size is final once the row says `complete`.
+      const row = await this.artifactRow(run, key.name, 'was removed while being read: its upload failed');
+      if (row.state === 'complete' && position >= row.size) return;
+      await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
+    }
+  }
+
+  private async artifactRow(run: RunRef, name: string, gone = 'does not exist'): Promise<ArtifactRow> {
+    const rows = await this.query<ArtifactRow>(`SELECT * FROM artifacts WHERE task_id = $1 AND run_id = $2 AND name = $3`, [run.taskId, run.runId, name]);
+    if (rows.length === 0) throw new TaskStateError(`artifact "${name}" of task ${run.taskId} run ${run.runId} ${gone}`);
+    return rows[0]!;
+  }
+
+  private async statuses(tasks: TaskRow[]): Promise<TaskStatus[]> {
+    if (tasks.length === 0) return [];
+    const runs = await this.query<RunRow>(`SELECT * FROM runs WHERE task_id = ANY($1::text[]) ORDER BY task_id, run_id`, [tasks.map((task) => task.id)]);
+    const byTask = new Map<string, RunStatus[]>();
+    for (const row of runs) byTask.set(row.task_id, [...(byTask.get(row.task_id) ?? []), runStatus(row)]);
+    return tasks.map((row) => ({
+      taskId: row.id, state: row.state, payload: row.payload, created: row.created,
+      deadline: row.deadline, retriesLeft: row.retries_left, runs: byTask.get(row.id) ?? [],
+    }));
+  }
+
+  private assertOpen(): void {
+    if (this.closing.signal.aborted) throw new InternalError(`queue ${this.url.display} (schema ${this.schema}) is closed`);
+  }
+}
+
+async function checkVersion(client: pg.ClientBase, schema: string): Promise<void> {
+  const { rows } = await client.query<{ version: number | null }>(
+    `SELECT CASE WHEN to_regclass($1) IS NULL THEN 0 ELSE (SELECT max(version) FROM schema_migrations) END AS version`, [`"${schema}".schema_migrations`],
+  ).catch(() => ({ rows: [{ version: 0 }] }));
+  const version = rows[0]?.version ?? 0;
+  if (version !== MIGRATIONS.length) {
+    throw new ConfigError(`queue schema "${schema}" is at version ${version}, this drover needs ${MIGRATIONS.length}: run \`drover migrate\``);
+  }
+}
+
+/** Why the queue could not be opened, said so that the user knows what to fix. */
+function openError(error: unknown, url: QueueUrl, schema: string): Error {
+  if (error instanceof ConfigError) return error;
+  const detail = errorMessage(error) || String((error as { code?: string }).code ?? error);
+  if (isConfigProblem(error)) return new ConfigError(`PostgreSQL queue at ${url.display}: ${detail}`, { cause: error });
+  if (isTransient(error)) return new QueueUnavailableError(`cannot reach the PostgreSQL queue at ${url.display}: ${detail}`, { cause: error });
+  return new ConfigError(`PostgreSQL queue at ${url.display}: cannot prepare schema "${schema}": ${detail}`, { cause: error });
+}
+
+async function runRow(client: pg.ClientBase, run: RunRef): Promise<(RunRow & { deadline: number }) | undefined> {
+  const { rows } = await client.query<RunRow & { deadline: number }>(
+    `SELECT r.*, t.deadline FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.task_id = $1 AND r.run_id = $2`, [run.taskId, run.runId],
+  );
+  return rows[0];
+}
+
+/** Why `workerId` does not hold `run`, in the words SqliteQueue uses. */
+function lostClaim(row: (RunRow & { deadline: number }) | undefined, run: RunRef, workerId: string): Error {
+  if (!row) return new TaskStateError(`there is no run ${runKey(run)}`);
+  if (row.state === 'pending') return new ClaimLostError(run, 'resolved', 'the run is pending: no worker has claimed it');
+  if (row.state === 'running') {
+    return row.worker_id === workerId
+      ? new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}`)
+      : new ClaimLostError(run, 'resolved', `held by worker ${row.worker_id}, not ${workerId}`);
+  }
+  const was = `the run was resolved ${describeRun(row)}`;
+  switch (row.reason_resolved) {
+    case 'canceled': return new ClaimLostError(run, 'canceled', `the task was canceled at ${iso(row.resolved)}; ${was}`);
+    case 'deadline-exceeded': return new ClaimLostError(run, 'deadline-exceeded', `the task deadline passed at ${iso(row.deadline)}; ${was}`);
+    case 'claim-expired': return new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}; ${was}`);
+    default: return new ClaimLostError(run, 'resolved', `already resolved: worker ${row.worker_id} resolved it ${describeRun(row)} at ${iso(row.resolved)}`);
+  }
+}
+
+/** 22 characters of URL-safe base64, like Taskcluster's slugids; the first is always a letter, so an id never looks like a flag. */
+function slugid(): TaskId {
+  const bytes = randomBytes(16);
+  bytes[0] = bytes[0]! & 0x7f; // top six bits 0..31 encode as A-Z or a-f
+  return bytes.toString('base64url');
+}
+
+function columns(resolution: Resolution): { state: string; reason: string; message: string | null } {
+  const reason = resolution.state === 'exception' ? resolution.reason : resolution.state;
+  return { state: resolution.state, reason, message: resolution.message ?? null };
+}
+
+function describeRun(row: RunRow): string {
+  return row.state === 'exception' ? `exception/${row.reason_resolved}` : row.state;
+}
+
+function iso(ms: number | null): string {
+  return ms === null ? 'an unknown time' : new Date(ms).toISOString();
+}
+
+function runStatus(row: RunRow): RunStatus {
+  return {
+    runId: row.run_id, state: row.state, reasonCreated: row.reason_created, scheduled: row.scheduled,
+    reasonResolved: (row.reason_resolved ?? undefined) as RunStatus['reasonResolved'], message: row.message ?? undefined,
+    workerId: row.worker_id ?? undefined, takenUntil: row.taken_until ?? undefined,
+    started: row.started ?? undefined, resolved: row.resolved ?? undefined,
+  };
+}
+
+function artifactInfo(row: ArtifactRow): ArtifactInfo {
+  return {
+    taskId: row.task_id, runId: row.run_id, name: row.name, contentType: row.content_type,
+    ...(row.expires !== null && { expires: row.expires }), state: row.state, size: row.size, created: row.created,
+  };
+}
+

@@ -79,6 +79,8 @@ const MIGRATIONS: readonly string[] = [
    );`,
 ];
 
+/** Reasons only the queue gives (sweep, cancel): never a worker's own report. */
+const QUEUE_REASONS: ReadonlySet<string> = new Set(['canceled', 'claim-expired', 'deadline-exceeded']);
 const OPEN = `state IN ('pending', 'running')`;
 const SQL = {
   insertTask: `INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES (?, ?, 'pending', ?, ?, ?)`,
@@ -232,7 +234,7 @@ export class SqliteQueue implements Queue {
     const refusal = this.write(() => {
       const now = this.sweepNow();
       const { changes } = this.s.resolveHeld.run({ taskId: run.taskId, runId: run.runId, ...columns(resolution), workerId, now });
-      if (changes === 0) return this.lostClaim(run, workerId);
+      if (changes === 0) return this.sameReport(run, workerId, resolution) ? undefined : this.lostClaim(run, workerId);
       this.afterResolve(run, resolution, now);
       return undefined;
     });
@@ -419,6 +421,19 @@ export class SqliteQueue implements Queue {
     const retry = resolution.state === 'exception' && RETRYABLE_REASONS.has(resolution.reason) && this.s.useRetry.run(run.taskId).changes === 1;
     if (retry) this.s.insertRun.run(run.taskId, run.runId + 1, 'retry', now);
     else this.s.setTaskState.run(resolution.state, run.taskId);
+  }
+
+  /**
+   * Whether `workerId` already resolved `run` just so: a report retried after
+   * its answer was lost is acknowledged, not refused (the conformance suite
+   * asks every queue for this). Runs the queue itself resolved (swept,
+   * canceled) carry reasons no worker reports, so they never match.
+   */
+  private sameReport(run: RunRef, workerId: string, resolution: Resolution): boolean {
+    const row = this.s.run.get(run.taskId, run.runId) as RunRow | undefined;
+    const { state, reason, message } = columns(resolution);
+    return row !== undefined && row.worker_id === workerId && row.state === state && row.reason_resolved === reason && row.message === message
+      && !QUEUE_REASONS.has(reason);
   }
 
   /** Why `workerId` does not hold `run`, as an error to throw once the transaction has committed. */

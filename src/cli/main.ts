@@ -25,26 +25,47 @@ const DEFAULT_RETRIES = 5;
 const common: Options = {
   config: { type: 'string', short: 'c' },
   'queue-dir': { type: 'string' },
+  // Every command reads and writes either queue, so the queue's own settings are common flags.
+  queue: { type: 'string' },
+  'queue-type': { type: 'string' },
+  'queue-schema': { type: 'string' },
+  'artifact-dir': { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 };
 
 function configFrom(values: Values, flags: Record<string, string | undefined> = {}): Config {
   return loadConfig({
     file: values['config'] as string | undefined,
-    flags: { 'queue.dir': values['queue-dir'] as string | undefined, ...flags },
+    flags: {
+      'queue.dir': values['queue-dir'] as string | undefined,
+      'queue.url': values['queue'] as string | undefined,
+      'queue.type': values['queue-type'] as string | undefined,
+      'queue.schema': values['queue-schema'] as string | undefined,
+      'queue.artifactDir': values['artifact-dir'] as string | undefined,
+      ...flags,
+    },
   });
 }
 
-export function openQueue(config: Config): SqliteQueue {
-  return SqliteQueue.open({
-    dir: config.queue.dir,
-    claimTimeoutMs: config.queue.claimTimeout * 1000,
-    pollIntervalMs: config.queue.pollInterval * 1000,
-  });
+/** The queue the config names; PostgreSQL's client loads only when it is the one. */
+export async function openQueue(config: Config): Promise<Queue> {
+  const timing = { claimTimeoutMs: config.queue.claimTimeout * 1000, pollIntervalMs: config.queue.pollInterval * 1000 };
+  if (config.queue.type === 'postgres') {
+    const { PostgresQueue } = await import('../queues/postgres.js');
+    return PostgresQueue.open({ url: config.queue.url, ...postgresPlace(config), ...timing });
+  }
+  return SqliteQueue.open({ dir: config.queue.dir, ...timing });
+}
+
+function postgresPlace(config: Config): { schema?: string; artifactDir?: string } {
+  return {
+    ...(config.queue.schema ? { schema: config.queue.schema } : {}),
+    ...(config.queue.artifactDir ? { artifactDir: config.queue.artifactDir } : {}),
+  };
 }
 
 async function withQueue<T>(values: Values, use: (queue: Queue) => Promise<T>): Promise<T> {
-  const queue = openQueue(configFrom(values));
+  const queue = await openQueue(configFrom(values));
   try {
     return await use(queue);
   } finally {
@@ -66,7 +87,25 @@ const commands: Record<string, Command> = {
       const config = configFrom(values, flags);
       // The worker's stack (xstate, ajv, the engine) loads only for this command, so the others start fast.
       const { runWorker } = await import('./worker-command.js');
-      return runWorker(config, openQueue(config), values['once'] === true);
+      return runWorker(config, await openQueue(config), values['once'] === true);
+    },
+  },
+  migrate: {
+    usage: 'drover migrate [--queue URL] [--queue-schema NAME]',
+    summary: 'bring the queue\'s schema up to date, and do nothing else',
+    options: {},
+    async run(values) {
+      const config = configFrom(values);
+      if (config.queue.type === 'postgres') {
+        const { PostgresQueue } = await import('../queues/postgres.js');
+        const { schema, from, to } = await PostgresQueue.migrate({ url: config.queue.url, ...postgresPlace(config) });
+        process.stdout.write(from === to ? `schema "${schema}" is up to date (version ${to})\n` : `schema "${schema}" migrated from version ${from} to ${to}\n`);
+      } else {
+        // The embedded queue migrates whenever it opens.
+        await (await openQueue(config)).close();
+        process.stdout.write(`queue "${config.queue.dir}" is up to date\n`);
+      }
+      return EXIT.OK;
     },
   },
   submit: {
@@ -345,12 +384,12 @@ function table(header: string[], rows: string[][]): string {
 
 function overview(): string {
   const list = Object.entries(commands).map(([name, command]) => `  ${name.padEnd(10)} ${command.summary}`).join('\n');
-  return `drover: a task worker engine\n\nUsage: drover COMMAND [options]\n\nCommands:\n${list}\n\nEvery command takes --config FILE, --queue-dir DIR and --help.\n"drover COMMAND --help" tells more.\n`;
+  return `drover: a task worker engine\n\nUsage: drover COMMAND [options]\n\nCommands:\n${list}\n\nEvery command takes --config FILE, --queue URL (PostgreSQL) or --queue-dir DIR (SQLite), and --help.\n"drover COMMAND --help" tells more.\n`;
 }
 
 function help(name: string, command: Command): string {
   const text = `Usage: ${command.usage}\n\n${command.summary[0]!.toUpperCase()}${command.summary.slice(1)}.\n\n` +
-    `Common options:\n  -c, --config FILE        YAML config file (also DROVER_CONFIG)\n  --queue-dir DIR          the embedded queue's directory [.drover]\n  -h, --help               this text\n`;
+    `Common options:\n  -c, --config FILE        YAML config file (also DROVER_CONFIG)\n  --queue-dir DIR          the embedded queue's directory [.drover]\n  --queue URL              a PostgreSQL queue, postgres://USER@HOST:PORT/DATABASE (also DROVER_QUEUE)\n  --queue-schema NAME      its schema [drover]; --artifact-dir DIR: its shared artifact directory\n  -h, --help               this text\n`;
   if (name !== 'worker') return text;
   return text + `\nWorker options (flag > config file > DROVER_* environment):\n  --once                   run what is pending, then exit 0\n${describeSettings('text')}\n\nExit codes: 0 tasks done, 2 bad config or usage, 3 idle timeout,\n4 stopped by SIGTERM/SIGINT, 5 stopped by the host, 70 internal error.\n`;
 }

@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { ConfigError } from '../model/errors.js';
 
-type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format';
+type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl';
 
 export interface Setting {
   /** Dotted path in the config file: `queue.claimTimeout`. */
@@ -19,14 +19,20 @@ export interface Setting {
   readonly min?: number;
   readonly default: string | number;
   readonly description: string;
+  /** The command-line flag, when it is not the last part of the path (`queue.url` is `--queue`). */
+  readonly flag?: string;
 }
 
 export const SETTINGS: readonly Setting[] = [
   { path: 'workerId', env: 'DROVER_WORKER_ID', kind: 'string', default: '', description: 'Name of this worker in claims and logs; default `<hostname>-<pid>`.' },
   { path: 'capacity', env: 'DROVER_CAPACITY', kind: 'integer', min: 1, default: 1, description: 'How many tasks run at once.' },
+  { path: 'queue.type', env: 'DROVER_QUEUE_TYPE', kind: 'queueType', flag: 'queue-type', default: '', description: '`sqlite` or `postgres`; by default `postgres` when `queue.url` is set, else `sqlite`.' },
   { path: 'queue.dir', env: 'DROVER_QUEUE_DIR', kind: 'string', default: '.drover', description: 'Directory of the embedded SQLite queue and its artifacts.' },
+  { path: 'queue.url', env: 'DROVER_QUEUE', kind: 'queueUrl', flag: 'queue', default: '', description: 'The PostgreSQL queue that workers on many machines share: `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`.' },
+  { path: 'queue.schema', env: 'DROVER_QUEUE_SCHEMA', kind: 'string', flag: 'queue-schema', default: '', description: 'PostgreSQL schema of the queue\'s tables; default the URL\'s `?schema=`, else `drover`.' },
+  { path: 'queue.artifactDir', env: 'DROVER_ARTIFACT_DIR', kind: 'string', default: '', description: 'PostgreSQL queue: keep artifacts as files in this directory, which every worker and reader must share; empty keeps them in PostgreSQL.' },
   { path: 'queue.claimTimeout', env: 'DROVER_CLAIM_TIMEOUT', kind: 'seconds', min: 1, default: 30, description: 'Length of a claim; workers renew it at half that. A dead worker\'s tasks return after at most this long.' },
-  { path: 'queue.pollInterval', env: 'DROVER_POLL_INTERVAL', kind: 'seconds', min: 0.01, default: 0.2, description: 'How often an idle worker looks for new tasks in the embedded queue.' },
+  { path: 'queue.pollInterval', env: 'DROVER_POLL_INTERVAL', kind: 'seconds', min: 0.01, default: 0.2, description: 'How often an idle worker looks for new tasks; on PostgreSQL a new task wakes it at once and this is the fallback.' },
   { path: 'workDir', env: 'DROVER_WORK_DIR', kind: 'string', default: '.drover/work', description: 'Task directories and the crash journal.' },
   { path: 'pollWait', env: 'DROVER_POLL_WAIT', kind: 'seconds', min: 0.1, default: 10, description: 'How long one claim request waits for work (long poll).' },
   { path: 'shutdownGrace', env: 'DROVER_SHUTDOWN_GRACE', kind: 'seconds', min: 0, default: 30, description: 'After SIGTERM/SIGINT, how long running tasks may finish before they are aborted.' },
@@ -41,7 +47,18 @@ export const SETTINGS: readonly Setting[] = [
 export interface Config {
   readonly workerId: string;
   readonly capacity: number;
-  readonly queue: { readonly dir: string; readonly claimTimeout: number; readonly pollInterval: number };
+  readonly queue: {
+    readonly type: 'sqlite' | 'postgres';
+    readonly dir: string;
+    /** The PostgreSQL URL; empty for SQLite. */
+    readonly url: string;
+    /** Empty: the URL's `?schema=`, else `drover`. */
+    readonly schema: string;
+    /** Empty: artifacts in PostgreSQL. */
+    readonly artifactDir: string;
+    readonly claimTimeout: number;
+    readonly pollInterval: number;
+  };
   readonly workDir: string;
   readonly pollWait: number;
   readonly shutdownGrace: number;
@@ -90,12 +107,25 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     if (setting === undefined) throw new Error(`no setting ${path}`);
     if (raw !== undefined) take(`option --${flagName(setting)}`, setting, raw);
   }
-  if (problems.length > 0) throw new ConfigError(problems.join('\n'));
   const get = <T>(path: string) => values.get(path) as T;
+  // A URL says which queue is meant; a type that contradicts it is a mistake worth naming.
+  const url = get<string>('queue.url');
+  const type = get<string>('queue.type') || (url ? 'postgres' : 'sqlite');
+  if (type === 'postgres' && !url) problems.push('queue.type is postgres, but no queue.url is set (--queue, DROVER_QUEUE or queue.url in the config file)');
+  if (type === 'sqlite' && url) problems.push(`queue.type is sqlite, but queue.url is set to a PostgreSQL URL; drop one of them`);
+  if (problems.length > 0) throw new ConfigError(problems.join('\n'));
   return Object.freeze({
     workerId: get<string>('workerId'),
     capacity: get<number>('capacity'),
-    queue: Object.freeze({ dir: get<string>('queue.dir'), claimTimeout: get<number>('queue.claimTimeout'), pollInterval: get<number>('queue.pollInterval') }),
+    queue: Object.freeze({
+      type: type as Config['queue']['type'],
+      dir: get<string>('queue.dir'),
+      url,
+      schema: get<string>('queue.schema'),
+      artifactDir: get<string>('queue.artifactDir'),
+      claimTimeout: get<number>('queue.claimTimeout'),
+      pollInterval: get<number>('queue.pollInterval'),
+    }),
     workDir: get<string>('workDir'),
     pollWait: get<number>('pollWait'),
     shutdownGrace: get<number>('shutdownGrace'),
@@ -110,6 +140,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
 
 /** The flag that sets a setting: `queue.claimTimeout` -> `claim-timeout`. */
 export function flagName(setting: Setting): string {
+  if (setting.flag !== undefined) return setting.flag;
   const last = setting.path === 'queue.dir' ? 'queueDir' : setting.path.split('.').pop()!;
   return last.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
 }
@@ -164,6 +195,13 @@ function coerce(setting: Setting, raw: unknown): { value: unknown } | { problem:
       return typeof text === 'string' && SIGNALS.has(text.toUpperCase()) ? { value: text.toUpperCase() } : { problem: `must be one of ${[...SIGNALS].join(', ')}, not ${JSON.stringify(raw)}` };
     case 'level':
       return ['debug', 'info', 'warn', 'error'].includes(String(text)) ? { value: text } : { problem: `must be debug, info, warn or error, not ${JSON.stringify(raw)}` };
+    case 'queueType':
+      return ['sqlite', 'postgres'].includes(String(text)) ? { value: text } : { problem: `must be sqlite or postgres, not ${JSON.stringify(raw)}` };
+    case 'queueUrl':
+      // The URL's password stays out of the message.
+      return typeof text === 'string' && /^postgres(ql)?:\/\/./.test(text)
+        ? { value: text }
+        : { problem: `must be a PostgreSQL URL, postgres://USER@HOST:PORT/DATABASE, not ${JSON.stringify(String(raw).replace(/:[^:@/]*@/, ':***@'))}` };
     case 'format':
       return ['text', 'json'].includes(String(text)) ? { value: text } : { problem: `must be text or json, not ${JSON.stringify(raw)}` };
   }

@@ -61,7 +61,8 @@ export async function allTasks(url: string, schema: string): Promise<TaskStatus[
 export interface ThrowawayServer {
   readonly url: string;
   readonly port: number;
-  restart(): Promise<void>;
+  /** Stops the server (fast: it ends every connection, as `pg_ctlcluster ... restart` does), waits `downMs`, starts it again. */
+  restart(downMs?: number): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -115,8 +116,11 @@ export async function startThrowawayServer(t: Test): Promise<ThrowawayServer> {
   return {
     url: `postgres://postgres@127.0.0.1:${port}/postgres`,
     port,
-    // Fast shutdown: the server ends every connection (57P01), as `pg_ctlcluster ... restart` does.
-    restart: async () => void (await ctl('-o', serverOptions, '-m', 'fast', '-w', 'restart')),
+    restart: async (downMs = 0) => {
+      await ctl('-m', 'fast', '-w', 'stop');
+      await new Promise((resolve) => setTimeout(resolve, downMs));
+      await ctl('-o', serverOptions, '-w', 'start');
+    },
     stop,
   };
 }

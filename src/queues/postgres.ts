@@ -129,7 +129,8 @@ export class PostgresQueue implements Queue {
       connectionTimeoutMillis: 10_000,
       // A server that stops answering (a cut network) must not hang a worker: the query fails and is retried.
       query_timeout: 60_000,
-      application_name: 'drover',
+      // Names the schema too, so an operator (or a test) can tell the queues' connections apart in pg_stat_activity.
+      application_name: `drover ${schema}`,
     };
     const pool = new pg.Pool({ ...clientConfig, max: options.poolSize ?? 10, idleTimeoutMillis: 30_000 });
     // An idle connection that breaks (a server restart) is dropped by the pool; the next query opens another.

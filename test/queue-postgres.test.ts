@@ -1,0 +1,90 @@
+/**
+ * What only the PostgreSQL queue has (the shared rules are in the
+ * conformance suite): migrations under an advisory lock, and connections
+ * that break under it.
+ */
+import pg from 'pg';
+import t from 'tap';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ConfigError, QueueUnavailableError } from '../src/model/errors.js';
+import { PostgresQueue } from '../src/queues/postgres.js';
+import { MIGRATIONS } from '../src/queues/postgres-migrations.js';
+import { freshSchema, openQueue, PG_URL } from './helpers/postgres.js';
+
+async function sql<R extends pg.QueryResultRow>(text: string, values: unknown[] = []): Promise<R[]> {
+  const client = new pg.Client({ connectionString: PG_URL });
+  await client.connect();
+  try {
+    return (await client.query<R>(text, values)).rows;
+  } finally {
+    await client.end();
+  }
+}
+
+t.test('migrations', async (t) => {
+  t.test('many workers starting at once apply each migration once', async (t) => {
+    const schema = freshSchema(t);
+    const queues = await Promise.all(Array.from({ length: 6 }, () => PostgresQueue.open({ url: PG_URL, schema, poolSize: 1 })));
+    await Promise.all(queues.map((queue) => queue.close()));
+    const rows = await sql<{ version: number }>(`SELECT version FROM "${schema}".schema_migrations ORDER BY version`);
+    t.same(rows.map((row) => row.version), MIGRATIONS.map((_, i) => i + 1));
+  });
+
+  t.test('migrate alone, then a queue that must not migrate opens', async (t) => {
+    const schema = freshSchema(t);
+    await t.rejects(PostgresQueue.open({ url: PG_URL, schema, migrate: false }), { name: 'ConfigError', message: /version 0, this drover needs 1: run `drover migrate`/ });
+    t.same(await PostgresQueue.migrate({ url: PG_URL, schema }), { from: 0, to: MIGRATIONS.length, schema });
+    t.same(await PostgresQueue.migrate({ url: PG_URL, schema }), { from: MIGRATIONS.length, to: MIGRATIONS.length, schema });
+    await (await openQueue(t, { schema, migrate: false })).close();
+  });
+
+  t.test('a schema newer than this drover is refused', async (t) => {
+    const schema = freshSchema(t);
+    await PostgresQueue.migrate({ url: PG_URL, schema });
+    await sql(`INSERT INTO "${schema}".schema_migrations (version) VALUES ($1)`, [MIGRATIONS.length + 1]);
+    const error = await PostgresQueue.open({ url: PG_URL, schema }).catch((e: unknown) => e);
+    t.type(error, ConfigError);
+    t.match(error, { message: `queue schema "${schema}" is at version ${MIGRATIONS.length + 1}, newer than this drover knows (${MIGRATIONS.length}); upgrade drover` });
+  });
+
+  t.test('bad names and URLs are ConfigErrors that say what is wrong, without the password', async (t) => {
+    await t.rejects(PostgresQueue.open({ url: PG_URL, schema: 'Robert"; DROP' }), { name: 'ConfigError', message: /schema "Robert\\"; DROP" must be 1 to 48 lower-case/ });
+    await t.rejects(PostgresQueue.open({ url: 'http://x/y' }), { name: 'ConfigError', message: /must start with postgres:\/\// });
+    const error = await PostgresQueue.open({ url: 'postgres://me:s3cret@127.0.0.1:1/db' }).catch((e: unknown) => e);
+    t.type(error, QueueUnavailableError);
+    t.match(error, { message: 'cannot reach the PostgreSQL queue at postgres://me:***@127.0.0.1:1/db' });
+    t.notMatch((error as Error).message, 's3cret');
+  });
+});
+
+t.test('connections cut by the server', async (t) => {
+  const schema = freshSchema(t);
+  const queue = await openQueue(t, { schema, pollIntervalMs: 60_000 });
+  const [first] = await Promise.all([queue.claimWork({ workerId: 'A', count: 1, waitMs: 3_000 }), sleep(100).then(() => queue.submit({ payload: {}, deadline: Date.now() + 60_000, retries: 0 }))]);
+  t.equal(first.length, 1, 'claimed by notification');
+  t.ok(queue.isListening, 'the listener is up');
+  const cut = await sql<{ n: number }>(
+    `SELECT count(pg_terminate_backend(pid))::int AS n FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()`, [`drover ${schema}`],
+  );
+  t.ok(cut[0]!.n >= 2, `cut ${cut[0]!.n} connections (the pool's and the listener's)`);
+  await sleep(50);
+
+  // Every call either works on a new connection or says the queue is unavailable, never anything else.
+  const outcome = await queue.task(first[0]!.taskId).then(() => 'ok', (error: unknown) => error);
+  t.ok(outcome === 'ok' || outcome instanceof QueueUnavailableError, `after the cut: ${String(outcome)}`);
+  await queue.resolve(first[0]!, 'A', { state: 'completed' }).catch(async (error: unknown) => {
+    t.type(error, QueueUnavailableError);
+    await queue.resolve(first[0]!, 'A', { state: 'completed' });
+  });
+  t.match(await queue.task(first[0]!.taskId), { state: 'completed' });
+
+  // The listener comes back by itself, and wakes a waiting claim at once again.
+  const claiming = queue.claimWork({ workerId: 'A', count: 1, waitMs: 10_000 });
+  const listening = Date.now() + 10_000;
+  while (!queue.isListening && Date.now() < listening) await sleep(50);
+  t.ok(queue.isListening, 'the listener reconnected');
+  const started = performance.now();
+  const id = await queue.submit({ payload: {}, deadline: Date.now() + 60_000, retries: 0 });
+  t.same((await claiming).map((claim) => claim.taskId), [id]);
+  t.ok(performance.now() - started < 3_000, 'woken by notification, not by the 60 s poll');
+});

@@ -10,6 +10,8 @@ export interface Command {
   readonly usage: string;
   /** One line, lower case, no full stop: shown in `drover --help`. */
   readonly summary: string;
+  /** What `--help` says after the usage: the command's own options, and anything worth knowing. */
+  readonly details?: string;
   /** Flags beyond the common --config, --queue-dir and --help; parsed strictly. */
   readonly options: Options;
   /** Returns the exit code; throws UsageError or ConfigError for exit code 2. */

@@ -111,6 +111,14 @@ const commands: Record<string, Command> = {
   submit: {
     usage: 'drover submit [--max-run-time S] [--retries N] [--deadline S] -- CMD [ARGS...]\n       drover submit --payload FILE|-',
     summary: 'add a task to the queue and print its id',
+    details: `One argument after -- is a shell command line (run by sh -c); several are
+the command's argv, run without a shell.
+
+Options:
+  --max-run-time S         stop the command after S seconds; the run resolves failed
+  --retries N              how many more runs after worker-shutdown or claim-expired [5]
+  --deadline S             resolve exception/deadline-exceeded if not done within S seconds [86400]
+  --payload FILE|-         a whole payload as JSON or YAML (command, env, maxRunTime)`,
     options: {
       payload: { type: 'string' },
       'max-run-time': { type: 'string' },
@@ -129,6 +137,10 @@ const commands: Record<string, Command> = {
   tasks: {
     usage: 'drover tasks [--state STATE] [--limit N] [--json]',
     summary: 'list tasks, newest first',
+    details: `Options:
+  --state STATE            only pending, running, completed, failed or exception tasks
+  --limit N                at most N tasks [100]
+  --json                   the full task records, as JSON`,
     options: { state: { type: 'string' }, limit: { type: 'string' }, json: { type: 'boolean' } },
     async run(values) {
       const state = values['state'] as TaskStatus['state'] | undefined;
@@ -149,6 +161,8 @@ const commands: Record<string, Command> = {
   task: {
     usage: 'drover task ID [--json]',
     summary: 'show a task: its payload, runs, resolutions and artifacts',
+    details: `Options:
+  --json                   the full task record with runs and artifacts, as JSON`,
     options: { json: { type: 'boolean' } },
     async run(values, positionals) {
       const taskId = onePositional(positionals, 'ID');
@@ -188,6 +202,11 @@ const commands: Record<string, Command> = {
   logs: {
     usage: 'drover logs ID [-f] [--run N]',
     summary: 'print a task\'s log; -f follows it while it runs (and into its retries)',
+    details: `Prints the latest run's log (public/logs/live.log).
+
+Options:
+  -f, --follow             keep printing while the task runs, and follow its retries
+  --run N                  that run's log instead of the latest`,
     options: { follow: { type: 'boolean', short: 'f' }, run: { type: 'string' } },
     async run(values, positionals) {
       const taskId = onePositional(positionals, 'ID');
@@ -205,6 +224,8 @@ const commands: Record<string, Command> = {
   cancel: {
     usage: 'drover cancel ID',
     summary: 'cancel a task: its run resolves exception/canceled and its processes are killed',
+    details: `The current run resolves exception/canceled at once; a worker running it
+kills the command's whole process tree within about a poll interval.`,
     options: {},
     async run(values, positionals) {
       const taskId = onePositional(positionals, 'ID');
@@ -216,6 +237,9 @@ const commands: Record<string, Command> = {
   artifact: {
     usage: 'drover artifact ID NAME [--run N] [-o FILE]',
     summary: 'write an artifact of a task\'s run (the latest by default) to stdout or a file',
+    details: `Options:
+  --run N                  that run's artifact instead of the latest run's
+  -o, --output FILE        write to FILE instead of stdout`,
     options: { run: { type: 'string' }, output: { type: 'string', short: 'o' } },
     async run(values, positionals) {
       if (positionals.length !== 2) throw new UsageError('expected a task ID and an artifact NAME');
@@ -389,8 +413,9 @@ function overview(): string {
 
 function help(name: string, command: Command): string {
   const text = `Usage: ${command.usage}\n\n${command.summary[0]!.toUpperCase()}${command.summary.slice(1)}.\n\n` +
+    (command.details ? `${command.details}\n\n` : '') +
     `Common options:\n  -c, --config FILE        YAML config file (also DROVER_CONFIG)\n  --queue-dir DIR          the embedded queue's directory [.drover]\n  --queue URL              a PostgreSQL queue, postgres://USER@HOST:PORT/DATABASE (also DROVER_QUEUE)\n  --queue-schema NAME      its schema [drover]; --artifact-dir DIR: its shared artifact directory\n  -h, --help               this text\n`;
   if (name !== 'worker') return text;
-  return text + `\nWorker options (flag > config file > DROVER_* environment):\n  --once                   run what is pending, then exit 0\n${describeSettings('text')}\n\nExit codes: 0 tasks done, 2 bad config or usage, 3 idle timeout,\n4 stopped by SIGTERM/SIGINT, 5 stopped by the host, 70 internal error.\n`;
+  return text + `\nWorker options (flag > config file > DROVER_* environment):\n  --once                   run what is pending, then exit 0\n${describeSettings('text', Object.keys(common))}\n\nExit codes: 0 tasks done, 2 bad config or usage, 3 idle timeout,\n4 stopped by SIGTERM/SIGINT, 5 stopped by the host, 70 internal error.\n`;
 }
 

@@ -27,7 +27,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'workerId', env: 'DROVER_WORKER_ID', kind: 'string', default: '', description: 'Name of this worker in claims and logs; default `<hostname>-<pid>`.' },
   { path: 'capacity', env: 'DROVER_CAPACITY', kind: 'integer', min: 1, default: 1, description: 'How many tasks run at once.' },
   { path: 'queue.type', env: 'DROVER_QUEUE_TYPE', kind: 'queueType', flag: 'queue-type', default: '', description: '`sqlite` or `postgres`; by default `postgres` when `queue.url` is set, else `sqlite`.' },
-  { path: 'queue.dir', env: 'DROVER_QUEUE_DIR', kind: 'string', default: '.drover', description: 'Directory of the embedded SQLite queue and its artifacts.' },
+  { path: 'queue.dir', env: 'DROVER_QUEUE_DIR', kind: 'string', flag: 'queue-dir', default: '.drover', description: 'Directory of the embedded SQLite queue and its artifacts.' },
   { path: 'queue.url', env: 'DROVER_QUEUE', kind: 'queueUrl', flag: 'queue', default: '', description: 'The PostgreSQL queue that workers on many machines share: `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`.' },
   { path: 'queue.schema', env: 'DROVER_QUEUE_SCHEMA', kind: 'string', flag: 'queue-schema', default: '', description: 'PostgreSQL schema of the queue\'s tables; default the URL\'s `?schema=`, else `drover`.' },
   { path: 'queue.artifactDir', env: 'DROVER_ARTIFACT_DIR', kind: 'string', default: '', description: 'PostgreSQL queue: keep artifacts as files in this directory, which every worker and reader must share; empty keeps them in PostgreSQL.' },
@@ -141,8 +141,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
 /** The flag that sets a setting: `queue.claimTimeout` -> `claim-timeout`. */
 export function flagName(setting: Setting): string {
   if (setting.flag !== undefined) return setting.flag;
-  const last = setting.path === 'queue.dir' ? 'queueDir' : setting.path.split('.').pop()!;
-  return last.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+  return setting.path.split('.').pop()!.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
 }
 
 /** Reads a YAML file into `{ 'queue.dir': value, ... }`. */
@@ -208,10 +207,10 @@ function coerce(setting: Setting, raw: unknown): { value: unknown } | { problem:
 }
 
 /** The config reference, as a Markdown table (README) or aligned text (--help). */
-export function describeSettings(format: 'markdown' | 'text'): string {
+export function describeSettings(format: 'markdown' | 'text', skipFlags: readonly string[] = []): string {
   if (format === 'markdown') {
     const rows = SETTINGS.map((s) => `| \`${s.path}\` | \`--${flagName(s)}\` | \`${s.env}\` | ${s.default === '' ? '' : `\`${s.default}\``} | ${s.description} |`);
     return ['| setting | flag | environment | default | meaning |', '| --- | --- | --- | --- | --- |', ...rows].join('\n');
   }
-  return SETTINGS.map((s) => `  --${flagName(s).padEnd(22)} ${s.description}${s.default === '' ? '' : ` [${s.default}]`}`).join('\n');
+  return SETTINGS.filter((s) => !skipFlags.includes(flagName(s))).map((s) => `  --${flagName(s).padEnd(22)} ${s.description}${s.default === '' ? '' : ` [${s.default}]`}`).join('\n');
 }

@@ -14,6 +14,7 @@
  * inspection events (`@xstate.microstep`) can be matched against the model.
  */
 import { createMachine, type AnyStateMachine, type AnyStateNode, type AnyTransitionDefinition } from 'xstate';
+import { describeEventType } from '../machines/diagram.js';
 
 /** The raw config of one state node (or of the machine): what `createMachine` was given. */
 export type StateConfig = Record<string, any>;
@@ -80,25 +81,6 @@ export function isIgnored(transition: AnyTransitionDefinition): boolean {
   return transition.target === undefined && typeof transition.description === 'string' && transition.description.startsWith('ignored:');
 }
 
-/** The `src` of an invoked actor, by its id, when `node` invokes it. */
-function invokedSrc(node: AnyStateNode, id: string): string | undefined {
-  const found = node.invoke.find((invoke) => invoke.id === id);
-  if (found === undefined) return undefined;
-  return typeof found.src === 'string' ? found.src : id;
-}
-
-/** `xstate.done.actor.0.task.claimed.loading` → `done(load)`; `xstate.after.maxRunTime.task.x` → `after maxRunTime`. */
-export function describeEventType(node: AnyStateNode, eventType: string): string {
-  const actor = /^xstate\.(done|error)\.actor\.(.+)$/.exec(eventType);
-  if (actor !== null) {
-    const src = invokedSrc(node, actor[2]!);
-    if (src !== undefined) return `${actor[1]}(${src})`;
-  }
-  const after = new RegExp(`^xstate\\.after\\.(.+)\\.${escapeRegExp(node.id)}$`).exec(eventType);
-  if (after !== null) return `after ${after[1]}`;
-  return eventType;
-}
-
 /**
  * A stable, readable name for a transition: its source state, its event,
  * and its place among the candidates for that event when there are several:
@@ -111,10 +93,6 @@ export function transitionKey(transition: AnyTransitionDefinition): string {
   const candidates = source.transitions.get(transition.eventType) ?? [transition];
   const index = Math.max(candidates.indexOf(transition), 0);
   return `${source.id} ${describeEventType(source, transition.eventType)}${candidates.length > 1 ? `#${index}` : ''}`;
-}
-
-function escapeRegExp(text: string): string {
-  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
 function toArray<T>(value: T | readonly T[] | undefined): T[] {

@@ -142,8 +142,8 @@ t.test('begin, noteProcessGroup, end', async (t) => {
   });
   t.equal(entry?.groups.length, 1, 'a group is noted once');
   t.same(readdirSync(journalDir).filter((n) => n.includes('.tmp-')), [], 'no temporary files left');
-  journal.end(cookie);
-  journal.end(cookie);
+  await journal.end(cookie);
+  await journal.end(cookie);
   t.same(readdirSync(journalDir), [], 'end removes the entry; twice is fine');
 });
 
@@ -221,7 +221,7 @@ t.test('an entry whose owner is alive is not reaped', async (t) => {
   await execution.kill('SIGTERM');
   t.ok(await execution.waitGone(5000));
   t.match(await execution.exited, { exitCode: null, signal: 'SIGTERM' });
-  journal.end(cookie);
+  await journal.end(cookie);
   t.same(journal.list(), []);
 });
 

@@ -285,10 +285,10 @@ t.test('artifacts', async (t) => {
   const meta = (name: string) => ({ name, contentType: 'text/plain' });
 
   t.test('upload, list and read', async (t) => {
-    const { queue, run, dir } = await claimed(t);
+    const { queue, run } = await claimed(t);
     const info = await queue.uploadArtifact(run, 'A', meta('public/logs/live.log'), Readable.from(['hello ', 'world']));
     t.match(info, { ...run, name: 'public/logs/live.log', contentType: 'text/plain', state: 'complete', size: 11, created: START });
-    t.ok(existsSync(join(dir, 'artifacts', run.taskId, '0', 'public', 'logs', 'live.log')));
+    t.ok(existsSync(queue.artifactPath(run, 'public/logs/live.log')), 'stored as a file beside the database');
     t.same(await queue.listArtifacts(run), [info]);
     t.equal(await text(await queue.readArtifact(run, 'public/logs/live.log')), 'hello world');
     await t.rejects(queue.uploadArtifact(run, 'A', meta('public/logs/live.log'), Readable.from(['x'])), { name: 'TaskStateError', message: /already has an artifact/ });
@@ -336,14 +336,14 @@ t.test('artifacts', async (t) => {
   });
 
   t.test('a failed source leaves no artifact behind', async (t) => {
-    const { queue, run, dir } = await claimed(t);
+    const { queue, run } = await claimed(t);
     const source = new PassThrough();
     const uploading = queue.uploadArtifact(run, 'A', meta('broken.log'), source);
     source.write('some');
     source.destroy(new Error('source broke'));
     await t.rejects(uploading, { message: 'source broke' });
     t.same(await queue.listArtifacts(run), []);
-    t.notOk(existsSync(join(dir, 'artifacts', run.taskId, '0', 'broken.log')));
+    t.notOk(existsSync(queue.artifactPath(run, 'broken.log')));
     t.match(await queue.uploadArtifact(run, 'A', meta('broken.log'), Readable.from(['again'])), { size: 5 });
   });
 

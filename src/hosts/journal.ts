@@ -16,7 +16,7 @@
  * reused by an unrelated process since the entry was written.
  */
 import { createHash } from 'node:crypto';
-import { mkdirSync, readFileSync, readdirSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
 import { lstat, readFile, readdir, rm, unlink } from 'node:fs/promises';
 import { join, resolve, sep } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -132,13 +132,11 @@ export class CrashJournal {
   }
 
   /** Removes the run's entry once its cleanup succeeded. A missing entry is not an error. */
-  end(cookie: string): void {
+  end(cookie: string): Promise<void> {
     this.#entries.delete(cookie);
-    try {
-      unlinkSync(this.#path(cookie));
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
-    }
+    // Off the event loop: an unlink can take milliseconds. If it fails, the entry stays and the next
+    // worker to boot here finds nothing left to kill, removes the (gone) task directory and the entry.
+    return unlink(this.#path(cookie)).catch(() => {});
   }
 
   /** The entries on disk (corrupt files skipped): for `drover` diagnostics and tests. */

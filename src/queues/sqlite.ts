@@ -510,8 +510,13 @@ export class SqliteQueue implements Queue {
     return row;
   }
 
-  private artifactPath(run: RunRef, name: string): string {
-    return join(this.dir, 'artifacts', run.taskId, String(run.runId), ...name.split('/'));
+  /**
+   * One directory per task, one file per artifact: `<taskId>/<runId>-<name, URL-encoded>`. Every
+   * directory is a mkdir a task pays for, on the event loop, and on some filesystems a mkdir costs
+   * milliseconds; names cannot clash on disk, the database refuses clashing names.
+   */
+  artifactPath(run: RunRef, name: string): string {
+    return join(this.dir, 'artifacts', run.taskId, `${run.runId}-${encodeURIComponent(name)}`);
   }
 
   private status(row: TaskRow): TaskStatus {

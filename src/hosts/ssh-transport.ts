@@ -1,0 +1,705 @@
+/**
+ * The SSH transport: commands and files on another machine, over one
+ * pooled SSH connection (the `ssh2` package).
+ *
+ * - One connection per host, opened on first use, with TCP_NODELAY and
+ *   SSH keepalives; many commands share it through channels, at most
+ *   `maxChannels` at once (default 8, below OpenSSH's MaxSessions of 10);
+ *   beyond that, callers queue. One channel is the SFTP session, and one
+ *   is always kept free for short control commands (kill, rm), so at most
+ *   `maxChannels - 2` commands run at once.
+ * - A connection that drops is reopened on next use, after a backoff that
+ *   doubles with each failed attempt (reconnectDelayMs .. maxReconnectDelayMs).
+ *   A drop emits `lost` (with the error) and ends the commands that ran on
+ *   it: their `exited` resolves with exit code 255.
+ * - Commands run through a small remote wrapper (ssh-remote.ts): the
+ *   environment is set on the command line (`env -i`, shell-quoted), the
+ *   command is the leader of its own process group, kill() signals that
+ *   group, and when the channel or the connection goes away the remote
+ *   side stops the group by itself (signal, grace period, SIGKILL).
+ * - Files go over SFTP: mkdir, stat, read and write streams, and upload()
+ *   and download() of files and directory trees. remove() runs `rm -rf`.
+ * - Host keys are checked against known_hosts (ssh-known-hosts.ts);
+ *   credentials are private key files and ssh-agent. Keys and passphrases
+ *   never appear in logs or errors; file paths do.
+ */
+import { randomBytes } from 'node:crypto';
+import { EventEmitter, once } from 'node:events';
+import { readFileSync } from 'node:fs';
+import { mkdir as mkdirLocal, readdir, stat as statLocal } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { join as joinLocal, posix } from 'node:path';
+import { PassThrough, Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Client, type AnyAuthMethod, type ClientChannel, type SFTPWrapper } from 'ssh2';
+import { DroverError, errorMessage } from '../model/errors.js';
+import type { Logger } from '../runtime/logger.js';
+import { formatSshAddress, parseSshAddress, type SshTarget } from './ssh-address.js';
+import { HostKeyError, knownKeyTypes, verifyHostKey, type HostKeyPolicy } from './ssh-known-hosts.js';
+import { groupControlLine, remoteCommandLine, signalName } from './ssh-remote.js';
+import type { ExecOptions, Execution, ExitStatus, FileStat, Transport, TransportCapabilities } from './transport.js';
+
+/** The host could not be reached, refused us, or the connection broke. */
+export class SshConnectionError extends DroverError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('DROVER_SSH_CONNECTION', message, options);
+  }
+}
+
+export interface SshAuthOptions {
+  /** Private key files (OpenSSH or PEM format). Default: ~/.ssh/id_ed25519, id_ecdsa and id_rsa, those that exist. */
+  readonly identityFiles?: readonly string[];
+  /** Passphrase of encrypted key files. */
+  readonly passphrase?: string;
+  /** ssh-agent's socket; default SSH_AUTH_SOCK; false: do not use an agent. */
+  readonly agent?: string | false;
+  /** known_hosts file; default ~/.ssh/known_hosts. */
+  readonly knownHostsFile?: string;
+  /** strict (default), accept-new (records unknown hosts' keys) or off. */
+  readonly hostKeyPolicy?: HostKeyPolicy;
+}
+
+export interface SshConnectionOptions extends SshAuthOptions {
+  /** Channels open at once on the connection, the SFTP session included; default 8. */
+  readonly maxChannels?: number;
+  /** SSH keepalive interval; default 5000 ms. A connection is dropped after keepaliveCountMax (3) unanswered ones. */
+  readonly keepaliveIntervalMs?: number;
+  readonly keepaliveCountMax?: number;
+  /** How long connecting (TCP, handshake, authentication) may take; default 10000 ms. */
+  readonly connectTimeoutMs?: number;
+  /** First delay before reconnecting after a failure; doubles up to maxReconnectDelayMs (default 100 and 5000 ms). */
+  readonly reconnectDelayMs?: number;
+  readonly maxReconnectDelayMs?: number;
+  /** How the remote side stops a command whose connection is gone: this signal, then SIGKILL after killGraceMs (SIGTERM, 5000). */
+  readonly killSignal?: NodeJS.Signals;
+  readonly killGraceMs?: number;
+  readonly logger?: Logger;
+}
+
+export interface SshTransportOptions extends SshConnectionOptions {
+  /** `[user@]name[:port]`. */
+  readonly address: string;
+}
+
+export interface SshTransportStats {
+  /** TCP connections opened (attempts included). */
+  readonly connectionsOpened: number;
+  /** Channels opened: commands, control commands and SFTP sessions. */
+  readonly channelsOpened: number;
+  /** Channels open now. */
+  readonly channelsOpen: number;
+}
+
+const DEFAULT_HOST_KEY_ALGORITHMS: Readonly<Record<string, readonly string[]>> = {
+  'ssh-ed25519': ['ssh-ed25519'],
+  'ecdsa-sha2-nistp256': ['ecdsa-sha2-nistp256'],
+  'ecdsa-sha2-nistp384': ['ecdsa-sha2-nistp384'],
+  'ecdsa-sha2-nistp521': ['ecdsa-sha2-nistp521'],
+  'ssh-rsa': ['rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa'],
+};
+
+/** Channels of one connection: commands may not take the last free one, control operations may. */
+class ChannelSlots {
+  #inUse = 0;
+  readonly #waiters: { kind: 'command' | 'control'; grant: () => void }[] = [];
+
+  constructor(readonly limit: number) {}
+
+  get inUse(): number {
+    return this.#inUse;
+  }
+
+  #fits(kind: 'command' | 'control'): boolean {
+    return this.#inUse < (kind === 'command' ? this.limit - 1 : this.limit);
+  }
+
+  /** Resolves with an idempotent release function once a channel may be opened. */
+  async acquire(kind: 'command' | 'control'): Promise<() => void> {
+    if (this.#waiters.length === 0 && this.#fits(kind)) {
+      this.#inUse++;
+    } else {
+      await new Promise<void>((grant) => this.#waiters.push({ kind, grant }));
+    }
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.#inUse--;
+      this.#grant();
+    };
+  }
+
+  #grant(): void {
+    // Control operations first: they are short and others wait on them (a kill, a cleanup).
+    for (const kind of ['control', 'command'] as const) {
+      for (let i = 0; i < this.#waiters.length && this.#fits(kind); ) {
+        const waiter = this.#waiters[i]!;
+        if (waiter.kind !== kind) {
+          i++;
+          continue;
+        }
+        this.#waiters.splice(i, 1);
+        this.#inUse++;
+        waiter.grant();
+      }
+    }
+  }
+}
+
+interface Connection {
+  readonly client: Client;
+  sftp?: Promise<SFTPWrapper>;
+  releaseSftp?: () => void;
+  closed: boolean;
+  /** Why it closed, when it broke. */
+  error?: Error;
+  readonly closedSignal: AbortController;
+}
+
+export class SshTransport extends EventEmitter<{ lost: [error: Error] }> implements Transport {
+  readonly capabilities: TransportCapabilities = { exec: true, files: true };
+  readonly target: SshTarget;
+  /** `user@name:port`. */
+  readonly address: string;
+  readonly #options: SshTransportOptions;
+  readonly #slots: ChannelSlots;
+  readonly #logger: Logger | undefined;
+  #connection: Connection | undefined;
+  #connecting: Promise<Connection> | undefined;
+  #failures = 0;
+  #nextAttemptAt = 0;
+  #closed = false;
+  #home: string | undefined;
+  #stats = { connectionsOpened: 0, channelsOpened: 0 };
+
+  constructor(options: SshTransportOptions) {
+    super();
+    this.#options = options;
+    this.target = parseSshAddress(options.address);
+    this.address = formatSshAddress(this.target);
+    const maxChannels = options.maxChannels ?? 8;
+    if (!Number.isInteger(maxChannels) || maxChannels < 3) throw new RangeError(`maxChannels must be a whole number of at least 3, not ${maxChannels}`);
+    // One channel is the SFTP session.
+    this.#slots = new ChannelSlots(maxChannels - 1);
+    this.#logger = options.logger?.child({ sshHost: this.address });
+  }
+
+  get stats(): SshTransportStats {
+    return { ...this.#stats, channelsOpen: this.#slots.inUse + (this.#connection?.sftp ? 1 : 0) };
+  }
+
+  /** Whether a connection is open now. */
+  get connected(): boolean {
+    return this.#connection !== undefined && !this.#connection.closed;
+  }
+
+  /** Opens the connection now (or reuses the open one); rejects with SshConnectionError or HostKeyError. */
+  async connect(): Promise<void> {
+    await this.#connect();
+  }
+
+  /** The remote user's home directory: where relative paths start. */
+  async home(): Promise<string> {
+    if (this.#home !== undefined) return this.#home;
+    const sftp = await this.#sftp();
+    this.#home = await new Promise<string>((resolve, reject) => sftp.realpath('.', (error, path) => (error ? reject(this.#fileError(error, '.')) : resolve(path))));
+    return this.#home;
+  }
+
+  async exec(argv: readonly string[], options: ExecOptions): Promise<Execution> {
+    if (argv.length === 0) return SshExecution.failed(new Error('exec: empty argv'));
+    const release = await this.#slots.acquire('command');
+    let channel: ClientChannel;
+    const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
+    let connection: Connection;
+    try {
+      connection = await this.#connect();
+      const command = remoteCommandLine({
+        nonce,
+        cwd: options.cwd,
+        env: { ...options.env, DROVER_RUN_COOKIE: options.cookie },
+        argv,
+        killSignal: this.#options.killSignal ?? 'SIGTERM',
+        killGraceMs: this.#options.killGraceMs ?? 5000,
+      });
+      channel = await this.#openExec(connection, command);
+    } catch (error) {
+      release();
+      throw error;
+    }
+    const execution = new SshExecution(this, connection, channel, nonce, release);
+    await execution.started;
+    return execution;
+  }
+
+  /** Runs a short shell command line (a control channel); resolves with its exit code and output. */
+  async run(commandLine: string): Promise<{ exitCode: number | null; stdout: string; stderr: string }> {
+    const release = await this.#slots.acquire('control');
+    try {
+      const connection = await this.#connect();
+      const channel = await this.#openExec(connection, commandLine);
+      let stdout = '';
+      let stderr = '';
+      channel.on('data', (data: Buffer) => (stdout += data.toString()));
+      channel.stderr.on('data', (data: Buffer) => (stderr += data.toString()));
+      let exitCode: number | null = null;
+      channel.on('exit', (code: number | null) => (exitCode = code));
+      await once(channel, 'close');
+      if (connection.closed && exitCode === null) throw new SshConnectionError(`${this.address}: the connection was lost while running a command`, { cause: connection.error });
+      return { exitCode, stdout, stderr };
+    } finally {
+      release();
+    }
+  }
+
+  async mkdir(path: string): Promise<void> {
+    const sftp = await this.#sftp();
+    const make = (dir: string) => new Promise<void>((resolve, reject) => sftp.mkdir(dir, (error) => (error ? reject(error) : resolve())));
+    const ensure = async (dir: string): Promise<void> => {
+      try {
+        await make(dir);
+      } catch (error) {
+        const existing = await this.stat(dir);
+        if (existing?.type === 'directory') return;
+        if (existing !== undefined) throw this.#fileError(Object.assign(new Error('not a directory'), { code: 'ENOTDIR' }), dir);
+        const parent = posix.dirname(dir);
+        if (parent === dir || (error as { code?: unknown }).code !== 2) throw this.#fileError(error, dir);
+        await ensure(parent);
+        await make(dir).catch(async (again: unknown) => {
+          if ((await this.stat(dir))?.type !== 'directory') throw this.#fileError(again, dir);
+        });
+      }
+    };
+    await ensure(posix.normalize(path));
+  }
+
+  async remove(path: string): Promise<void> {
+    const { exitCode, stderr } = await this.run(`rm -rf -- ${quote(path)}`);
+    if (exitCode !== 0) throw new SshConnectionError(`${this.address}: cannot remove ${path}: ${stderr.trim() || `rm exited with ${exitCode}`}`);
+  }
+
+  async stat(path: string): Promise<FileStat | undefined> {
+    const sftp = await this.#sftp();
+    return new Promise((resolve, reject) =>
+      sftp.lstat(path, (error, stats) => {
+        if (error) {
+          if ((error as { code?: unknown }).code === 2) resolve(undefined);
+          else reject(this.#fileError(error, path));
+          return;
+        }
+        const type = stats.isSymbolicLink() ? 'symlink' : stats.isFile() ? 'file' : stats.isDirectory() ? 'directory' : 'other';
+        resolve({ type, size: stats.size });
+      }),
+    );
+  }
+
+  async readFile(path: string): Promise<Readable> {
+    const sftp = await this.#sftp();
+    const handle = await new Promise<Buffer>((resolve, reject) => sftp.open(path, 'r', (error, handle) => (error ? reject(this.#fileError(error, path)) : resolve(handle))));
+    const isDirectory = await new Promise<boolean>((resolve) => sftp.fstat(handle, (error, stats) => resolve(!error && stats.isDirectory())));
+    if (isDirectory) {
+      sftp.close(handle, () => {});
+      throw Object.assign(new Error(`EISDIR: illegal operation on a directory, read '${path}' on ${this.address}`), { code: 'EISDIR', path });
+    }
+    return sftp.createReadStream(path, { handle, autoClose: true });
+  }
+
+  async writeFile(path: string, data: Readable | Uint8Array | string): Promise<void> {
+    const sftp = await this.#sftp();
+    if (data instanceof Readable) {
+      const stream = sftp.createWriteStream(path);
+      const closed = once(stream, 'close');
+      try {
+        await pipeline(data, stream);
+      } catch (error) {
+        throw this.#fileError(error, path);
+      }
+      await closed;
+      return;
+    }
+    await new Promise<void>((resolve, reject) => sftp.writeFile(path, Buffer.from(data), (error) => (error ? reject(this.#fileError(error, path)) : resolve())));
+  }
+
+  /** Copies a local file or directory tree to `remotePath`, keeping file modes (the executable bit). */
+  async upload(localPath: string, remotePath: string): Promise<void> {
+    const sftp = await this.#sftp();
+    const stats = await statLocal(localPath);
+    if (stats.isDirectory()) {
+      await this.mkdir(remotePath);
+      const entries = await readdir(localPath);
+      for (const entry of entries) await this.upload(joinLocal(localPath, entry), posix.join(remotePath, entry));
+      return;
+    }
+    if (!stats.isFile()) throw new Error(`upload: ${localPath} is neither a file nor a directory`);
+    const mode = stats.mode & 0o777;
+    await new Promise<void>((resolve, reject) => sftp.fastPut(localPath, remotePath, { mode }, (error) => (error ? reject(this.#fileError(error, remotePath)) : resolve())));
+    // The server's umask applies at open; the executable bit must survive it.
+    await new Promise<void>((resolve, reject) => sftp.chmod(remotePath, mode, (error) => (error ? reject(this.#fileError(error, remotePath)) : resolve())));
+  }
+
+  /** Copies a remote file or directory tree to `localPath`. */
+  async download(remotePath: string, localPath: string): Promise<void> {
+    const sftp = await this.#sftp();
+    const stats = await this.stat(remotePath);
+    if (stats === undefined) throw this.#fileError(Object.assign(new Error('no such file'), { code: 2 }), remotePath);
+    if (stats.type === 'directory') {
+      await mkdirLocal(localPath, { recursive: true });
+      const entries = await new Promise<string[]>((resolve, reject) =>
+        sftp.readdir(remotePath, (error, list) => (error ? reject(this.#fileError(error, remotePath)) : resolve(list.map((item) => item.filename)))),
+      );
+      for (const entry of entries) await this.download(posix.join(remotePath, entry), joinLocal(localPath, entry));
+      return;
+    }
+    await new Promise<void>((resolve, reject) => sftp.fastGet(remotePath, localPath, (error) => (error ? reject(this.#fileError(error, remotePath)) : resolve())));
+  }
+
+  join(...segments: string[]): string {
+    return posix.join(...segments);
+  }
+
+  /** Closes the connection; remote commands still running are stopped by their wrappers. Idempotent. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    const connection = this.#connection;
+    this.#connection = undefined;
+    if (connection !== undefined && !connection.closed) {
+      const closed = once(connection.client, 'close').catch(() => {});
+      connection.client.end();
+      await Promise.race([closed, sleep(2000)]);
+      connection.client.destroy();
+    }
+  }
+
+  /** Cuts the TCP connection as a network failure would: for tests. */
+  dropConnection(): void {
+    const connection = this.#connection;
+    if (connection === undefined) return;
+    (connection.client as unknown as { _sock?: { destroy(): void } })._sock?.destroy();
+  }
+
+  async #connect(): Promise<Connection> {
+    if (this.#connection !== undefined && !this.#connection.closed) return this.#connection;
+    this.#connecting ??= this.#open().finally(() => (this.#connecting = undefined));
+    return this.#connecting;
+  }
+
+  async #open(): Promise<Connection> {
+    if (this.#closed) throw new SshConnectionError(`${this.address}: the transport is closed`);
+    const wait = this.#nextAttemptAt - Date.now();
+    if (wait > 0) await sleep(wait);
+    const options = this.#options;
+    const { host, port, user } = this.target;
+    const knownHostsFile = options.knownHostsFile ?? joinLocal(homedir(), '.ssh', 'known_hosts');
+    const policy = options.hostKeyPolicy ?? 'strict';
+    const check = { file: knownHostsFile, policy, host, port, address: this.address };
+    let refused: HostKeyError | undefined;
+    const client = new Client();
+    const connection: Connection = { client, closed: false, closedSignal: new AbortController() };
+    this.#stats.connectionsOpened++;
+    try {
+      const auth = authMethods(user, options);
+      const preferred = policy === 'off' ? [] : knownKeyTypes(check).flatMap((type) => DEFAULT_HOST_KEY_ALGORITHMS[type] ?? []);
+      await new Promise<void>((resolve, reject) => {
+        client.once('ready', resolve);
+        client.once('error', reject);
+        client.connect({
+          host,
+          port,
+          username: user,
+          authHandler: auth.methods,
+          readyTimeout: options.connectTimeoutMs ?? 10_000,
+          keepaliveInterval: options.keepaliveIntervalMs ?? 5000,
+          keepaliveCountMax: options.keepaliveCountMax ?? 3,
+          ...(preferred.length > 0 ? { algorithms: { serverHostKey: { remove: preferred, prepend: preferred } as never } } : {}),
+          hostVerifier: (key: Buffer) => {
+            try {
+              verifyHostKey(check, key);
+              return true;
+            } catch (error) {
+              refused = error instanceof HostKeyError ? error : new HostKeyError(errorMessage(error));
+              return false;
+            }
+          },
+        });
+        client.setNoDelay(true);
+      }).catch((error: unknown) => {
+        if (refused !== undefined) throw refused;
+        const message = errorMessage(error);
+        if (/authentication methods failed/i.test(message)) {
+          throw new SshConnectionError(`cannot log in to ${this.address}: authentication failed (tried ${auth.tried.join(', ') || 'nothing'})`, { cause: error });
+        }
+        throw new SshConnectionError(`cannot connect to ${this.address}: ${describeConnectError(error)}`, { cause: error });
+      });
+    } catch (error) {
+      client.removeAllListeners('error');
+      client.on('error', () => {});
+      client.destroy();
+      this.#failures++;
+      const base = options.reconnectDelayMs ?? 100;
+      this.#nextAttemptAt = Date.now() + Math.min(options.maxReconnectDelayMs ?? 5000, base * 2 ** (this.#failures - 1));
+      throw error;
+    }
+    this.#failures = 0;
+    this.#nextAttemptAt = 0;
+    client.removeAllListeners('error');
+    client.on('error', (error: Error) => {
+      connection.error ??= error;
+    });
+    client.on('close', () => {
+      if (connection.closed) return;
+      connection.closed = true;
+      connection.releaseSftp?.();
+      if (this.#connection === connection) this.#connection = undefined;
+      if (!this.#closed) {
+        const error = new SshConnectionError(`the connection to ${this.address} was lost${connection.error ? `: ${connection.error.message}` : ''}`, { cause: connection.error });
+        this.#logger?.warn('ssh connection lost', { error: error.message });
+        // First the host hears of it (it stops the runs placed there), then the commands end.
+        this.emit('lost', error);
+      }
+      connection.closedSignal.abort();
+    });
+    if (this.#closed) {
+      client.end();
+      throw new SshConnectionError(`${this.address}: the transport is closed`);
+    }
+    this.#connection = connection;
+    this.#logger?.debug('ssh connected');
+    return connection;
+  }
+
+  #openExec(connection: Connection, command: string): Promise<ClientChannel> {
+    return new Promise((resolve, reject) => {
+      if (connection.closed) {
+        reject(new SshConnectionError(`the connection to ${this.address} was lost`, { cause: connection.error }));
+        return;
+      }
+      connection.client.exec(command, (error, channel) => {
+        if (error) {
+          reject(new SshConnectionError(`${this.address}: cannot start a command: ${error.message}`, { cause: error }));
+          return;
+        }
+        this.#stats.channelsOpened++;
+        resolve(channel);
+      });
+    });
+  }
+
+  async #sftp(): Promise<SFTPWrapper> {
+    const connection = await this.#connect();
+    if (connection.sftp === undefined) {
+      connection.sftp = new Promise<SFTPWrapper>((resolve, reject) => {
+        connection.client.sftp((error, sftp) => {
+          if (error) {
+            reject(new SshConnectionError(`${this.address}: cannot start SFTP: ${error.message}`, { cause: error }));
+            return;
+          }
+          this.#stats.channelsOpened++;
+          sftp.on('error', () => {});
+          resolve(sftp);
+        });
+      });
+      connection.sftp.catch(() => {
+        connection.sftp = undefined;
+      });
+    }
+    return connection.sftp;
+  }
+
+  /** An SFTP failure as a Node-style error (ENOENT, EACCES) naming the path and the host. */
+  #fileError(error: unknown, path: string): Error {
+    const status = (error as { code?: unknown }).code;
+    const code = status === 2 ? 'ENOENT' : status === 3 ? 'EACCES' : typeof status === 'string' ? status : 'EIO';
+    const text = code === 'ENOENT' ? 'no such file or directory' : code === 'EACCES' ? 'permission denied' : errorMessage(error);
+    return Object.assign(new Error(`${code}: ${text}, '${path}' on ${this.address}`, { cause: error }), { code, path });
+  }
+}
+
+function quote(word: string): string {
+  return `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
+function describeConnectError(error: unknown): string {
+  const code = (error as { code?: string }).code;
+  const level = (error as { level?: string }).level;
+  if (code === 'ECONNREFUSED') return 'connection refused (is sshd running on that port?)';
+  if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return 'no such host name';
+  if (code === 'ETIMEDOUT' || /timed out/i.test(errorMessage(error))) return 'timed out';
+  return level === 'client-ssh' ? `the server refused: ${errorMessage(error)}` : errorMessage(error);
+}
+
+function authMethods(user: string, options: SshAuthOptions): { methods: AnyAuthMethod[]; tried: string[] } {
+  const methods: AnyAuthMethod[] = [];
+  const tried: string[] = [];
+  const explicit = options.identityFiles !== undefined;
+  const files = options.identityFiles ?? ['id_ed25519', 'id_ecdsa', 'id_rsa'].map((name) => joinLocal(homedir(), '.ssh', name));
+  for (const file of files) {
+    let key: Buffer;
+    try {
+      key = readFileSync(file);
+    } catch (error) {
+      if (!explicit && (error as NodeJS.ErrnoException).code === 'ENOENT') continue;
+      throw new SshConnectionError(`identity file "${file}" cannot be read: ${(error as NodeJS.ErrnoException).code ?? errorMessage(error)}`);
+    }
+    methods.push({ type: 'publickey', username: user, key, ...(options.passphrase === undefined ? {} : { passphrase: options.passphrase }) });
+    tried.push(`key ${file}`);
+  }
+  const agent = options.agent === false ? undefined : (options.agent ?? process.env['SSH_AUTH_SOCK']);
+  if (agent) {
+    methods.push({ type: 'agent', username: user, agent });
+    tried.push('ssh-agent');
+  }
+  if (methods.length === 0) throw new SshConnectionError('no SSH credentials: give identity files, or run ssh-agent (SSH_AUTH_SOCK)');
+  return { methods, tried };
+}
+
+/** A command running over SSH; see ssh-remote.ts for the remote side. */
+class SshExecution implements Execution {
+  readonly stdout: Readable;
+  readonly stderr: Readable;
+  readonly exited: Promise<ExitStatus & { readonly startError?: Error }>;
+  /** Settles once the header came: the command started, or could not. */
+  readonly started: Promise<void>;
+  /** The remote main process, also its process group. */
+  pid: number | undefined;
+  readonly #transport: SshTransport | undefined;
+  readonly #channel: ClientChannel | undefined;
+  readonly #connection: Connection | undefined;
+  #exitSeen = false;
+  /** The channel is closed: the main process exited and its output ended, or the connection is gone. */
+  #gone = false;
+  /** No process of the group is left: its id may be reused, so it is never signalled again. */
+  #freed = false;
+
+  static failed(startError: Error): SshExecution {
+    return new SshExecution(undefined, undefined, undefined, '', () => {}, startError);
+  }
+
+  constructor(transport: SshTransport | undefined, connection: Connection | undefined, channel: ClientChannel | undefined, nonce: string, release: () => void, startError?: Error) {
+    this.#transport = transport;
+    this.#connection = connection;
+    this.#channel = channel;
+    const stdout = new PassThrough();
+    const stderr = new PassThrough();
+    this.stdout = stdout;
+    this.stderr = stderr;
+    if (channel === undefined || transport === undefined) {
+      stdout.end();
+      stderr.end();
+      this.#gone = true;
+      this.#freed = true;
+      this.exited = Promise.resolve({ exitCode: 127, signal: null, startError: startError ?? new Error('not started') });
+      this.started = Promise.resolve();
+      return;
+    }
+    let resolveExit!: (status: ExitStatus & { readonly startError?: Error }) => void;
+    this.exited = new Promise((resolve) => (resolveExit = resolve));
+    let headerDone!: () => void;
+    this.started = new Promise((resolve) => (headerDone = resolve));
+    let headerError: Error | undefined;
+    let pending = Buffer.alloc(0);
+    let inHeader = true;
+    channel.on('data', (data: Buffer) => {
+      if (!stdout.write(data)) {
+        channel.pause();
+        stdout.once('drain', () => channel.resume());
+      }
+    });
+    channel.stderr.on('data', (data: Buffer) => {
+      if (!inHeader) {
+        stderr.write(data);
+        return;
+      }
+      pending = Buffer.concat([pending, data]);
+      for (let newline = pending.indexOf(10); newline >= 0 && inHeader; newline = pending.indexOf(10)) {
+        const line = pending.subarray(0, newline).toString('utf8');
+        pending = pending.subarray(newline + 1);
+        if (line.startsWith(`${nonce} started `)) {
+          this.pid = Number(line.slice(nonce.length + 9));
+          inHeader = false;
+        } else if (line.startsWith(`${nonce} error `)) {
+          headerError = new Error(`${line.slice(nonce.length + 7)} (on ${transport.address})`);
+          inHeader = false;
+        } else {
+          // Said before the wrapper ran (the login shell, sshd): the command's stderr all the same.
+          stderr.write(`${line}\n`);
+        }
+      }
+      if (!inHeader) {
+        if (pending.length > 0) stderr.write(pending);
+        headerDone();
+      }
+    });
+    channel.on('exit', (code: number | null, signal?: string) => {
+      this.#exitSeen = true;
+      if (headerError !== undefined) resolveExit({ exitCode: 127, signal: null, startError: headerError });
+      else resolveExit(signal ? { exitCode: null, signal: signal as NodeJS.Signals } : { exitCode: code ?? 255, signal: null });
+    });
+    {
+      const finish = () => {
+        if (this.#gone) return;
+        this.#gone = true;
+        release();
+        if (inHeader) {
+          inHeader = false;
+          if (pending.length > 0) stderr.write(pending);
+          headerError ??= new Error(connection?.closed ? `the connection to ${transport.address} was lost before the command started` : `the command did not start on ${transport.address}`);
+          headerDone();
+        }
+        if (!this.#exitSeen) {
+          const lost = connection?.closed === true;
+          if (lost && headerError === undefined) stderr.write(`[drover] the connection to ${transport.address} was lost while the command ran\n`);
+          resolveExit(headerError !== undefined ? { exitCode: 127, signal: null, startError: headerError } : { exitCode: 255, signal: null });
+        }
+        stdout.end();
+        stderr.end();
+      };
+      const signal = connection?.closedSignal.signal;
+      const onLost = () => finish();
+      channel.once('close', () => {
+        signal?.removeEventListener('abort', onLost);
+        finish();
+      });
+      signal?.addEventListener('abort', onLost, { once: true });
+    }
+  }
+
+  async kill(signal: NodeJS.Signals): Promise<void> {
+    if (this.#freed || this.pid === undefined) return;
+    const name = signalName(signal);
+    if (!this.#exitSeen && !this.#gone && this.#channel?.writable) {
+      // The watcher reads signals on the channel's stdin while the main process runs.
+      this.#channel.write(`${name}\n`);
+      return;
+    }
+    // The main process has exited (sshd closed the watcher's stdin); what is left of the group is signalled directly.
+    if (this.#connection?.closed) return;
+    await this.#control(signal, 0);
+  }
+
+  async waitGone(timeoutMs: number): Promise<boolean> {
+    if (this.#freed || this.pid === undefined) return true;
+    const deadline = performance.now() + Math.max(0, timeoutMs);
+    if (!this.#exitSeen && !this.#gone) {
+      const timer = new AbortController();
+      const exited = await Promise.race([this.exited.then(() => true), sleep(Math.max(0, timeoutMs), false, { signal: timer.signal }).catch(() => false)]);
+      timer.abort();
+      if (!exited) return false;
+    }
+    // Without a connection the remote watcher stops the group on its own; there is nobody to ask.
+    if (this.#connection?.closed) return true;
+    return this.#control(undefined, deadline - performance.now());
+  }
+
+  /** Signals what is left of the group and/or waits for it; true once it is gone (and never signalled again). */
+  async #control(signal: NodeJS.Signals | undefined, waitMs: number): Promise<boolean> {
+    try {
+      const { stdout } = await this.#transport!.run(groupControlLine(this.pid!, signal, waitMs));
+      if (stdout.trim() === 'gone') this.#freed = true;
+    } catch (error) {
+      if (this.#connection?.closed) return true;
+      throw error;
+    }
+    return this.#freed;
+  }
+}

@@ -1,0 +1,322 @@
+/**
+ * The SSH transport against a real OpenSSH server on loopback: commands with
+ * their environment and exit status, the process engine running over SSH,
+ * abort and dropped connections leaving no remote process, SFTP, connection
+ * pooling, host keys, credentials and unreachable hosts.
+ */
+import t, { type Test } from 'tap';
+import { spawn, execFileSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ProcessEngine } from '../src/engines/process.js';
+import { pidsWithCookie, readProcStat, liveProcesses } from '../src/hosts/proc.js';
+import { HostKeyError } from '../src/hosts/ssh-known-hosts.js';
+import { SshConnectionError, SshTransport, type SshTransportOptions } from '../src/hosts/ssh-transport.js';
+import type { Execution } from '../src/hosts/transport.js';
+import type { Claim } from '../src/model/task.js';
+import { silentLogger } from '../src/runtime/logger.js';
+import type { TestSshd } from '../src/testing/sshd.js';
+import { requireSshd, sshd } from './helpers/sshd.js';
+
+if (!requireSshd(t)) process.exit(0);
+
+const BASE_ENV = { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: 'C.UTF-8' };
+
+function transportFor(t: Test, server: TestSshd, options: Partial<SshTransportOptions> = {}): SshTransport {
+  const transport = new SshTransport({ address: server.address, identityFiles: [server.identityFile], knownHostsFile: server.knownHostsFile, agent: false, ...options });
+  t.teardown(() => transport.close());
+  return transport;
+}
+
+/** A fresh remote directory (the test user's home is shared by the test files), removed afterwards. */
+async function remoteDir(t: Test, transport: SshTransport): Promise<string> {
+  const dir = transport.join(await transport.home(), `t-${randomUUID().slice(0, 8)}`);
+  await transport.mkdir(dir);
+  t.teardown(() => transport.remove(dir).catch(() => {}));
+  return dir;
+}
+
+/** A cookie whose processes are SIGKILLed at teardown, whatever the test did. */
+function cookieFor(t: Test): string {
+  const cookie = `ssh-test-${randomUUID()}`;
+  t.teardown(() => {
+    for (const pid of pidsWithCookie(cookie)) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone
+      }
+    }
+  });
+  return cookie;
+}
+
+function collect(stream: Readable): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let text = '';
+    stream.on('data', (chunk: Buffer) => (text += chunk.toString()));
+    stream.on('end', () => resolve(text));
+    stream.on('error', reject);
+  });
+}
+
+async function runToEnd(execution: Execution) {
+  const [status, stdout, stderr] = await Promise.all([execution.exited, collect(execution.stdout), collect(execution.stderr)]);
+  return { status, stdout, stderr };
+}
+
+async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+t.test('exec: exact environment, quoting, cwd, stdout, stderr, exit code, stdin closed', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport);
+  const cookie = cookieFor(t);
+  const tricky = `it's "quoted" $HOME \`x\` \\ ; | & * \n second line`;
+  const env = { ...BASE_ENV, TRICKY: tricky, 'WITH SPACE': 'x y', EMPTY: '' };
+  const shown = await runToEnd(await transport.exec(['sh', '-c', 'printf "[%s]\\n" "$TRICKY"; pwd; cat; echo oops >&2; exit 3'], { cwd: dir, env, cookie }));
+  t.same(shown.status, { exitCode: 3, signal: null });
+  t.equal(shown.stdout, `[${tricky}]\n${dir}\n`, 'the value arrives byte for byte; the command runs in cwd; stdin is closed (cat read nothing)');
+  t.equal(shown.stderr, 'oops\n', 'stderr holds the command\'s output only');
+  const listed = await runToEnd(await transport.exec(['env', '-0'], { cwd: dir, env, cookie }));
+  const seen = Object.fromEntries(listed.stdout.split('\0').filter(Boolean).map((entry) => [entry.slice(0, entry.indexOf('=')), entry.slice(entry.indexOf('=') + 1)]));
+  t.same(seen, { ...env, DROVER_RUN_COOKIE: cookie }, 'exactly the given variables, nothing of the SSH session');
+});
+
+t.test('exec: a signal ends the command; a missing command is a start error', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport);
+  const killed = await runToEnd(await transport.exec(['sh', '-c', 'kill -KILL $$'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
+  t.same(killed.status, { exitCode: null, signal: 'SIGKILL' }, 'the signal, as OpenSSH reports it');
+  const missing = await runToEnd(await transport.exec(['drover-no-such-command'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
+  t.equal(missing.status.exitCode, 127);
+  t.match(missing.status.startError?.message, /drover-no-such-command: command not found \(on drover-ssh@127\.0\.0\.1:\d+|command not found/);
+  t.match(missing.status.startError?.message, server.address, 'the error names the host');
+  const badDir = await runToEnd(await transport.exec(['true'], { cwd: `${dir}/missing`, env: BASE_ENV, cookie: cookieFor(t) }));
+  t.match(badDir.status.startError?.message, /cannot enter the working directory/);
+  const argvEquals = await runToEnd(await transport.exec(['sh', '-c', 'printf "%s|" "$@"', 'x', 'a=b', "c'd"], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
+  t.equal(argvEquals.stdout, "a=b|c'd|", 'argv passes through untouched');
+});
+
+function engineContext(t: Test, transport: SshTransport, taskDir: string, cookie: string) {
+  const claim: Claim = { taskId: 'ssh-task', runId: 0, workerId: 'w', payload: {}, deadline: Date.now() + 60_000, takenUntil: Date.now() + 60_000, retriesLeft: 0 };
+  return { claim, transport, taskDir, cookie, logger: silentLogger, signal: new AbortController().signal };
+}
+
+t.test('the process engine over SSH: abort stops the whole remote tree, SIGKILL after the grace period', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport);
+  const cookie = cookieFor(t);
+  const engine = new ProcessEngine({ killGraceMs: 400, env: BASE_ENV });
+  const builder = await engine.prepare({ command: `sh -c 'trap "" TERM; sleep 1000' & sleep 1000 & wait` }, engineContext(t, transport, dir, cookie));
+  const sandbox = await builder.start();
+  sandbox.stdout.resume();
+  sandbox.stderr.resume();
+  await until('4 remote processes', () => pidsWithCookie(cookie).length >= 4);
+  const groups = new Set(pidsWithCookie(cookie).map((pid) => readProcStat(pid)?.pgrp));
+  t.equal(groups.size, 1, 'the remote command is one process group');
+  const started = Date.now();
+  await sandbox.abort();
+  const took = Date.now() - started;
+  t.same(pidsWithCookie(cookie), [], 'no remote process is left (zombies do not count)');
+  t.ok(took >= 350 && took < 5000, `TERM, the grace period, then KILL for the one that ignored TERM (${took} ms)`);
+  t.equal((await sandbox.wait()).signal, 'SIGTERM');
+  await sandbox.dispose();
+});
+
+t.test('the process engine over SSH: dispose kills what the command left running after it exited', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport);
+  const cookie = cookieFor(t);
+  const engine = new ProcessEngine({ killGraceMs: 1000, env: BASE_ENV });
+  const builder = await engine.prepare({ command: 'sleep 1000 >/dev/null 2>&1 & echo started' }, engineContext(t, transport, dir, cookie));
+  const sandbox = await builder.start();
+  const stdout = collect(sandbox.stdout);
+  sandbox.stderr.resume();
+  t.equal((await sandbox.wait()).exitCode, 0);
+  t.equal(await stdout, 'started\n');
+  await sleep(300);
+  t.equal(pidsWithCookie(cookie).length, 1, 'the background sleep still runs after the main process exited');
+  await sandbox.dispose();
+  t.same(pidsWithCookie(cookie), [], 'dispose killed it');
+});
+
+t.test('a dropped connection ends the remote command (the wrapper notices its session is gone)', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server, { killGraceMs: 300 });
+  const dir = await remoteDir(t, transport);
+  const cookie = cookieFor(t);
+  const lost: Error[] = [];
+  transport.on('lost', (error) => lost.push(error));
+  const execution = await transport.exec(['sh', '-c', 'trap "" TERM; sleep 1000 & sleep 1000; wait'], { cwd: dir, env: BASE_ENV, cookie });
+  execution.stdout.resume();
+  const stderr = collect(execution.stderr);
+  await until('3 remote processes', () => pidsWithCookie(cookie).length >= 3);
+  transport.dropConnection();
+  const status = await execution.exited;
+  t.same(status, { exitCode: 255, signal: null }, 'exited resolves (255, as ssh says) once the connection is gone');
+  t.match(await stderr, /the connection to drover-ssh@127\.0\.0\.1:\d+ was lost while the command ran/);
+  t.equal(lost.length, 1, 'the transport said the connection was lost');
+  t.match(lost[0]?.message, server.address);
+  t.ok(await execution.waitGone(100), 'waitGone does not hang on a lost connection');
+  await until('the remote wrapper to stop the group (TERM, grace, KILL)', () => pidsWithCookie(cookie).length === 0, 10_000);
+  t.pass('no remote process is left');
+  // The next command reconnects.
+  const again = await runToEnd(await transport.exec(['echo', 'back'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
+  t.equal(again.stdout, 'back\n');
+  t.equal(transport.stats.connectionsOpened, 2, 'one reconnect');
+});
+
+t.test('SFTP: mkdir -p, write, read, stat, errors, upload and download of trees with modes', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport);
+  await transport.mkdir(`${dir}/a/b/c`);
+  await transport.mkdir(`${dir}/a/b/c`);
+  t.same(await transport.stat(`${dir}/a/b`), { type: 'directory', size: (await transport.stat(`${dir}/a/b`))!.size });
+  await transport.writeFile(`${dir}/a/text.txt`, 'hello\n');
+  await transport.writeFile(`${dir}/a/stream.bin`, Readable.from([Buffer.alloc(300_000, 7), Buffer.from('end')]));
+  t.equal(await collect(await transport.readFile(`${dir}/a/text.txt`)), 'hello\n');
+  t.equal((await transport.stat(`${dir}/a/stream.bin`))?.size, 300_003);
+  t.equal(await transport.stat(`${dir}/nothing`), undefined);
+  await t.rejects(transport.readFile(`${dir}/nothing`), { code: 'ENOENT', message: new RegExp(`nothing' on ${server.address.replace(/[.]/g, '\\.')}`) });
+  await t.rejects(transport.readFile(`${dir}/a`), { code: 'EISDIR' });
+
+  const local = mkdtempSync(join(tmpdir(), 'drover-upload-'));
+  t.teardown(() => rmSync(local, { recursive: true, force: true }));
+  mkdirSync(join(local, 'tree/sub'), { recursive: true });
+  writeFileSync(join(local, 'tree/run.sh'), '#!/bin/sh\necho ran\n');
+  chmodSync(join(local, 'tree/run.sh'), 0o755);
+  writeFileSync(join(local, 'tree/sub/data.txt'), 'data');
+  await transport.upload(join(local, 'tree'), `${dir}/up`);
+  const ran = await runToEnd(await transport.exec(['./up/run.sh'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
+  t.equal(ran.stdout, 'ran\n', 'the executable bit survived the upload');
+  await transport.download(`${dir}/up`, join(local, 'back'));
+  t.equal(readFileSync(join(local, 'back/sub/data.txt'), 'utf8'), 'data');
+  t.equal(statSync(join(local, 'back/run.sh')).isFile(), true);
+  await transport.remove(`${dir}/up`);
+  t.equal(await transport.stat(`${dir}/up`), undefined);
+  await transport.remove(`${dir}/up`);
+});
+
+t.test('100 commands share one TCP connection; channels stay within the limit', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server, { maxChannels: 8 });
+  const dir = await remoteDir(t, transport);
+  let running = 0;
+  let most = 0;
+  const started = performance.now();
+  const results = await Promise.all(
+    Array.from({ length: 100 }, async (_, i) => {
+      const execution = await transport.exec(['sh', '-c', `echo ${i}; sleep 0.05`], { cwd: dir, env: BASE_ENV, cookie: 'pool' });
+      running++;
+      most = Math.max(most, running, transport.stats.channelsOpen);
+      const { status, stdout } = await runToEnd(execution);
+      await execution.waitGone(5000);
+      running--;
+      return status.exitCode === 0 && stdout === `${i}\n`;
+    }),
+  );
+  const seconds = (performance.now() - started) / 1000;
+  t.ok(results.every(Boolean), 'every command ran with its own output');
+  t.equal(transport.stats.connectionsOpened, 1, 'one TCP connection opened by the client');
+  t.equal(server.logins(), 1, 'and one login seen by sshd');
+  t.ok(most <= 8, `never more than maxChannels channels open (at most ${most})`);
+  t.comment(`100 commands (50 ms each) over one connection: ${seconds.toFixed(2)} s, ${(100 / seconds).toFixed(0)} commands/s, at most ${most} channels`);
+});
+
+t.test('host keys: a changed key is refused and says so; strict refuses unknown hosts; accept-new records them', async (t) => {
+  const server = await sshd(t);
+  const dir = mkdtempSync(join(tmpdir(), 'drover-known-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', join(dir, 'other')]);
+  const otherKey = readFileSync(join(dir, 'other.pub'), 'utf8').split(' ').slice(0, 2).join(' ');
+  const changed = join(dir, 'changed');
+  writeFileSync(changed, `# a comment\n[127.0.0.1]:${server.port} ${otherKey}\n`);
+  const refused = transportFor(t, server, { knownHostsFile: changed });
+  const error = await refused.connect().then(() => undefined, (e: unknown) => e);
+  t.type(error, HostKeyError);
+  t.match((error as Error).message, /host key of drover-ssh@127\.0\.0\.1:\d+ has CHANGED/);
+  t.match((error as Error).message, /line 2/);
+  t.match((error as Error).message, /ssh-keygen -R/);
+  t.equal(server.logins(), 0, 'nothing was sent to the host');
+
+  const unknown = join(dir, 'unknown');
+  await t.rejects(transportFor(t, server, { knownHostsFile: unknown }).connect(), { name: 'HostKeyError', message: /is not in ".*unknown"/ });
+
+  const learned = join(dir, 'sub', 'learned');
+  await transportFor(t, server, { knownHostsFile: learned, hostKeyPolicy: 'accept-new' }).connect();
+  t.equal(readFileSync(learned, 'utf8'), `[127.0.0.1]:${server.port} ${server.hostPublicKey}\n`, 'accept-new recorded the key');
+  await transportFor(t, server, { knownHostsFile: learned, hostKeyPolicy: 'strict' }).connect();
+  t.pass('and strict then accepts it');
+  await transportFor(t, server, { knownHostsFile: changed, hostKeyPolicy: 'accept-new' }).connect().then(
+    () => t.fail('accept-new must still refuse a changed key'),
+    (e: unknown) => t.type(e, HostKeyError),
+  );
+  await transportFor(t, server, { knownHostsFile: changed, hostKeyPolicy: 'off' }).connect();
+  t.pass('off skips the check');
+
+  // Hashed known_hosts entries (HashKnownHosts yes) are understood.
+  const hashed = join(dir, 'hashed');
+  writeFileSync(hashed, `[127.0.0.1]:${server.port} ${server.hostPublicKey}\n`);
+  execFileSync('ssh-keygen', ['-H', '-f', hashed], { stdio: 'ignore' });
+  t.notMatch(readFileSync(hashed, 'utf8'), /127\.0\.0\.1/, 'the file is hashed');
+  await transportFor(t, server, { knownHostsFile: hashed }).connect();
+  t.pass('a hashed entry matches');
+});
+
+t.test('credentials: ssh-agent; a wrong key is refused clearly without showing it', async (t) => {
+  const server = await sshd(t);
+  const dir = mkdtempSync(join(tmpdir(), 'drover-agent-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const socket = join(dir, 'agent.sock');
+  const agent = spawn('ssh-agent', ['-D', '-a', socket], { stdio: 'ignore' });
+  t.teardown(() => void agent.kill('SIGKILL'));
+  await until('ssh-agent to listen', () => {
+    try {
+      return statSync(socket).isSocket();
+    } catch {
+      return false;
+    }
+  });
+  execFileSync('ssh-add', ['-q', server.identityFile], { env: { ...process.env, SSH_AUTH_SOCK: socket }, stdio: 'ignore' });
+  const viaAgent = transportFor(t, server, { identityFiles: [], agent: socket });
+  const { stdout } = await runToEnd(await viaAgent.exec(['echo', 'agent'], { cwd: '.', env: BASE_ENV, cookie: cookieFor(t) }));
+  t.equal(stdout, 'agent\n');
+
+  execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', join(dir, 'stranger')]);
+  const error = await transportFor(t, server, { identityFiles: [join(dir, 'stranger')] }).connect().then(() => undefined, (e: unknown) => e);
+  t.type(error, SshConnectionError);
+  t.match((error as Error).message, `cannot log in to ${server.address}: authentication failed (tried key ${join(dir, 'stranger')})`);
+  t.notMatch((error as Error).message, /PRIVATE KEY/);
+  await t.rejects(transportFor(t, server, { identityFiles: [join(dir, 'missing-key')] }).connect(), { message: /identity file ".*missing-key" cannot be read: ENOENT/ });
+});
+
+t.test('an unreachable host: a clear error, and reconnects back off', async (t) => {
+  const server = await sshd(t);
+  const gone = await sshd(t);
+  const port = gone.port;
+  await gone.stop();
+  const transport = transportFor(t, server, { address: `${server.user}@127.0.0.1:${port}`, reconnectDelayMs: 200, maxReconnectDelayMs: 400 });
+  const first = Date.now();
+  await t.rejects(transport.connect(), { name: 'SshConnectionError', message: `cannot connect to drover-ssh@127.0.0.1:${port}: connection refused (is sshd running on that port?)` });
+  t.ok(Date.now() - first < 2000, 'refused at once');
+  const second = Date.now();
+  await t.rejects(transport.connect(), SshConnectionError);
+  t.ok(Date.now() - second >= 150, 'the second attempt waited for the backoff');
+  await t.rejects(transport.exec(['true'], { cwd: '.', env: BASE_ENV, cookie: 'x' }), { message: /cannot connect to drover-ssh@127\.0\.0\.1/ });
+  t.equal(liveProcesses().filter((p) => p.pid === gone.pid).length, 0, 'that sshd is really gone');
+});

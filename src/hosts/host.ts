@@ -13,6 +13,7 @@
  * interruption, preemption, a local signal); the worker then shuts down
  * gracefully, with `shutdown.reason` as the reason.
  */
+import type { Claim } from '../model/task.js';
 import type { Logger } from '../runtime/logger.js';
 import type { Transport } from './transport.js';
 
@@ -35,6 +36,16 @@ export interface Host {
   readonly shutdown: AbortSignal;
   transport(): Transport;
   /**
+   * Hosts that stand for several machines (`ssh`) choose one per run. The
+   * runtime calls it in `loading`, after the payload is validated and before
+   * the task directory is made, and releases the placement last thing in
+   * `cleanup`, on every path. It waits (bounded by `signal`) while every
+   * live machine is full; it rejects with ResourceUnavailableError when no
+   * machine is up at all. Hosts without it run every task through
+   * `transport()` under the worker's work directory.
+   */
+  place?(request: PlacementRequest): Promise<Placement>;
+  /**
    * Where the runtime records, before a sandbox starts, what a run will
    * leave behind, so that a worker starting after a crash can reap it
    * (see CrashJournal). Hosts whose tasks cannot outlive the worker omit it.
@@ -46,4 +57,28 @@ export interface Host {
 export interface RunJournal {
   begin(entry: { readonly cookie: string; readonly runKey: string; readonly taskDir: string }): void;
   end(cookie: string): void;
+}
+
+export interface PlacementRequest {
+  readonly claim: Claim;
+  /** The task's script name: `least-loaded` balances by it, and `maxConcurrent` counts it. */
+  readonly name?: string;
+  /** At most this many runs of `name` at once on one machine. */
+  readonly maxConcurrent?: number;
+  /** Only machines that carry every one of these labels. */
+  readonly labels?: readonly string[];
+  readonly signal: AbortSignal;
+}
+
+/** One run's slot on one machine. */
+export interface Placement {
+  readonly transport: Transport;
+  /** The machine, for logs: `user@name:port`. */
+  readonly host: string;
+  /** Task directories go under it, on that machine. */
+  readonly workDir: string;
+  /** Aborted (with an Error) when that machine goes down while the run holds the slot. */
+  readonly lost: AbortSignal;
+  /** Gives the slot back; idempotent. */
+  release(): void;
 }

@@ -210,7 +210,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   async exec(argv: readonly string[], options: ExecOptions): Promise<Execution> {
     if (argv.length === 0) return SshExecution.failed(new Error('exec: empty argv'));
     const release = await this.#slots.acquire('command');
-    let channel: ClientChannel;
+    let execution: SshExecution;
     const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
     let connection: Connection;
     try {
@@ -223,12 +223,12 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
         killSignal: this.#options.killSignal ?? 'SIGTERM',
         killGraceMs: this.#options.killGraceMs ?? 5000,
       });
-      channel = await this.#openExec(connection, command);
+      // Built in the callback: ssh2 may emit the channel's first events in the same tick.
+      execution = await this.#openExec(connection, command, (channel) => new SshExecution(this, connection, channel, nonce, release));
     } catch (error) {
       release();
       throw error;
     }
-    const execution = new SshExecution(this, connection, channel, nonce, release);
     await execution.started;
     return execution;
   }
@@ -238,14 +238,16 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     const release = await this.#slots.acquire('control');
     try {
       const connection = await this.#connect();
-      const channel = await this.#openExec(connection, commandLine);
       let stdout = '';
       let stderr = '';
-      channel.on('data', (data: Buffer) => (stdout += data.toString()));
-      channel.stderr.on('data', (data: Buffer) => (stderr += data.toString()));
       let exitCode: number | null = null;
-      channel.on('exit', (code: number | null) => (exitCode = code));
-      await once(channel, 'close');
+      const closed = await this.#openExec(connection, commandLine, (channel) => {
+        channel.on('data', (data: Buffer) => (stdout += data.toString()));
+        channel.stderr.on('data', (data: Buffer) => (stderr += data.toString()));
+        channel.on('exit', (code: number | null) => (exitCode = code));
+        return once(channel, 'close');
+      });
+      await closed;
       if (connection.closed && exitCode === null) throw new SshConnectionError(`${this.address}: the connection was lost while running a command`, { cause: connection.error });
       return { exitCode, stdout, stderr };
     } finally {
@@ -468,7 +470,8 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     return connection;
   }
 
-  #openExec(connection: Connection, command: string): Promise<ClientChannel> {
+  /** Opens an exec channel; `onChannel` runs synchronously with it, before any of its events. */
+  #openExec<T>(connection: Connection, command: string, onChannel: (channel: ClientChannel) => T): Promise<T> {
     return new Promise((resolve, reject) => {
       if (connection.closed) {
         reject(new SshConnectionError(`the connection to ${this.address} was lost`, { cause: connection.error }));
@@ -480,7 +483,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
           return;
         }
         this.#stats.channelsOpened++;
-        resolve(channel);
+        resolve(onChannel(channel));
       });
     });
   }

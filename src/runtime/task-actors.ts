@@ -12,7 +12,8 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fromCallback, fromPromise } from 'xstate';
 import type { Engine, Sandbox, SandboxBuilder } from '../engines/engine.js';
-import type { Host } from '../hosts/host.js';
+import type { Host, Placement } from '../hosts/host.js';
+import type { Transport } from '../hosts/transport.js';
 import { ClaimLostError, InternalError, MalformedPayloadError, QueueUnavailableError, errorMessage } from '../model/errors.js';
 import { describeResolution, type Resolution } from '../model/resolution.js';
 import { runKey, type Claim, type RunResult } from '../model/task.js';
@@ -48,6 +49,11 @@ class RunState {
   readonly plugins: { readonly name: string; readonly hooks: TaskPlugin }[] = [];
   takenUntil: number;
   taskDir?: string;
+  /** The machine the run was placed on, for hosts that place runs (`ssh`); released last in cleanup. */
+  placement?: Placement;
+  /** Aborted when the placement's machine goes down: the reclaim actor then stops the run (ABORT). */
+  readonly hostLost = new AbortController();
+  unwatchPlacement?: () => void;
   journaled = false;
   builder?: SandboxBuilder;
   sandbox?: Sandbox;
@@ -90,9 +96,11 @@ export function createTaskActors(runtime: TaskRuntime) {
     }
   };
 
+  /** Where the run's files and commands go: its placement's machine, else the host's one transport. */
+  const transportOf = (run: RunState): Transport => run.placement?.transport ?? host.transport();
+
   async function load(claim: Claim, signal: AbortSignal): Promise<LoadOutput> {
     const run = stateOf(claim);
-    const transport = host.transport();
     run.log.line(`worker ${workerId} claimed run ${claim.runId} of task ${claim.taskId}`);
     // Plugin objects exist before validation so that every path can reach their hooks
     // (the live log must carry a malformed-payload message too); they read the payload in prepare.
@@ -106,7 +114,21 @@ export function createTaskActors(runtime: TaskRuntime) {
       }
     }
     runtime.validatePayload(claim.payload);
-    const taskDir = transport.join(runtime.workDir, 'tasks', `${claim.taskId}-${claim.runId}`);
+    let workDir = runtime.workDir;
+    if (host.place !== undefined) {
+      const placement = await host.place({ claim, ...placementHints(claim.payload), signal });
+      run.placement = placement;
+      workDir = placement.workDir;
+      run.log.line(`running on ${placement.host}`);
+      const onLost = () => run.hostLost.abort(placement.lost.reason);
+      if (placement.lost.aborted) onLost();
+      else {
+        placement.lost.addEventListener('abort', onLost, { once: true });
+        run.unwatchPlacement = () => placement.lost.removeEventListener('abort', onLost);
+      }
+    }
+    const transport = transportOf(run);
+    const taskDir = transport.join(workDir, 'tasks', `${claim.taskId}-${claim.runId}`);
     // Recorded before anything exists, so a crash at any later point leaves nothing unreaped.
     host.journal?.begin({ cookie: run.cookie, runKey: runKey(claim), taskDir });
     run.journaled = host.journal !== undefined;
@@ -215,8 +237,11 @@ export function createTaskActors(runtime: TaskRuntime) {
     run.log.end();
     if (run.taskDir !== undefined) {
       const taskDir = run.taskDir;
-      await step('task directory', () => host.transport().remove(taskDir));
+      // A machine that went down cannot be cleaned now; its directory waits there for a later worker.
+      if (!run.hostLost.signal.aborted) await step('task directory', () => transportOf(run).remove(taskDir));
     }
+    run.unwatchPlacement?.();
+    run.placement?.release();
     runs.delete(runKey(claim));
     if (failures.length > 0) {
       // The journal entry stays, so the next worker to boot here reaps what is left.
@@ -258,11 +283,22 @@ export function createTaskActors(runtime: TaskRuntime) {
       if (!stopped) schedule();
     };
     const unwatch = queue.watchCancellation(input.claim, () => lost({ type: 'CANCEL' }));
+    // The machine the run was placed on went down: stop the run as for a shutdown, so the queue runs it again elsewhere.
+    const onHostLost = () => {
+      if (stopped) return;
+      const reason = run.hostLost.signal.reason as unknown;
+      run.log.line(`${errorMessage(reason)}; stopping the run so that it runs again elsewhere`);
+      run.logger.warn('the run\'s host went down', { error: errorMessage(reason) });
+      sendBack({ type: 'ABORT' });
+    };
+    if (run.hostLost.signal.aborted) onHostLost();
+    else run.hostLost.signal.addEventListener('abort', onHostLost, { once: true });
     schedule();
     return () => {
       stopped = true;
       clearTimeout(timer);
       unwatch();
+      run.hostLost.signal.removeEventListener('abort', onHostLost);
     };
   });
 
@@ -281,6 +317,16 @@ export function createTaskActors(runtime: TaskRuntime) {
     reclaim,
     /** Runs still held: for status output and tests. */
     runs: () => [...runs.keys()],
+  };
+}
+
+/** What a payload says about where it may run: the script name, its maxConcurrent, the labels a host must carry. */
+function placementHints(payload: Claim['payload']): { name?: string; maxConcurrent?: number; labels?: string[] } {
+  const { name, maxConcurrent, hostLabels } = payload as { name?: unknown; maxConcurrent?: unknown; hostLabels?: unknown };
+  return {
+    ...(typeof name === 'string' ? { name } : {}),
+    ...(typeof maxConcurrent === 'number' ? { maxConcurrent } : {}),
+    ...(Array.isArray(hostLabels) ? { labels: hostLabels.filter((label): label is string => typeof label === 'string') } : {}),
   };
 }
 

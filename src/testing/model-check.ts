@@ -195,6 +195,12 @@ export interface CheckResult {
   paths(): ModelPath[];
   /** Seeded random walks of at most `maxSteps`, each continued the shortest way to a final state. */
   randomWalks(options: { readonly seed: number; readonly count: number; readonly maxSteps: number }): ModelPath[];
+  /**
+   * For every transition some step takes, a short path that takes it, finished the shortest way
+   * (shortest paths to states miss a transition whose target state is reached more briefly another
+   * way, and every "ignored here" one). `accept` filters candidates: the first accepted is kept.
+   */
+  transitionPaths(accept?: (path: ModelPath) => boolean): ModelPath[];
 }
 
 /** `{ claimed: { running: 'executing' } }` → `claimed.running.executing`. */
@@ -236,6 +242,8 @@ interface Node {
 interface Edge {
   readonly to: number;
   readonly via: ModelEvent;
+  /** The transitions the step took (keys). */
+  readonly taken: readonly string[];
 }
 
 type Advanced = { readonly snapshot: AnyMachineSnapshot; readonly world: World; readonly facts: StepFacts };
@@ -289,6 +297,7 @@ class Explorer {
       },
       violations: this.violations,
       paths: () => this.allPaths(),
+      transitionPaths: (accept) => this.transitionPaths(accept ?? (() => true)),
       randomWalks: (options) => this.randomWalks(options),
     };
   }
@@ -332,7 +341,7 @@ class Explorer {
         const monitors = this.fold(node.monitors, next, from, node.inputIndex, via);
         const to = this.add({ inputIndex: node.inputIndex, snapshot: next.snapshot, world: next.world, monitors, parent: from, via });
         const target = to ?? this.byKey.get(this.keyOf(node.inputIndex, next.snapshot, next.world, monitors))!;
-        this.edges[from]!.push({ to: target, via });
+        this.edges[from]!.push({ to: target, via, taken: next.facts.taken });
         if (to !== undefined) queue.push(to);
       }
     }
@@ -626,6 +635,25 @@ class Explorer {
       paths.push(this.execute(node.inputIndex, labels));
     });
     return paths;
+  }
+
+  private transitionPaths(accept: (path: ModelPath) => boolean): ModelPath[] {
+    /** How many candidate edges to try per transition before giving up on it. */
+    const CANDIDATES = 50;
+    const found = new Map<string, ModelPath>();
+    const tried = new Map<string, number>();
+    // Nodes come in breadth-first order: the earlier the source, the shorter the path.
+    this.edges.forEach((edges, from) => {
+      for (const edge of edges) {
+        for (const key of edge.taken) {
+          if (found.has(key) || (tried.get(key) ?? 0) >= CANDIDATES) continue;
+          tried.set(key, (tried.get(key) ?? 0) + 1);
+          const path = this.execute(this.nodes[from]!.inputIndex, [...this.labelsTo(from), edge.via.label, ...this.labelsToEnd(edge.to)]);
+          if (accept(path)) found.set(key, path);
+        }
+      }
+    });
+    return [...found.values()];
   }
 
   private randomWalks({ seed, count, maxSteps }: { seed: number; count: number; maxSteps: number }): ModelPath[] {

@@ -132,6 +132,13 @@ t.test('worker: a shutdown signal leads to stopped', async (t) => {
   t.same(checks, ['leads-to'], 'caught by leads-to only');
 });
 
+t.test('worker: a fatal error leads to stopped', async (t) => {
+  const v = expectCaught(t, workerModel, (c) => void (stateConfig(c, 'claiming')['on'].FATAL = ignored('keep claiming')),
+    'leads-to', workerModel.leadsTo![1]!.name);
+  t.match(v, { message: /^after FATAL a path can go round a cycle/ });
+  t.equal(steps(v)[1], 'FATAL', 'in claiming, the first state that ignores it');
+});
+
 t.test('worker: a dropped transition', async (t) => {
   const v = expectCaught(t, workerModel, (c) => void delete stateConfig(c, 'booting')['on'].FATAL, 'unhandled', 'unhandled');
   t.same(steps(v), ['FATAL']);

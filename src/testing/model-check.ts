@@ -17,6 +17,12 @@
  *
  * A violation comes with the shortest path (event sequence) that shows it.
  *
+ * Why its own traversal rather than xstate/graph's: the invariants are
+ * monitors explored together with the machine (their state is part of the
+ * explored state), and the environment depends on what is alive (which
+ * children can finish, which timers can fire); both need the actions of
+ * every microstep, which `getMicrosteps` gives and the graph helpers do not.
+ *
  * The environment is part of the model: the machine's actors finish when
  * the model says so. Each live child (invoked or spawned) may complete with
  * any output the model lists for its `src` (`xstate.done.actor.<id>`) or

@@ -241,13 +241,21 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
       let stdout = '';
       let stderr = '';
       let exitCode: number | null = null;
-      const closed = await this.#openExec(connection, commandLine, (channel) => {
+      const { closed } = await this.#openExec(connection, commandLine, (channel) => {
         channel.on('data', (data: Buffer) => (stdout += data.toString()));
         channel.stderr.on('data', (data: Buffer) => (stderr += data.toString()));
         channel.on('exit', (code: number | null) => (exitCode = code));
-        return once(channel, 'close');
+        // In an object: a bare promise would be adopted, and the open would wait for the close.
+        return { closed: once(channel, 'close') };
       });
-      await closed;
+      // A connection that breaks may take its channels with it silently.
+      const lost = connection.closedSignal.signal;
+      const done = new AbortController();
+      try {
+        await Promise.race([closed, lost.aborted ? undefined : once(lost, 'abort', { signal: done.signal })]);
+      } finally {
+        done.abort();
+      }
       if (connection.closed && exitCode === null) throw new SshConnectionError(`${this.address}: the connection was lost while running a command`, { cause: connection.error });
       return { exitCode, stdout, stderr };
     } finally {

@@ -156,3 +156,33 @@ t.test('a worker on three SSH hosts: one unreachable, one killed mid-task; every
   t.pass('no remote task process is left');
   t.match(worker.state(), /^claiming/, 'the worker keeps running');
 });
+
+t.test('drover worker over SSH: --ssh-hosts-file, --engine script, a task submitted with drover submit', async (t) => {
+  const server = await sshd(t);
+  const cwd = t.testdir({
+    'hosts': `# build machines\n${server.address} capacity=2 labels=linux\n`,
+    'job.yaml': `name: hello\nscript:\n  - '#!/bin/sh'\n  - 'echo "hello from $(pwd | sed s,.*/tasks/.*,task-dir,) $WHO"'\nenv:\n  WHO: ssh\nhostLabels: [linux]\n`,
+  });
+  const { drover, resolved, runOutcomes: outcomes, startWorker: startWorkerProcess } = await import('./helpers/drover.js');
+  const id = (await drover(['submit', '--payload', 'job.yaml'], { cwd })).stdout.trim();
+  const env = {
+    DROVER_SSH_HOSTS_FILE: join(cwd, 'hosts'),
+    DROVER_SSH_IDENTITY_FILE: server.identityFile,
+    DROVER_SSH_KNOWN_HOSTS: server.knownHostsFile,
+    DROVER_SSH_WORK_DIR: `cli-${randomUUID().slice(0, 8)}`,
+    DROVER_ENGINE: 'script',
+    SSH_AUTH_SOCK: '',
+  };
+  const worker = startWorkerProcess(['--once'], { cwd, env });
+  t.equal(await worker.exited, 0, 'the worker ran the task and exited', { log: worker.log() });
+  const task = await resolved(join(cwd, '.drover'), id);
+  t.same(outcomes(task), ['completed']);
+  const logs = await drover(['logs', id], { cwd });
+  t.match(logs.stdout, `[drover] running on ${server.address}`);
+  t.match(logs.stdout, 'hello from task-dir ssh\n');
+  t.match(worker.log(), /ssh host up .*capacity=2/);
+
+  const unknownKey = await drover(['worker', '--once'], { cwd, env: { ...env, DROVER_SSH_KNOWN_HOSTS: join(cwd, 'empty_known_hosts') } });
+  t.not(unknownKey.code, 0, 'no host can be trusted: the worker stops');
+  t.match(unknownKey.stderr, new RegExp(`host key of ${server.address.replace(/\./g, '\\.')} \\(ssh-ed25519 SHA256:[^)]+\\) is not in`));
+});

@@ -1,8 +1,11 @@
 /** `drover worker`: the composition of the shipped parts into one worker process, with its signals. */
 import { hostname } from 'node:os';
 import { resolve as resolvePath } from 'node:path';
-import { ProcessEngine } from '../engines/process.js';
+import type { Engine } from '../engines/engine.js';
+import { ProcessEngine, type ProcessEngineOptions } from '../engines/process.js';
+import type { Host } from '../hosts/host.js';
 import { HardwareHost } from '../hosts/local.js';
+import type { Logger } from '../runtime/logger.js';
 import { livelogPlugin } from '../plugins/livelog.js';
 import type { Queue } from '../queues/queue.js';
 import type { Config } from '../runtime/config.js';
@@ -13,16 +16,29 @@ import { EXIT, exitCodeFor } from './exit-codes.js';
 export async function runWorker(config: Config, queue: Queue, once: boolean): Promise<number> {
   const logger = createLogger({ level: config.logLevel, format: config.logFormat });
   const workDir = resolvePath(config.workDir);
-  const host = new HardwareHost({ workDir });
+  const { host, capacity, remote } = await hostFor(config, workDir, logger);
+  const engineOptions: ProcessEngineOptions = {
+    killSignal: config.engine.killSignal,
+    killGraceMs: config.engine.killGrace * 1000,
+    // The worker's own PATH, HOME... mean nothing on another machine.
+    ...(remote ? { env: { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: process.env['LANG'] || 'C.UTF-8' } } : {}),
+  };
+  let engine: Engine;
+  if (config.engine.type === 'script') {
+    const { ScriptEngine } = await import('../engines/script.js');
+    engine = new ScriptEngine(engineOptions);
+  } else {
+    engine = new ProcessEngine(engineOptions);
+  }
   const worker = startWorker({
     workerId: config.workerId || `${hostname()}-${process.pid}`,
     queue,
     host,
-    engine: new ProcessEngine({ killSignal: config.engine.killSignal, killGraceMs: config.engine.killGrace * 1000 }),
+    engine,
     plugins: [livelogPlugin()],
     workDir,
     logger,
-    capacity: config.capacity,
+    capacity,
     maxTasks: config.numberOfTasksToRun,
     once,
     idleTimeoutMs: config.idleTimeout * 1000,
@@ -53,4 +69,29 @@ export async function runWorker(config: Config, queue: Queue, once: boolean): Pr
     clearTimeout(deadline);
     await queue.close();
   }
+}
+
+/** This machine, or the SSH hosts the config lists; over SSH the capacity defaults to the sum of the hosts'. */
+async function hostFor(config: Config, workDir: string, logger: Logger): Promise<{ host: Host; capacity: number; remote: boolean }> {
+  const { ssh } = config;
+  if (ssh.hosts.length === 0 && !ssh.hostsFile) return { host: new HardwareHost({ workDir }), capacity: config.capacity, remote: false };
+  // The SSH stack (ssh2) loads only for workers that use it.
+  const { SshHost, parseHostsFile } = await import('../hosts/ssh-host.js');
+  const host = new SshHost({
+    hosts: [...ssh.hosts, ...(ssh.hostsFile ? parseHostsFile(ssh.hostsFile) : [])],
+    defaultCapacity: ssh.capacity,
+    selection: ssh.selection,
+    ...(ssh.identityFiles.length > 0 ? { identityFiles: ssh.identityFiles } : {}),
+    ...(ssh.knownHosts ? { knownHostsFile: ssh.knownHosts } : {}),
+    hostKeyPolicy: ssh.hostKeyPolicy,
+    maxChannels: ssh.maxChannels,
+    strikes: ssh.strikes,
+    probationMs: ssh.probation * 1000,
+    keepaliveIntervalMs: ssh.keepalive * 1000,
+    killSignal: config.engine.killSignal,
+    killGraceMs: config.engine.killGrace * 1000,
+    workDir: ssh.workDir,
+    logger,
+  });
+  return { host, capacity: config.given.includes('capacity') ? config.capacity : host.capacity, remote: true };
 }

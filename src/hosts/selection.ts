@@ -15,7 +15,7 @@
  * retire the machine for the rest of the pool's life. A down machine is
  * probed again after `probationMs`, and comes back when the probe works.
  */
-import { ResourceUnavailableError, errorMessage } from '../model/errors.js';
+import { ConfigError, ResourceUnavailableError, errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import type { Transport } from './transport.js';
 
@@ -130,9 +130,9 @@ export class MachinePool<T extends Transport> {
   constructor(specs: readonly MachineSpec<T>[], options: MachinePoolOptions) {
     const seen = new Set<string>();
     for (const spec of specs) {
-      if (seen.has(spec.address)) throw new Error(`host ${spec.address} is listed twice`);
+      if (seen.has(spec.address)) throw new ConfigError(`host ${spec.address} is listed twice`);
       seen.add(spec.address);
-      if (!Number.isInteger(spec.capacity) || spec.capacity < 1) throw new Error(`host ${spec.address}: capacity must be a whole number of at least 1`);
+      if (!Number.isInteger(spec.capacity) || spec.capacity < 1) throw new ConfigError(`host ${spec.address}: capacity must be a whole number of at least 1`);
     }
     this.#machines = specs.map((spec) => ({ spec, labels: spec.labels ?? [], state: 'up', strikes: 0, downSince: 0, probing: false, byName: new Map(), slots: new Set() }));
     this.#options = options;

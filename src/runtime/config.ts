@@ -7,9 +7,17 @@
  */
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { ConfigError } from '../model/errors.js';
+import { ConfigError, errorMessage } from '../model/errors.js';
+import { parseSshAddress } from '../hosts/ssh-address.js';
 
-type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl';
+type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy';
+
+/** One SSH host of `ssh.hosts`. */
+export interface SshHostSetting {
+  readonly address: string;
+  readonly capacity?: number;
+  readonly labels?: readonly string[];
+}
 
 export interface Setting {
   /** Dotted path in the config file: `queue.claimTimeout`. */
@@ -25,7 +33,7 @@ export interface Setting {
 
 export const SETTINGS: readonly Setting[] = [
   { path: 'workerId', env: 'DROVER_WORKER_ID', kind: 'string', default: '', description: 'Name of this worker in claims and logs; default `<hostname>-<pid>`.' },
-  { path: 'capacity', env: 'DROVER_CAPACITY', kind: 'integer', min: 1, default: 1, description: 'How many tasks run at once.' },
+  { path: 'capacity', env: 'DROVER_CAPACITY', kind: 'integer', min: 1, default: 1, description: 'How many tasks run at once; over SSH, by default the sum of the hosts\' capacities.' },
   { path: 'queue.type', env: 'DROVER_QUEUE_TYPE', kind: 'queueType', flag: 'queue-type', default: '', description: '`sqlite` or `postgres`; by default `postgres` when `queue.url` is set, else `sqlite`.' },
   { path: 'queue.dir', env: 'DROVER_QUEUE_DIR', kind: 'string', flag: 'queue-dir', default: '.drover', description: 'Directory of the embedded SQLite queue and its artifacts.' },
   { path: 'queue.url', env: 'DROVER_QUEUE', kind: 'queueUrl', flag: 'queue', default: '', description: 'The PostgreSQL queue that workers on many machines share: `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`.' },
@@ -38,8 +46,21 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'shutdownGrace', env: 'DROVER_SHUTDOWN_GRACE', kind: 'seconds', min: 0, default: 30, description: 'After SIGTERM/SIGINT, how long running tasks may finish before they are aborted.' },
   { path: 'idleTimeout', env: 'DROVER_IDLE_TIMEOUT', kind: 'seconds', min: 0, default: 0, description: 'Stop after this long with nothing to do (exit code 3); 0 never stops.' },
   { path: 'numberOfTasksToRun', env: 'DROVER_NUMBER_OF_TASKS_TO_RUN', kind: 'integer', min: 0, default: 0, description: 'Stop after claiming this many tasks (exit code 0); 0 means no limit.' },
+  { path: 'engine.type', env: 'DROVER_ENGINE', kind: 'engineType', flag: 'engine', default: 'process', description: '`process` (the payload\'s command) or `script` (a script and its DEPS/ files, geto-style).' },
   { path: 'engine.killSignal', env: 'DROVER_KILL_SIGNAL', kind: 'signal', default: 'SIGTERM', description: 'First signal sent to a task\'s process group when it is aborted.' },
   { path: 'engine.killGrace', env: 'DROVER_KILL_GRACE', kind: 'seconds', min: 0, default: 5, description: 'How long after that signal before SIGKILL.' },
+  { path: 'ssh.hosts', env: 'DROVER_SSH_HOSTS', kind: 'sshHosts', flag: 'ssh-hosts', default: '', description: 'Run tasks over SSH on these hosts: `user@name:port`, separated by commas; in the config file also a list of `{ address, capacity, labels }`.' },
+  { path: 'ssh.hostsFile', env: 'DROVER_SSH_HOSTS_FILE', kind: 'string', flag: 'ssh-hosts-file', default: '', description: 'Or a file of SSH hosts, one `user@name:port [capacity=N] [labels=a,b]` a line.' },
+  { path: 'ssh.capacity', env: 'DROVER_SSH_CAPACITY', kind: 'integer', min: 1, flag: 'ssh-capacity', default: 4, description: 'Tasks at once on an SSH host that does not say.' },
+  { path: 'ssh.selection', env: 'DROVER_SSH_SELECTION', kind: 'selection', flag: 'selection', default: 'least-loaded', description: 'How an SSH host is chosen: `least-loaded` (fewest runs of the same script name), `round-robin` or `random`.' },
+  { path: 'ssh.identityFile', env: 'DROVER_SSH_IDENTITY_FILE', kind: 'string', flag: 'identity-file', default: '', description: 'Private key files, separated by commas; default `~/.ssh/id_ed25519`, `id_ecdsa`, `id_rsa`. ssh-agent (`SSH_AUTH_SOCK`) is tried too.' },
+  { path: 'ssh.knownHosts', env: 'DROVER_SSH_KNOWN_HOSTS', kind: 'string', flag: 'known-hosts', default: '', description: 'known_hosts file; default `~/.ssh/known_hosts`.' },
+  { path: 'ssh.hostKeyPolicy', env: 'DROVER_SSH_HOST_KEY_POLICY', kind: 'hostKeyPolicy', flag: 'host-key-policy', default: 'strict', description: '`strict`: hosts must be in known_hosts; `accept-new`: unknown hosts\' keys are recorded; `off`: no check. A changed key is always refused.' },
+  { path: 'ssh.maxChannels', env: 'DROVER_SSH_MAX_CHANNELS', kind: 'integer', min: 3, flag: 'max-channels', default: 8, description: 'Channels of an SSH connection, below the server\'s MaxSessions (10); one is SFTP, one is kept for control, the rest run commands.' },
+  { path: 'ssh.strikes', env: 'DROVER_SSH_STRIKES', kind: 'integer', min: 1, flag: 'strikes', default: 3, description: 'Failures in a row (lost connection, failed connect or probe) that retire an SSH host until the worker stops.' },
+  { path: 'ssh.probation', env: 'DROVER_SSH_PROBATION', kind: 'seconds', min: 0, flag: 'probation', default: 30, description: 'How long a down SSH host rests before it is probed again.' },
+  { path: 'ssh.keepalive', env: 'DROVER_SSH_KEEPALIVE', kind: 'seconds', min: 0.1, flag: 'keepalive', default: 5, description: 'SSH keepalive interval; three unanswered ones mark the host down.' },
+  { path: 'ssh.workDir', env: 'DROVER_SSH_WORK_DIR', kind: 'string', flag: 'ssh-work-dir', default: '.drover/work', description: 'Task directories on each SSH host; relative to the remote home unless absolute.' },
   { path: 'logLevel', env: 'DROVER_LOG_LEVEL', kind: 'level', default: 'info', description: 'debug, info, warn or error.' },
   { path: 'logFormat', env: 'DROVER_LOG_FORMAT', kind: 'format', default: 'text', description: 'text or json.' },
 ];
@@ -64,7 +85,26 @@ export interface Config {
   readonly shutdownGrace: number;
   readonly idleTimeout: number;
   readonly numberOfTasksToRun: number;
-  readonly engine: { readonly killSignal: NodeJS.Signals; readonly killGrace: number };
+  readonly engine: { readonly type: 'process' | 'script'; readonly killSignal: NodeJS.Signals; readonly killGrace: number };
+  readonly ssh: {
+    readonly hosts: readonly SshHostSetting[];
+    /** Empty: none. */
+    readonly hostsFile: string;
+    readonly capacity: number;
+    readonly selection: 'least-loaded' | 'round-robin' | 'random';
+    /** Empty: the defaults. */
+    readonly identityFiles: readonly string[];
+    /** Empty: ~/.ssh/known_hosts. */
+    readonly knownHosts: string;
+    readonly hostKeyPolicy: 'strict' | 'accept-new' | 'off';
+    readonly maxChannels: number;
+    readonly strikes: number;
+    readonly probation: number;
+    readonly keepalive: number;
+    readonly workDir: string;
+  };
+  /** Paths of the settings given by a flag, the config file or the environment (not defaults). */
+  readonly given: readonly string[];
   readonly logLevel: 'debug' | 'info' | 'warn' | 'error';
   readonly logFormat: 'text' | 'json';
   /** The config file it was read from, if any. */
@@ -84,11 +124,15 @@ const SIGNALS = new Set(['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'S
 export function loadConfig(sources: ConfigSources = {}): Config {
   const env = sources.env ?? process.env;
   const values = new Map<string, unknown>(SETTINGS.map((s) => [s.path, s.default]));
+  const given = new Set<string>();
   const problems: string[] = [];
   const take = (where: string, setting: Setting, raw: unknown) => {
     const parsed = coerce(setting, raw);
     if ('problem' in parsed) problems.push(`${where}: ${parsed.problem}`);
-    else values.set(setting.path, parsed.value);
+    else {
+      values.set(setting.path, parsed.value);
+      given.add(setting.path);
+    }
   };
   for (const setting of SETTINGS) {
     const raw = env[setting.env];
@@ -131,7 +175,22 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     shutdownGrace: get<number>('shutdownGrace'),
     idleTimeout: get<number>('idleTimeout'),
     numberOfTasksToRun: get<number>('numberOfTasksToRun'),
-    engine: Object.freeze({ killSignal: get<NodeJS.Signals>('engine.killSignal'), killGrace: get<number>('engine.killGrace') }),
+    engine: Object.freeze({ type: get<Config['engine']['type']>('engine.type'), killSignal: get<NodeJS.Signals>('engine.killSignal'), killGrace: get<number>('engine.killGrace') }),
+    ssh: Object.freeze({
+      hosts: Object.freeze(get<SshHostSetting[] | string>('ssh.hosts') || []) as readonly SshHostSetting[],
+      hostsFile: get<string>('ssh.hostsFile'),
+      capacity: get<number>('ssh.capacity'),
+      selection: get<Config['ssh']['selection']>('ssh.selection'),
+      identityFiles: Object.freeze(get<string>('ssh.identityFile').split(',').map((file) => file.trim()).filter(Boolean)),
+      knownHosts: get<string>('ssh.knownHosts'),
+      hostKeyPolicy: get<Config['ssh']['hostKeyPolicy']>('ssh.hostKeyPolicy'),
+      maxChannels: get<number>('ssh.maxChannels'),
+      strikes: get<number>('ssh.strikes'),
+      probation: get<number>('ssh.probation'),
+      keepalive: get<number>('ssh.keepalive'),
+      workDir: get<string>('ssh.workDir'),
+    }),
+    given: Object.freeze([...given]),
     logLevel: get<Config['logLevel']>('logLevel'),
     logFormat: get<Config['logFormat']>('logFormat'),
     ...(file === undefined ? {} : { file }),
@@ -203,7 +262,46 @@ function coerce(setting: Setting, raw: unknown): { value: unknown } | { problem:
         : { problem: `must be a PostgreSQL URL, postgres://USER@HOST:PORT/DATABASE, not ${JSON.stringify(String(raw).replace(/:[^:@/]*@/, ':***@'))}` };
     case 'format':
       return ['text', 'json'].includes(String(text)) ? { value: text } : { problem: `must be text or json, not ${JSON.stringify(raw)}` };
+    case 'engineType':
+      return ['process', 'script'].includes(String(text)) ? { value: text } : { problem: `must be process or script, not ${JSON.stringify(raw)}` };
+    case 'selection':
+      return ['least-loaded', 'round-robin', 'random'].includes(String(text)) ? { value: text } : { problem: `must be least-loaded, round-robin or random, not ${JSON.stringify(raw)}` };
+    case 'hostKeyPolicy':
+      return ['strict', 'accept-new', 'off'].includes(String(text)) ? { value: text } : { problem: `must be strict, accept-new or off, not ${JSON.stringify(raw)}` };
+    case 'sshHosts':
+      return sshHosts(text);
   }
+}
+
+/** `ssh.hosts`: a comma-separated string of addresses, or a list of addresses and `{ address, capacity, labels }`. */
+function sshHosts(raw: unknown): { value: SshHostSetting[] } | { problem: string } {
+  const items: unknown[] = typeof raw === 'string' ? raw.split(/[\s,]+/).filter(Boolean) : Array.isArray(raw) ? raw : [];
+  if (items.length === 0) return { problem: 'must list SSH hosts: user@name:port, separated by commas, or a list of { address, capacity, labels }' };
+  const hosts: SshHostSetting[] = [];
+  const problems: string[] = [];
+  items.forEach((item, i) => {
+    const entry = typeof item === 'string' ? { address: item } : item;
+    if (entry === null || typeof entry !== 'object' || Array.isArray(entry)) {
+      problems.push(`[${i}]: must be an address or { address, capacity, labels }`);
+      return;
+    }
+    const { address, capacity, labels, ...rest } = entry as Record<string, unknown>;
+    for (const key of Object.keys(rest)) problems.push(`[${i}].${key}: is not a known property (address, capacity, labels)`);
+    if (typeof address !== 'string') {
+      problems.push(`[${i}].address: must be user@name:port`);
+      return;
+    }
+    try {
+      parseSshAddress(address);
+    } catch (error) {
+      problems.push(`[${i}]: ${errorMessage(error)}`);
+      return;
+    }
+    if (capacity !== undefined && (!Number.isInteger(capacity) || (capacity as number) < 1)) problems.push(`[${i}].capacity: must be a whole number of at least 1`);
+    if (labels !== undefined && !(Array.isArray(labels) && labels.every((label) => typeof label === 'string'))) problems.push(`[${i}].labels: must be a list of strings`);
+    hosts.push({ address, ...(capacity === undefined ? {} : { capacity: capacity as number }), ...(labels === undefined ? {} : { labels: labels as string[] }) });
+  });
+  return problems.length > 0 ? { problem: problems.join('; ') } : { value: hosts };
 }
 
 /** The config reference, as a Markdown table (README) or aligned text (--help). */

@@ -47,9 +47,9 @@ export interface ReplayResult {
   readonly taken: readonly string[];
 }
 
-/** How long a replay waits for any one thing before it gives up (a lost claim takes up to a reclaim period). */
-const WAIT_MS = 3000;
-/** Short claims, so that the reclaimer asks often and a refused reclaim (a lost claim) comes within half a second. */
+/** How long a replay waits for any one thing before it gives up: only a failing replay waits that long. */
+const WAIT_MS = 10_000;
+/** Short claims, so that the reclaimer asks often: a refused reclaim (a lost claim) comes within half a second. */
 const CLAIM_TIMEOUT_MS = 1000;
 
 type Gate = 'load' | 'run' | 'stop' | 'upload' | 'report' | 'cleanup';
@@ -57,13 +57,14 @@ type Gate = 'load' | 'run' | 'stop' | 'upload' | 'report' | 'cleanup';
 /** Hold points: an actor's work waits at its gate until the driver lets it through, or makes it fail. */
 class Gates {
   readonly #held = new Map<Gate, { resolve: () => void; reject: (error: unknown) => void }>();
-  readonly #arrivals = new Map<Gate, () => void>();
+  readonly #arrivals = new Map<Gate, (() => void)[]>();
   readonly #reached = new Set<Gate>();
 
   /** Called at the hold point: waits there; gives up if `signal` aborts (the actor was stopped). */
   wait(gate: Gate, signal?: AbortSignal): Promise<void> {
     this.#reached.add(gate);
-    this.#arrivals.get(gate)?.();
+    for (const arrived of this.#arrivals.get(gate) ?? []) arrived();
+    this.#arrivals.delete(gate);
     return new Promise<void>((resolve, reject) => {
       if (signal?.aborted) return reject(new Error(`${gate} abandoned`));
       signal?.addEventListener('abort', () => reject(new Error(`${gate} abandoned`)), { once: true });
@@ -74,7 +75,7 @@ class Gates {
   /** Resolves once the gate's hold point has been reached. */
   reached(gate: Gate): Promise<void> {
     if (this.#reached.has(gate)) return Promise.resolve();
-    return new Promise((resolve) => this.#arrivals.set(gate, resolve));
+    return new Promise((resolve) => this.#arrivals.set(gate, [...(this.#arrivals.get(gate) ?? []), resolve]));
   }
 
   release(gate: Gate, error?: unknown): void {

@@ -24,7 +24,7 @@ import type { Plugin } from '../plugins/plugin.js';
 import { MemoryQueue } from '../queues/memory.js';
 import type { Queue } from '../queues/queue.js';
 import { silentLogger, type Logger } from '../runtime/logger.js';
-import { compilePayloadValidator, joinPayloadSchemas } from '../runtime/schema.js';
+import { compilePayloadValidator, joinPayloadSchemas, type JsonSchemaObject, type PayloadValidator } from '../runtime/schema.js';
 import { createTaskActors } from '../runtime/task-actors.js';
 
 export interface TaskRunOptions {
@@ -51,6 +51,19 @@ export interface TaskRun {
   close(): Promise<void>;
 }
 
+/** Compiled validators by schema: compiling is most of the cost of a short run, and tests start many. */
+const validators = new Map<string, PayloadValidator>();
+
+function validatorFor(schema: JsonSchemaObject): PayloadValidator {
+  const key = JSON.stringify(schema);
+  let validate = validators.get(key);
+  if (validate === undefined) {
+    validate = compilePayloadValidator(schema);
+    validators.set(key, validate);
+  }
+  return validate;
+}
+
 /** A host for tests: this machine's transport, nothing to boot or dispose. */
 export function localTestHost(): Host {
   const transport = new LocalTransport();
@@ -70,7 +83,7 @@ export async function startTaskRun(options: TaskRunOptions): Promise<TaskRun> {
   const engine = options.engine ?? new MockEngine();
   const plugins = options.plugins ?? [livelogPlugin()];
   const workDir = await mkdtemp(join(tmpdir(), 'drover-task-'));
-  const validatePayload = compilePayloadValidator(joinPayloadSchemas([
+  const validatePayload = validatorFor(joinPayloadSchemas([
     { owner: `engine ${engine.name}`, schema: engine.payloadSchema },
     ...plugins.flatMap((plugin) => (plugin.payloadSchema ? [{ owner: `plugin ${plugin.name}`, schema: plugin.payloadSchema }] : [])),
   ]));

@@ -235,6 +235,10 @@ t.test('100 commands share one TCP connection; channels stay within the limit', 
   t.equal(transport.stats.connectionsOpened, 1, 'one TCP connection opened by the client');
   t.equal(server.logins(), 1, 'and one login seen by sshd');
   t.ok(most <= 8 && most >= 6, `as many channels as allowed, never more than maxChannels (at most ${most} open)`);
+  // Regression: channels that close and reopen quickly can outrun the server's own count
+  // (MaxSessions); a refused open is retried instead of failing the command.
+  const burst = await Promise.all(Array.from({ length: 200 }, async () => (await runToEnd(await transport.exec(['true'], { cwd: dir, env: BASE_ENV, cookie: 'pool' }))).status.exitCode));
+  t.ok(burst.every((code) => code === 0), '200 short commands at once all run');
   t.comment(`100 commands (50 ms each) over one connection: ${seconds.toFixed(2)} s, ${(100 / seconds).toFixed(0)} commands/s, at most ${most} channels`);
 });
 

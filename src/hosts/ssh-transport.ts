@@ -91,6 +91,9 @@ export interface SshTransportStats {
   readonly channelsOpen: number;
 }
 
+/** How often a refused channel open is retried (about 3 s in all). */
+const OPEN_RETRIES = 20;
+
 const DEFAULT_HOST_KEY_ALGORITHMS: Readonly<Record<string, readonly string[]>> = {
   'ssh-ed25519': ['ssh-ed25519'],
   'ecdsa-sha2-nistp256': ['ecdsa-sha2-nistp256'],
@@ -478,22 +481,38 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     return connection;
   }
 
-  /** Opens an exec channel; `onChannel` runs synchronously with it, before any of its events. */
-  #openExec<T>(connection: Connection, command: string, onChannel: (channel: ClientChannel) => T): Promise<T> {
-    return new Promise((resolve, reject) => {
-      if (connection.closed) {
-        reject(new SshConnectionError(`the connection to ${this.address} was lost`, { cause: connection.error }));
-        return;
-      }
-      connection.client.exec(command, (error, channel) => {
-        if (error) {
-          reject(new SshConnectionError(`${this.address}: cannot start a command: ${error.message}`, { cause: error }));
-          return;
+  /**
+   * Opens an exec channel; `onChannel` runs synchronously with it, before any of its events.
+   * The server frees a closed channel's session only once it has our close, so right
+   * after many closes it may refuse a new one for a moment (MaxSessions): that is retried.
+   */
+  async #openExec<T>(connection: Connection, command: string, onChannel: (channel: ClientChannel) => T): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await new Promise<T>((resolve, reject) => {
+          if (connection.closed) {
+            reject(new SshConnectionError(`the connection to ${this.address} was lost`, { cause: connection.error }));
+            return;
+          }
+          connection.client.exec(command, (error, channel) => {
+            if (error) {
+              reject(error);
+              return;
+            }
+            this.#stats.channelsOpened++;
+            resolve(onChannel(channel));
+          });
+        });
+      } catch (error) {
+        if (error instanceof SshConnectionError) throw error;
+        const refusedOpen = typeof (error as { reason?: unknown }).reason === 'number';
+        if (refusedOpen && attempt < OPEN_RETRIES && !connection.closed) {
+          await sleep(Math.min(200, 5 * 2 ** attempt));
+          continue;
         }
-        this.#stats.channelsOpened++;
-        resolve(onChannel(channel));
-      });
-    });
+        throw new SshConnectionError(`${this.address}: cannot start a command: ${errorMessage(error)}`, { cause: error });
+      }
+    }
   }
 
   async #sftp(): Promise<SFTPWrapper> {

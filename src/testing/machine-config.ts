@@ -13,7 +13,7 @@
  * the copy and the original machine give the same names: a real actor's
  * inspection events (`@xstate.microstep`) can be matched against the model.
  */
-import { createMachine, type AnyStateMachine, type AnyStateNode, type AnyTransitionDefinition } from 'xstate';
+import { createMachine, fromPromise, type AnyStateMachine, type AnyStateNode, type AnyTransitionDefinition } from 'xstate';
 import { describeEventType } from '../machines/diagram.js';
 
 /** The raw config of one state node (or of the machine): what `createMachine` was given. */
@@ -130,14 +130,22 @@ function instrumentState(config: StateConfig): void {
   for (const child of Object.values((config['states'] ?? {}) as Record<string, StateConfig>)) instrumentState(child);
 }
 
+/** Stands in for every actor in a pure exploration, where actors are created but never started. */
+const INERT_ACTOR = fromPromise<never>(() => new Promise<never>(() => {}));
+
 /**
  * A copy of `machine` whose every state entry, exit and transition runs a
  * no-op action naming it (CHECK_ENTER / CHECK_EXIT with `params.id`,
- * CHECK_TAKE with `params.key`). It behaves exactly as the original.
+ * CHECK_TAKE with `params.key`). Its transitions are the original's. With
+ * `inertActors`, every actor it invokes or spawns is an inert stand-in:
+ * pure steps create actors without starting them, and creating a machine
+ * actor (the worker's task machines) costs a whole initial state.
  */
-export function instrumentMachine(machine: AnyStateMachine): AnyStateMachine {
+export function instrumentMachine(machine: AnyStateMachine, options: { readonly inertActors?: boolean } = {}): AnyStateMachine {
   const noop = () => {};
-  const copy = rebuildMachine(machine, instrumentState, { [CHECK_ENTER]: noop, [CHECK_EXIT]: noop, [CHECK_TAKE]: noop });
+  const actors = machine.implementations.actors as Record<string, unknown>;
+  const source = options.inertActors ? machine.provide({ actors: Object.fromEntries(Object.keys(actors).map((name) => [name, INERT_ACTOR])) }) : machine;
+  const copy = rebuildMachine(source, instrumentState, { [CHECK_ENTER]: noop, [CHECK_EXIT]: noop, [CHECK_TAKE]: noop });
   // The names are known only once xstate has built the nodes: fill them into the actions' params.
   const named = (actions: readonly unknown[], type: string): Record<string, string>[] =>
     actions.filter((action): action is { type: string; params: Record<string, string> } => (action as { type?: unknown })?.type === type).map((a) => a.params);

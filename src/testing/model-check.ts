@@ -1,9 +1,9 @@
 /**
  * A small model checker for xstate v5 machines (exported as drover/testing).
  *
- * It explores every state a machine can reach, breadth first, with xstate's
- * pure `getMicrosteps` on an instrumented copy of the machine (see
- * machine-config.ts), and checks:
+ * It explores every state a machine can reach, breadth first, with the
+ * machine's pure `transition` on an instrumented copy of it (see
+ * machine-config.ts), collecting the actions every step would run, and checks:
  *
  *  - every declared state is reachable;
  *  - from every reachable state a final state can still be reached (no
@@ -21,7 +21,8 @@
  * monitors explored together with the machine (their state is part of the
  * explored state), and the environment depends on what is alive (which
  * children can finish, which timers can fire); both need the actions of
- * every microstep, which `getMicrosteps` gives and the graph helpers do not.
+ * every step, which the graph helpers do not give. (Nor does it use
+ * `getMicrosteps`: each call builds a whole actor of the machine first.)
  *
  * The environment is part of the model: the machine's actors finish when
  * the model says so. Each live child (invoked or spawned) may complete with
@@ -34,7 +35,7 @@
  * explored graph small and finite.
  */
 import type { Test } from 'tap';
-import { getInitialMicrosteps, getMicrosteps, getStateNodes, type AnyMachineSnapshot, type AnyStateMachine, type EventFromLogic, type EventObject, type SnapshotFrom } from 'xstate';
+import { createActor, fromPromise, getStateNodes, type AnyActorScope, type AnyMachineSnapshot, type AnyStateMachine, type EventFromLogic, type EventObject, type SnapshotFrom } from 'xstate';
 import { CHECK_ENTER, CHECK_EXIT, CHECK_TAKE, allStateNodes, allTransitions, instrumentMachine, isIgnored, transitionKey } from './machine-config.js';
 import { findCycles, reachingTo, shortestCycle, shortestRoute } from './model-graph.js';
 
@@ -275,7 +276,7 @@ class Explorer {
   private readonly taken = new Set<string>();
 
   constructor(private readonly model: MachineModel) {
-    this.machine = instrumentMachine(model.machine);
+    this.machine = instrumentMachine(model.machine, { inertActors: true });
     this.inputs = model.inputs ?? [undefined];
     this.invariants = model.invariants ?? [];
     // `after` timers carry the delay in milliseconds; people know them by the delay's name.
@@ -417,18 +418,19 @@ class Explorer {
   // ---- one step --------------------------------------------------------
 
   private start(input: unknown): Advanced {
-    const microsteps = getInitialMicrosteps(this.machine, input as never) as unknown as [AnyMachineSnapshot, unknown[]][];
-    return this.digest({ type: 'xstate.init' }, microsteps, { children: [], timers: [] }, undefined);
+    const { scope, actions } = inertScope();
+    const snapshot = this.machine.getInitialSnapshot(scope, input) as AnyMachineSnapshot;
+    return this.digest({ type: 'xstate.init' }, snapshot, actions, { children: [], timers: [] }, undefined);
   }
 
   private advance(snapshot: AnyMachineSnapshot, world: World, via: ModelEvent): Advanced {
-    const microsteps = getMicrosteps(this.machine, snapshot as never, via.event as never) as unknown as [AnyMachineSnapshot, unknown[]][];
-    if (microsteps.length === 0) microsteps.push([snapshot, []]);
-    return this.digest(via.event, microsteps, world, via);
+    const { scope, actions } = inertScope();
+    const next = this.machine.transition(snapshot as never, via.event as never, scope) as AnyMachineSnapshot;
+    return this.digest(via.event, next, actions, world, via);
   }
 
-  /** Reads what the microsteps did from the instrumented actions; tracks the live children and timers. */
-  private digest(event: EventObject, microsteps: [AnyMachineSnapshot, unknown[]][], before: World, via: ModelEvent | undefined): Advanced {
+  /** Reads what the step did from the instrumented actions; tracks the live children and timers. */
+  private digest(event: EventObject, snapshot: AnyMachineSnapshot, actions: readonly unknown[], before: World, via: ModelEvent | undefined): Advanced {
     const live = new Map(before.children.map((child) => [child.id, child]));
     const timers = new Map(before.timers.map((timer) => [timer.id, timer]));
     // What finished goes first: the step may start a new one under the same id (a re-entered state).
@@ -436,42 +438,39 @@ class Explorer {
     if (completed !== undefined) live.delete(completed.id);
     if (via?.timer !== undefined) timers.delete(via.timer);
     const log: Happening[] = [];
-    for (const [, actions] of microsteps) {
-      for (const action of actions as { type: string; params?: any }[]) {
-        const params = action.params;
-        switch (action.type) {
-          case CHECK_ENTER: log.push({ kind: 'enter', id: params.id }); break;
-          case CHECK_EXIT: log.push({ kind: 'exit', id: params.id }); break;
-          case CHECK_TAKE: log.push({ kind: 'take', key: params.key }); break;
-          case 'xstate.spawnChild': {
-            const id: string = params.actorRef?.id ?? params.id;
-            const src = typeof params.src === 'string' ? params.src : id;
-            live.set(id, { id, src, input: params.input });
-            log.push({ kind: 'start', id, src });
-            break;
+    for (const action of actions as { type: string; params?: any }[]) {
+      const params = action.params;
+      switch (action.type) {
+        case CHECK_ENTER: log.push({ kind: 'enter', id: params.id }); break;
+        case CHECK_EXIT: log.push({ kind: 'exit', id: params.id }); break;
+        case CHECK_TAKE: log.push({ kind: 'take', key: params.key }); break;
+        case 'xstate.spawnChild': {
+          const id: string = params.actorRef?.id ?? params.id;
+          const src = typeof params.src === 'string' ? params.src : id;
+          live.set(id, { id, src, input: params.input });
+          log.push({ kind: 'start', id, src });
+          break;
+        }
+        case 'xstate.raise':
+          // A delayed raise is a timer; one without a delay was handled inside the step.
+          if (params?.delay !== undefined) {
+            const id: string = params.id ?? params.event.type;
+            timers.set(id, { id, event: params.event, delay: params.delay });
           }
-          case 'xstate.raise':
-            // A delayed raise is a timer; one without a delay was handled inside the step.
-            if (params?.delay !== undefined) {
-              const id: string = params.id ?? params.event.type;
-              timers.set(id, { id, event: params.event, delay: params.delay });
-            }
-            break;
-          case 'xstate.cancel':
-            timers.delete(params.sendId);
-            break;
-          case 'xstate.stopChild': {
-            const id: string | undefined = params?.actorRef?.id ?? params?.id;
-            if (id !== undefined) {
-              live.delete(id);
-              log.push({ kind: 'stop', id });
-            }
-            break;
+          break;
+        case 'xstate.cancel':
+          timers.delete(params.sendId);
+          break;
+        case 'xstate.stopChild': {
+          const id: string | undefined = params?.actorRef?.id ?? params?.id;
+          if (id !== undefined) {
+            live.delete(id);
+            log.push({ kind: 'stop', id });
           }
+          break;
         }
       }
     }
-    const snapshot = microsteps.at(-1)![0];
     // A machine that is done or failed has stopped all its children and timers.
     const active = snapshot.status === 'active';
     const world: World = { children: active ? [...live.values()].sort(byId) : [], timers: active ? [...timers.values()].sort(byId) : [] };
@@ -688,6 +687,25 @@ class Explorer {
     }
     return walks;
   }
+}
+
+/** Stands in for the machine's own actor in a pure step: children are created under it, never started. */
+const HOST_LOGIC = fromPromise<never>(() => new Promise<never>(() => {}));
+
+/**
+ * An actor scope in which actions are collected, not run (as xstate's own
+ * pure helpers do), on a fresh actor system each time, so that children
+ * with a systemId never meet those of another step.
+ */
+function inertScope(): { scope: AnyActorScope; actions: unknown[] } {
+  const actions: unknown[] = [];
+  const host = createActor(HOST_LOGIC);
+  const noop = () => {};
+  const scope = {
+    self: host, system: host.system, id: '', sessionId: '', logger: noop, defer: noop, stopChild: noop, emit: noop,
+    actionExecutor: (action: unknown) => void actions.push(action),
+  };
+  return { scope: scope as unknown as AnyActorScope, actions };
 }
 
 function byId(a: { readonly id: string }, b: { readonly id: string }): number {

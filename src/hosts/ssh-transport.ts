@@ -662,8 +662,11 @@ class SshExecution implements Execution {
     });
     channel.on('exit', (code: number | null, signal?: string) => {
       this.#exitSeen = true;
-      if (headerError !== undefined) resolveExit({ exitCode: 127, signal: null, startError: headerError });
-      else resolveExit(signal ? { exitCode: null, signal: signal as NodeJS.Signals } : { exitCode: code ?? 255, signal: null });
+      // ssh2 emits the exit at once but stream data a tick later: the header may still be on its way.
+      void this.started.then(() => {
+        if (headerError !== undefined) resolveExit({ exitCode: 127, signal: null, startError: headerError });
+        else resolveExit(signal ? { exitCode: null, signal: signal as NodeJS.Signals } : { exitCode: code ?? 255, signal: null });
+      });
     });
     {
       const finish = () => {

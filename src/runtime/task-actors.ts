@@ -168,37 +168,40 @@ export function createTaskActors(runtime: TaskRuntime) {
 
   async function upload({ claim, result, resolution: decided }: UploadInput): Promise<Resolution> {
     const run = stateOf(claim);
-    if (decided?.state === 'exception' || result === undefined) {
-      const resolution = decided ?? { state: 'exception', reason: 'internal-error', message: 'the run ended without a result' };
-      run.log.line(`resolved ${describeResolution(resolution)}${resolution.message ? `: ${resolution.message}` : ''}`);
-      if (resolution.state === 'exception') {
-        const reason = resolution.reason;
-        // Every plugin hears of the exception, even when one of them fails (the log must still be uploaded).
-        for (const { name, hooks } of run.plugins) {
-          await Promise.resolve(hooks.exception?.(reason)).catch((error) => run.logger.error(pluginError(name, 'exception', error).message));
-        }
+    // The resolution: decided before this stage (exceptions, maxRunTime), else the plugins' verdicts on the result.
+    let resolution: Resolution;
+    if (decided !== undefined) {
+      resolution = decided;
+    } else if (result === undefined) {
+      resolution = { state: 'exception', reason: 'internal-error', message: 'the run ended without a result' };
+    } else {
+      try {
+        const verdicts: Verdict[] = [];
+        await eachPlugin(run, 'stopped', async (hooks) => verdicts.push(await hooks.stopped?.(result)));
+        resolution = judge(result, verdicts);
+      } catch (error) {
+        resolution = { state: 'exception', reason: 'internal-error', message: errorMessage(error) };
+      }
+    }
+    run.log.line(`resolved ${describeResolution(resolution)}${resolution.message ? `: ${resolution.message}` : ''}`);
+    if (resolution.state === 'exception' || run.sandbox === undefined) {
+      const reason = resolution.state === 'exception' ? resolution.reason : 'internal-error';
+      // Every plugin hears of the exception, even when one of them fails: the log must still be uploaded.
+      for (const { name, hooks } of run.plugins) {
+        await attempt(() => hooks.exception?.(reason)).catch((error) => run.logger.error(pluginError(name, 'exception', error).message));
       }
       return resolution;
     }
-    let resolution: Resolution;
-    try {
-      const verdicts: Verdict[] = [];
-      await eachPlugin(run, 'stopped', async (hooks) => verdicts.push(await hooks.stopped?.(result)));
-      resolution = decided ?? judge(result, verdicts);
-    } catch (error) {
-      resolution = { state: 'exception', reason: 'internal-error', message: errorMessage(error) };
-    }
-    run.log.line(`resolved ${describeResolution(resolution)}${resolution.message ? `: ${resolution.message}` : ''}`);
+    // The command ran (to its end, or until maxRunTime): plugins upload what it made.
+    const sandbox = run.sandbox;
     for (const { name, hooks } of run.plugins) {
-      try {
-        await hooks.finished?.(resolution, run.sandbox!);
-      } catch (error) {
+      await attempt(() => hooks.finished?.(resolution, sandbox)).catch((error) => {
         const failure = pluginError(name, 'finished', error);
         run.logger.error(failure.message);
         resolution = failure instanceof MalformedPayloadError
           ? { state: 'exception', reason: 'malformed-payload', message: failure.message }
           : { state: 'exception', reason: 'internal-error', message: failure.message };
-      }
+      });
     }
     return resolution;
   }
@@ -328,6 +331,11 @@ function placementHints(payload: Claim['payload']): { name?: string; maxConcurre
     ...(typeof maxConcurrent === 'number' ? { maxConcurrent } : {}),
     ...(Array.isArray(hostLabels) ? { labels: hostLabels.filter((label): label is string => typeof label === 'string') } : {}),
   };
+}
+
+/** Calls a hook so that a synchronous throw becomes a rejection, like an asynchronous one. */
+function attempt<T>(call: () => T | Promise<T>): Promise<T> {
+  return Promise.resolve().then(call);
 }
 
 /** The resolution by exit status, unless a plugin's verdict says otherwise (a `failed` verdict wins). */

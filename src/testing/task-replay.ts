@@ -129,15 +129,7 @@ export function expectedHooks(path: ModelPath): string[] {
 /** Why the real parts cannot produce the path, or undefined when they can. */
 export function unrealizable(path: ModelPath): string | undefined {
   for (const [i, step] of path.steps.entries()) {
-    const before = contextAt(path, i);
     if (step.actor?.src === 'reclaim' && i > 0) return 'the reclaimer fails only as it starts';
-    const state = i === 0 ? path.start.state : path.steps[i - 1]!.state;
-    if (state === 'claimed.uploading.artifacts' && uploadWay(before) === 'decided' && step.actor?.src !== 'upload') {
-      return 'nothing can happen during the upload of a maxRunTime failure: no plugin hook runs there to hold it';
-    }
-    if (step.actor?.src === 'upload' && step.kind === 'error' && uploadWay(before) === 'decided') {
-      return 'the upload of a maxRunTime failure calls no plugin, so nothing there can fail';
-    }
   }
   return undefined;
 }
@@ -248,12 +240,12 @@ export async function replayTaskPath(path: ModelPath): Promise<ReplayResult> {
         if (!(await until(predicate))) throw new Error(`step ${i + 1} (${step.label}): timed out waiting for ${what}; the run is in ${now()}`);
       };
       // Before anything happens, the real run must be where the model is, its actor at its gate; but an
-      // actor with no gate (the reclaimer failing as it starts, the upload of a maxRunTime failure) goes on by itself.
-      const byItself = step.actor?.src === 'reclaim' || (step.actor?.src === 'upload' && uploadWay(contextAt(path, i)) === 'decided');
+      // actor with no gate (the reclaimer failing as it starts) goes on by itself.
+      const byItself = step.actor?.src === 'reclaim';
       if (!byItself) {
         await wait(stateBefore, () => now() === stateBefore);
         const gate = GATE_OF[stateBefore];
-        if (gate !== undefined && !(gate === 'upload' && uploadWay(contextAt(path, i)) === 'decided')) await within(gates.reached(gate));
+        if (gate !== undefined) await within(gates.reached(gate));
       }
       canceledInQueue = (await realize(step, path.steps.slice(i + 1), { run, gates, world, clock, canceledInQueue })) || canceledInQueue;
       expectedTaken.push(...step.facts.taken);
@@ -366,7 +358,10 @@ function compareOutput(actual: TaskOutput, model: TaskOutput, problems: string[]
 function probePlugin(hooks: string[], gates: Gates): Plugin {
   return {
     name: 'probe',
-    newTask: () => ({
+    newTask: () => {
+      // The upload stage is held in its first hook: `stopped` after a result, else `finished` (maxRunTime) or `exception`.
+      let stopped = false;
+      return {
       prepare: async () => void hooks.push('prepare'),
       buildSandbox: async () => void hooks.push('buildSandbox'),
       started: async () => {
@@ -375,10 +370,14 @@ function probePlugin(hooks: string[], gates: Gates): Plugin {
       },
       stopped: async () => {
         hooks.push('stopped');
+        stopped = true;
         await gates.wait('upload');
         return undefined;
       },
-      finished: async () => void hooks.push('finished'),
+      finished: async () => {
+        hooks.push('finished');
+        if (!stopped) await gates.wait('upload');
+      },
       exception: async () => {
         hooks.push('exception');
         await gates.wait('upload');
@@ -387,7 +386,8 @@ function probePlugin(hooks: string[], gates: Gates): Plugin {
         hooks.push('dispose');
         await gates.wait('cleanup');
       },
-    }),
+      };
+    },
   };
 }
 

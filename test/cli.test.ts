@@ -7,7 +7,7 @@ import { describeSettings, loadConfig } from '../src/runtime/config.js';
 import { drover, eventually, resolved, startWorker, submit } from './helpers/drover.js';
 
 const README = readFileSync(new URL('../README.md', import.meta.url), 'utf8');
-const COMMANDS = ['worker', 'submit', 'tasks', 'task', 'logs', 'cancel', 'artifact'];
+const COMMANDS = ['worker', 'submit', 'tasks', 'task', 'logs', 'cancel', 'artifact', 'migrate', 'diagram'];
 
 t.test('every command has --help', async (t) => {
   const cwd = t.testdir({});

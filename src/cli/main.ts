@@ -15,6 +15,7 @@ import type { Queue, RunStatus, TaskStatus } from '../queues/queue.js';
 import { SqliteQueue } from '../queues/sqlite.js';
 import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '../runtime/config.js';
 import { UsageError, type Command, type Options, type Values } from './command.js';
+import { diagramCommand } from './diagram.js';
 import { EXIT } from './exit-codes.js';
 
 
@@ -254,6 +255,7 @@ kills the command's whole process tree within about a poll interval.`,
       return EXIT.OK;
     },
   },
+  diagram: diagramCommand,
 };
 
 export async function main(argv: readonly string[]): Promise<number> {

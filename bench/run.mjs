@@ -13,6 +13,8 @@ import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { localTasks } from './local-tasks.mjs';
+import { memory } from './memory.mjs';
+import { queues } from './queues.mjs';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const quick = process.argv.includes('--quick');
@@ -23,6 +25,8 @@ const results = { settings: { quick, ...settings }, machine: machine(), benchmar
 const scratch = mkdtempSync(join(tmpdir(), 'drover-bench-'));
 try {
   results.benchmarks.push(...(await localTasks({ root, scratch, ...settings })));
+  results.benchmarks.push(...(await queues({ root, scratch, quick, ...settings })));
+  results.benchmarks.push(...(await memory({ root, scratch, quick, ...settings })));
 } finally {
   rmSync(scratch, { recursive: true, force: true });
 }

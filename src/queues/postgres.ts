@@ -243,13 +243,16 @@ export class PostgresQueue implements Queue {
   async claimWork({ workerId, count, waitMs, signal }: ClaimWorkOptions): Promise<Claim[]> {
     // Waiting is measured in real time: the injected clock rules claims and deadlines, not how long a caller blocks.
     this.assertOpen();
-    if (waitMs > 0) this.listen();
     const giveUpAt = performance.now() + waitMs;
     for (;;) {
       const seen = this.wakeups;
       const claims = await this.claimNow(workerId, count);
       const left = giveUpAt - performance.now();
       if (claims.length > 0 || left <= 0 || signal?.aborted) return claims;
+      // Right before every wait, not once at the start: a reconnect timer that fired while this claim
+      // was querying (nobody waiting at that moment) does not reconnect, and the claim would then
+      // wait on polls alone. A listener that comes up wakes the waiters, who look again.
+      this.listen();
       if (this.wakeups === seen) await this.pause(Math.min(left, this.pollIntervalMs), signal);
       if (this.closing.signal.aborted || signal?.aborted) return [];
     }

@@ -13,6 +13,7 @@ import type { Payload } from '../model/task.js';
 import { LIVE_LOG_NAME } from '../plugins/livelog.js';
 import type { Queue, RunStatus, TaskStatus } from '../queues/queue.js';
 import { SqliteQueue } from '../queues/sqlite.js';
+import { createLogger, type Logger } from '../runtime/logger.js';
 import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '../runtime/config.js';
 import { UsageError, type Command, type Options, type Values } from './command.js';
 import { diagramCommand } from './diagram.js';
@@ -49,11 +50,13 @@ function configFrom(values: Values, flags: Record<string, string | undefined> = 
 }
 
 /** The queue the config names; PostgreSQL's client loads only when it is the one. */
-export async function openQueue(config: Config): Promise<Queue> {
+export async function openQueue(config: Config, logger?: Logger): Promise<Queue> {
   const timing = { claimTimeoutMs: config.queue.claimTimeout * 1000, pollIntervalMs: config.queue.pollInterval * 1000 };
   if (config.queue.type === 'postgres') {
     const { PostgresQueue } = await import('../queues/postgres.js');
-    return PostgresQueue.open({ url: config.queue.url, ...postgresPlace(config), ...timing });
+    // A worker says in its log when the queue is away and its writes are being retried.
+    const onRetry = logger && ((error: unknown) => logger.warn('the queue is unreachable; retrying', { error: errorMessage(error) }));
+    return PostgresQueue.open({ url: config.queue.url, ...postgresPlace(config), ...timing, ...(onRetry ? { onRetry } : {}) });
   }
   return SqliteQueue.open({ dir: config.queue.dir, ...timing });
 }
@@ -88,7 +91,8 @@ const commands: Record<string, Command> = {
       const config = configFrom(values, flags);
       // The worker's stack (xstate, ajv, the engine) loads only for this command, so the others start fast.
       const { runWorker } = await import('./worker-command.js');
-      return runWorker(config, await openQueue(config), values['once'] === true);
+      const logger = createLogger({ level: config.logLevel, format: config.logFormat });
+      return runWorker(config, await openQueue(config, logger), values['once'] === true, logger);
     },
   },
   migrate: {

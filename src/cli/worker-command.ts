@@ -9,12 +9,10 @@ import type { Logger } from '../runtime/logger.js';
 import { livelogPlugin } from '../plugins/livelog.js';
 import type { Queue } from '../queues/queue.js';
 import type { Config } from '../runtime/config.js';
-import { createLogger } from '../runtime/logger.js';
 import { startWorker } from '../runtime/worker.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 
-export async function runWorker(config: Config, queue: Queue, once: boolean): Promise<number> {
-  const logger = createLogger({ level: config.logLevel, format: config.logFormat });
+export async function runWorker(config: Config, queue: Queue, once: boolean, logger: Logger): Promise<number> {
   const workDir = resolvePath(config.workDir);
   const { host, capacity, remote } = await hostFor(config, workDir, logger);
   const engineOptions: ProcessEngineOptions = {

@@ -66,6 +66,8 @@ export interface PostgresQueueOptions {
   readonly migrate?: boolean;
   /** The clock for claims and deadlines; tests inject one to skip time. */
   readonly now?: () => number;
+  /** Told each time a write meets an unreachable server and will be retried: for the worker's log. */
+  readonly onRetry?: (error: unknown) => void;
 }
 
 interface TaskRow { id: string; payload: TaskStatus['payload']; state: TaskState; created: number; deadline: number; retries_left: number }
@@ -155,7 +157,7 @@ export class PostgresQueue implements Queue {
     }
     let store: ArtifactStore;
     try {
-      store = options.artifactDir === undefined ? new PostgresArtifactStore(pool, url) : new DirectoryArtifactStore(options.artifactDir);
+      store = options.artifactDir === undefined ? new PostgresArtifactStore(pool, url, options.onRetry) : new DirectoryArtifactStore(options.artifactDir);
     } catch (error) {
       await pool.end().catch(() => undefined);
       throw error;

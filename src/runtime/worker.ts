@@ -6,7 +6,7 @@
 import { createActor, fromPromise, type Actor, type InspectionEvent } from 'xstate';
 import type { Engine } from '../engines/engine.js';
 import type { Host } from '../hosts/host.js';
-import { ConfigError } from '../model/errors.js';
+import { ConfigError, errorMessage } from '../model/errors.js';
 import type { Plugin } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
 import { taskMachine } from '../machines/task.js';
@@ -57,7 +57,11 @@ export function startWorker(options: WorkerOptions): Worker {
         logger.info('worker booted', { host: host.name, hostname: identity.hostname, engine: engine.name, capacity: options.capacity, ...identity.facts });
       }),
       claimWork: fromPromise<ClaimResult, ClaimRequest>(async ({ input, signal }) => {
-        const claims = await queue.claimWork({ workerId, count: input.count, waitMs: input.waitMs, signal });
+        const claims = await queue.claimWork({ workerId, count: input.count, waitMs: input.waitMs, signal }).catch((error: unknown) => {
+          // The machine backs off and tries again; the log says why the worker is idle meanwhile.
+          logger.warn('could not claim work; retrying after a pause', { error: errorMessage(error) });
+          throw error;
+        });
         if (signal.aborted && claims.length > 0) {
           // The worker left `claiming` (shutdown) while the queue handed these out; nobody will run
           // them, so give them back now instead of letting their claims expire.

@@ -7,6 +7,7 @@ import type { Host } from '../hosts/host.js';
 import { HardwareHost } from '../hosts/local.js';
 import type { Logger } from '../runtime/logger.js';
 import { livelogPlugin } from '../plugins/livelog.js';
+import { successPlugin } from '../plugins/success.js';
 import type { Queue } from '../queues/queue.js';
 import type { Config } from '../runtime/config.js';
 import { startWorker } from '../runtime/worker.js';
@@ -33,7 +34,7 @@ export async function runWorker(config: Config, queue: Queue, once: boolean, log
     queue,
     host,
     engine,
-    plugins: [livelogPlugin()],
+    plugins: [livelogPlugin(), successPlugin()],
     workDir,
     logger,
     capacity,

@@ -10,7 +10,10 @@
  *   prepare        [loading]   the payload is valid; fetch what the task needs
  *   buildSandbox   [loading]   add env vars to the sandbox builder
  *   started        [running]   the sandbox runs
- *   stopped        [uploading] the command ended: return a verdict (success)
+ *   stopped        [uploading] the command ended: return a verdict (success);
+ *                              an exception verdict wins, then a failed one,
+ *                              and with no verdict at all the exit status
+ *                              decides (0 completed, else failed)
  *   finished       [uploading] the resolution is known and not yet reported:
  *                              upload artifacts here
  *   exception      [uploading] instead of stopped/finished, when the run
@@ -48,8 +51,15 @@ export interface TaskPluginOptions {
   readonly signal: AbortSignal;
 }
 
-/** A plugin's say on whether the run succeeded; undefined means no objection. */
-export type Verdict = { readonly state: 'completed' | 'failed'; readonly message?: string } | undefined;
+/**
+ * A plugin's say on whether the run succeeded; undefined means no opinion.
+ * `exception/intermittent-task` asks the queue to run the task again while
+ * it has retries left (the success plugin's `onExitStatus.retry`).
+ */
+export type Verdict =
+  | { readonly state: 'completed' | 'failed'; readonly message?: string }
+  | { readonly state: 'exception'; readonly reason: 'intermittent-task'; readonly message?: string }
+  | undefined;
 
 export interface TaskPlugin {
   prepare?(): Promise<void>;

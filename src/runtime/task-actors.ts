@@ -338,11 +338,21 @@ function attempt<T>(call: () => T | Promise<T>): Promise<T> {
   return Promise.resolve().then(call);
 }
 
-/** The resolution by exit status, unless a plugin's verdict says otherwise (a `failed` verdict wins). */
+/**
+ * The resolution from the plugins' verdicts (the success plugin's among
+ * them): an exception verdict wins, then a failed one, then a completed one.
+ * With no verdict at all (a worker without the success plugin) the exit
+ * status decides: 0 is completed, anything else failed.
+ */
 function judge(result: RunResult, verdicts: readonly Verdict[]): Resolution {
-  const failed = verdicts.find((verdict) => verdict?.state === 'failed');
-  if (failed) return failed.message === undefined ? { state: 'failed' } : { state: 'failed', message: failed.message };
-  if (result.exitCode === 0) return { state: 'completed' };
+  const given = verdicts.filter((verdict) => verdict !== undefined);
+  const decisive = given.find((verdict) => verdict.state === 'exception') ?? given.find((verdict) => verdict.state === 'failed') ?? given[0];
+  if (decisive !== undefined) {
+    const { message } = decisive;
+    if (decisive.state === 'exception') return { state: 'exception', reason: decisive.reason, ...(message === undefined ? {} : { message }) };
+    return { state: decisive.state, ...(message === undefined ? {} : { message }) };
+  }
+  if (result.exitCode === 0 && result.signal === null && result.startError === undefined) return { state: 'completed' };
   return { state: 'failed', message: describeResult(result) };
 }
 

@@ -55,7 +55,7 @@ export async function queues({ root, scratch, reps, quick }) {
   // queue's length (the latency cases check that), so rates from different counts compare.
   const claims = {
     sqlite: { floor: quick ? 8000 : 20000, drover: quick ? 1500 : 4000 },
-    postgres: { floor: quick ? 1200 : 4000, drover: quick ? 400 : 1500 },
+    postgres: { floor: quick ? 1200 : 3000, drover: quick ? 400 : 1000 },
   };
   const sizes = quick ? [1_000, 100_000] : [1_000, 100_000, 1_000_000];
 

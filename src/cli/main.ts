@@ -239,6 +239,25 @@ kills the command's whole process tree within about a poll interval.`,
       return EXIT.OK;
     },
   },
+  schema: {
+    usage: 'drover schema [--engine process|script] [--config FILE]',
+    summary: 'print the JSON Schema of task payloads: the worker\'s engine\'s and plugins\' joined',
+    details: `The schema a worker with this config checks every payload against: each
+top-level property is owned by the engine or by one plugin, unknown keys are
+refused. Point an editor at it to check task files as you write them.
+
+Options:
+  --engine process|script  that engine's schema instead of the configured one`,
+    options: { engine: { type: 'string' } },
+    async run(values) {
+      const config = configFrom(values, { 'engine.type': values['engine'] as string | undefined });
+      const { workerPayloadSchema } = await import('./worker-command.js');
+      const schema = await workerPayloadSchema(config);
+      const document = { $schema: 'http://json-schema.org/draft-07/schema#', title: `drover task payload (engine ${config.engine.type})`, ...schema };
+      process.stdout.write(JSON.stringify(document, null, 2) + '\n');
+      return EXIT.OK;
+    },
+  },
   artifact: {
     usage: 'drover artifact ID NAME [--run N] [-o FILE]',
     summary: 'write an artifact of a task\'s run (the latest by default) to stdout or a file',

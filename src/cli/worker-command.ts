@@ -8,33 +8,23 @@ import { HardwareHost } from '../hosts/local.js';
 import type { Logger } from '../runtime/logger.js';
 import { livelogPlugin } from '../plugins/livelog.js';
 import { successPlugin } from '../plugins/success.js';
+import type { Plugin } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
 import type { Config } from '../runtime/config.js';
+import { joinPayloadSchemas, type JsonSchemaObject } from '../runtime/schema.js';
 import { startWorker } from '../runtime/worker.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 
 export async function runWorker(config: Config, queue: Queue, once: boolean, logger: Logger): Promise<number> {
   const workDir = resolvePath(config.workDir);
   const { host, capacity, remote } = await hostFor(config, workDir, logger);
-  const engineOptions: ProcessEngineOptions = {
-    killSignal: config.engine.killSignal,
-    killGraceMs: config.engine.killGrace * 1000,
-    // The worker's own PATH, HOME... mean nothing on another machine.
-    ...(remote ? { env: { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: process.env['LANG'] || 'C.UTF-8' } } : {}),
-  };
-  let engine: Engine;
-  if (config.engine.type === 'script') {
-    const { ScriptEngine } = await import('../engines/script.js');
-    engine = new ScriptEngine(engineOptions);
-  } else {
-    engine = new ProcessEngine(engineOptions);
-  }
+  const { engine, plugins } = await workerParts(config, remote);
   const worker = startWorker({
     workerId: config.workerId || `${hostname()}-${process.pid}`,
     queue,
     host,
     engine,
-    plugins: [livelogPlugin(), successPlugin()],
+    plugins,
     workDir,
     logger,
     capacity,
@@ -68,6 +58,33 @@ export async function runWorker(config: Config, queue: Queue, once: boolean, log
     clearTimeout(deadline);
     await queue.close();
   }
+}
+
+/** The engine and plugins a worker with this config runs tasks with; `remote`: over SSH. */
+export async function workerParts(config: Config, remote: boolean): Promise<{ engine: Engine; plugins: Plugin[] }> {
+  const engineOptions: ProcessEngineOptions = {
+    killSignal: config.engine.killSignal,
+    killGraceMs: config.engine.killGrace * 1000,
+    // The worker's own PATH, HOME... mean nothing on another machine.
+    ...(remote ? { env: { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: process.env['LANG'] || 'C.UTF-8' } } : {}),
+  };
+  let engine: Engine;
+  if (config.engine.type === 'script') {
+    const { ScriptEngine } = await import('../engines/script.js');
+    engine = new ScriptEngine(engineOptions);
+  } else {
+    engine = new ProcessEngine(engineOptions);
+  }
+  return { engine, plugins: [livelogPlugin(), successPlugin()] };
+}
+
+/** The payload schema of a worker with this config: its engine's and plugins' joined, as the worker validates payloads. */
+export async function workerPayloadSchema(config: Config): Promise<JsonSchemaObject> {
+  const { engine, plugins } = await workerParts(config, false);
+  return joinPayloadSchemas([
+    { owner: `engine ${engine.name}`, schema: engine.payloadSchema },
+    ...plugins.flatMap((plugin) => (plugin.payloadSchema ? [{ owner: `plugin ${plugin.name}`, schema: plugin.payloadSchema }] : [])),
+  ]);
 }
 
 /** This machine, or the SSH hosts the config lists; over SSH the capacity defaults to the sum of the hosts'. */

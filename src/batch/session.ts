@@ -1,0 +1,118 @@
+/**
+ * A batch session on disk: `<sessions>/<ID>/` holds
+ *
+ *   params.json   the parameters the session was started with
+ *   jobs.json     every job: position, line, command, status, attempts, last result
+ *   session.log   the session's own log (the in-process worker's lines)
+ *   slot-N.log    the output of every job that ran in slot N, as it comes (`tail -f`)
+ *   output/N.log  the output of job N's last attempt
+ *   jobs.jsonl    one JSON line per finished attempt: slot, host, start, duration, exit code, signal
+ *   queue/        the session's embedded SQLite queue
+ *
+ * Session ids are whole numbers, counted up per sessions directory.
+ */
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join, resolve as resolvePath } from 'node:path';
+import { ConfigError } from '../model/errors.js';
+
+export type JobStatus = 'pending' | 'running' | 'ok' | 'failed' | 'timeout';
+export const JOB_STATUSES: readonly JobStatus[] = ['pending', 'running', 'ok', 'failed', 'timeout'];
+
+export interface JobRecord {
+  /** 1-based position in the input. */
+  readonly n: number;
+  readonly line: string;
+  readonly command: string;
+  status: JobStatus;
+  attempts: number;
+  slot?: number;
+  started?: string;
+  durationMs?: number;
+  exitCode?: number | null;
+  signal?: string | null;
+  message?: string;
+}
+
+export interface SessionParams {
+  readonly command: readonly string[];
+  readonly split: number;
+  readonly timeout?: number;
+  readonly retries: number;
+  readonly created: string;
+  /** sha256 of the job lines in order: what `--resume` compares. */
+  readonly jobsHash: string;
+}
+
+export function defaultSessionsDir(env: NodeJS.ProcessEnv = process.env): string {
+  return resolvePath(env['DROVER_SESSIONS'] || join(homedir(), '.drover', 'sessions'));
+}
+
+export function jobsHash(lines: readonly string[]): string {
+  const hash = createHash('sha256');
+  lines.forEach((line, i) => hash.update(`${i + 1}\0${line}\n`));
+  return hash.digest('hex');
+}
+
+export class Session {
+  private constructor(
+    readonly id: number,
+    readonly dir: string,
+    readonly params: SessionParams,
+    readonly jobs: JobRecord[],
+  ) {}
+
+  /** A new session directory with the next free id. */
+  static create(sessionsDir: string, params: SessionParams, jobs: JobRecord[]): Session {
+    mkdirSync(sessionsDir, { recursive: true });
+    for (let attempt = 0; attempt < 1000; attempt++) {
+      const id = Math.max(0, ...sessionIds(sessionsDir)) + 1;
+      const dir = join(sessionsDir, String(id));
+      try {
+        mkdirSync(dir); // exclusive: two batches starting at once get different ids
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === 'EEXIST') continue;
+        throw error;
+      }
+      mkdirSync(join(dir, 'output'));
+      const session = new Session(id, dir, params, jobs);
+      writeFileSync(join(dir, 'params.json'), JSON.stringify(params, null, 2) + '\n');
+      session.save();
+      return session;
+    }
+    throw new ConfigError(`could not create a session directory in ${sessionsDir}`);
+  }
+
+  static open(sessionsDir: string, id: string): Session {
+    const dir = join(sessionsDir, id);
+    if (!/^\d+$/.test(id) || !existsSync(join(dir, 'jobs.json'))) {
+      throw new ConfigError(`no session "${id}" in ${sessionsDir} (see "drover sessions")`);
+    }
+    const params = JSON.parse(readFileSync(join(dir, 'params.json'), 'utf8')) as SessionParams;
+    const jobs = JSON.parse(readFileSync(join(dir, 'jobs.json'), 'utf8')) as JobRecord[];
+    return new Session(Number(id), dir, params, jobs);
+  }
+
+  /** Writes the job list atomically, so a reader (or a crash) never sees half of it. */
+  save(): void {
+    const file = join(this.dir, 'jobs.json');
+    writeFileSync(file + '.tmp', JSON.stringify(this.jobs, null, 1) + '\n');
+    renameSync(file + '.tmp', file);
+  }
+
+  counts(): Record<JobStatus, number> {
+    return countJobs(this.jobs);
+  }
+}
+
+export function countJobs(jobs: readonly JobRecord[]): Record<JobStatus, number> {
+  const counts = { pending: 0, running: 0, ok: 0, failed: 0, timeout: 0 };
+  for (const job of jobs) counts[job.status]++;
+  return counts;
+}
+
+export function sessionIds(sessionsDir: string): number[] {
+  if (!existsSync(sessionsDir)) return [];
+  return readdirSync(sessionsDir).filter((name) => /^\d+$/.test(name)).map(Number).sort((a, b) => a - b);
+}

@@ -1,0 +1,119 @@
+/** `drover batch`: runs each line of stdin as a job, in a resumable session (src/batch). */
+import { readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { resolve as resolvePath } from 'node:path';
+import { ConfigError, errorMessage } from '../model/errors.js';
+import type { JobRecord } from '../batch/session.js';
+import { UsageError, type Command, type Values } from './command.js';
+import { EXIT } from './exit-codes.js';
+
+const DETAILS = `Each line of stdin is one job. The line is split into words as a shell
+splits them, without expansion: blanks separate words, '...' and "..."
+quote (in "..." a backslash keeps " \\ $ and \`), a backslash outside quotes
+keeps the next character; $VAR, * and ~ are not expanded. Each word is
+quoted again and appended to COMMAND, and the result runs with sh -c.
+One COMMAND argument is a shell command line itself; without COMMAND the
+line's words are the whole command. Blank lines are skipped. Each job
+runs in an empty directory of its own (under the session's work/).
+
+Every batch is a session, in SESSIONS/ID: params.json, jobs.json (each
+job's status: pending, running, ok, failed, timeout), session.log,
+slot-N.log (each slot's output, for tail -f), output/N.log (each job's
+output) and jobs.jsonl (one JSON line per finished job: slot, host, start,
+duration, exit code, signal).
+
+Options (flag > DROVER_<NAME> environment):
+  --split N                jobs that run at once [number of CPUs]
+  --timeout S              kill a job's process group after S seconds (status timeout)
+  --retries N              run a failed or timed-out job up to N more times [0]
+  --sessions PATH          the sessions directory [~/.drover/sessions] (DROVER_SESSIONS)
+  --yes                    do not ask before starting (nothing asks yet)
+
+Ctrl-C or SIGTERM kills the running jobs, saves the session and prints how
+to resume it. Output is one timestamped line per finished job, then
+"session ID (T s): OK/ALL OK - P pending, T timeout, E errors".
+
+Exit codes: 0 every job succeeded, 1 some job failed or timed out,
+2 bad usage (unknown option, bad value, unreadable input), 4 interrupted.`;
+
+export const batchCommand: Command = {
+  usage: 'cat jobs | drover batch [options] [--] [COMMAND...]',
+  summary: 'run each line of stdin as a job, in parallel, in a resumable session',
+  details: DETAILS,
+  options: {
+    split: { type: 'string' },
+    timeout: { type: 'string' },
+    retries: { type: 'string' },
+    sessions: { type: 'string' },
+    hosts: { type: 'string' },
+    yes: { type: 'boolean', short: 'y' },
+  },
+  async run(values, positionals) {
+    const env = process.env;
+    const setting = (name: string): string | undefined => (values[name] as string | undefined) ?? env[`DROVER_${name.toUpperCase()}`];
+    const split = whole(setting('split'), 'split', availableParallelism(), 1);
+    const timeout = whole(setting('timeout'), 'timeout', 0, 1);
+    const retries = whole(setting('retries'), 'retries', 0, 0);
+    const hosts = setting('hosts');
+    if (hosts !== undefined) {
+      if (hosts.startsWith('@')) {
+        try {
+          readFileSync(hosts.slice(1), 'utf8');
+        } catch (error) {
+          throw new ConfigError(`cannot read the hosts file "${hosts.slice(1)}": ${(error as NodeJS.ErrnoException).code ?? errorMessage(error)}`);
+        }
+      }
+      throw new ConfigError('--hosts is not supported yet: batches run on this machine only');
+    }
+    const { createSession, runSession } = await import('../batch/run.js');
+    const { defaultSessionsDir } = await import('../batch/session.js');
+    const sessionsDir = values['sessions'] !== undefined ? resolvePath(values['sessions'] as string) : defaultSessionsDir(env);
+    const input = process.stdin.isTTY ? '' : await readStdin();
+    const session = createSession(input.split('\n'), { command: positionals, split, timeout, retries, sessionsDir });
+    const interrupt = new AbortController();
+    let signalName: string | undefined;
+    const onSignal = (signal: NodeJS.Signals) => {
+      signalName ??= signal;
+      interrupt.abort();
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    const say = (text: string) => process.stdout.write(`${new Date().toISOString()} ${text}\n`);
+    say(`session ${session.id}: ${session.jobs.length} jobs, split ${split}, in ${session.dir}`);
+    try {
+      const outcome = await runSession(session, { signal: interrupt.signal, onJob: (job) => say(describeJob(job)) });
+      const { counts, elapsedMs } = outcome;
+      const total = session.jobs.length;
+      process.stdout.write(`session ${session.id} (${Math.round(elapsedMs / 1000)} s): ${counts.ok}/${total} OK - ${counts.pending + counts.running} pending, ${counts.timeout} timeout, ${counts.failed} errors\n`);
+      if (outcome.interrupted) {
+        process.stderr.write(`drover batch: interrupted by ${signalName ?? 'a signal'}; the session is saved. Resume it with: drover batch --resume ${session.id}\n`);
+        return EXIT.SIGNAL;
+      }
+      return counts.ok === total ? EXIT.OK : EXIT.FAILED;
+    } finally {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
+  },
+};
+
+function describeJob(job: JobRecord): string {
+  const seconds = ((job.durationMs ?? 0) / 1000).toFixed(1);
+  const end = job.signal ? `signal ${job.signal}` : `exit ${job.exitCode ?? '-'}`;
+  return `job ${job.n} ${job.status === 'pending' ? 'stopped' : job.status} slot ${job.slot ?? '-'} (${seconds} s, ${end}): ${job.line}`;
+}
+
+function whole(raw: string | undefined, name: string, fallback: number, min: number): number {
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} must be a whole number of at least ${min}, not "${raw}"`);
+  return value;
+}
+
+async function readStdin(): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+export type { Values };

@@ -1,0 +1,100 @@
+/** `drover batch` on this machine: jobs from stdin, the session directory, timeouts, retries, bad input. */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import t from 'tap';
+import { EXIT } from '../src/cli/exit-codes.js';
+import { drover } from './helpers/drover.js';
+
+interface JobLine {
+  job: number;
+  attempt: number;
+  status: string;
+  slot: number;
+  host: string;
+  start: string;
+  durationMs: number;
+  exitCode: number | null;
+  signal: string | null;
+}
+
+function jobsLog(dir: string): JobLine[] {
+  return readFileSync(join(dir, 'jobs.jsonl'), 'utf8').trim().split('\n').map((line) => JSON.parse(line) as JobLine);
+}
+
+t.test('seq 10 | drover batch echo hello: ten jobs, a session directory, a summary, exit 0', async (t) => {
+  const cwd = t.testdir({});
+  const sessions = join(cwd, 'sessions');
+  const input = Array.from({ length: 10 }, (_, i) => `${i + 1}`).join('\n') + '\n';
+  const result = await drover(['batch', 'echo', 'hello'], { cwd, input, env: { DROVER_SESSIONS: sessions } });
+  t.equal(result.code, 0, result.stderr);
+  t.match(result.stdout, /^session 1 \(\d+ s\): 10\/10 OK - 0 pending, 0 timeout, 0 errors$/m);
+  t.match(result.stdout, /^\d{4}-\d\d-\d\dT[\d:.]+Z job 3 ok slot \d+ /m, 'plain timestamped lines when stdout is not a terminal');
+  const dir = join(sessions, '1');
+  for (let n = 1; n <= 10; n++) t.equal(readFileSync(join(dir, 'output', `${n}.log`), 'utf8').match(/^hello \d+$/m)?.[0], `hello ${n}`);
+  const jobs = JSON.parse(readFileSync(join(dir, 'jobs.json'), 'utf8')) as { n: number; status: string; command: string }[];
+  t.same(jobs.map((job) => job.status), Array(10).fill('ok'));
+  t.equal(jobs[4]!.command, 'echo hello 5');
+  const log = jobsLog(dir);
+  t.equal(log.length, 10, 'one job log line per finished job');
+  t.same(log.map((line) => line.job).sort((a, b) => a - b), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  for (const line of log) {
+    t.equal(line.exitCode, 0);
+    t.equal(line.signal, null);
+    t.equal(line.host, 'localhost');
+    t.ok(Number.isFinite(Date.parse(line.start)) && line.durationMs >= 0);
+  }
+  const slots = readFileSync(join(dir, 'slot-1.log'), 'utf8');
+  t.match(slots, /=== .* job \d+ \(attempt 1\): echo hello \d+\n(\[drover\] .*\n)*hello \d+\n/, 'slot logs carry each job\'s output under a header');
+  t.match(readFileSync(join(dir, 'session.log'), 'utf8'), /worker booted/);
+});
+
+t.test('words are split like a shell splits them, without expansion, and quoted again', async (t) => {
+  const cwd = t.testdir({});
+  const input = `a 'b c' "d \\"e\\"" f\\ g $HOME '*'\n`;
+  const result = await drover(['batch', '--split', '1', '--sessions', 'sessions', '--', 'printf', '[%s]'], { cwd, input });
+  t.equal(result.code, 0, result.stderr);
+  t.match(readFileSync(join(cwd, 'sessions', '1', 'output', '1.log'), 'utf8'), '[a][b c][d "e"][f g][$HOME][*]');
+});
+
+t.test('--timeout kills the job\'s process group; failures and --retries; exit 1 and the counts', async (t) => {
+  const cwd = t.testdir({});
+  const input = ['ok', 'fail', 'slow'].join('\n');
+  // `slow` leaves a background child that would write a marker if the process group were not killed.
+  // Jobs run in a directory of their own, so the files they write are named by absolute paths.
+  const script = `case $0 in ok) exit 0;; fail) echo attempt >> '${cwd}/failures'; exit 3;; slow) (sleep 3; echo survived > '${cwd}/marker') & sleep 30;; esac`;
+  const started = Date.now();
+  const result = await drover(['batch', '--split', '3', '--timeout', '1', '--retries', '1', '--sessions', 'sessions', '--', 'sh', '-c', script], { cwd, input, env: { DROVER_KILL_GRACE: '0.5' } });
+  t.equal(result.code, EXIT.FAILED, result.stderr);
+  t.ok(Date.now() - started < 15_000, 'the timed-out job did not hold the batch');
+  t.match(result.stdout, /^session 1 \(\d+ s\): 1\/3 OK - 0 pending, 1 timeout, 1 errors$/m);
+  t.equal(readFileSync(join(cwd, 'failures'), 'utf8'), 'attempt\nattempt\n', '--retries 1: the failing job ran twice');
+  const log = jobsLog(join(cwd, 'sessions', '1'));
+  t.same(log.filter((line) => line.job === 2).map((line) => [line.attempt, line.status, line.exitCode]), [[1, 'failed', 3], [2, 'failed', 3]]);
+  t.same(log.filter((line) => line.job === 3).map((line) => line.status), ['timeout', 'timeout']);
+  await new Promise((resolve) => setTimeout(resolve, 3500));
+  t.throws(() => readFileSync(join(cwd, 'marker')), 'the timed-out job\'s background child was killed with it');
+});
+
+t.test('bad input exits 2 with a clear message', async (t) => {
+  const cwd = t.testdir({});
+  const cases: [string[], RegExp][] = [
+    [['batch', '--colour', 'echo'], /Unknown option '--colour'[\s\S]*drover batch --help/],
+    [['batch', '--split', '0', 'echo'], /--split must be a whole number of at least 1/],
+    [['batch', '--hosts', '@missing-hosts', 'echo'], /cannot read the hosts file "missing-hosts": ENOENT/],
+  ];
+  for (const [args, message] of cases) {
+    const result = await drover(args, { cwd, input: '1\n', env: { DROVER_SESSIONS: join(cwd, 'sessions') } });
+    t.equal(result.code, EXIT.CONFIG, `drover ${args.join(' ')} exits 2`);
+    t.match(result.stderr, message);
+  }
+  const unterminated = await drover(['batch', 'echo'], { cwd, input: "it's\n", env: { DROVER_SESSIONS: join(cwd, 'sessions') } });
+  t.equal(unterminated.code, EXIT.CONFIG);
+  t.match(unterminated.stderr, /unterminated ' quote in job line: it's/);
+});
+
+t.test('batch --help says how lines become words', async (t) => {
+  const result = await drover(['batch', '--help'], { cwd: t.testdir({}) });
+  t.equal(result.code, 0);
+  t.match(result.stdout, /Usage: cat jobs \| drover batch/);
+  t.match(result.stdout, /split into words as a shell/);
+});

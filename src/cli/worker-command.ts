@@ -6,6 +6,7 @@ import { ProcessEngine, type ProcessEngineOptions } from '../engines/process.js'
 import type { Host } from '../hosts/host.js';
 import { HardwareHost } from '../hosts/local.js';
 import type { Logger } from '../runtime/logger.js';
+import { SecretMasker, envPlugin, maskedLogger } from '../plugins/env.js';
 import { livelogPlugin } from '../plugins/livelog.js';
 import { successPlugin } from '../plugins/success.js';
 import type { Plugin } from '../plugins/plugin.js';
@@ -15,7 +16,9 @@ import { joinPayloadSchemas, type JsonSchemaObject } from '../runtime/schema.js'
 import { startWorker } from '../runtime/worker.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 
-export async function runWorker(config: Config, queue: Queue, once: boolean, logger: Logger): Promise<number> {
+export async function runWorker(config: Config, queue: Queue, once: boolean, workerLogger: Logger): Promise<number> {
+  // Secret task env values stay out of the worker's log as well as the live logs.
+  const logger = maskedLogger(workerLogger, new SecretMasker(Object.values(config.secretTaskEnv)));
   const workDir = resolvePath(config.workDir);
   const { host, capacity, remote } = await hostFor(config, workDir, logger);
   const { engine, plugins } = await workerParts(config, remote);
@@ -75,7 +78,7 @@ export async function workerParts(config: Config, remote: boolean): Promise<{ en
   } else {
     engine = new ProcessEngine(engineOptions);
   }
-  return { engine, plugins: [livelogPlugin(), successPlugin()] };
+  return { engine, plugins: [livelogPlugin(), successPlugin(), envPlugin({ base: config.taskEnv, secret: config.secretTaskEnv })] };
 }
 
 /** The payload schema of a worker with this config: its engine's and plugins' joined, as the worker validates payloads. */

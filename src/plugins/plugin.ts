@@ -61,9 +61,15 @@ export type Verdict =
   | { readonly state: 'exception'; readonly reason: 'intermittent-task'; readonly message?: string }
   | undefined;
 
+/** What buildSandbox may need beyond the builder. */
+export interface BuildSandboxContext {
+  /** The run's task directory, on the machine the command runs on. */
+  readonly taskDir: string;
+}
+
 export interface TaskPlugin {
   prepare?(): Promise<void>;
-  buildSandbox?(builder: SandboxBuilder): Promise<void>;
+  buildSandbox?(builder: SandboxBuilder, context: BuildSandboxContext): Promise<void>;
   started?(sandbox: Sandbox): Promise<void>;
   stopped?(result: RunResult): Promise<Verdict>;
   finished?(resolution: Resolution, sandbox: Sandbox): Promise<void>;
@@ -75,6 +81,8 @@ export interface Plugin {
   readonly name: string;
   /** JSON Schema of the payload properties this plugin reads; joined with the engine's. */
   readonly payloadSchema?: JsonSchemaObject;
+  /** Values that must never appear in logs: the runtime masks them in every run's log. */
+  readonly secrets?: readonly string[];
   boot?(options: PluginWorkerOptions): Promise<void>;
   shutdown?(options: PluginWorkerOptions): Promise<void>;
   newTask?(options: TaskPluginOptions): TaskPlugin;

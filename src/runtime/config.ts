@@ -10,7 +10,7 @@ import { createRequire } from 'node:module';
 import { ConfigError, errorMessage } from '../model/errors.js';
 import { parseSshAddress } from '../hosts/ssh-address.js';
 
-type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy';
+type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap';
 
 /** One SSH host of `ssh.hosts`. */
 export interface SshHostSetting {
@@ -46,6 +46,8 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'shutdownGrace', env: 'DROVER_SHUTDOWN_GRACE', kind: 'seconds', min: 0, default: 30, description: 'After SIGTERM/SIGINT, how long running tasks may finish before they are aborted.' },
   { path: 'idleTimeout', env: 'DROVER_IDLE_TIMEOUT', kind: 'seconds', min: 0, default: 0, description: 'Stop after this long with nothing to do (exit code 3); 0 never stops.' },
   { path: 'numberOfTasksToRun', env: 'DROVER_NUMBER_OF_TASKS_TO_RUN', kind: 'integer', min: 0, default: 0, description: 'Stop after claiming this many tasks (exit code 0); 0 means no limit.' },
+  { path: 'taskEnv', env: 'DROVER_TASK_ENV', kind: 'envMap', default: '', description: 'Environment variables of every task, under the payload\'s `env`: `NAME=value`, separated by commas; in the config file also a mapping.' },
+  { path: 'secretTaskEnv', env: 'DROVER_SECRET_TASK_ENV', kind: 'envMap', default: '', description: 'Like `taskEnv`, but the values are secrets: masked as `[secret]` in live logs and in the worker\'s log.' },
   { path: 'engine.type', env: 'DROVER_ENGINE', kind: 'engineType', flag: 'engine', default: 'process', description: '`process` (the payload\'s command) or `script` (a script and its DEPS/ files, geto-style).' },
   { path: 'engine.killSignal', env: 'DROVER_KILL_SIGNAL', kind: 'signal', default: 'SIGTERM', description: 'First signal sent to a task\'s process group when it is aborted.' },
   { path: 'engine.killGrace', env: 'DROVER_KILL_GRACE', kind: 'seconds', min: 0, default: 5, description: 'How long after that signal before SIGKILL.' },
@@ -85,6 +87,9 @@ export interface Config {
   readonly shutdownGrace: number;
   readonly idleTimeout: number;
   readonly numberOfTasksToRun: number;
+  /** Empty: none. */
+  readonly taskEnv: Readonly<Record<string, string>>;
+  readonly secretTaskEnv: Readonly<Record<string, string>>;
   readonly engine: { readonly type: 'process' | 'script'; readonly killSignal: NodeJS.Signals; readonly killGrace: number };
   readonly ssh: {
     readonly hosts: readonly SshHostSetting[];
@@ -175,6 +180,8 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     shutdownGrace: get<number>('shutdownGrace'),
     idleTimeout: get<number>('idleTimeout'),
     numberOfTasksToRun: get<number>('numberOfTasksToRun'),
+    taskEnv: Object.freeze({ ...(get<Record<string, string> | string>('taskEnv') || {}) as Record<string, string> }),
+    secretTaskEnv: Object.freeze({ ...(get<Record<string, string> | string>('secretTaskEnv') || {}) as Record<string, string> }),
     engine: Object.freeze({ type: get<Config['engine']['type']>('engine.type'), killSignal: get<NodeJS.Signals>('engine.killSignal'), killGrace: get<number>('engine.killGrace') }),
     ssh: Object.freeze({
       hosts: Object.freeze(get<SshHostSetting[] | string>('ssh.hosts') || []) as readonly SshHostSetting[],
@@ -270,7 +277,28 @@ function coerce(setting: Setting, raw: unknown): { value: unknown } | { problem:
       return ['strict', 'accept-new', 'off'].includes(String(text)) ? { value: text } : { problem: `must be strict, accept-new or off, not ${JSON.stringify(raw)}` };
     case 'sshHosts':
       return sshHosts(text);
+    case 'envMap':
+      return envMap(raw);
   }
+}
+
+/** `taskEnv`: `NAME=value` separated by commas, or a mapping of names to strings; values stay out of messages. */
+function envMap(raw: unknown): { value: Record<string, string> } | { problem: string } {
+  const entries: [string, unknown][] = typeof raw === 'string'
+    ? raw.split(',').map((item) => item.trim()).filter(Boolean).map((item) => {
+      const at = item.indexOf('=');
+      return at < 0 ? [item, undefined] : [item.slice(0, at).trim(), item.slice(at + 1)];
+    })
+    : raw !== null && typeof raw === 'object' && !Array.isArray(raw) ? Object.entries(raw) : [];
+  if (entries.length === 0) return { problem: 'must be NAME=value pairs separated by commas, or a mapping of names to values' };
+  const value: Record<string, string> = {};
+  const problems: string[] = [];
+  for (const [name, item] of entries) {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) problems.push(`${JSON.stringify(name)} is not an environment variable name`);
+    else if (typeof item !== 'string' && typeof item !== 'number') problems.push(`${name} must have a value (NAME=value)`);
+    else value[name] = String(item);
+  }
+  return problems.length > 0 ? { problem: problems.join('; ') } : { value };
 }
 
 /** `ssh.hosts`: a comma-separated string of addresses, or a list of addresses and `{ address, capacity, labels }`. */

@@ -9,6 +9,7 @@
  * every step's error.
  */
 import { randomBytes } from 'node:crypto';
+import type { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fromCallback, fromPromise } from 'xstate';
 import type { Engine, Sandbox, SandboxBuilder } from '../engines/engine.js';
@@ -17,6 +18,7 @@ import type { Transport } from '../hosts/transport.js';
 import { ClaimLostError, InternalError, MalformedPayloadError, QueueUnavailableError, errorMessage } from '../model/errors.js';
 import { describeResolution, type Resolution } from '../model/resolution.js';
 import { runKey, type Claim, type RunResult } from '../model/task.js';
+import { SecretMasker } from '../plugins/env.js';
 import type { Plugin, TaskPlugin, Verdict } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
 import type { ClaimInput, LoadOutput, ReportInput, StopInput, TaskEvent, UploadInput } from '../machines/task.js';
@@ -42,7 +44,7 @@ export interface TaskRuntime {
 const OUTPUT_DRAIN_MS = 500;
 
 class RunState {
-  readonly log = new TaskLog();
+  readonly log: TaskLog;
   /** Aborted when the run is canceled or its claim is lost: hooks and engine calls give up. */
   readonly lost = new AbortController();
   readonly cookie = randomBytes(12).toString('hex');
@@ -65,8 +67,10 @@ class RunState {
   constructor(
     readonly claim: Claim,
     readonly logger: Logger,
+    secrets: SecretMasker,
   ) {
     this.takenUntil = claim.takenUntil;
+    this.log = secrets.empty ? new TaskLog() : new MaskedTaskLog(secrets);
   }
 }
 
@@ -74,12 +78,13 @@ export function createTaskActors(runtime: TaskRuntime) {
   const { queue, host, engine, workerId } = runtime;
   const now = runtime.now ?? Date.now;
   const runs = new Map<string, RunState>();
+  const secrets = new SecretMasker(runtime.plugins.flatMap((plugin) => plugin.secrets ?? []));
 
   const stateOf = (claim: Claim): RunState => {
     const key = runKey(claim);
     let run = runs.get(key);
     if (run === undefined) {
-      run = new RunState(claim, runtime.logger.child({ taskId: claim.taskId, runId: claim.runId }));
+      run = new RunState(claim, runtime.logger.child({ taskId: claim.taskId, runId: claim.runId }), secrets);
       runs.set(key, run);
     }
     return run;
@@ -138,7 +143,7 @@ export function createTaskActors(runtime: TaskRuntime) {
     run.builder = await engine.prepare(claim.payload, { claim, transport, taskDir, cookie: run.cookie, logger: run.logger, signal });
     await eachPlugin(run, 'prepare', (hooks) => hooks.prepare?.());
     const builder = run.builder;
-    await eachPlugin(run, 'buildSandbox', (hooks) => hooks.buildSandbox?.(builder));
+    await eachPlugin(run, 'buildSandbox', (hooks) => hooks.buildSandbox?.(builder, { taskDir }));
     const maxRunTime = claim.payload['maxRunTime'];
     return { maxRunTimeMs: typeof maxRunTime === 'number' ? maxRunTime * 1000 : undefined };
   }
@@ -150,7 +155,9 @@ export function createTaskActors(runtime: TaskRuntime) {
     state.starting = starting;
     const sandbox = await starting;
     state.sandbox = sandbox;
-    state.output = Promise.all([state.log.pipeFrom(sandbox.stdout), state.log.pipeFrom(sandbox.stderr)]);
+    // Secrets the plugins name (the env plugin's) are masked before the output reaches the log.
+    const masked = (source: Readable): Readable => (secrets.empty ? source : source.pipe(secrets.transform()));
+    state.output = Promise.all([state.log.pipeFrom(masked(sandbox.stdout)), state.log.pipeFrom(masked(sandbox.stderr))]);
     await eachPlugin(state, 'started', (hooks) => hooks.started?.(sandbox));
     const result = await sandbox.wait();
     // A background process may hold the pipes open; its output is not worth a stuck task.
@@ -331,6 +338,17 @@ function placementHints(payload: Claim['payload']): { name?: string; maxConcurre
     ...(typeof maxConcurrent === 'number' ? { maxConcurrent } : {}),
     ...(Array.isArray(hostLabels) ? { labels: hostLabels.filter((label): label is string => typeof label === 'string') } : {}),
   };
+}
+
+/** A run's log whose own lines (drover's, plugins') have the secrets masked too. */
+class MaskedTaskLog extends TaskLog {
+  constructor(readonly secrets: SecretMasker) {
+    super();
+  }
+
+  override line(text: string): void {
+    super.line(this.secrets.mask(text));
+  }
 }
 
 /** Calls a hook so that a synchronous throw becomes a rejection, like an asynchronous one. */

@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { resolve as resolvePath } from 'node:path';
 import { ConfigError, errorMessage } from '../model/errors.js';
-import type { JobRecord } from '../batch/session.js';
+import { jobsHash, type JobRecord, type Session } from '../batch/session.js';
 import { UsageError, type Command, type Values } from './command.js';
 import { EXIT } from './exit-codes.js';
 
@@ -28,6 +28,12 @@ Options (flag > DROVER_<NAME> environment):
   --retries N              run a failed or timed-out job up to N more times [0]
   --sessions PATH          the sessions directory [~/.drover/sessions] (DROVER_SESSIONS)
   --yes                    do not ask before starting (nothing asks yet)
+  --resume ID              run session ID's jobs that are still pending
+  --retry ID               run session ID's failed and timed-out jobs again
+
+With --resume or --retry the session keeps its command, split, timeout and
+retries; jobs on stdin are optional, and when given they must be the
+session's jobs, line for line, or drover refuses to run them.
 
 Ctrl-C or SIGTERM kills the running jobs, saves the session and prints how
 to resume it. Output is one timestamped line per finished job, then
@@ -47,6 +53,8 @@ export const batchCommand: Command = {
     sessions: { type: 'string' },
     hosts: { type: 'string' },
     yes: { type: 'boolean', short: 'y' },
+    resume: { type: 'string' },
+    retry: { type: 'string' },
   },
   async run(values, positionals) {
     const env = process.env;
@@ -69,7 +77,20 @@ export const batchCommand: Command = {
     const { defaultSessionsDir } = await import('../batch/session.js');
     const sessionsDir = values['sessions'] !== undefined ? resolvePath(values['sessions'] as string) : defaultSessionsDir(env);
     const input = process.stdin.isTTY ? '' : await readStdin();
-    const session = createSession(input.split('\n'), { command: positionals, split, timeout, retries, sessionsDir });
+    const resume = values['resume'] as string | undefined;
+    const retry = values['retry'] as string | undefined;
+    if (resume !== undefined && retry !== undefined) throw new UsageError('give either --resume or --retry, not both');
+    let session;
+    if (resume !== undefined || retry !== undefined) {
+      const { Session } = await import('../batch/session.js');
+      session = Session.open(sessionsDir, (resume ?? retry)!);
+      checkSameJobs(session, input, positionals);
+      if (retry !== undefined) {
+        for (const job of session.jobs) if (job.status === 'failed' || job.status === 'timeout') job.status = 'pending';
+      }
+    } else {
+      session = createSession(input.split('\n'), { command: positionals, split, timeout, retries, sessionsDir });
+    }
     const interrupt = new AbortController();
     let signalName: string | undefined;
     const onSignal = (signal: NodeJS.Signals) => {
@@ -79,7 +100,8 @@ export const batchCommand: Command = {
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
     const say = (text: string) => process.stdout.write(`${new Date().toISOString()} ${text}\n`);
-    say(`session ${session.id}: ${session.jobs.length} jobs, split ${split}, in ${session.dir}`);
+    const todo = session.jobs.filter((job) => job.status === 'pending' || job.status === 'running').length;
+    say(`session ${session.id}: ${todo} of ${session.jobs.length} jobs to run, split ${session.params.split}, in ${session.dir}`);
     try {
       const outcome = await runSession(session, { signal: interrupt.signal, onJob: (job) => say(describeJob(job)) });
       const { counts, elapsedMs } = outcome;
@@ -94,6 +116,46 @@ export const batchCommand: Command = {
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
     }
+  },
+};
+
+/** A resume must not run other commands than the session's: the jobs on stdin, if any, must be the stored ones. */
+function checkSameJobs(session: Session, input: string, command: readonly string[]): void {
+  if (command.length > 0 && JSON.stringify(command) !== JSON.stringify(session.params.command)) {
+    throw new ConfigError(`session ${session.id} runs ${JSON.stringify(session.params.command)}, not ${JSON.stringify(command)}; leave the command out to keep the session's`);
+  }
+  const lines = input.split('\n').filter((line) => line.trim().length > 0);
+  if (lines.length === 0) return;
+  if (jobsHash(lines) === session.params.jobsHash) return;
+  const stored = session.jobs.map((job) => job.line);
+  const at = stored.findIndex((line, i) => lines[i] !== line);
+  const where = at >= 0 ? `job ${at + 1} is ${JSON.stringify(stored[at])} in the session but ${JSON.stringify(lines[at] ?? '(missing)')} on stdin` : `stdin has ${lines.length - stored.length} more jobs`;
+  throw new ConfigError(`the jobs on stdin are not session ${session.id}'s (${stored.length} stored, ${lines.length} given; ${where}); refusing to resume. Pipe the same jobs, or none`);
+}
+
+export const sessionsCommand: Command = {
+  usage: 'drover sessions [--sessions PATH]',
+  summary: 'list batch sessions with their job counts',
+  details: `Options:
+  --sessions PATH          the sessions directory [~/.drover/sessions] (DROVER_SESSIONS)`,
+  options: { sessions: { type: 'string' } },
+  async run(values) {
+    const { Session, defaultSessionsDir, sessionIds } = await import('../batch/session.js');
+    const dir = values['sessions'] !== undefined ? resolvePath(values['sessions'] as string) : defaultSessionsDir(process.env);
+    const rows = sessionIds(dir).flatMap((id) => {
+      try {
+        const session = Session.open(dir, String(id));
+        const counts = session.counts();
+        const command = session.params.command.join(' ');
+        return [[String(id), session.params.created, String(session.jobs.length), String(counts.ok), String(counts.failed), String(counts.timeout), String(counts.pending + counts.running), command.length > 50 ? command.slice(0, 47) + '...' : command]];
+      } catch {
+        return [];
+      }
+    });
+    const header = ['ID', 'CREATED', 'JOBS', 'OK', 'FAILED', 'TIMEOUT', 'PENDING', 'COMMAND'];
+    const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
+    process.stdout.write([header, ...rows].map((row) => row.map((cell, i) => (i === row.length - 1 ? cell : cell.padEnd(widths[i]!))).join('  ')).join('\n') + '\n');
+    return EXIT.OK;
   },
 };
 

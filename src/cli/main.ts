@@ -16,7 +16,7 @@ import { SqliteQueue } from '../queues/sqlite.js';
 import { createLogger, type Logger } from '../runtime/logger.js';
 import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '../runtime/config.js';
 import { UsageError, type Command, type Options, type Values } from './command.js';
-import { batchCommand } from './batch.js';
+import { batchCommand, sessionsCommand } from './batch.js';
 import { diagramCommand } from './diagram.js';
 import { EXIT } from './exit-codes.js';
 
@@ -280,6 +280,7 @@ Options:
     },
   },
   batch: batchCommand,
+  sessions: sessionsCommand,
   diagram: diagramCommand,
 };
 

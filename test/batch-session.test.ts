@@ -1,0 +1,81 @@
+/** Batch sessions: SIGINT then --resume runs every job exactly once; --retry re-runs exactly the failed ones; `drover sessions`. */
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import t from 'tap';
+import { EXIT } from '../src/cli/exit-codes.js';
+import { DROVER, drover, eventually, userEnv } from './helpers/drover.js';
+
+const lines = (file: string): string[] => (existsSync(file) ? readFileSync(file, 'utf8').split('\n').filter(Boolean) : []);
+
+t.test('a batch interrupted with SIGINT, then --resume: every job runs exactly once in total', async (t) => {
+  const cwd = t.testdir({});
+  const sessions = join(cwd, 'sessions');
+  const done = join(cwd, 'done');
+  const jobs = Array.from({ length: 8 }, (_, i) => `${i + 1}`);
+  // Each job records itself only once it has finished its work, as a real job's effect would.
+  const command = ['sh', '-c', `sleep 0.6; echo $0 >> '${done}'`];
+  const child = spawn(process.execPath, [DROVER, 'batch', '--split', '2', '--sessions', sessions, '--', ...command], {
+    cwd, env: userEnv(), stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  child.stdin.end(jobs.join('\n') + '\n');
+  await eventually('two jobs done and more running', () => lines(done).length >= 2, 20_000);
+  await new Promise((resolve) => setTimeout(resolve, 250)); // the next two are in their sleep
+  child.kill('SIGINT');
+  const code = await exited;
+  t.equal(code, EXIT.SIGNAL, stderr);
+  t.match(stderr, /interrupted by SIGINT; the session is saved\. Resume it with: drover batch --resume 1/);
+  t.match(stdout, /^session 1 \(\d+ s\): \d\/8 OK - [1-9]\d* pending, 0 timeout, 0 errors$/m);
+  const saved = JSON.parse(readFileSync(join(sessions, '1', 'jobs.json'), 'utf8')) as { n: number; status: string }[];
+  const finishedBefore = lines(done).length;
+  t.ok(finishedBefore < 8, `the interruption left jobs to do (${finishedBefore} done)`);
+  t.same(saved.filter((job) => job.status === 'ok').length, finishedBefore, 'jobs.json says ok for exactly the jobs that finished');
+  t.notOk(saved.some((job) => job.status === 'running'), 'no job is left running');
+
+  const refused = await drover(['batch', '--resume', '1', '--sessions', sessions], { cwd, input: '1\n2\nX\n' });
+  t.equal(refused.code, EXIT.CONFIG, 'a resume with other jobs is refused');
+  t.match(refused.stderr, /the jobs on stdin are not session 1's \(8 stored, 3 given; job 3 is "3" in the session but "X" on stdin\); refusing to resume/);
+  t.same(lines(done).length, finishedBefore, 'the refused resume ran nothing');
+
+  const resumed = await drover(['batch', '--resume', '1', '--sessions', sessions], { cwd, input: jobs.join('\n') + '\n', timeoutMs: 30_000 });
+  t.equal(resumed.code, 0, resumed.stderr);
+  t.match(resumed.stdout, /^session 1 \(\d+ s\): 8\/8 OK - 0 pending, 0 timeout, 0 errors$/m);
+  t.same(lines(done).sort((a, b) => Number(a) - Number(b)), jobs, 'every job ran exactly once in total');
+
+  const list = await drover(['sessions', '--sessions', sessions], { cwd });
+  t.equal(list.code, 0);
+  t.match(list.stdout, /^ID\s+CREATED\s+JOBS\s+OK\s+FAILED\s+TIMEOUT\s+PENDING\s+COMMAND$/m);
+  t.match(list.stdout, /^1\s+\S+\s+8\s+8\s+0\s+0\s+0\s+sh -c/m);
+});
+
+t.test('--retry re-runs exactly the failed and timed-out jobs', async (t) => {
+  const cwd = t.testdir({});
+  const sessions = join(cwd, 'sessions');
+  const ran = join(cwd, 'ran');
+  const flag = join(cwd, 'flag');
+  // Jobs named bad fail until the flag file exists.
+  const command = ['sh', '-c', `echo $0 >> '${ran}'; case $0 in bad*) test -e '${flag}';; esac`];
+  const input = ['good1', 'bad1', 'good2', 'bad2'].join('\n') + '\n';
+  const first = await drover(['batch', '--split', '2', '--sessions', sessions, '--', ...command], { cwd, input });
+  t.equal(first.code, EXIT.FAILED, 'a batch with failures exits 1');
+  t.match(first.stdout, /^session 1 \(\d+ s\): 2\/4 OK - 0 pending, 0 timeout, 2 errors$/m);
+  writeFileSync(flag, '');
+  const retried = await drover(['batch', '--retry', '1', '--sessions', sessions], { cwd });
+  t.equal(retried.code, 0, retried.stderr);
+  t.match(retried.stdout, /^session 1 \(\d+ s\): 4\/4 OK - 0 pending, 0 timeout, 0 errors$/m);
+  t.same(lines(ran).sort(), ['bad1', 'bad1', 'bad2', 'bad2', 'good1', 'good2'], 'only the failed jobs ran again');
+});
+
+t.test('an unknown session id exits 2', async (t) => {
+  const cwd = t.testdir({});
+  for (const flag of ['--resume', '--retry']) {
+    const result = await drover(['batch', flag, '42', '--sessions', join(cwd, 'sessions')], { cwd });
+    t.equal(result.code, EXIT.CONFIG);
+    t.match(result.stderr, /no session "42" in .*sessions \(see "drover sessions"\)/);
+  }
+});

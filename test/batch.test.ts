@@ -98,3 +98,15 @@ t.test('batch --help says how lines become words', async (t) => {
   t.match(result.stdout, /Usage: cat jobs \| drover batch/);
   t.match(result.stdout, /split into words as a shell/);
 });
+
+t.test('--report runs its command in the session directory with the session\'s figures', async (t) => {
+  const cwd = t.testdir({});
+  const report = 'sh: echo "$DROVER_SESSION_ID $DROVER_JOBS $DROVER_OK $DROVER_FAILED $DROVER_TIMEOUT $DROVER_PENDING" > report.txt; pwd >> report.txt';
+  const result = await drover(['batch', '--split', '2', '--sessions', 'sessions', '--report', report, '--', 'sh', '-c', 'test $0 != 2'], { cwd, input: '1\n2\n3\n' });
+  t.equal(result.code, EXIT.FAILED, result.stderr);
+  const dir = join(cwd, 'sessions', '1');
+  t.equal(readFileSync(join(dir, 'report.txt'), 'utf8'), `1 3 2 1 0 0\n${dir}\n`);
+  const bad = await drover(['batch', '--report', 'echo hi', 'echo'], { cwd, input: '1\n' });
+  t.equal(bad.code, EXIT.CONFIG);
+  t.match(bad.stderr, /--report must be 'sh: COMMAND'/);
+});

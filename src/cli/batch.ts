@@ -28,6 +28,10 @@ Options (flag > DROVER_<NAME> environment):
   --retries N              run a failed or timed-out job up to N more times [0]
   --sessions PATH          the sessions directory [~/.drover/sessions] (DROVER_SESSIONS)
   --yes                    do not ask before starting (nothing asks yet)
+  --report 'sh: CMD'       when the session ends, run CMD with sh in the session
+                           directory, with DROVER_SESSION_ID, DROVER_SESSION_DIR,
+                           DROVER_JOBS, DROVER_OK, DROVER_FAILED, DROVER_TIMEOUT,
+                           DROVER_PENDING and DROVER_ELAPSED (seconds) set
   --resume ID              run session ID's jobs that are still pending
   --retry ID               run session ID's failed and timed-out jobs again
 
@@ -55,6 +59,7 @@ export const batchCommand: Command = {
     yes: { type: 'boolean', short: 'y' },
     resume: { type: 'string' },
     retry: { type: 'string' },
+    report: { type: 'string' },
   },
   async run(values, positionals) {
     const env = process.env;
@@ -62,6 +67,8 @@ export const batchCommand: Command = {
     const split = whole(setting('split'), 'split', availableParallelism(), 1);
     const timeout = whole(setting('timeout'), 'timeout', 0, 1);
     const retries = whole(setting('retries'), 'retries', 0, 0);
+    const report = setting('report');
+    if (report !== undefined && !/^sh:\s*\S/.test(report)) throw new UsageError(`--report must be 'sh: COMMAND', not "${report}"`);
     const hosts = setting('hosts');
     if (hosts !== undefined) {
       if (hosts.startsWith('@')) {
@@ -107,6 +114,7 @@ export const batchCommand: Command = {
       const { counts, elapsedMs } = outcome;
       const total = session.jobs.length;
       process.stdout.write(`session ${session.id} (${Math.round(elapsedMs / 1000)} s): ${counts.ok}/${total} OK - ${counts.pending + counts.running} pending, ${counts.timeout} timeout, ${counts.failed} errors\n`);
+      if (report !== undefined) await runReport(report.replace(/^sh:\s*/, ''), session, outcome.elapsedMs);
       if (outcome.interrupted) {
         process.stderr.write(`drover batch: interrupted by ${signalName ?? 'a signal'}; the session is saved. Resume it with: drover batch --resume ${session.id}\n`);
         return EXIT.SIGNAL;
@@ -158,6 +166,29 @@ export const sessionsCommand: Command = {
     return EXIT.OK;
   },
 };
+
+/** The --report hook: its failure is reported, and does not change the batch's exit code. */
+async function runReport(command: string, session: Session, elapsedMs: number): Promise<void> {
+  const { spawn } = await import('node:child_process');
+  const counts = session.counts();
+  const env = {
+    ...process.env,
+    DROVER_SESSION_ID: String(session.id),
+    DROVER_SESSION_DIR: session.dir,
+    DROVER_JOBS: String(session.jobs.length),
+    DROVER_OK: String(counts.ok),
+    DROVER_FAILED: String(counts.failed),
+    DROVER_TIMEOUT: String(counts.timeout),
+    DROVER_PENDING: String(counts.pending + counts.running),
+    DROVER_ELAPSED: String(Math.round(elapsedMs / 1000)),
+  };
+  const code = await new Promise<number | null>((resolve) => {
+    const child = spawn('sh', ['-c', command], { cwd: session.dir, env, stdio: ['ignore', 'inherit', 'inherit'] });
+    child.on('error', () => resolve(127));
+    child.on('close', (exit) => resolve(exit));
+  });
+  if (code !== 0) process.stderr.write(`drover batch: the --report command exited with ${code ?? 'a signal'}\n`);
+}
 
 function describeJob(job: JobRecord): string {
   const seconds = ((job.durationMs ?? 0) / 1000).toFixed(1);

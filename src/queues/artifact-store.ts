@@ -99,3 +99,13 @@ export class DirectoryArtifactStore implements ArtifactStore {
     return join(this.dir, key.taskId, String(key.runId), ...key.name.split('/'));
   }
 }
+
+/**
+ * Call first thing in uploadArtifact, before any await: a source that fails
+ * while the upload is still checking the claim would otherwise emit 'error'
+ * with no listener, an uncaught exception. The error stays on the stream
+ * (`readable.errored`), and the pipeline that consumes it later rejects with it.
+ */
+export function holdSourceErrors(source: Readable): void {
+  source.on('error', () => {});
+}

@@ -22,6 +22,7 @@ import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
 import { runKey, type Claim, type Payload, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
 import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
 import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS } from './sqlite.js';
+import { holdSourceErrors } from './artifact-store.js';
 
 export interface MemoryQueueHooks {
   claimWork?(options: ClaimWorkOptions): void | Promise<void>;
@@ -188,6 +189,7 @@ export class MemoryQueue implements Queue {
   }
 
   async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
+    holdSourceErrors(source);
     this.#assertOpen();
     const problem = artifactNameProblem(meta.name);
     if (problem) throw new TaskStateError(`artifact name ${JSON.stringify(meta.name)} ${problem}`);

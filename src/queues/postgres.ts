@@ -33,7 +33,7 @@ import pg from 'pg';
 import { ClaimLostError, ConfigError, InternalError, QueueUnavailableError, TaskStateError, errorMessage } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
 import { runKey, type Claim, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
-import { DirectoryArtifactStore, type ArtifactKey, type ArtifactStore } from './artifact-store.js';
+import { DirectoryArtifactStore, holdSourceErrors, type ArtifactKey, type ArtifactStore } from './artifact-store.js';
 import { PostgresArtifactStore } from './postgres-artifact-store.js';
 import {
   DEFAULT_SCHEMA, asQueueError, checkSchemaName, isConfigProblem, isTransient, parseQueueUrl, pgTypes, retryTransient, type QueueUrl,
@@ -324,6 +324,7 @@ export class PostgresQueue implements Queue {
   }
 
   async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
+    holdSourceErrors(source);
     const problem = artifactNameProblem(meta.name);
     if (problem) throw new TaskStateError(`artifact name ${JSON.stringify(meta.name)} ${problem}`);
     const key: ArtifactKey = { taskId: run.taskId, runId: run.runId, name: meta.name };

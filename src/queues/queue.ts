@@ -100,7 +100,10 @@ export interface Queue {
    * ahead of the next reclaim. Returns a function that stops watching.
    */
   watchCancellation(run: RunRef, onCanceled: () => void): () => void;
-  /** Streams `source` into the artifact; needs the current claim to start. */
+  /**
+   * Streams `source` into the artifact; needs the current claim to start.
+   * Listen for the source's errors before the first await (holdSourceErrors).
+   */
   uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo>;
   readArtifact(run: RunRef, name: string, options?: ReadArtifactOptions): Promise<Readable>;
   listArtifacts(run: RunRef): Promise<ArtifactInfo[]>;

@@ -32,7 +32,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { ClaimLostError, ConfigError, InternalError, QueueUnavailableError, TaskStateError, errorMessage } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
-import { runKey, type Claim, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
+import { runKey, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
+import { artifactInfo, columns, describeRun, iso, runStatus, type ArtifactRow as SqlArtifactRow, type RunRow as SqlRunRow } from './sql-rows.js';
 import { DirectoryArtifactStore, holdSourceErrors, type ArtifactKey, type ArtifactStore } from './artifact-store.js';
 import { PostgresArtifactStore } from './postgres-artifact-store.js';
 import {
@@ -71,15 +72,9 @@ export interface PostgresQueueOptions {
 }
 
 interface TaskRow { id: string; payload: TaskStatus['payload']; state: TaskState; created: number; deadline: number; retries_left: number }
-interface RunRow {
-  task_id: string; run_id: number; state: RunState; reason_created: 'scheduled' | 'retry'; reason_resolved: string | null;
-  message: string | null; worker_id: string | null; taken_until: number | null; scheduled: number; started: number | null;
-  resolved: number | null; resolved_by: 'worker' | 'queue' | null;
-}
-interface ArtifactRow {
-  task_id: string; run_id: number; name: string; content_type: string; expires: number | null;
-  state: 'streaming' | 'complete'; size: number; created: number; upload_id: string;
-}
+/** PostgreSQL's rows add who resolved a run (a repeated report is recognised by it) and the upload's id. */
+interface RunRow extends SqlRunRow { resolved_by: 'worker' | 'queue' | null }
+interface ArtifactRow extends SqlArtifactRow { upload_id: string }
 interface Watcher { readonly run: RunRef; readonly onCanceled: () => void }
 
 const OPEN = `state IN ('pending', 'running')`;
@@ -735,32 +730,4 @@ function slugid(): TaskId {
   return bytes.toString('base64url');
 }
 
-function columns(resolution: Resolution): { state: string; reason: string; message: string | null } {
-  const reason = resolution.state === 'exception' ? resolution.reason : resolution.state;
-  return { state: resolution.state, reason, message: resolution.message ?? null };
-}
-
-function describeRun(row: RunRow): string {
-  return row.state === 'exception' ? `exception/${row.reason_resolved}` : row.state;
-}
-
-function iso(ms: number | null): string {
-  return ms === null ? 'an unknown time' : new Date(ms).toISOString();
-}
-
-function runStatus(row: RunRow): RunStatus {
-  return {
-    runId: row.run_id, state: row.state, reasonCreated: row.reason_created, scheduled: row.scheduled,
-    reasonResolved: (row.reason_resolved ?? undefined) as RunStatus['reasonResolved'], message: row.message ?? undefined,
-    workerId: row.worker_id ?? undefined, takenUntil: row.taken_until ?? undefined,
-    started: row.started ?? undefined, resolved: row.resolved ?? undefined,
-  };
-}
-
-function artifactInfo(row: ArtifactRow): ArtifactInfo {
-  return {
-    taskId: row.task_id, runId: row.run_id, name: row.name, contentType: row.content_type,
-    ...(row.expires !== null && { expires: row.expires }), state: row.state, size: row.size, created: row.created,
-  };
-}
 

@@ -18,10 +18,11 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
+import { artifactInfo, columns, describeRun, iso, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
 import { ClaimLostError, ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
-import { runKey, type Claim, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
-import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
+import { runKey, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
+import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, TaskStatus } from './queue.js';
 
 export const DEFAULT_CLAIM_TIMEOUT_MS = 30_000;
 export const DEFAULT_POLL_INTERVAL_MS = 200;
@@ -124,14 +125,6 @@ const SQL = {
 } as const;
 
 interface TaskRow { id: string; payload: string; state: TaskState; created: number; deadline: number; retries_left: number }
-interface RunRow {
-  task_id: string; run_id: number; state: RunState; reason_created: 'scheduled' | 'retry'; reason_resolved: string | null;
-  message: string | null; worker_id: string | null; taken_until: number | null; scheduled: number; started: number | null; resolved: number | null;
-}
-interface ArtifactRow {
-  task_id: string; run_id: number; name: string; content_type: string; expires: number | null;
-  state: 'streaming' | 'complete'; size: number; created: number;
-}
 interface Watcher { readonly run: RunRef; readonly onCanceled: () => void }
 
 export class SqliteQueue implements Queue {
@@ -577,31 +570,3 @@ export function artifactNameProblem(name: string): string | undefined {
   return undefined;
 }
 
-function columns(resolution: Resolution): { state: string; reason: string; message: string | null } {
-  const reason = resolution.state === 'exception' ? resolution.reason : resolution.state;
-  return { state: resolution.state, reason, message: resolution.message ?? null };
-}
-
-function describeRun(row: RunRow): string {
-  return row.state === 'exception' ? `exception/${row.reason_resolved}` : row.state;
-}
-
-function iso(ms: number | null): string {
-  return ms === null ? 'an unknown time' : new Date(ms).toISOString();
-}
-
-function runStatus(row: RunRow): RunStatus {
-  return {
-    runId: row.run_id, state: row.state, reasonCreated: row.reason_created, scheduled: row.scheduled,
-    reasonResolved: (row.reason_resolved ?? undefined) as RunStatus['reasonResolved'], message: row.message ?? undefined,
-    workerId: row.worker_id ?? undefined, takenUntil: row.taken_until ?? undefined,
-    started: row.started ?? undefined, resolved: row.resolved ?? undefined,
-  };
-}
-
-function artifactInfo(row: ArtifactRow): ArtifactInfo {
-  return {
-    taskId: row.task_id, runId: row.run_id, name: row.name, contentType: row.content_type,
-    ...(row.expires !== null && { expires: row.expires }), state: row.state, size: row.size, created: row.created,
-  };
-}

@@ -1,0 +1,46 @@
+/**
+ * The rows the SQL queues (SQLite, PostgreSQL) share, and how they become
+ * the contract's values: both keep runs and artifacts in the same columns.
+ */
+import type { Resolution } from '../model/resolution.js';
+import type { RunState } from '../model/task.js';
+import type { ArtifactInfo, RunStatus } from './queue.js';
+
+export interface RunRow {
+  task_id: string; run_id: number; state: RunState; reason_created: 'scheduled' | 'retry'; reason_resolved: string | null;
+  message: string | null; worker_id: string | null; taken_until: number | null; scheduled: number; started: number | null; resolved: number | null;
+}
+export interface ArtifactRow {
+  task_id: string; run_id: number; name: string; content_type: string; expires: number | null;
+  state: 'streaming' | 'complete'; size: number; created: number;
+}
+
+/** A resolution as the runs table's state, reason_resolved and message columns hold it. */
+export function columns(resolution: Resolution): { state: string; reason: string; message: string | null } {
+  const reason = resolution.state === 'exception' ? resolution.reason : resolution.state;
+  return { state: resolution.state, reason, message: resolution.message ?? null };
+}
+
+export function describeRun(row: RunRow): string {
+  return row.state === 'exception' ? `exception/${row.reason_resolved}` : row.state;
+}
+
+export function iso(ms: number | null): string {
+  return ms === null ? 'an unknown time' : new Date(ms).toISOString();
+}
+
+export function runStatus(row: RunRow): RunStatus {
+  return {
+    runId: row.run_id, state: row.state, reasonCreated: row.reason_created, scheduled: row.scheduled,
+    reasonResolved: (row.reason_resolved ?? undefined) as RunStatus['reasonResolved'], message: row.message ?? undefined,
+    workerId: row.worker_id ?? undefined, takenUntil: row.taken_until ?? undefined,
+    started: row.started ?? undefined, resolved: row.resolved ?? undefined,
+  };
+}
+
+export function artifactInfo(row: ArtifactRow): ArtifactInfo {
+  return {
+    taskId: row.task_id, runId: row.run_id, name: row.name, contentType: row.content_type,
+    ...(row.expires !== null && { expires: row.expires }), state: row.state, size: row.size, created: row.created,
+  };
+}

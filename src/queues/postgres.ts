@@ -30,10 +30,10 @@ import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
-import { ClaimLostError, ConfigError, InternalError, QueueUnavailableError, TaskStateError, errorMessage } from '../model/errors.js';
+import { ConfigError, InternalError, QueueUnavailableError, TaskStateError, errorMessage } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
 import { runKey, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
-import { artifactInfo, columns, describeRun, iso, runStatus, type ArtifactRow as SqlArtifactRow, type RunRow as SqlRunRow } from './sql-rows.js';
+import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow as SqlArtifactRow, type RunRow as SqlRunRow } from './sql-rows.js';
 import { DirectoryArtifactStore, holdSourceErrors, type ArtifactKey, type ArtifactStore } from './artifact-store.js';
 import { PostgresArtifactStore } from './postgres-artifact-store.js';
 import {
@@ -703,24 +703,6 @@ async function runRow(client: pg.ClientBase, run: RunRef): Promise<(RunRow & { d
     `SELECT r.*, t.deadline FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.task_id = $1 AND r.run_id = $2`, [run.taskId, run.runId],
   );
   return rows[0];
-}
-
-/** Why `workerId` does not hold `run`, in the words SqliteQueue uses. */
-function lostClaim(row: (RunRow & { deadline: number }) | undefined, run: RunRef, workerId: string): Error {
-  if (!row) return new TaskStateError(`there is no run ${runKey(run)}`);
-  if (row.state === 'pending') return new ClaimLostError(run, 'resolved', 'the run is pending: no worker has claimed it');
-  if (row.state === 'running') {
-    return row.worker_id === workerId
-      ? new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}`)
-      : new ClaimLostError(run, 'resolved', `held by worker ${row.worker_id}, not ${workerId}`);
-  }
-  const was = `the run was resolved ${describeRun(row)}`;
-  switch (row.reason_resolved) {
-    case 'canceled': return new ClaimLostError(run, 'canceled', `the task was canceled at ${iso(row.resolved)}; ${was}`);
-    case 'deadline-exceeded': return new ClaimLostError(run, 'deadline-exceeded', `the task deadline passed at ${iso(row.deadline)}; ${was}`);
-    case 'claim-expired': return new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}; ${was}`);
-    default: return new ClaimLostError(run, 'resolved', `already resolved: worker ${row.worker_id} resolved it ${describeRun(row)} at ${iso(row.resolved)}`);
-  }
 }
 
 /** 22 characters of URL-safe base64, like Taskcluster's slugids; the first is always a letter, so an id never looks like a flag. */

@@ -2,8 +2,9 @@
  * The rows the SQL queues (SQLite, PostgreSQL) share, and how they become
  * the contract's values: both keep runs and artifacts in the same columns.
  */
+import { ClaimLostError, TaskStateError } from '../model/errors.js';
 import type { Resolution } from '../model/resolution.js';
-import type { RunState } from '../model/task.js';
+import { runKey, type RunRef, type RunState } from '../model/task.js';
 import type { ArtifactInfo, RunStatus } from './queue.js';
 
 export interface RunRow {
@@ -43,4 +44,22 @@ export function artifactInfo(row: ArtifactRow): ArtifactInfo {
     taskId: row.task_id, runId: row.run_id, name: row.name, contentType: row.content_type,
     ...(row.expires !== null && { expires: row.expires }), state: row.state, size: row.size, created: row.created,
   };
+}
+
+/** Why `workerId` does not hold `run`: the error both SQL queues give, from the run's row. */
+export function lostClaim(row: (RunRow & { deadline: number }) | undefined, run: RunRef, workerId: string): Error {
+  if (!row) return new TaskStateError(`there is no run ${runKey(run)}`);
+  if (row.state === 'pending') return new ClaimLostError(run, 'resolved', 'the run is pending: no worker has claimed it');
+  if (row.state === 'running') {
+    return row.worker_id === workerId
+      ? new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}`)
+      : new ClaimLostError(run, 'resolved', `held by worker ${row.worker_id}, not ${workerId}`);
+  }
+  const was = `the run was resolved ${describeRun(row)}`;
+  switch (row.reason_resolved) {
+    case 'canceled': return new ClaimLostError(run, 'canceled', `the task was canceled at ${iso(row.resolved)}; ${was}`);
+    case 'deadline-exceeded': return new ClaimLostError(run, 'deadline-exceeded', `the task deadline passed at ${iso(row.deadline)}; ${was}`);
+    case 'claim-expired': return new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}; ${was}`);
+    default: return new ClaimLostError(run, 'resolved', `already resolved: worker ${row.worker_id} resolved it ${describeRun(row)} at ${iso(row.resolved)}`);
+  }
 }

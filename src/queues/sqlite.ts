@@ -18,8 +18,8 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
-import { artifactInfo, columns, describeRun, iso, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
-import { ClaimLostError, ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
+import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
+import { ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
 import { runKey, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
 import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, TaskStatus } from './queue.js';
@@ -431,21 +431,7 @@ export class SqliteQueue implements Queue {
 
   /** Why `workerId` does not hold `run`, as an error to throw once the transaction has committed. */
   private lostClaim(run: RunRef, workerId: string): Error {
-    const row = this.s.run.get(run.taskId, run.runId) as (RunRow & { deadline: number }) | undefined;
-    if (!row) return new TaskStateError(`there is no run ${runKey(run)}`);
-    if (row.state === 'pending') return new ClaimLostError(run, 'resolved', 'the run is pending: no worker has claimed it');
-    if (row.state === 'running') {
-      return row.worker_id === workerId
-        ? new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}`)
-        : new ClaimLostError(run, 'resolved', `held by worker ${row.worker_id}, not ${workerId}`);
-    }
-    const was = `the run was resolved ${describeRun(row)}`;
-    switch (row.reason_resolved) {
-      case 'canceled': return new ClaimLostError(run, 'canceled', `the task was canceled at ${iso(row.resolved)}; ${was}`);
-      case 'deadline-exceeded': return new ClaimLostError(run, 'deadline-exceeded', `the task deadline passed at ${iso(row.deadline)}; ${was}`);
-      case 'claim-expired': return new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}; ${was}`);
-      default: return new ClaimLostError(run, 'resolved', `already resolved: worker ${row.worker_id} resolved it ${describeRun(row)} at ${iso(row.resolved)}`);
-    }
+    return lostClaim(this.s.run.get(run.taskId, run.runId) as (RunRow & { deadline: number }) | undefined, run, workerId);
   }
 
   private checkCancellations(): void {

@@ -1,0 +1,165 @@
+/**
+ * The `aws` provider: EC2 instances through @aws-sdk/client-ec2.
+ *
+ * Credentials and region come from the SDK's default chains (AWS_* and
+ * the shared config files, SSO, the instance role), unless the options
+ * give them; `endpoint` points the client elsewhere (a VPC endpoint, or the
+ * loopback endpoint of drover/testing). The SDK's own retries are off:
+ * every call goes through withRetry, so that throttling and transient
+ * errors are retried one way, with jitter, and counted.
+ */
+import { DescribeInstancesCommand, EC2Client, RunInstancesCommand, TerminateInstancesCommand, type EC2ClientConfig, type Instance, type Filter } from '@aws-sdk/client-ec2';
+import { errorMessage } from '../model/errors.js';
+import type { Logger } from '../runtime/logger.js';
+import { CloudError, OWNER_TAG, SESSION_TAG, SSH_PORT_TAG, parseSshPort, pollUntilRunning, type CallOptions, type CloudInstance, type InstanceState, type LaunchSpec, type Provider } from './provider.js';
+import { DEFAULT_RETRY, withRetry, type RetryPolicy } from './retry.js';
+
+export interface AwsProviderOptions {
+  /** Default: the SDK's (AWS_REGION, the profile's region). */
+  readonly region?: string;
+  /** Default: EC2's own endpoint for the region. */
+  readonly endpoint?: string;
+  /** Default: the SDK's credential chain. */
+  readonly credentials?: EC2ClientConfig['credentials'];
+  readonly retry?: RetryPolicy;
+  readonly logger?: Logger;
+}
+
+const THROTTLING = new Set(['RequestLimitExceeded', 'Throttling', 'ThrottlingException', 'EC2ThrottledException', 'RequestThrottled', 'TooManyRequestsException', 'PriorRequestNotComplete', 'SlowDown']);
+const TRANSIENT = new Set(['InternalError', 'InternalFailure', 'ServiceUnavailable', 'Unavailable', 'RequestTimeout', 'RequestTimeoutException', 'TimeoutError']);
+const NETWORK = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN']);
+
+/** Throttling, EC2's internal errors, 5xx answers and dropped connections are worth another attempt. */
+export function isTransientAwsError(error: unknown): boolean {
+  const e = error as { name?: string; code?: string; $metadata?: { httpStatusCode?: number }; cause?: unknown };
+  if (e === null || typeof e !== 'object') return false;
+  if (e.name === 'AbortError') return false;
+  const status = e.$metadata?.httpStatusCode ?? 0;
+  return THROTTLING.has(e.name ?? '') || TRANSIENT.has(e.name ?? '') || NETWORK.has(e.code ?? '') || status === 429 || status >= 500 ||
+    (e.cause !== undefined && e.cause !== error && isTransientAwsError(e.cause));
+}
+
+const STATES: Record<string, InstanceState> = {
+  pending: 'pending', running: 'running', stopping: 'stopping', stopped: 'stopped', 'shutting-down': 'shutting-down', terminated: 'terminated',
+};
+
+function toInstance(instance: Instance): CloudInstance {
+  const tags = Object.fromEntries((instance.Tags ?? []).map((tag) => [tag.Key ?? '', tag.Value ?? '']));
+  const sshPort = parseSshPort(tags[SSH_PORT_TAG]);
+  return {
+    id: instance.InstanceId ?? '',
+    state: STATES[instance.State?.Name ?? ''] ?? 'pending',
+    ...(instance.PublicIpAddress ? { publicIp: instance.PublicIpAddress } : {}),
+    ...(instance.PrivateIpAddress ? { privateIp: instance.PrivateIpAddress } : {}),
+    tags,
+    ...(tags[SESSION_TAG] === undefined ? {} : { session: tags[SESSION_TAG] }),
+    ...(tags[OWNER_TAG] === undefined ? {} : { owner: tags[OWNER_TAG] }),
+    ...(sshPort === undefined ? {} : { sshPort }),
+    ...(instance.LaunchTime ? { launchedAt: instance.LaunchTime } : {}),
+  };
+}
+
+export class AwsProvider implements Provider {
+  readonly name = 'aws' as const;
+  readonly where: string;
+  readonly #client: EC2Client;
+  readonly #retry: RetryPolicy;
+  readonly #logger: Logger | undefined;
+
+  constructor(options: AwsProviderOptions = {}) {
+    this.#client = new EC2Client({
+      maxAttempts: 1,
+      ...(options.region ? { region: options.region } : {}),
+      ...(options.endpoint ? { endpoint: options.endpoint } : {}),
+      ...(options.credentials ? { credentials: options.credentials } : {}),
+    });
+    this.where = options.region ?? process.env['AWS_REGION'] ?? process.env['AWS_DEFAULT_REGION'] ?? 'the default region';
+    this.#retry = options.retry ?? DEFAULT_RETRY;
+    this.#logger = options.logger;
+  }
+
+  #call<T>(what: string, call: (signal: AbortSignal) => Promise<T>, options: CallOptions): Promise<T> {
+    return withRetry(call, {
+      what: `ec2:${what}`,
+      policy: this.#retry,
+      transient: isTransientAwsError,
+      ...(options.signal ? { signal: options.signal } : {}),
+      onRetry: ({ what: name, attempt, delayMs, error }) => this.#logger?.warn('cloud call failed; retrying', { call: name, attempt, delayMs, error: errorMessage(error) }),
+    }).catch((error: unknown) => {
+      if (options.signal?.aborted) throw error;
+      throw new CloudError(`ec2:${what} failed: ${errorMessage(error)}`, { cause: error });
+    });
+  }
+
+  async launch(spec: LaunchSpec, options: CallOptions = {}): Promise<CloudInstance> {
+    const tags = { ...spec.tags, [SESSION_TAG]: spec.session, [OWNER_TAG]: spec.owner };
+    const output = await this.#call('RunInstances', (abortSignal) => this.#client.send(new RunInstancesCommand({
+      ImageId: spec.image,
+      InstanceType: spec.instanceType as never,
+      MinCount: 1,
+      MaxCount: 1,
+      ClientToken: spec.token,
+      ...(spec.network ? { SubnetId: spec.network } : {}),
+      ...(spec.key ? { KeyName: spec.key } : {}),
+      ...(spec.userData ? { UserData: Buffer.from(spec.userData, 'utf8').toString('base64') } : {}),
+      TagSpecifications: [{ ResourceType: 'instance', Tags: Object.entries(tags).map(([Key, Value]) => ({ Key, Value })) }],
+    }), { abortSignal }), options);
+    const instance = output.Instances?.[0];
+    if (instance?.InstanceId === undefined) throw new CloudError('ec2:RunInstances answered without an instance');
+    return toInstance(instance);
+  }
+
+  async describe(id: string, options: CallOptions = {}): Promise<CloudInstance | undefined> {
+    try {
+      const found = await this.#describe({ InstanceIds: [id] }, options);
+      return found[0];
+    } catch (error) {
+      if ((error as { cause?: { name?: string } }).cause?.name === 'InvalidInstanceID.NotFound') return undefined;
+      throw error;
+    }
+  }
+
+  waitUntilRunning(id: string, options: CallOptions & { readonly pollMs?: number }): Promise<CloudInstance> {
+    return pollUntilRunning(this, id, options);
+  }
+
+  async terminate(id: string, options: CallOptions = {}): Promise<void> {
+    try {
+      await this.#call('TerminateInstances', (abortSignal) => this.#client.send(new TerminateInstancesCommand({ InstanceIds: [id] }), { abortSignal }), options);
+    } catch (error) {
+      // Gone already: what terminating asks for.
+      if ((error as { cause?: { name?: string } }).cause?.name === 'InvalidInstanceID.NotFound') return;
+      throw error;
+    }
+  }
+
+  async list(options: CallOptions & { readonly session?: string } = {}): Promise<CloudInstance[]> {
+    const filters: Filter[] = [
+      options.session === undefined ? { Name: 'tag-key', Values: [SESSION_TAG] } : { Name: `tag:${SESSION_TAG}`, Values: [options.session] },
+      { Name: 'instance-state-name', Values: ['pending', 'running', 'stopping', 'stopped', 'shutting-down'] },
+    ];
+    return this.#describe({ Filters: filters }, options);
+  }
+
+  async #describe(input: { InstanceIds?: string[]; Filters?: Filter[] }, options: CallOptions): Promise<CloudInstance[]> {
+    const found: CloudInstance[] = [];
+    let nextToken: string | undefined;
+    for (let page = 0; page < 1000; page++) {
+      const token = nextToken;
+      const output = await this.#call('DescribeInstances', (abortSignal) => this.#client.send(new DescribeInstancesCommand({
+        ...input,
+        ...(input.InstanceIds ? {} : { MaxResults: 1000 }),
+        ...(token === undefined ? {} : { NextToken: token }),
+      }), { abortSignal }), options);
+      for (const reservation of output.Reservations ?? []) for (const instance of reservation.Instances ?? []) found.push(toInstance(instance));
+      nextToken = output.NextToken;
+      if (!nextToken) break;
+    }
+    return found;
+  }
+
+  /** Closes the SDK's connections. */
+  close(): void {
+    this.#client.destroy();
+  }
+}

@@ -1,0 +1,86 @@
+/**
+ * Calls to a cloud API: each attempt has a timeout, and the errors the
+ * provider calls transient (throttling, 5xx, a dropped connection, a
+ * timed-out attempt) are retried after a pause that grows exponentially,
+ * with full jitter (AWS's advice: a random pause between 0 and the
+ * exponential bound), within a bounded number of attempts. Anything else
+ * is thrown at once. The caller's signal stops it all, including a pause.
+ */
+import { setTimeout as sleep } from 'node:timers/promises';
+
+export interface RetryPolicy {
+  /** Attempts in all, the first included; at least 1. */
+  readonly attempts: number;
+  /** Bound of the first pause; doubles with each attempt. */
+  readonly baseDelayMs: number;
+  /** No pause is longer than this. */
+  readonly maxDelayMs: number;
+  /** One attempt may take this long before it is abandoned (and counts as transient). */
+  readonly timeoutMs: number;
+}
+
+export const DEFAULT_RETRY: RetryPolicy = { attempts: 6, baseDelayMs: 200, maxDelayMs: 20_000, timeoutMs: 30_000 };
+
+export interface RetryOptions {
+  readonly policy: RetryPolicy;
+  /** What is worth another attempt. */
+  readonly transient: (error: unknown) => boolean;
+  /** The call's name, for errors and the retry notice: `ec2:RunInstances`. */
+  readonly what: string;
+  readonly signal?: AbortSignal;
+  /** Told before each pause; a logger's warn, typically. Errors are passed as they are: say only their message. */
+  readonly onRetry?: (notice: { readonly what: string; readonly attempt: number; readonly delayMs: number; readonly error: unknown }) => void;
+  /** Uniform in [0, 1); Math.random by default (tests fix it). */
+  readonly random?: () => number;
+}
+
+/** An attempt ran out of time. */
+export class CallTimeoutError extends Error {
+  constructor(what: string, ms: number) {
+    super(`${what}: no answer within ${ms} ms`);
+    this.name = 'CallTimeoutError';
+  }
+}
+
+/** The pause before attempt `attempt + 1` (attempt counts from 1): full jitter under min(max, base * 2^(attempt-1)). */
+export function backoffDelay(policy: Pick<RetryPolicy, 'baseDelayMs' | 'maxDelayMs'>, attempt: number, random: () => number = Math.random): number {
+  const bound = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** Math.min(attempt - 1, 30));
+  return Math.floor(random() * bound);
+}
+
+/**
+ * Runs `call` until it succeeds, fails for good, or the attempts are used
+ * up (then the last error is thrown). `call` gets a signal that aborts when
+ * the attempt times out or the caller's signal aborts; it should pass it on
+ * to the SDK so the request is really dropped.
+ */
+export async function withRetry<T>(call: (signal: AbortSignal) => Promise<T>, options: RetryOptions): Promise<T> {
+  const { policy, signal } = options;
+  for (let attempt = 1; ; attempt++) {
+    signal?.throwIfAborted();
+    const attemptController = new AbortController();
+    const abort = () => attemptController.abort(signal?.reason);
+    signal?.addEventListener('abort', abort, { once: true });
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      const timedOut = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => {
+          const error = new CallTimeoutError(options.what, policy.timeoutMs);
+          attemptController.abort(error);
+          reject(error);
+        }, policy.timeoutMs);
+      });
+      return await Promise.race([call(attemptController.signal), timedOut]);
+    } catch (error) {
+      if (signal?.aborted) throw signal.reason;
+      const transient = error instanceof CallTimeoutError || options.transient(error);
+      if (!transient || attempt >= policy.attempts) throw error;
+      const delayMs = backoffDelay(policy, attempt, options.random);
+      options.onRetry?.({ what: options.what, attempt, delayMs, error });
+      await sleep(delayMs, undefined, signal === undefined ? {} : { signal });
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', abort);
+    }
+  }
+}

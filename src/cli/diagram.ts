@@ -1,5 +1,5 @@
 /**
- * `drover diagram worker|task [--format mermaid|dot]`: prints a state
+ * `drover diagram worker|task|instance [--format mermaid|dot]`: prints a state
  * diagram drawn from the machine definitions (src/machines/diagram.ts).
  * The machines it knows are those the model checks know
  * (src/testing/machine-models.ts), so a new machine is drawn once it is checked.
@@ -11,8 +11,8 @@ import { EXIT } from './exit-codes.js';
 /** The command, writing to `write` (stdout by default); tests capture it. */
 export function createDiagramCommand(write: (text: string) => void = (text) => void process.stdout.write(text)): Command {
   return {
-    usage: 'drover diagram worker|task [--format mermaid|dot]',
-    summary: 'print the state diagram of the worker or the task machine',
+    usage: 'drover diagram worker|task|instance [--format mermaid|dot]',
+    summary: 'print the state diagram of the worker, task or instance machine',
     details: `Draws the diagram from the machine's own definition: nested states as composite
 states (clusters in dot), transitions labelled by their event and guard. Events a
 state ignores on purpose are not drawn; the Mermaid output lists them in comments.

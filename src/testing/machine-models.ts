@@ -7,6 +7,7 @@
  * command and docs/machines.md take their list from here too.
  */
 import type { SnapshotFrom } from 'xstate';
+import { instanceMachine, type InstanceInput, type LaunchFailure } from '../machines/instance.js';
 import { taskMachine, type TaskContext, type TaskOutput } from '../machines/task.js';
 import { TASK_ACTOR_PREFIX, workerMachine, type ClaimRequest, type ClaimResult, type WorkerInput } from '../machines/worker.js';
 import { ClaimLostError, MalformedPayloadError, ResourceUnavailableError } from '../model/errors.js';
@@ -211,6 +212,110 @@ export const workerModel: MachineModel<typeof workerMachine> = {
   ],
 };
 
+// ---- instance ----------------------------------------------------------
+
+const INSTANCE_INPUT: InstanceInput = {
+  bootTimeoutMs: 300_000, sshTimeoutMs: 120_000, drainTimeoutMs: 30_000,
+  terminateAttempts: 3, terminateBackoffMs: 1000, terminateMaxBackoffMs: 300_000,
+};
+type InstanceSnapshot = SnapshotFrom<typeof instanceMachine>;
+/** At most this many tasks at once in the model: enough for "busy" to go up and down. */
+const MODEL_TASKS = 2;
+
+interface NoLeakState {
+  /** The launch returned an instance id. */
+  readonly launched: boolean;
+  /** The launch failed without saying whether an instance was made. */
+  readonly unknownLaunch: boolean;
+  readonly terminated: boolean;
+  /** Failed terminate calls, capped at the attempts + 1. */
+  readonly failures: number;
+}
+
+export const instanceInvariants = {
+  noLeak: {
+    name: 'every requested instance ends terminated (after a terminate call succeeded, or a launch the cloud refused) or leaked (only after every terminate attempt failed, or a launch of unknown outcome) and handed to the watchdog',
+    initial: { launched: false, unknownLaunch: false, terminated: false, failures: 0 },
+    step(state: NoLeakState, step) {
+      const done = step.completed;
+      const attempts = (step.snapshot.context as InstanceInput).terminateAttempts;
+      return {
+        launched: state.launched || (done?.src === 'launch' && done.outcome === 'done'),
+        unknownLaunch: state.unknownLaunch || (done?.src === 'launch' && done.outcome === 'error' && (step.event as { error?: Partial<LaunchFailure> }).error?.nothingLaunched !== true),
+        terminated: state.terminated || (done?.src === 'terminate' && done.outcome === 'done'),
+        failures: Math.min(attempts + 1, state.failures + (done?.src === 'terminate' && done.outcome === 'error' ? 1 : 0)),
+      };
+    },
+    atEnd(state: NoLeakState, snapshot) {
+      const attempts = (snapshot.context as InstanceInput).terminateAttempts;
+      if (snapshot.value === 'terminated') {
+        if (state.launched && !state.terminated) return 'terminated is reached though no terminate call for the launched instance succeeded';
+        if (!state.launched && state.unknownLaunch) return 'terminated is reached after a launch of unknown outcome: the instance may run on';
+        return undefined;
+      }
+      if (snapshot.value === 'leaked') {
+        if (state.launched && state.failures < attempts) return `leaked is reached after ${state.failures} failed terminate call${state.failures === 1 ? '' : 's'}, with ${attempts - state.failures} attempt${attempts - state.failures === 1 ? '' : 's'} left`;
+        if (!state.launched && !state.unknownLaunch) return 'leaked is reached though the cloud refused the launch (nothing to leak)';
+        return undefined;
+      }
+      return `the machine ended in ${JSON.stringify(snapshot.value)}, neither terminated nor leaked`;
+    },
+  } satisfies PathInvariant<NoLeakState>,
+
+  idleScaleIn: {
+    name: 'terminate is never called while tasks run on the instance, unless a disposal\'s drain timeout passed',
+    initial: false,
+    step(forced: boolean, step) {
+      const now = forced || step.event.type.includes('drainTimeout');
+      const busy = (step.snapshot.context as { busy: number }).busy;
+      if (!now && busy > 0 && step.started.some((child) => child.src === 'terminate')) return violated(`terminate is called while ${busy} task${busy === 1 ? '' : 's'} run on the instance`);
+      return now;
+    },
+  } satisfies PathInvariant<boolean>,
+
+  disposedNeverReady: {
+    name: 'an instance disposed (or scaled in) before it was ready never becomes ready: a disposal during the launch is kept',
+    initial: 'before' as 'before' | 'disposed' | 'ready',
+    step(state: 'before' | 'disposed' | 'ready', step) {
+      if (state === 'disposed' && step.entered.includes('instance.ready')) return violated('ready is entered after a DISPOSE or SCALE_IN that came before it');
+      if (state === 'before' && step.entered.includes('instance.ready')) return 'ready';
+      if (state === 'before' && (step.event.type === 'DISPOSE' || step.event.type === 'SCALE_IN')) return 'disposed';
+      return state;
+    },
+  } satisfies PathInvariant<'before' | 'disposed' | 'ready'>,
+};
+
+export const instanceModel: MachineModel<typeof instanceMachine> = {
+  name: 'instance',
+  machine: instanceMachine,
+  inputs: [INSTANCE_INPUT],
+  // Tasks start only up to MODEL_TASKS at once (more add nothing but states).
+  events: (snapshot: InstanceSnapshot) => ({
+    SCALE_IN: { type: 'SCALE_IN' },
+    DISPOSE: { type: 'DISPOSE' },
+    ...(snapshot.context.busy < MODEL_TASKS ? { TASK_STARTED: { type: 'TASK_STARTED' as const } } : {}),
+    TASK_FINISHED: { type: 'TASK_FINISHED' },
+  }),
+  actors: {
+    launch: {
+      done: { '': { id: 'i-1' } },
+      errors: {
+        refused: Object.assign(new Error('InvalidAMIID.NotFound'), { nothingLaunched: true }),
+        'unknown outcome': Object.assign(new Error('no answer within 30000 ms'), { nothingLaunched: false }),
+      },
+    },
+    waitRunning: { done: { '': { id: 'i-1', address: 'ec2-user@192.0.2.1:22' } }, errors: { '': new Error('the instance is terminated, not running') } },
+    probeSsh: { errors: { '': new Error('connection refused') } },
+    terminate: { errors: { '': new Error('RequestLimitExceeded') } },
+  },
+  abstract: (snapshot: InstanceSnapshot) => {
+    const { context } = snapshot;
+    return { launched: context.instanceId !== undefined, busy: context.busy, disposing: context.disposing, failures: context.terminateFailures, outcome: context.outcome };
+  },
+  invariants: [instanceInvariants.noLeak, instanceInvariants.idleScaleIn, instanceInvariants.disposedNeverReady],
+  leadsTo: [{ name: 'DISPOSE in any state leads to terminated or leaked (a session can always end)', after: ['DISPOSE'] }],
+};
+
 /** Every machine of src/machines, with its model. */
-export const MACHINE_MODELS: readonly MachineModel<any>[] = [taskModel, workerModel];
+export const MACHINE_MODELS: readonly MachineModel<any>[] = [taskModel, workerModel, instanceModel];
 

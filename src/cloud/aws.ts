@@ -9,10 +9,9 @@
  * errors are retried one way, with jitter, and counted.
  */
 import { DescribeInstancesCommand, EC2Client, RunInstancesCommand, TerminateInstancesCommand, type EC2ClientConfig, type Instance, type Filter } from '@aws-sdk/client-ec2';
-import { errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { CloudError, OWNER_TAG, SESSION_TAG, SSH_PORT_TAG, parseSshPort, pollUntilRunning, type CallOptions, type CloudInstance, type InstanceState, type LaunchSpec, type Provider } from './provider.js';
-import { DEFAULT_RETRY, withRetry, type RetryPolicy } from './retry.js';
+import { cloudCall, DEFAULT_RETRY, type RetryPolicy } from './retry.js';
 
 export interface AwsProviderOptions {
   /** Default: the SDK's (AWS_REGION, the profile's region). */
@@ -79,17 +78,9 @@ export class AwsProvider implements Provider {
   }
 
   #call<T>(what: string, call: (signal: AbortSignal) => Promise<T>, options: CallOptions): Promise<T> {
-    return withRetry(call, {
-      what: `ec2:${what}`,
-      policy: this.#retry,
-      transient: isTransientAwsError,
-      ...(options.signal ? { signal: options.signal } : {}),
-      onRetry: ({ what: name, attempt, delayMs, error }) => this.#logger?.warn('cloud call failed; retrying', { call: name, attempt, delayMs, error: errorMessage(error) }),
-    }).catch((error: unknown) => {
-      if (options.signal?.aborted) throw error;
-      throw new CloudError(`ec2:${what} failed: ${errorMessage(error)}`, { cause: error });
-    });
+    return cloudCall(`ec2:${what}`, call, { policy: this.#retry, transient: isTransientAwsError, signal: options.signal, logger: this.#logger });
   }
+
 
   async launch(spec: LaunchSpec, options: CallOptions = {}): Promise<CloudInstance> {
     const tags = { ...spec.tags, [SESSION_TAG]: spec.session, [OWNER_TAG]: spec.owner };

@@ -18,10 +18,9 @@
  */
 import { createHash } from 'node:crypto';
 import { InstancesClient, ZoneOperationsClient, type protos } from '@google-cloud/compute';
-import { errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { CloudError, OWNER_TAG, SESSION_TAG, SSH_PORT_TAG, labelValue, parseSshPort, pollUntilRunning, type CallOptions, type CloudInstance, type InstanceState, type LaunchSpec, type Provider } from './provider.js';
-import { DEFAULT_RETRY, withRetry, type RetryPolicy } from './retry.js';
+import { cloudCall, DEFAULT_RETRY, type RetryPolicy } from './retry.js';
 
 type GceInstance = protos.google.cloud.compute.v1.IInstance;
 type GceOperation = protos.google.cloud.compute.v1.IOperation;
@@ -136,16 +135,7 @@ export class GceProvider implements Provider {
   }
 
   #call<T>(what: string, call: () => Promise<T>, options: CallOptions): Promise<T> {
-    return withRetry(() => call(), {
-      what: `compute:${what}`,
-      policy: this.#retry,
-      transient: isTransientGceError,
-      ...(options.signal ? { signal: options.signal } : {}),
-      onRetry: ({ what: name, attempt, delayMs, error }) => this.#logger?.warn('cloud call failed; retrying', { call: name, attempt, delayMs, error: errorMessage(error) }),
-    }).catch((error: unknown) => {
-      if (options.signal?.aborted) throw error;
-      throw new CloudError(`compute:${what} failed: ${errorMessage(error)}`, { cause: error });
-    });
+    return cloudCall(`compute:${what}`, call, { policy: this.#retry, transient: isTransientGceError, signal: options.signal, logger: this.#logger });
   }
 
   /** Waits for a zone operation to be DONE; rejects with its error when it failed. */
@@ -160,7 +150,7 @@ export class GceProvider implements Provider {
     const errors = current.error?.errors ?? [];
     if (errors.length > 0) {
       const problem = errors.map((e) => `${e.code ?? '?'}: ${e.message ?? ''}`).join('; ');
-      throw new CloudError(`compute:${what}: operation ${current.name ?? '?'} failed: ${problem}`, { cause: Object.assign(new Error(problem), { code: errors[0]?.code }) });
+      throw new CloudError(`compute:${what}: operation ${current.name ?? '?'} failed: ${problem}`, { cause: Object.assign(new Error(problem), { code: errors[0]?.code }), refused: true });
     }
   }
 

@@ -113,8 +113,15 @@ export interface Provider {
 
 /** A cloud API call failed for good (after its retries), or an instance ended up where it should not. */
 export class CloudError extends DroverError {
-  constructor(message: string, options?: { cause?: unknown }) {
+  /**
+   * The cloud answered with a refusal that is not worth retrying (bad
+   * image, no permission, quota): the call had no effect. False when the
+   * calls ran out of attempts or time: then it may have had one.
+   */
+  readonly refused: boolean;
+  constructor(message: string, options?: { cause?: unknown; refused?: boolean }) {
     super('DROVER_CLOUD', message, options);
+    this.refused = options?.refused ?? false;
   }
 }
 

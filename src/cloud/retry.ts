@@ -7,6 +7,9 @@
  * is thrown at once. The caller's signal stops it all, including a pause.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import { errorMessage } from '../model/errors.js';
+import type { Logger } from '../runtime/logger.js';
+import { CloudError } from './provider.js';
 
 export interface RetryPolicy {
   /** Attempts in all, the first included; at least 1. */
@@ -83,4 +86,22 @@ export async function withRetry<T>(call: (signal: AbortSignal) => Promise<T>, op
       signal?.removeEventListener('abort', abort);
     }
   }
+}
+
+/**
+ * A provider's API call: withRetry, with each retry logged (the error's
+ * message only), and the final failure as a CloudError naming the call,
+ * `refused` when the cloud said no for good (so the call had no effect).
+ */
+export function cloudCall<T>(what: string, call: (signal: AbortSignal) => Promise<T>, options: { readonly policy: RetryPolicy; readonly transient: (error: unknown) => boolean; readonly signal?: AbortSignal | undefined; readonly logger?: Logger | undefined }): Promise<T> {
+  return withRetry(call, {
+    what,
+    policy: options.policy,
+    transient: options.transient,
+    ...(options.signal ? { signal: options.signal } : {}),
+    onRetry: ({ attempt, delayMs, error }) => options.logger?.warn('cloud call failed; retrying', { call: what, attempt, delayMs, error: errorMessage(error) }),
+  }).catch((error: unknown) => {
+    if (options.signal?.aborted) throw error;
+    throw new CloudError(`${what} failed: ${errorMessage(error)}`, { cause: error, refused: !(error instanceof CallTimeoutError) && !options.transient(error) });
+  });
 }

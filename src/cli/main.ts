@@ -18,6 +18,7 @@ import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '.
 import { UsageError, type Command, type Options, type Values } from './command.js';
 import { batchCommand, sessionsCommand } from './batch.js';
 import { diagramCommand } from './diagram.js';
+import { instancesCommand } from './instances.js';
 import { EXIT } from './exit-codes.js';
 
 
@@ -282,6 +283,7 @@ Options:
   batch: batchCommand,
   sessions: sessionsCommand,
   diagram: diagramCommand,
+  instances: instancesCommand,
 };
 
 export async function main(argv: readonly string[]): Promise<number> {

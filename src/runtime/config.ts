@@ -10,7 +10,7 @@ import { createRequire } from 'node:module';
 import { ConfigError, errorMessage } from '../model/errors.js';
 import { parseSshAddress } from '../hosts/ssh-address.js';
 
-type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap';
+type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap' | 'provider' | 'url';
 
 /** One SSH host of `ssh.hosts`. */
 export interface SshHostSetting {
@@ -63,6 +63,12 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'ssh.probation', env: 'DROVER_SSH_PROBATION', kind: 'seconds', min: 0, flag: 'probation', default: 30, description: 'How long a down SSH host rests before it is probed again.' },
   { path: 'ssh.keepalive', env: 'DROVER_SSH_KEEPALIVE', kind: 'seconds', min: 0.1, flag: 'keepalive', default: 5, description: 'SSH keepalive interval; three unanswered ones mark the host down.' },
   { path: 'ssh.workDir', env: 'DROVER_SSH_WORK_DIR', kind: 'string', flag: 'ssh-work-dir', default: '.drover/work', description: 'Task directories on each SSH host; relative to the remote home unless absolute.' },
+  { path: 'cloud.provider', env: 'DROVER_CLOUD_PROVIDER', kind: 'provider', flag: 'provider', default: '', description: 'The cloud drover launches instances on: `aws` (EC2) or `gce` (Compute Engine); `drover instances` looks there.' },
+  { path: 'aws.region', env: 'DROVER_AWS_REGION', kind: 'string', flag: 'aws-region', default: '', description: 'EC2 region; default the AWS SDK\'s (`AWS_REGION`, the profile\'s).' },
+  { path: 'aws.endpoint', env: 'DROVER_AWS_ENDPOINT', kind: 'url', flag: 'aws-endpoint', default: '', description: 'EC2 API endpoint; default EC2\'s own for the region (a VPC endpoint, or the loopback one of `drover/testing`).' },
+  { path: 'gce.project', env: 'DROVER_GCE_PROJECT', kind: 'string', flag: 'gce-project', default: '', description: 'Compute Engine project; default the credentials\' project.' },
+  { path: 'gce.zone', env: 'DROVER_GCE_ZONE', kind: 'string', flag: 'gce-zone', default: '', description: 'Compute Engine zone (`europe-west1-b`); needed for `gce`.' },
+  { path: 'gce.endpoint', env: 'DROVER_GCE_ENDPOINT', kind: 'url', flag: 'gce-endpoint', default: '', description: 'Compute Engine API endpoint; default Google\'s own.' },
   { path: 'logLevel', env: 'DROVER_LOG_LEVEL', kind: 'level', default: 'info', description: 'debug, info, warn or error.' },
   { path: 'logFormat', env: 'DROVER_LOG_FORMAT', kind: 'format', default: 'text', description: 'text or json.' },
 ];
@@ -108,6 +114,10 @@ export interface Config {
     readonly keepalive: number;
     readonly workDir: string;
   };
+  /** Where instances are launched and looked for; empty strings: the SDKs' defaults (or not set). */
+  readonly cloud: { readonly provider: '' | 'aws' | 'gce' };
+  readonly aws: { readonly region: string; readonly endpoint: string };
+  readonly gce: { readonly project: string; readonly zone: string; readonly endpoint: string };
   /** Paths of the settings given by a flag, the config file or the environment (not defaults). */
   readonly given: readonly string[];
   readonly logLevel: 'debug' | 'info' | 'warn' | 'error';
@@ -197,6 +207,9 @@ export function loadConfig(sources: ConfigSources = {}): Config {
       keepalive: get<number>('ssh.keepalive'),
       workDir: get<string>('ssh.workDir'),
     }),
+    cloud: Object.freeze({ provider: get<Config['cloud']['provider']>('cloud.provider') }),
+    aws: Object.freeze({ region: get<string>('aws.region'), endpoint: get<string>('aws.endpoint') }),
+    gce: Object.freeze({ project: get<string>('gce.project'), zone: get<string>('gce.zone'), endpoint: get<string>('gce.endpoint') }),
     given: Object.freeze([...given]),
     logLevel: get<Config['logLevel']>('logLevel'),
     logFormat: get<Config['logFormat']>('logFormat'),
@@ -275,6 +288,10 @@ function coerce(setting: Setting, raw: unknown): { value: unknown } | { problem:
       return ['least-loaded', 'round-robin', 'random'].includes(String(text)) ? { value: text } : { problem: `must be least-loaded, round-robin or random, not ${JSON.stringify(raw)}` };
     case 'hostKeyPolicy':
       return ['strict', 'accept-new', 'off'].includes(String(text)) ? { value: text } : { problem: `must be strict, accept-new or off, not ${JSON.stringify(raw)}` };
+    case 'provider':
+      return ['aws', 'gce'].includes(String(text)) ? { value: text } : { problem: `must be aws or gce, not ${JSON.stringify(raw)}` };
+    case 'url':
+      return typeof text === 'string' && /^https?:\/\/[^\s/]+/.test(text) && URL.canParse(text) ? { value: text } : { problem: `must be an http:// or https:// URL, not ${JSON.stringify(raw)}` };
     case 'sshHosts':
       return sshHosts(text);
     case 'envMap':

@@ -33,7 +33,7 @@ t.teardown(() => rmSync(dir, { recursive: true, force: true }));
 Object.assign(process.env, dummyCloudCredentials(dir));
 
 const RETRY = { attempts: 5, baseDelayMs: 5, maxDelayMs: 20, timeoutMs: 5000 };
-const TIMING = { bootTimeoutMs: 10_000, sshTimeoutMs: 15_000, drainTimeoutMs: 1000, terminateAttempts: 5, terminateBackoffMs: 20, terminateMaxBackoffMs: 100 };
+const TIMING = { bootTimeoutMs: 10_000, sshTimeoutMs: 15_000, drainTimeoutMs: 1000, terminateAttempts: 10, terminateBackoffMs: 20, terminateMaxBackoffMs: 100 };
 
 interface Cloud {
   readonly provider: Provider;
@@ -116,11 +116,12 @@ for (const [name, makeCloud] of Object.entries(CLOUDS)) {
     t.same(answers.map((a) => a.stdout.trim()), ['instance-up', 'instance-up', 'instance-up']);
     await host.dispose();
 
-    // Every terminate call is refused twice (not a throttle: the machine's own retry has to do it).
+    // Six terminate calls are refused, twice per instance on the average (not a throttle:
+    // the provider does not retry a refusal, the machine's own retry has to).
     cloud.faults.failTerminate(6, { code: cloud.refusal });
     const outputs = await fleet.dispose();
     t.same(outputs.map((o) => o.outcome), ['terminated', 'terminated', 'terminated'], 'all three terminated');
-    t.equal(cloud.count(cloud.terminateCall), 9, 'three calls each: two refused, one accepted');
+    t.equal(cloud.count(cloud.terminateCall), 9, 'six calls refused, three accepted');
     await until('the instances to be gone', () => cloud.alive().length === 0);
     t.notOk(options.registry.isOpen(options.session), 'the session is closed');
 
@@ -133,14 +134,18 @@ for (const [name, makeCloud] of Object.entries(CLOUDS)) {
     const server = await sshd(t);
     const closed = await sshd(t, { identityFile: server.identityFile });
     await closed.stop();
-    // One of the two never starts; the other's SSH port has nothing listening.
     const cloud = await makeCloud(t, [closed.port, closed.port]);
+    // Each timeout in a fleet of its own, so that a slow machine cannot make one look like the other.
     cloud.faults.neverStart(1);
-    const fleet = new InstanceFleet(fleetOptions(t, cloud, server, { timing: { ...TIMING, bootTimeoutMs: 500, sshTimeoutMs: 800 } }));
-    t.same(await fleet.launch(2), [], 'no host is ready');
-    const outputs = await fleet.dispose();
-    t.same(outputs.map((o) => o.outcome), ['terminated', 'terminated']);
-    t.match(outputs.map((o) => o.reason).sort(), [/did not answer over SSH in time/, /did not start in time/]);
+    const neverStarts = new InstanceFleet(fleetOptions(t, cloud, server, { timing: { ...TIMING, bootTimeoutMs: 500 } }));
+    t.same(await neverStarts.launch(1), [], 'the instance that never starts is no host');
+    const noSsh = new InstanceFleet(fleetOptions(t, cloud, server, { timing: { ...TIMING, sshTimeoutMs: 800 } }));
+    t.same(await noSsh.launch(1), [], 'the instance whose SSH never answers is no host');
+    const outputs = [...await neverStarts.dispose(), ...await noSsh.dispose()];
+    t.match(outputs, [
+      { outcome: 'terminated', reason: 'it did not start in time (bootTimeout)' },
+      { outcome: 'terminated', reason: 'it did not answer over SSH in time (sshTimeout)' },
+    ]);
     await until('the instances to be gone', () => cloud.alive().length === 0);
   });
 

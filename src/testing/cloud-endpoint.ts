@@ -192,6 +192,33 @@ export class FakeCloud {
   }
 }
 
+/** What both endpoints give a test. */
+export interface CloudEndpoint {
+  /** `http://127.0.0.1:PORT`: the client's endpoint. */
+  readonly url: string;
+  readonly port: number;
+  readonly faults: CloudFaults;
+  /** Every call answered, in order. */
+  readonly calls: readonly CallRecord[];
+  /** How many calls of this action (`RunInstances`, `instances.insert`, ...) were answered, failed ones included. */
+  count(action: string): number;
+  /** Instances not yet terminated (deleted). */
+  alive(): FakeInstance[];
+  close(): Promise<void>;
+}
+
+export function cloudEndpoint(cloud: FakeCloud, server: Server, port: number): CloudEndpoint {
+  return {
+    url: `http://127.0.0.1:${port}`,
+    port,
+    faults: cloud.faults,
+    calls: cloud.calls,
+    count: (action) => cloud.count(action),
+    alive: () => cloud.alive(),
+    close: () => closeServer(server),
+  };
+}
+
 /** An HTTP server on 127.0.0.1 (port 0: a free one) that hands each request with its body to `handle`. */
 export async function serveLoopback(handle: (request: IncomingMessage, body: string, response: ServerResponse) => Promise<void>, port = 0): Promise<{ server: Server; port: number }> {
   const server = createServer((request, response) => {

@@ -19,26 +19,16 @@
 import { randomBytes } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { closeServer, FakeCloud, serveLoopback, type CallRecord, type CloudFaults, type FakeCloudOptions, type FakeInstance, type FakeInstanceState } from './cloud-endpoint.js';
+import { cloudEndpoint, FakeCloud, serveLoopback, type CloudEndpoint, type FakeCloudOptions, type FakeInstance, type FakeInstanceState } from './cloud-endpoint.js';
 
 export interface ComputeEndpointOptions extends FakeCloudOptions {
   /** How long an operation runs before it is DONE; default 20 ms. */
   readonly operationMs?: number;
 }
 
-export interface ComputeEndpoint {
-  /** `http://127.0.0.1:PORT`. */
-  readonly url: string;
-  readonly port: number;
-  readonly faults: CloudFaults;
-  readonly calls: readonly CallRecord[];
-  /** How many calls of a method (`instances.insert`, `zoneOperations.wait`, ...) were answered. */
-  count(method: string): number;
+export interface ComputeEndpoint extends CloudEndpoint {
   /** The instances inserted so far (deleted ones too), with their state now. */
   instances(): (FakeInstance & { readonly state: FakeInstanceState; readonly project: string; readonly zone: string })[];
-  /** Instances not yet deleted. */
-  alive(): FakeInstance[];
-  close(): Promise<void>;
 }
 
 class ComputeFailure extends Error {
@@ -258,13 +248,7 @@ export async function startComputeEndpoint(options: ComputeEndpointOptions = {})
   });
 
   return {
-    url: `http://127.0.0.1:${port}`,
-    port,
-    faults: cloud.faults,
-    calls: cloud.calls,
-    count: (method) => cloud.count(method),
+    ...cloudEndpoint(cloud, server, port),
     instances: () => cloud.all().map((instance) => ({ ...instance, state: cloud.stateOf(instance), project: places.get(instance.id)!.project, zone: places.get(instance.id)!.zone })),
-    alive: () => cloud.alive(),
-    close: () => closeServer(server),
   };
 }

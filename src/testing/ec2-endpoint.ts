@@ -17,7 +17,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
-import { closeServer, FakeCloud, serveLoopback, type CallRecord, type CloudFaults, type FakeCloudOptions, type FakeInstance, type FakeInstanceState } from './cloud-endpoint.js';
+import { cloudEndpoint, FakeCloud, serveLoopback, type CloudEndpoint, type FakeCloudOptions, type FakeInstance, type FakeInstanceState } from './cloud-endpoint.js';
 
 const NAMESPACE = 'http://ec2.amazonaws.com/doc/2016-11-15/';
 const STATE_CODES: Record<FakeInstanceState, number> = { pending: 0, running: 16, 'shutting-down': 32, terminated: 48 };
@@ -29,20 +29,9 @@ export interface Ec2EndpointOptions extends FakeCloudOptions {
   readonly availabilityZone?: string;
 }
 
-export interface Ec2Endpoint {
-  /** `http://127.0.0.1:PORT`: the SDK's `endpoint`. */
-  readonly url: string;
-  readonly port: number;
-  readonly faults: CloudFaults;
-  /** Every call answered, in order. */
-  readonly calls: readonly CallRecord[];
-  /** How many calls of this Action were answered. */
-  count(action: string): number;
+export interface Ec2Endpoint extends CloudEndpoint {
   /** The instances launched so far, with their state now. */
   instances(): (FakeInstance & { readonly state: FakeInstanceState })[];
-  /** Instances not yet terminated. */
-  alive(): FakeInstance[];
-  close(): Promise<void>;
 }
 
 class Ec2Failure extends Error {
@@ -216,14 +205,5 @@ export async function startEc2Endpoint(options: Ec2EndpointOptions = {}): Promis
     }
   });
 
-  return {
-    url: `http://127.0.0.1:${port}`,
-    port,
-    faults: cloud.faults,
-    calls: cloud.calls,
-    count: (action) => cloud.count(action),
-    instances: () => cloud.all().map((instance) => ({ ...instance, state: cloud.stateOf(instance) })),
-    alive: () => cloud.alive(),
-    close: () => closeServer(server),
-  };
+  return { ...cloudEndpoint(cloud, server, port), instances: () => cloud.all().map((instance) => ({ ...instance, state: cloud.stateOf(instance) })) };
 }

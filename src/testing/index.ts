@@ -14,4 +14,4 @@ export { MemoryQueue, MemoryStore, type MemoryQueueHooks, type MemoryQueueOption
 export { findSshd, startSshd, TEST_SSH_USER, type StartSshdOptions, type TestSshd } from './sshd.js';
 export { startEc2Endpoint, type Ec2Endpoint, type Ec2EndpointOptions } from './ec2-endpoint.js';
 export { startComputeEndpoint, type ComputeEndpoint, type ComputeEndpointOptions } from './compute-endpoint.js';
-export { CloudFaults, dummyCloudCredentials, type CallRecord, type FakeCloudOptions, type FakeInstance, type FakeInstanceState } from './cloud-endpoint.js';
+export { CloudFaults, dummyCloudCredentials, type CallRecord, type CloudEndpoint, type FakeCloudOptions, type FakeInstance, type FakeInstanceState } from './cloud-endpoint.js';

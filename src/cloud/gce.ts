@@ -124,8 +124,9 @@ export class GceProvider implements Provider {
     return `${this.#project ?? '(default project)'}/${this.#zone}`;
   }
 
-  async #place(): Promise<{ project: string; zone: string }> {
-    this.#project ??= await this.#instances.getProjectId();
+  /** The project (asked of the credentials once, when not given) and the zone. */
+  async #place(options: CallOptions): Promise<{ project: string; zone: string }> {
+    this.#project ??= await this.#call('getProjectId', () => this.#instances.getProjectId(), options);
     return { project: this.#project, zone: this.#zone };
   }
 
@@ -140,7 +141,7 @@ export class GceProvider implements Provider {
 
   /** Waits for a zone operation to be DONE; rejects with its error when it failed. */
   async #settle(what: string, operation: GceOperation, options: CallOptions): Promise<void> {
-    const place = await this.#place();
+    const place = await this.#place(options);
     let current = operation;
     for (let round = 0; current.status !== 'DONE'; round++) {
       if (round >= 1000) throw new CloudError(`compute:${what}: operation ${current.name ?? '?'} is still ${current.status ?? '?'}`);
@@ -155,7 +156,7 @@ export class GceProvider implements Provider {
   }
 
   async launch(spec: LaunchSpec, options: CallOptions = {}): Promise<CloudInstance> {
-    const place = await this.#place();
+    const place = await this.#place(options);
     const { name, requestId } = fromToken(spec.token);
     const labels: Record<string, string> = {};
     for (const [key, value] of Object.entries({ ...spec.tags, [SESSION_TAG]: spec.session, [OWNER_TAG]: spec.owner })) labels[labelValue(key)] = labelValue(value);
@@ -184,7 +185,7 @@ export class GceProvider implements Provider {
   }
 
   async describe(id: string, options: CallOptions = {}): Promise<CloudInstance | undefined> {
-    const place = await this.#place();
+    const place = await this.#place(options);
     try {
       const [instance] = await this.#call('instances.get', () => this.#instances.get({ ...place, instance: id }, this.#gax), options);
       return toInstance(instance);
@@ -199,7 +200,7 @@ export class GceProvider implements Provider {
   }
 
   async terminate(id: string, options: CallOptions = {}): Promise<void> {
-    const place = await this.#place();
+    const place = await this.#place(options);
     try {
       const [operation] = await this.#call('instances.delete', () => this.#instances.delete({ ...place, instance: id }, this.#gax), options);
       await this.#settle('instances.delete', (operation as { latestResponse: GceOperation }).latestResponse, options);
@@ -210,7 +211,7 @@ export class GceProvider implements Provider {
   }
 
   async list(options: CallOptions & { readonly session?: string } = {}): Promise<CloudInstance[]> {
-    const place = await this.#place();
+    const place = await this.#place(options);
     const key = labelValue(SESSION_TAG);
     const filter = options.session === undefined ? `labels.${key}:*` : `labels.${key} = "${labelValue(options.session)}"`;
     const found: CloudInstance[] = [];

@@ -17,7 +17,10 @@
  * gax's own retries are off: withRetry does them.
  */
 import { createHash } from 'node:crypto';
-import { InstancesClient, ZoneOperationsClient, type protos } from '@google-cloud/compute';
+import type { protos } from '@google-cloud/compute';
+// The two clients alone: the package's index loads all of its hundred-odd clients, which costs seconds per command.
+import { InstancesClient } from '@google-cloud/compute/build/src/v1/instances_client.js';
+import { ZoneOperationsClient } from '@google-cloud/compute/build/src/v1/zone_operations_client.js';
 import type { Logger } from '../runtime/logger.js';
 import { CloudError, OWNER_TAG, SESSION_TAG, SSH_PORT_TAG, labelValue, parseSshPort, pollUntilRunning, type CallOptions, type CloudInstance, type InstanceState, type LaunchSpec, type Provider } from './provider.js';
 import { cloudCall, DEFAULT_RETRY, type RetryPolicy } from './retry.js';

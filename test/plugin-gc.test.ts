@@ -9,7 +9,7 @@
  * evicted is real directories on disk.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { lstat, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
@@ -19,6 +19,7 @@ import { processStartTime } from '../src/hosts/proc.js';
 import type { Payload } from '../src/model/task.js';
 import { CacheStore } from '../src/plugins/caches.js';
 import { gcPlugin, type GcPlugin } from '../src/plugins/gc.js';
+import type { Plugin } from '../src/plugins/plugin.js';
 import { successPlugin } from '../src/plugins/success.js';
 import { MemoryQueue } from '../src/queues/memory.js';
 import type { TaskStatus } from '../src/queues/queue.js';
@@ -209,6 +210,19 @@ t.test('mounts are checked: confined to the task directory, one place per cache,
   t.match(problems, /payload\.mounts\[4\]\.cacheName: cache d is mounted twice/);
   t.match(problems, /payload\.mounts\[5\]\.directory: x\/inner overlaps the directory of cache d/);
   t.notOk(existsSync(join(h.workDir, 'escape')), 'nothing was made outside');
+});
+
+t.test('a mount through a symlink in the task directory is refused, and nothing is made outside', async (t) => {
+  const outside = t.testdir();
+  // Stands for an engine that put a symlink in the task directory before the caches are lent.
+  const linker: Plugin = { name: 'linker', newTask: () => ({ buildSandbox: async (_builder, { taskDir }) => symlinkSync(outside, join(taskDir, 'link')) }) };
+  const gc = gcPlugin({ workDir: t.testdir(), requiredDiskSpaceMegabytes: 0 });
+  const run = await startTaskRun({ payload: { mock: {}, mounts: [{ cacheName: 'a', directory: 'link/deep/cache' }] }, plugins: [linker, gc] });
+  t.teardown(() => run.close());
+  const { resolution } = await run.output;
+  t.equal(resolution?.state === 'exception' && resolution.reason, 'malformed-payload');
+  t.match(resolution?.message, /payload\.mounts\[0\]\.directory: link\/deep\/cache leads out of the task directory \(plugin gc\)/);
+  t.same(readdirSync(outside), [], 'nothing was made at the link\'s target');
 });
 
 t.test('a worker that runs tasks over SSH refuses mounts, saying why', async (t) => {

@@ -28,7 +28,7 @@ import { lstat, mkdir, readdir, realpath, rm, statfs } from 'node:fs/promises';
 import { dirname, isAbsolute, join, posix, sep } from 'node:path';
 import { CrashJournal } from '../hosts/journal.js';
 import { isAlive } from '../hosts/proc.js';
-import { MalformedPayloadError, type PayloadProblem } from '../model/errors.js';
+import { MalformedPayloadError, errorMessage, type PayloadProblem } from '../model/errors.js';
 import { runKey, type Payload } from '../model/task.js';
 import type { JsonSchemaObject } from '../runtime/schema.js';
 import { CACHE_NAME_PATTERN, CacheStore, type Loan } from './caches.js';
@@ -125,14 +125,19 @@ export function gcPlugin(options: GcPluginOptions): GcPlugin {
       const required = options.requiredDiskSpaceMegabytes * MB;
       let free = await freeBytes(workDir);
       if (free >= required) return undefined;
+      // One directory that cannot be removed does not stop the others from going.
+      const removed = (what: string, data: Record<string, unknown>) => (error: unknown) => {
+        logger.warn(`gc: cannot remove ${what}`, { ...data, error: errorMessage(error) });
+        return false;
+      };
       for (const taskDir of await leftoverTaskDirs()) {
-        await rm(taskDir, { recursive: true, force: true });
+        if (!(await rm(taskDir, { recursive: true, force: true }).then(() => true, removed('an old task directory', { taskDir })))) continue;
         free = await freeBytes(workDir);
         logger.info('gc: removed an old task directory', { taskDir, freeMegabytes: megabytes(free) });
         if (free >= required) return undefined;
       }
       for (const cache of await store.idle()) {
-        if (!(await store.evict(cache))) continue;
+        if (!(await store.evict(cache).catch(removed('an idle cache', { cacheName: cache.cacheName })))) continue;
         free = await freeBytes(workDir);
         logger.info('gc: evicted the least recently used idle cache', {
           cacheName: cache.cacheName,
@@ -175,11 +180,14 @@ export function gcPlugin(options: GcPluginOptions): GcPlugin {
           for (const [i, mount] of mounts.entries()) {
             const target = join(taskDir, mount.directory);
             const at = `payload.mounts[${i}].directory`;
-            await mkdir(dirname(target), { recursive: true });
-            const parent = await realpath(dirname(target));
-            if (parent !== realTaskDir && !parent.startsWith(realTaskDir + sep)) {
+            // The engine may have put files (a symlink) here: what exists of the way must stay inside.
+            let existing = dirname(target);
+            while (!(await lstat(existing).then(() => true, () => false))) existing = dirname(existing);
+            const inside = await realpath(existing);
+            if (inside !== realTaskDir && !inside.startsWith(realTaskDir + sep)) {
               throw new MalformedPayloadError([{ path: at, message: `${mount.directory} leads out of the task directory` }]);
             }
+            await mkdir(dirname(target), { recursive: true });
             if (await lstat(target).then(() => true, () => false)) {
               throw new MalformedPayloadError([{ path: at, message: `${mount.directory} already exists in the task directory` }]);
             }

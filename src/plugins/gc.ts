@@ -25,7 +25,7 @@
  * malformed-payload, and the local disk is not watched.
  */
 import { lstat, mkdir, readdir, realpath, rm, statfs } from 'node:fs/promises';
-import { dirname, isAbsolute, join, posix, sep } from 'node:path';
+import { dirname, isAbsolute, join, posix, resolve, sep } from 'node:path';
 import { CrashJournal } from '../hosts/journal.js';
 import { isAlive } from '../hosts/proc.js';
 import { MalformedPayloadError, errorMessage, type PayloadProblem } from '../model/errors.js';
@@ -82,7 +82,7 @@ const PAYLOAD_SCHEMA: JsonSchemaObject = {
 };
 
 export function gcPlugin(options: GcPluginOptions): GcPlugin {
-  const { workDir } = options;
+  const workDir = resolve(options.workDir);
   const store = new CacheStore(join(workDir, 'caches'));
   const tasksDir = join(workDir, 'tasks');
   const freeBytes = options.freeBytes ?? statfsFreeBytes;
@@ -92,18 +92,17 @@ export function gcPlugin(options: GcPluginOptions): GcPlugin {
   /** Task directories no running task owns, oldest first: this worker's by its runs, another live worker's by its journal entries. */
   const leftoverTaskDirs = async (): Promise<string[]> => {
     const names = await readdir(tasksDir).catch(() => [] as string[]);
-    const running = new Set([...borrowings.keys()]);
     const othersLive = new Set(
       new CrashJournal(join(workDir, 'journal'))
         .list()
         .filter((entry) => entry.owner.pid !== process.pid && isAlive(entry.owner.pid, entry.owner.startTime))
-        .map((entry) => entry.taskDir),
+        .flatMap((entry) => (entry.taskDir === undefined ? [] : [resolve(entry.taskDir)])),
     );
     const found = await Promise.all(names.map(async (name) => {
       const path = join(tasksDir, name);
       // The runtime names a run's directory `<taskId>-<runId>`.
       const [taskId, runId] = [name.slice(0, name.lastIndexOf('-')), name.slice(name.lastIndexOf('-') + 1)];
-      if (running.has(`${taskId}/${runId}`) || othersLive.has(path)) return [];
+      if (borrowings.has(`${taskId}/${runId}`) || othersLive.has(path)) return [];
       const stats = await lstat(path).catch(() => undefined);
       return stats === undefined ? [] : [{ path, mtime: stats.mtimeMs }];
     }));
@@ -126,18 +125,18 @@ export function gcPlugin(options: GcPluginOptions): GcPlugin {
       let free = await freeBytes(workDir);
       if (free >= required) return undefined;
       // One directory that cannot be removed does not stop the others from going.
-      const removed = (what: string, data: Record<string, unknown>) => (error: unknown) => {
+      const cannotRemove = (what: string, data: Record<string, unknown>) => (error: unknown) => {
         logger.warn(`gc: cannot remove ${what}`, { ...data, error: errorMessage(error) });
         return false;
       };
       for (const taskDir of await leftoverTaskDirs()) {
-        if (!(await rm(taskDir, { recursive: true, force: true }).then(() => true, removed('an old task directory', { taskDir })))) continue;
+        if (!(await rm(taskDir, { recursive: true, force: true }).then(() => true, cannotRemove('an old task directory', { taskDir })))) continue;
         free = await freeBytes(workDir);
         logger.info('gc: removed an old task directory', { taskDir, freeMegabytes: megabytes(free) });
         if (free >= required) return undefined;
       }
       for (const cache of await store.idle()) {
-        if (!(await store.evict(cache).catch(removed('an idle cache', { cacheName: cache.cacheName })))) continue;
+        if (!(await store.evict(cache).catch(cannotRemove('an idle cache', { cacheName: cache.cacheName })))) continue;
         free = await freeBytes(workDir);
         logger.info('gc: evicted the least recently used idle cache', {
           cacheName: cache.cacheName,

@@ -36,6 +36,8 @@ interface Harness {
   readonly worker: Worker;
   readonly gc: GcPlugin;
   readonly lines: string[];
+  /** A new directory beside the work directory, for a test's own files. */
+  scratch(name: string): string;
   /** Submits a task and waits until it is resolved and cleaned up. */
   run(payload: Payload): Promise<TaskStatus>;
   submit(payload: Payload): Promise<string>;
@@ -51,7 +53,10 @@ interface HarnessOptions {
 
 /** A worker with the process engine, the success and gc plugins, in a fresh work directory. */
 function gcWorker(t: Test, options: HarnessOptions = {}): Harness {
-  const workDir = t.testdir();
+  // One test directory per test (a second t.testdir() call would empty it): the work directory and scratch beside it.
+  const root = t.testdir();
+  const workDir = join(root, 'work');
+  mkdirSync(workDir);
   const queue = new MemoryQueue();
   const lines: string[] = [];
   const logger = createLogger({ level: 'debug', write: (line) => lines.push(line) });
@@ -93,7 +98,11 @@ function gcWorker(t: Test, options: HarnessOptions = {}): Harness {
     await eventually(`${taskDir} to be removed`, () => !existsSync(taskDir));
     return task;
   };
-  return { workDir, queue, worker, gc, lines, submit, resolved, run };
+  const scratch = (name: string) => {
+    mkdirSync(join(root, name));
+    return join(root, name);
+  };
+  return { workDir, queue, worker, gc, lines, scratch, submit, resolved, run };
 }
 
 /** The idle instances of a cache on disk: `<workDir>/caches/<name>/<instance>`. */
@@ -120,7 +129,7 @@ t.test('a cache one task wrote is found by the next task on the same worker', as
 
 t.test('a cache is never lent to two tasks at once: the second gets a fresh instance', async (t) => {
   const h = gcWorker(t, { capacity: 2 });
-  const sync = t.testdir();
+  const sync = h.scratch('sync');
   // Each task marks the cache it got, then waits (bounded) until both run at once.
   const command = `ls cache > ${sync}/$TASK_ID.saw; touch cache/$TASK_ID; touch ${sync}/$TASK_ID.started; ` +
     `for i in $(seq 400); do [ $(ls ${sync} | grep -c started) -ge 2 ] && exit 0; sleep 0.05; done; exit 9`;
@@ -171,7 +180,8 @@ t.test('onExitStatus.purgeCaches purges the caches the task used; other codes ke
 
 t.test('a cache that cannot come back whole is dropped, never half-kept', async (t) => {
   const h = gcWorker(t);
-  const outside = t.testdir({ 'precious.txt': 'not the cache' });
+  const outside = h.scratch('outside');
+  writeFileSync(join(outside, 'precious.txt'), 'not the cache');
   const mounts = [{ cacheName: 'fragile', directory: 'sub/cache' }];
   await h.run({ command: 'echo one > sub/cache/a', mounts });
   t.equal(instances(h.workDir, 'fragile').length, 1);
@@ -213,10 +223,11 @@ t.test('mounts are checked: confined to the task directory, one place per cache,
 });
 
 t.test('a mount through a symlink in the task directory is refused, and nothing is made outside', async (t) => {
-  const outside = t.testdir();
+  const root = t.testdir({ outside: {}, work: {} });
+  const outside = join(root, 'outside');
   // Stands for an engine that put a symlink in the task directory before the caches are lent.
   const linker: Plugin = { name: 'linker', newTask: () => ({ buildSandbox: async (_builder, { taskDir }) => symlinkSync(outside, join(taskDir, 'link')) }) };
-  const gc = gcPlugin({ workDir: t.testdir(), requiredDiskSpaceMegabytes: 0 });
+  const gc = gcPlugin({ workDir: join(root, 'work'), requiredDiskSpaceMegabytes: 0 });
   const run = await startTaskRun({ payload: { mock: {}, mounts: [{ cacheName: 'a', directory: 'link/deep/cache' }] }, plugins: [linker, gc] });
   t.teardown(() => run.close());
   const { resolution } = await run.output;
@@ -287,6 +298,28 @@ t.test('disk pressure: old task directories go first, then idle caches, least re
   const evicted = lines.filter((line) => line.includes('gc: ')).map((line) => /cacheName=(\w+)|taskDir=\S*(old-0)/.exec(line)?.slice(1).find(Boolean));
   t.same(evicted, ['old-0', 'b', 'c', 'a'], 'the log names each eviction, in order');
   t.same(await readdir(join(h.workDir, 'caches')).then((names) => names.filter((name) => name.startsWith('.'))), [], 'no eviction leftovers');
+});
+
+t.test('disk pressure never takes a cache or a task directory from a running task', async (t) => {
+  let free = 10 * MB;
+  const h = gcWorker(t, { requiredDiskSpaceMegabytes: 1, freeBytes: async () => free });
+  await h.run({ command: 'echo old > c/file', mounts: [{ cacheName: 'idle', directory: 'c' }] });
+  const sync = h.scratch('sync');
+  const id = await h.submit({
+    command: `echo mine > c/file; touch ${sync}/started; for i in $(seq 400); do [ -e ${sync}/go ] && exit 0; sleep 0.05; done; exit 9`,
+    mounts: [{ cacheName: 'busy', directory: 'c' }],
+  });
+  await eventually('the task to start', () => existsSync(join(sync, 'started')));
+  free = 0;
+  const reason = await h.gc.beforeClaim!({ workerId: 'w', logger: createLogger({ write: () => {} }) });
+  t.match(reason, /0\.0 MB free/, 'nothing it may remove makes room');
+  t.same(instances(h.workDir, 'idle'), [], 'the idle cache was evicted');
+  const taskDir = join(h.workDir, 'tasks', `${id}-0`);
+  t.equal(readFileSync(join(taskDir, 'c', 'file'), 'utf8'), 'mine\n', 'the running task keeps its directory and its cache');
+  free = 10 * MB;
+  writeFileSync(join(sync, 'go'), '');
+  t.same(runOutcomes(await h.resolved(id)), ['completed']);
+  await eventually('the busy cache to come home', () => instances(h.workDir, 'busy').length === 1);
 });
 
 t.test('the worker holds off claiming while space cannot be made, and claims again when it can; no task fails', async (t) => {

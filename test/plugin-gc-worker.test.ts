@@ -9,11 +9,12 @@ import { join } from 'node:path';
 import t from 'tap';
 import { drover, eventually, readTask, resolved, runOutcomes, startWorker, submit } from './helpers/drover.js';
 
-t.test('a cache used by one task is found by the next task on the same worker', async (t) => {
+t.test('a cache used by one task is found by the next task on the same worker, until an exit code purges it', async (t) => {
   const cwd = t.testdir();
   const mounts = [{ cacheName: 'downloads', directory: 'dl' }];
   writeFileSync(join(cwd, 'fill.json'), JSON.stringify({ command: 'test ! -e dl/pkg.tar && echo "fetched once" > dl/pkg.tar', mounts }));
   writeFileSync(join(cwd, 'use.json'), JSON.stringify({ command: 'cat dl/pkg.tar', mounts }));
+  writeFileSync(join(cwd, 'corrupt.json'), JSON.stringify({ command: 'exit 4', mounts, onExitStatus: { purgeCaches: [4] } }));
   const worker = startWorker(['--capacity', '1'], { cwd });
   t.teardown(async () => {
     worker.child.kill('SIGKILL');
@@ -30,6 +31,12 @@ t.test('a cache used by one task is found by the next task on the same worker', 
   t.match(logs.stdout, 'cache downloads at dl: kept from an earlier task');
   const cacheDir = join(cwd, '.drover', 'work', 'caches', 'downloads');
   await eventually('the cache to be back home', () => existsSync(cacheDir) && readdirSync(cacheDir).length === 1);
+
+  const corrupt = await submit(['--payload', 'corrupt.json'], { cwd });
+  t.same(runOutcomes(await resolved(queueDir, corrupt)), ['failed']);
+  await eventually('the cache to be purged', () => readdirSync(cacheDir).length === 0);
+  const again = await submit(['--payload', 'fill.json'], { cwd });
+  t.same(runOutcomes(await resolved(queueDir, again)), ['completed'], 'the next task fills a new, empty cache');
 });
 
 t.test('a worker short of disk claims nothing and says why; the task runs later, on a worker with room', async (t) => {

@@ -13,6 +13,7 @@ import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, symlinkSyn
 import { lstat, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
+import { workerParts } from '../src/cli/worker-command.js';
 import { ProcessEngine } from '../src/engines/process.js';
 import { HardwareHost } from '../src/hosts/local.js';
 import { processStartTime } from '../src/hosts/proc.js';
@@ -23,6 +24,7 @@ import type { Plugin } from '../src/plugins/plugin.js';
 import { successPlugin } from '../src/plugins/success.js';
 import { MemoryQueue } from '../src/queues/memory.js';
 import type { TaskStatus } from '../src/queues/queue.js';
+import { loadConfig } from '../src/runtime/config.js';
 import { createLogger } from '../src/runtime/logger.js';
 import { startWorker, type Worker } from '../src/runtime/worker.js';
 import { startTaskRun } from '../src/testing/task-run.js';
@@ -237,7 +239,8 @@ t.test('a mount through a symlink in the task directory is refused, and nothing 
 });
 
 t.test('a worker that runs tasks over SSH refuses mounts, saying why', async (t) => {
-  const gc = gcPlugin({ workDir: t.testdir(), requiredDiskSpaceMegabytes: 1, remote: true, freeBytes: async () => 0 });
+  const { plugins } = await workerParts(loadConfig({ env: { DROVER_WORK_DIR: t.testdir(), DROVER_REQUIRED_DISK_SPACE_MEGABYTES: String(2 ** 40) } }), true);
+  const gc = plugins.find((plugin) => plugin.name === 'gc')!;
   t.equal(await gc.beforeClaim!({ workerId: 'w', logger: createLogger({ write: () => {} }) }), undefined, 'the local disk is not watched');
   const run = await startTaskRun({ payload: { mock: {}, mounts: [{ cacheName: 'a', directory: 'a' }] }, plugins: [gc] });
   t.teardown(() => run.close());

@@ -34,4 +34,5 @@ export { SshHost, type SshHostOptions, type SshHostEntry } from './hosts/ssh-hos
 export { livelogPlugin } from './plugins/livelog.js';
 export { successPlugin, type SuccessPluginOptions } from './plugins/success.js';
 export { envPlugin, type EnvPluginOptions } from './plugins/env.js';
+export { gcPlugin, type GcPlugin, type GcPluginOptions } from './plugins/gc.js';
 export { runBatch, type BatchOptions, type SessionOutcome } from './batch/run.js';

@@ -7,6 +7,7 @@ import type { Host } from '../hosts/host.js';
 import { HardwareHost } from '../hosts/local.js';
 import type { Logger } from '../runtime/logger.js';
 import { SecretMasker, envPlugin, maskedLogger } from '../plugins/env.js';
+import { gcPlugin } from '../plugins/gc.js';
 import { livelogPlugin } from '../plugins/livelog.js';
 import { successPlugin } from '../plugins/success.js';
 import type { Plugin } from '../plugins/plugin.js';
@@ -78,7 +79,8 @@ export async function workerParts(config: Config, remote: boolean): Promise<{ en
   } else {
     engine = new ProcessEngine(engineOptions);
   }
-  return { engine, plugins: [livelogPlugin(), successPlugin(), envPlugin({ base: config.taskEnv, secret: config.secretTaskEnv })] };
+  const gc = gcPlugin({ workDir: resolvePath(config.workDir), requiredDiskSpaceMegabytes: config.requiredDiskSpaceMegabytes, remote });
+  return { engine, plugins: [livelogPlugin(), successPlugin({ purgeCaches: gc.purgeCaches }), envPlugin({ base: config.taskEnv, secret: config.secretTaskEnv }), gc] };
 }
 
 /** The payload schema of a worker with this config: its engine's and plugins' joined, as the worker validates payloads. */

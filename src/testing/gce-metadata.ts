@@ -20,8 +20,8 @@
  * Faults: preemption, a maintenance event, failing and slow answers.
  */
 import { createHash } from 'node:crypto';
-import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { startLoopbackServer } from './metadata-server.js';
 
 export interface GceMetadataServerOptions {
   readonly id?: string;
@@ -91,7 +91,6 @@ export async function startGceMetadata(options: GceMetadataServerOptions = {}): 
   const requests: GceMetadataRequest[] = [];
   let failures = 0;
   let failureStatus = 503;
-  let delayMs = 0;
 
   const set = (key: string, value: string | undefined) => {
     if (values.get(key) === value) return;
@@ -177,18 +176,9 @@ export async function startGceMetadata(options: GceMetadataServerOptions = {}): 
     response.once('close', done);
   };
 
-  const server = createServer((request, response) => {
-    request.resume();
-    if (delayMs > 0) setTimeout(() => handle(request, response), delayMs);
-    else handle(request, response);
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => resolve());
-  });
-  const { port } = server.address() as AddressInfo;
+  const server = await startLoopbackServer(handle);
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: server.url,
     requests,
     hanging: () => [...waiters.values()].reduce((sum, pending) => sum + pending.size, 0),
     preempt: () => set('instance/preempted', 'TRUE'),
@@ -198,13 +188,10 @@ export async function startGceMetadata(options: GceMetadataServerOptions = {}): 
       failures = count;
       failureStatus = status;
     },
-    setDelay(ms) {
-      delayMs = ms;
-    },
+    setDelay: server.setDelay,
     close() {
       for (const pending of waiters.values()) pending.clear();
-      server.closeAllConnections();
-      return new Promise((resolve) => server.close(() => resolve()));
+      return server.close();
     },
   };
 }

@@ -18,8 +18,8 @@
  * Faults: failing token requests, slow answers, expired tokens.
  */
 import { randomBytes } from 'node:crypto';
-import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { startLoopbackServer } from './metadata-server.js';
 
 export interface ImdsOptions {
   readonly instanceId?: string;
@@ -73,7 +73,6 @@ export async function startImds(options: ImdsOptions = {}): Promise<TestImds> {
   let spotNotice: SpotNotice | undefined;
   let tokenFailures = 0;
   let tokenFailureStatus = 500;
-  let delayMs = 0;
   const tokens = new Map<string, number>(); // token -> expiry (epoch ms)
   const requests: ImdsRequest[] = [];
 
@@ -130,19 +129,9 @@ export async function startImds(options: ImdsOptions = {}): Promise<TestImds> {
     return value === undefined ? answer(request, response, path, 404) : answer(request, response, path, 200, value);
   };
 
-  const server = createServer((request, response) => {
-    // The body (none is expected) is drained so the connection can be reused.
-    request.resume();
-    if (delayMs > 0) setTimeout(() => handle(request, response), delayMs);
-    else handle(request, response);
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => resolve());
-  });
-  const { port } = server.address() as AddressInfo;
+  const server = await startLoopbackServer(handle);
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: server.url,
     requests,
     injectSpotNotice(notice) {
       spotNotice = notice instanceof Date ? { time: notice } : notice;
@@ -151,18 +140,13 @@ export async function startImds(options: ImdsOptions = {}): Promise<TestImds> {
       tokenFailures = count;
       tokenFailureStatus = status;
     },
-    setDelay(ms) {
-      delayMs = ms;
-    },
+    setDelay: server.setDelay,
     expireTokens() {
       tokens.clear();
     },
     setUserData(value) {
       userData = value;
     },
-    close() {
-      server.closeAllConnections();
-      return new Promise((resolve) => server.close(() => resolve()));
-    },
+    close: server.close,
   };
 }

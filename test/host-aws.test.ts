@@ -153,6 +153,7 @@ t.test('user-data settings come under the local ones, YAML or JSON, and are chec
     instance: instance('capacity: 3\nidleTimeout: 60\nqueue:\n  claimTimeout: 12\npollWait: 4\n'),
   });
   t.same([local.capacity, local.idleTimeout, local.queue.claimTimeout, local.pollWait], [9, 7, 20, 4], 'environment, file and flags win; the rest comes from the instance');
+  t.same(local.instance, { source: 'the instance\'s user-data', settings: ['pollWait'] }, 'the config says which settings the instance gave');
 
   t.throws(() => loadConfig({ env: {}, instance: instance('capacity: none\nhost:\n  type: hardware\ncolour: red\n') }), {
     message: [
@@ -179,6 +180,7 @@ t.test('drover worker --host aws: a spot notice mid-task aborts it before the in
   const worker = startWorker(['--host', 'aws', '--metadata-url', imds.url, '--spot-poll-interval', '0.1', '--shutdown-grace', '600', '--notice-margin', '10'], { cwd });
   await eventually('the task to start', async () => (await readTask(join(cwd, '.drover'), id)).state === 'running' && (await drover(['logs', id], { cwd })).stdout.includes('hello-from-user-data'));
   t.match(worker.log(), /worker booted .*instanceId=i-0worker/, 'the instance\'s identity is in the log');
+  t.match(worker.log(), /settings from the instance source="the instance's user-data" settings="taskEnv,secretTaskEnv"/, 'the names of the settings the user-data gave');
 
   const goneAt = Date.now() + 13_000;
   imds.injectSpotNotice(new Date(goneAt));

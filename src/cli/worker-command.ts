@@ -22,6 +22,7 @@ export async function runWorker(config: Config, queue: Queue, once: boolean, wor
   // Secret task env values stay out of the worker's log as well as the live logs.
   const logger = maskedLogger(workerLogger, new SecretMasker(Object.values(config.secretTaskEnv)));
   const workDir = resolvePath(config.workDir);
+  if (config.instance) logger.info('settings from the instance', { source: config.instance.source, settings: config.instance.settings.join(',') || 'none' });
   const { host, capacity, remote } = await hostFor(config, workDir, logger);
   const { engine, plugins } = await workerParts(config, remote);
   const worker = startWorker({

@@ -129,6 +129,8 @@ export interface Config {
   readonly logFormat: 'text' | 'json';
   /** The config file it was read from, if any. */
   readonly file?: string;
+  /** Where the instance's settings came from, and which of them no local source overrides (names only: values may be secret). */
+  readonly instance?: { readonly source: string; readonly settings: readonly string[] };
 }
 
 export interface ConfigSources {
@@ -152,6 +154,8 @@ export function loadConfig(sources: ConfigSources = {}): Config {
   const env = sources.env ?? process.env;
   const values = new Map<string, unknown>(SETTINGS.map((s) => [s.path, s.default]));
   const given = new Set<string>();
+  /** The settings the instance gave that no local source overrides. */
+  const fromInstance = new Set<string>();
   const problems: string[] = [];
   const take = (where: string, setting: Setting, raw: unknown) => {
     const parsed = coerce(setting, raw);
@@ -159,6 +163,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     else {
       values.set(setting.path, parsed.value);
       given.add(setting.path);
+      fromInstance.delete(setting.path);
     }
   };
   /** A document's settings (flattened), `where` naming it in messages. */
@@ -170,7 +175,10 @@ export function loadConfig(sources: ConfigSources = {}): Config {
       else take(`${where}: ${path}`, setting, raw);
     }
   };
-  if (sources.instance !== undefined) takeAll(sources.instance.source, parseSettings(sources.instance.text, sources.instance.source, 'drover'), true);
+  if (sources.instance !== undefined) {
+    takeAll(sources.instance.source, parseSettings(sources.instance.text, sources.instance.source, 'drover'), true);
+    given.forEach((path) => fromInstance.add(path));
+  }
   for (const setting of SETTINGS) {
     const raw = env[setting.env];
     if (raw !== undefined && raw !== '') take(`environment variable ${setting.env}`, setting, raw);
@@ -238,6 +246,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     logLevel: get<Config['logLevel']>('logLevel'),
     logFormat: get<Config['logFormat']>('logFormat'),
     ...(file === undefined ? {} : { file }),
+    ...(sources.instance === undefined ? {} : { instance: Object.freeze({ source: sources.instance.source, settings: Object.freeze([...fromInstance]) }) }),
   });
 }
 

@@ -65,6 +65,12 @@ t.test('Ec2Metadata reads identity with one session token, and gets a new one wh
   t.equal(await metadata.get('/latest/meta-data/instance-id', signal), 'i-0def', 'a 401 gets a new token and one more try');
   t.same(imds.requests.slice(-3).map((r) => `${r.method} ${r.status}`), ['GET 401', 'PUT 200', 'GET 200']);
   t.equal(await metadata.userConfig(signal), undefined, 'no user-data: no settings');
+  for (const cloudInitOnly of ['#!/bin/sh\necho hi\n', 'Content-Type: multipart/mixed; boundary="b"\nMIME-Version: 1.0\n', '#include\nhttps://example.invalid/x\n', '\u001f\u008b\u0008compressed']) {
+    imds.setUserData(cloudInitOnly);
+    t.equal(await metadata.userConfig(signal), undefined, `user-data for cloud-init alone (${JSON.stringify(cloudInitOnly.slice(0, 12))}...) holds no settings`);
+  }
+  imds.setUserData('{"capacity": 2}');
+  t.same(await metadata.userConfig(signal), { source: 'the instance\'s user-data', text: '{"capacity": 2}' });
 });
 
 t.test('Ec2Metadata renews its token before the TTL runs out', async (t) => {
@@ -144,6 +150,7 @@ t.test('user-data settings come under the local ones, YAML or JSON, and are chec
 
   const cloudInit = loadConfig({ env: {}, instance: instance('#cloud-config\npackages: [git]\ndrover:\n  capacity: 5\n') });
   t.equal(cloudInit.capacity, 5, 'a `drover` section beside cloud-init\'s keys');
+  t.same(loadConfig({ env: {}, instance: instance('#cloud-config\npackages: [git]\n') }).instance?.settings, [], 'cloud-init\'s settings alone are not drover\'s');
 
   const cwd = t.testdir({ 'local.yaml': 'idleTimeout: 7\n' });
   const local = loadConfig({

@@ -21,6 +21,10 @@ import type { RetryOptions } from './retry.js';
 
 /** How long a spot instance has after its interruption notice, when the notice does not say (AWS: two minutes). */
 export const SPOT_NOTICE_MS = 120_000;
+/** How user-data for cloud-init alone begins (cloud-init's formats). */
+const NOT_SETTINGS = /^(#!|#include|#cloud-boothook|#part-handler|#upstart-job|#cloud-config-archive|Content-Type:|MIME-Version:)/i;
+/** The first byte of gzip's magic number: compressed user-data. */
+const GZIP_FIRST_BYTE = 0x1f;
 /** The longest session token IMDSv2 hands out. */
 const MAX_TOKEN_TTL_S = 21_600;
 
@@ -110,10 +114,14 @@ export class Ec2Metadata implements InstanceMetadata {
     return { hostname, facts: { cloud: 'aws', instanceId, instanceType, zone, region } };
   }
 
-  /** The user-data, unless there is none or it is a script (cloud-init's `#!...`), which holds no settings. */
+  /**
+   * The user-data, unless there is none or it is for cloud-init only: a
+   * script, a MIME multi-part or compressed document, an include list...
+   * (`#cloud-config` is YAML, and drover reads its `drover` section.)
+   */
   async userConfig(signal: AbortSignal): Promise<InstanceConfig | undefined> {
     const text = await this.get('/latest/user-data', signal);
-    if (text === undefined || text.trim() === '' || text.startsWith('#!')) return undefined;
+    if (text === undefined || text.trim() === '' || NOT_SETTINGS.test(text) || text.charCodeAt(0) === GZIP_FIRST_BYTE) return undefined;
     return { source: 'the instance\'s user-data', text };
   }
 

@@ -142,7 +142,8 @@ export interface ConfigSources {
   /**
    * Settings from the cloud instance (YAML or JSON), under every other source
    * but the defaults. When it is a mapping with a `drover` key, only that
-   * section is read (so cloud-init's `#cloud-config` can carry it). Settings
+   * section is read (so cloud-init's `#cloud-config` can carry it; one
+   * without it holds no drover settings). Settings
    * under `host` say where this comes from and cannot be in it.
    */
   readonly instance?: InstanceConfig;
@@ -283,6 +284,8 @@ function parseSettings(text: string, where: string, section?: string): Record<st
     throw new ConfigError(`${where}: not valid YAML or JSON: ${(error as Error).message.split('\n')[0]}`);
   }
   if (section !== undefined && isMapping(document) && section in document) document = document[section];
+  // cloud-init's own settings, without a drover section, are not drover's.
+  else if (section !== undefined && text.startsWith('#cloud-config')) return {};
   if (document === null || document === undefined) return {};
   if (!isMapping(document)) throw new ConfigError(`${where}: must be a mapping of settings`);
   const flat: Record<string, unknown> = {};

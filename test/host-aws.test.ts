@@ -129,11 +129,29 @@ t.test('AwsHost: identity at boot, a spot notice aborts `shutdown` with the inst
   t.match(String(host.shutdown.reason), `spot interruption: the instance will terminate at ${goneAt.toISOString()}`);
 
   await host.dispose();
+  // A request in flight at dispose may still land; a running watch would poll five times in 100 ms.
+  await new Promise((resolve) => setTimeout(resolve, 50));
   const after = imds.requests.length;
   await new Promise((resolve) => setTimeout(resolve, 100));
   t.equal(imds.requests.length, after, 'no request after dispose');
   await host.dispose();
   t.pass('dispose is idempotent');
+});
+
+t.test('AwsHost: the spot watch outlives a metadata service that does not answer for a while', async (t) => {
+  const imds = await startImds();
+  t.teardown(() => imds.close());
+  const host = new AwsHost({ url: imds.url, spotPollMs: 20, timeoutMs: 200, retry: FAST_RETRY, workDir: t.testdir({}) });
+  t.teardown(() => host.dispose());
+  await host.boot({ logger, signal });
+  imds.setDelay(400);
+  await eventually('the failures to be logged', () => lines.some((line) => line.includes('cannot read the spot interruption notice; still trying')));
+  imds.setDelay(0);
+  await eventually('the watch to recover', () => lines.some((line) => line.includes('the spot interruption notice can be read again')));
+  t.notOk(host.shutdown.aborted, 'a slow metadata service is no interruption');
+  imds.injectSpotNotice(new Date(Date.now() + 120_000));
+  await eventually('the notice to be seen', () => host.shutdown.aborted);
+  t.pass('and a notice after it is still seen');
 });
 
 t.test('user-data settings come under the local ones, YAML or JSON, and are checked like any', async (t) => {

@@ -2,9 +2,8 @@
  * Options are compiled once: defaults, then the settings a cloud instance
  * was launched with (its user-data or attribute, when `host.type` is `aws`
  * or `gce`), then `DROVER_*` environment variables, then the config file
- * (YAML), then command-line flags; every
- * problem is reported at once with where it came from; the result is
- * frozen. One table, SETTINGS, says everything about each setting; the
+ * (YAML), then command-line flags; every problem is reported at once with
+ * where it came from; the result is frozen. One table, SETTINGS, says everything about each setting; the
  * help text and README's config reference are made from it.
  */
 import { readFileSync } from 'node:fs';
@@ -143,8 +142,8 @@ export interface ConfigSources {
    * Settings from the cloud instance (YAML or JSON), under every other source
    * but the defaults. When it is a mapping with a `drover` key, only that
    * section is read (so cloud-init's `#cloud-config` can carry it; one
-   * without it holds no drover settings). Settings
-   * under `host` say where this comes from and cannot be in it.
+   * without it holds no drover settings). Settings under `host` say where
+   * this comes from and cannot be in it.
    */
   readonly instance?: InstanceConfig;
 }
@@ -168,11 +167,11 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     }
   };
   /** A document's settings (flattened), `where` naming it in messages. */
-  const takeAll = (where: string, settings: Record<string, unknown>, fromInstance: boolean) => {
+  const takeAll = (where: string, settings: Record<string, unknown>, isInstance: boolean) => {
     for (const [path, raw] of Object.entries(settings)) {
       const setting = SETTINGS.find((s) => s.path === path);
       if (setting === undefined) problems.push(`${where}: ${path}: is not a known setting`);
-      else if (fromInstance && path.startsWith('host.')) problems.push(`${where}: ${path}: cannot be set by the instance; set it on the command line, in the environment or the config file`);
+      else if (isInstance && path.startsWith('host.')) problems.push(`${where}: ${path}: cannot be set by the instance; set it on the command line, in the environment or the config file`);
       else take(`${where}: ${path}`, setting, raw);
     }
   };

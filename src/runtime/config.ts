@@ -9,6 +9,7 @@ import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { ConfigError, errorMessage } from '../model/errors.js';
 import { parseSshAddress } from '../hosts/ssh-address.js';
+import { EXTENSION_KEYS, extensionSettings, type ExtensionSettings } from './extensions.js';
 
 type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap';
 
@@ -114,6 +115,8 @@ export interface Config {
   readonly logFormat: 'text' | 'json';
   /** The config file it was read from, if any. */
   readonly file?: string;
+  /** Engines and plugins loaded from npm modules the config file names (src/runtime/extensions.ts). */
+  readonly extensions: ExtensionSettings;
 }
 
 export interface ConfigSources {
@@ -144,8 +147,14 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     if (raw !== undefined && raw !== '') take(`environment variable ${setting.env}`, setting, raw);
   }
   const file = sources.file ?? (env['DROVER_CONFIG'] || undefined);
+  let extensions: ExtensionSettings = { plugins: [] };
   if (file !== undefined) {
-    for (const [path, raw] of Object.entries(readConfigFile(file))) {
+    const settings = readConfigFile(file);
+    const named = Object.fromEntries(Object.entries(settings).filter(([path]) => EXTENSION_KEYS.includes(path)));
+    extensions = extensionSettings(file, named, problems);
+    if (extensions.engine !== undefined && settings['engine.type'] !== undefined) problems.push(`config file "${file}": engine.type and engine.module both choose the engine; keep one`);
+    for (const [path, raw] of Object.entries(settings)) {
+      if (EXTENSION_KEYS.includes(path)) continue;
       const setting = SETTINGS.find((s) => s.path === path);
       if (setting === undefined) problems.push(`config file "${file}": ${path}: is not a known setting`);
       else take(`config file "${file}": ${path}`, setting, raw);
@@ -157,6 +166,8 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     if (raw !== undefined) take(`option --${flagName(setting)}`, setting, raw);
   }
   const get = <T>(path: string) => values.get(path) as T;
+  // An engine named on the command line beats the config file's engine module.
+  if (sources.flags?.['engine.type'] !== undefined) extensions = { plugins: extensions.plugins };
   // A URL says which queue is meant; a type that contradicts it is a mistake worth naming.
   const url = get<string>('queue.url');
   const type = get<string>('queue.type') || (url ? 'postgres' : 'sqlite');
@@ -201,6 +212,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     logLevel: get<Config['logLevel']>('logLevel'),
     logFormat: get<Config['logFormat']>('logFormat'),
     ...(file === undefined ? {} : { file }),
+    extensions: Object.freeze(extensions),
   });
 }
 

@@ -12,3 +12,7 @@ export { expectedHooks, replayTaskPath, unrealizable, type ReplayResult } from '
 export { MockEngine, type MockClock, type MockEngineOptions, type MockPoint, type MockRun, type MockScript } from '../engines/mock.js';
 export { MemoryQueue, MemoryStore, type MemoryQueueHooks, type MemoryQueueOptions } from '../queues/memory.js';
 export { findSshd, startSshd, TEST_SSH_USER, type StartSshdOptions, type TestSshd } from './sshd.js';
+export {
+  pluginHarness, pluginFromModule, runPluginLifecycle,
+  type PluginHarness, type PluginHarnessOptions, type PluginRunOptions, type PluginRunOutcome, type TaskHook,
+} from './plugin-harness.js';

@@ -16,3 +16,4 @@ export {
   pluginHarness, pluginFromModule, runPluginLifecycle,
   type PluginHarness, type PluginHarnessOptions, type PluginRunOptions, type PluginRunOutcome, type TaskHook,
 } from './plugin-harness.js';
+export { engineConformance, engineFromModule, type EngineFixture, type MakeEngine } from './engine-conformance.js';

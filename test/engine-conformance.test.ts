@@ -1,7 +1,7 @@
 /**
  * drover's own engines pass the engine conformance suite of drover/testing:
- * the process and script engines on this machine, and the process engine
- * over SSH against a real OpenSSH server on loopback.
+ * the process and script engines on this machine, and over SSH against a
+ * real OpenSSH server on loopback.
  */
 import { randomUUID } from 'node:crypto';
 import t from 'tap';
@@ -13,6 +13,7 @@ import { requireSshd, sshd } from './helpers/sshd.js';
 
 const KILL_GRACE_MS = 300;
 
+const SCRIPT_MALFORMED = [{ name: 'conformance' }, { name: 'conformance', script: 'true', scriptFile: '/x' }, { name: 'conformance', scriptFile: '/nonexistent/script.sh' }];
 const PROCESS_MALFORMED = [{}, { command: '' }, { command: '   ' }, { command: [] }, { command: [''] }, { command: 'true', env: { A: 1 } }];
 
 t.test('process engine, local transport', async (t) => {
@@ -27,11 +28,11 @@ t.test('script engine, local transport', async (t) => {
   engineConformance(t, () => ({
     engine: new ScriptEngine({ killGraceMs: KILL_GRACE_MS }),
     payload: (script) => ({ name: 'conformance', script }),
-    malformedPayloads: [{ name: 'conformance' }, { name: 'conformance', script: 'true', scriptFile: '/x' }, { name: 'conformance', scriptFile: '/nonexistent/script.sh' }],
+    malformedPayloads: SCRIPT_MALFORMED,
   }));
 });
 
-t.test('process engine over SSH', async (t) => {
+t.test('process and script engines over SSH', async (t) => {
   if (!requireSshd(t)) return;
   const server = await sshd(t);
   const transport = new SshTransport({ address: server.address, identityFiles: [server.identityFile], knownHostsFile: server.knownHostsFile, agent: false });
@@ -39,13 +40,14 @@ t.test('process engine over SSH', async (t) => {
   const workDir = transport.join(await transport.home(), `conformance-${randomUUID().slice(0, 8)}`);
   await transport.mkdir(workDir);
   t.teardown(() => transport.remove(workDir));
-  engineConformance(t, () => ({
-    engine: new ProcessEngine({ killGraceMs: KILL_GRACE_MS, env: { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: 'C.UTF-8' } }),
-    payload: (script) => ({ command: script }),
-    malformedPayloads: PROCESS_MALFORMED,
-    transport,
-    workDir,
-  }));
+  // The worker's PATH, HOME... mean nothing on another machine, as in `drover worker` over SSH.
+  const options = { killGraceMs: KILL_GRACE_MS, env: { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: 'C.UTF-8' } };
+  t.test('process engine', async (t) => {
+    engineConformance(t, () => ({ engine: new ProcessEngine(options), payload: (script) => ({ command: script }), malformedPayloads: PROCESS_MALFORMED, transport, workDir }));
+  });
+  t.test('script engine', async (t) => {
+    engineConformance(t, () => ({ engine: new ScriptEngine(options), payload: (script) => ({ name: 'conformance', script }), malformedPayloads: SCRIPT_MALFORMED, transport, workDir }));
+  });
 });
 
 t.test('engineFromModule makes an engine as the worker does', async (t) => {

@@ -8,7 +8,8 @@ import t from 'tap';
 import { ProcessEngine } from '../src/engines/process.js';
 import { ScriptEngine } from '../src/engines/script.js';
 import { SshTransport } from '../src/hosts/ssh-transport.js';
-import { engineConformance, engineFromModule } from '../src/testing/engine-conformance.js';
+import { engineConformance } from '../src/testing/engine-conformance.js';
+import { engineFromModule } from '../src/testing/from-module.js';
 import { requireSshd, sshd } from './helpers/sshd.js';
 
 const KILL_GRACE_MS = 300;

@@ -7,7 +7,8 @@
 import { Readable } from 'node:stream';
 import t from 'tap';
 import type { Plugin } from '../src/plugins/plugin.js';
-import { pluginFromModule, pluginHarness, runPluginLifecycle } from '../src/testing/plugin-harness.js';
+import { pluginFromModule } from '../src/testing/from-module.js';
+import { pluginHarness, runPluginLifecycle } from '../src/testing/plugin-harness.js';
 
 /** A plugin that sets an env var, uploads a note when the run ends, and counts boots and shutdowns. */
 function notePlugin(events: string[] = []): Plugin {

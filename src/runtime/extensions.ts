@@ -182,7 +182,7 @@ async function loadOne(setting: ExtensionSetting, kind: Kind, context: Context, 
   };
   let namespace: object;
   try {
-    namespace = (await import(await locate(setting))) as object;
+    namespace = (await import(locate(setting))) as object;
   } catch (error) {
     // Not found is the package itself missing; a missing dependency of the module names that dependency.
     // (The message, not the code: an import hook, such as a TypeScript loader, may drop the code.)
@@ -233,7 +233,7 @@ export async function instantiate(namespace: object, kind: Kind, config: unknown
 }
 
 /** What to import: the module's file URL, or for a package not found from the config file's directory, its name. */
-async function locate(setting: ExtensionSetting): Promise<string> {
+function locate(setting: ExtensionSetting): string {
   const { module, baseDir } = setting;
   if (module.startsWith('./') || module.startsWith('../') || isAbsolute(module)) {
     const path = resolve(baseDir, module);

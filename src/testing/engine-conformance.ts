@@ -38,8 +38,6 @@ import type { Transport } from '../hosts/transport.js';
 import type { Claim, Payload, RunResult } from '../model/task.js';
 import { silentLogger } from '../runtime/logger.js';
 import { compilePayloadValidator, joinPayloadSchemas } from '../runtime/schema.js';
-import type { ExtensionContext } from '../runtime/extensions.js';
-import { fromModule } from './plugin-harness.js';
 
 export interface EngineFixture {
   readonly engine: Engine;
@@ -301,14 +299,4 @@ export function engineConformance(t: Test, makeEngine: MakeEngine): void {
     await builder.discard();
     await t.rejects(builder.start(), 'start() after discard()');
   });
-}
-
-/**
- * An engine from its module, as a worker loads it from the config file:
- * the default export's shape, `config` against its configSchema, then
- * `createEngine(config, context)` and the engine contract. Throws
- * ConfigError with what is wrong.
- */
-export async function engineFromModule(namespace: object, config?: unknown, context: Partial<ExtensionContext> = {}): Promise<Engine> {
-  return (await fromModule(namespace, 'engine', config, context)) as Engine;
 }

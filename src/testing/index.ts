@@ -13,7 +13,8 @@ export { MockEngine, type MockClock, type MockEngineOptions, type MockPoint, typ
 export { MemoryQueue, MemoryStore, type MemoryQueueHooks, type MemoryQueueOptions } from '../queues/memory.js';
 export { findSshd, startSshd, TEST_SSH_USER, type StartSshdOptions, type TestSshd } from './sshd.js';
 export {
-  pluginHarness, pluginFromModule, runPluginLifecycle,
+  pluginHarness, runPluginLifecycle,
   type PluginHarness, type PluginHarnessOptions, type PluginRunOptions, type PluginRunOutcome, type TaskHook,
 } from './plugin-harness.js';
-export { engineConformance, engineFromModule, type EngineFixture, type MakeEngine } from './engine-conformance.js';
+export { engineConformance, type EngineFixture, type MakeEngine } from './engine-conformance.js';
+export { engineFromModule, pluginFromModule } from './from-module.js';

@@ -18,7 +18,7 @@
  */
 import { Readable } from 'node:stream';
 import { MockEngine } from '../engines/mock.js';
-import { ClaimLostError, ConfigError, errorMessage } from '../model/errors.js';
+import { ClaimLostError, errorMessage } from '../model/errors.js';
 import type { Resolution } from '../model/resolution.js';
 import type { Claim, Payload } from '../model/task.js';
 import { LIVE_LOG_NAME, livelogPlugin } from '../plugins/livelog.js';
@@ -26,7 +26,6 @@ import type { Plugin, TaskPlugin } from '../plugins/plugin.js';
 import { successPlugin } from '../plugins/success.js';
 import { MemoryQueue } from '../queues/memory.js';
 import type { TaskStatus } from '../queues/queue.js';
-import { instantiate, type ExtensionContext } from '../runtime/extensions.js';
 import { silentLogger, type Logger } from '../runtime/logger.js';
 import { startTaskRun } from './task-run.js';
 
@@ -78,14 +77,14 @@ export interface PluginHarness {
   readonly engine: MockEngine;
   /** Runs one task through its whole lifecycle; resolves when the run is cleaned up. */
   run(options: PluginRunOptions): Promise<PluginRunOutcome>;
-  /** Calls the plugin's `shutdown` and closes the queue. Idempotent. */
+  /** Calls the plugins' `shutdown` and closes the queue. Idempotent. */
   close(): Promise<void>;
 }
 
 /** Claims last a second, so that a lost claim is noticed at the first reclaim, half a second in. */
 const CLAIM_TIMEOUT_MS = 1000;
 
-/** Boots the plugin (its `boot` hook) and returns a harness that runs tasks with it. */
+/** Boots the plugins (their `boot` hooks) and returns a harness that runs tasks with them. */
 export async function pluginHarness(plugin: Plugin, options: PluginHarnessOptions = {}): Promise<PluginHarness> {
   const workerId = options.workerId ?? 'harness-worker';
   const logger = options.logger ?? silentLogger;
@@ -101,17 +100,18 @@ export async function pluginHarness(plugin: Plugin, options: PluginHarnessOption
   });
   const engine = new MockEngine();
   let current: { hooks: TaskHook[]; failures: { hook: TaskHook; message: string }[] } | undefined;
-  const record = async <T>(hook: TaskHook, call: () => T | Promise<T>): Promise<T> => {
-    current?.hooks.push(hook);
-    try {
-      return await call();
-    } catch (error) {
-      current?.failures.push({ hook, message: errorMessage(error) });
-      throw error;
-    }
-  };
-  const observed = observe(plugin, (hook, call) => record(hook, call), (hook) => current?.hooks.push(hook), (hook, error) => current?.failures.push({ hook, message: errorMessage(error) }));
-  await plugin.boot?.({ workerId, logger });
+  const observed = observe(plugin, {
+    called: (hook) => current?.hooks.push(hook),
+    failed: (hook, error) => current?.failures.push({ hook, message: errorMessage(error) }),
+  });
+  // As a worker does: every plugin boots in order, and shuts down in order (a rejected shutdown is the harness's error).
+  const all = [...others, plugin];
+  try {
+    for (const each of all) await each.boot?.({ workerId, logger });
+  } catch (error) {
+    await queue.close();
+    throw error;
+  }
   let closing: Promise<void> | undefined;
 
   return {
@@ -162,7 +162,7 @@ export async function pluginHarness(plugin: Plugin, options: PluginHarnessOption
     },
     close: () => (closing ??= (async () => {
       try {
-        await plugin.shutdown?.({ workerId, logger });
+        for (const each of all) await each.shutdown?.({ workerId, logger });
       } finally {
         await queue.close();
       }
@@ -180,29 +180,13 @@ export async function runPluginLifecycle(plugin: Plugin, options: PluginRunOptio
   }
 }
 
-/**
- * A plugin from its module, as a worker loads it from the config file:
- * the default export's shape, `config` against its configSchema, then
- * `createPlugin(config, context)` and the plugin contract. Throws
- * ConfigError with what is wrong.
- */
-export async function pluginFromModule(namespace: object, config?: unknown, context: Partial<ExtensionContext> = {}): Promise<Plugin> {
-  return (await fromModule(namespace, 'plugin', config, context)) as Plugin;
+interface Recorder {
+  called(hook: TaskHook): void;
+  failed(hook: TaskHook, error: unknown): void;
 }
 
-export async function fromModule(namespace: object, kind: 'engine' | 'plugin', config: unknown, context: Partial<ExtensionContext>): Promise<unknown> {
-  const created = await instantiate(namespace, kind, config, { configDir: process.cwd(), remote: false, killSignal: 'SIGTERM', killGraceMs: 5000, ...context });
-  if ('problem' in created) throw new ConfigError(`${kind} module: ${created.problem}`);
-  return created.value;
-}
-
-/** The plugin with every hook reported to `record` (the task hooks) or `note` (newTask). */
-function observe(
-  plugin: Plugin,
-  record: <T>(hook: TaskHook, call: () => T | Promise<T>) => Promise<T>,
-  note: (hook: TaskHook) => void,
-  failed: (hook: TaskHook, error: unknown) => void,
-): Plugin {
+/** The plugin, telling `recorder` of every call of newTask and of the task hooks it defines, and of what they throw. */
+function observe(plugin: Plugin, recorder: Recorder): Plugin {
   const { newTask } = plugin;
   return {
     name: plugin.name,
@@ -210,18 +194,27 @@ function observe(
     ...(plugin.secrets === undefined ? {} : { secrets: plugin.secrets }),
     ...(newTask === undefined ? {} : {
       newTask(options) {
-        note('newTask');
+        recorder.called('newTask');
         let inner: TaskPlugin;
         try {
           inner = newTask.call(plugin, options);
         } catch (error) {
-          failed('newTask', error);
+          recorder.failed('newTask', error);
           throw error;
         }
         const hooks: Record<string, unknown> = {};
         for (const hook of TASK_HOOKS) {
           const method = inner[hook] as ((...args: unknown[]) => Promise<unknown>) | undefined;
-          if (typeof method === 'function') hooks[hook] = (...args: unknown[]) => record(hook, () => method.apply(inner, args));
+          if (typeof method !== 'function') continue;
+          hooks[hook] = async (...args: unknown[]) => {
+            recorder.called(hook);
+            try {
+              return await method.apply(inner, args);
+            } catch (error) {
+              recorder.failed(hook, error);
+              throw error;
+            }
+          };
         }
         return hooks as TaskPlugin;
       },

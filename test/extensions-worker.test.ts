@@ -51,3 +51,33 @@ t.test('a bad config for the example: the worker exits 2 naming the module and t
   t.equal(result.code, 2);
   t.match(result.stderr, /plugins\[0\] \(module "[./]*\.\.\/.*examples\/summary-plugin"\): bad config: config\.name: must match pattern/);
 });
+
+t.test('a worker runs tasks with an engine module, which replaces the process engine', async (t) => {
+  // Inside the repository, `drover` resolves to this package itself, as an installed one would for a user's module.
+  const cwd = t.testdir({
+    'echo-engine.mjs': `import { ProcessEngine } from 'drover';
+export default {
+  configSchema: { type: 'object', required: ['prefix'], properties: { prefix: { type: 'string' } } },
+  createEngine(config, context) {
+    const inner = new ProcessEngine({ killSignal: context.killSignal, killGraceMs: context.killGraceMs });
+    return {
+      name: 'echo',
+      payloadSchema: { type: 'object', required: ['say'], properties: { say: { type: 'string' } } },
+      needs: inner.needs,
+      prepare: (payload, options) => inner.prepare({ command: ['echo', config.prefix + payload.say] }, options),
+    };
+  },
+};
+`,
+    'drover.yaml': 'engine:\n  module: ./echo-engine.mjs\n  config: { prefix: "echo says " }\n',
+  });
+  const id = await submit(['--payload', '-'], { cwd, input: JSON.stringify({ say: 'hello' }) });
+  const run = await drover(['worker', '--once', '--config', 'drover.yaml'], { cwd });
+  t.equal(run.code, 0, run.stderr);
+  const task = await resolved(join(cwd, '.drover'), id);
+  t.equal(task.state, 'completed');
+  const logs = await drover(['logs', id], { cwd });
+  t.match(logs.stdout, /^echo says hello$/m);
+  const schema = await drover(['schema', '--config', 'drover.yaml'], { cwd });
+  t.match(JSON.parse(schema.stdout), { title: 'drover task payload (engine echo)', required: ['say'] });
+});

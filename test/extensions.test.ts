@@ -67,6 +67,11 @@ t.test('plugins run in config order; a package name is resolved from the config 
   t.same(plugins.slice(-2).map((plugin) => plugin.name), ['one', 'two']);
 });
 
+t.test('a bare name is a package, not a file: the error says how to name the file', async (t) => {
+  const file = setup(t, 'plugins: [greeter.mjs]\n', { 'greeter.mjs': GOOD_PLUGIN });
+  await t.rejects(partsOf(file), { message: /plugins\[0\] \(module "greeter\.mjs"\): cannot be found .*; to load the file of that name, write \.\/greeter\.mjs/ });
+});
+
 t.test('a package directory by path: its package.json exports pick the entry', async (t) => {
   const file = setup(t, 'plugins:\n  - module: ./pkg\n', {
     'pkg/package.json': JSON.stringify({ name: 'pkg', type: 'module', exports: { '.': { import: './lib/entry.js' } } }),

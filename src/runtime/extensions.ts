@@ -187,7 +187,9 @@ async function loadOne(setting: ExtensionSetting, kind: Kind, context: Context, 
     // Not found is the package itself missing; a missing dependency of the module names that dependency.
     // (The message, not the code: an import hook, such as a TypeScript loader, may drop the code.)
     const missing = errorMessage(error).startsWith(`Cannot find package '${setting.module}'`);
-    return fail(missing ? `cannot be found (looked from ${setting.baseDir}, and from drover's own installation)` : `failed to load: ${firstLine(error)}`);
+    if (!missing) return fail(`failed to load: ${firstLine(error)}`);
+    const file = existsSync(resolve(setting.baseDir, setting.module)) ? `; to load the file of that name, write ./${setting.module}` : '';
+    return fail(`cannot be found (looked from ${setting.baseDir}, and from drover's own installation)${file}`);
   }
   const created = await instantiate(namespace, kind, setting.config, { ...context, configDir: setting.baseDir });
   return 'problem' in created ? fail(created.problem) : created.value;

@@ -10,6 +10,7 @@ export type { Plugin, TaskPlugin, TaskPluginOptions, PluginWorkerOptions, Verdic
 export type { Queue, ArtifactMeta, ArtifactInfo, RunStatus, TaskStatus } from './queues/queue.js';
 export type { Claim, Payload, TaskDefinition, TaskId, TaskState, RunRef } from './model/task.js';
 export type { JsonSchemaObject } from './runtime/schema.js';
+export type { EngineExtension, PluginExtension, ExtensionContext } from './runtime/extensions.js';
 export type { Logger } from './runtime/logger.js';
 export type { ExceptionReason, Resolution } from './model/resolution.js';
 export { EXCEPTION_REASONS, describeResolution } from './model/resolution.js';

@@ -15,7 +15,8 @@ import { successPlugin } from '../plugins/success.js';
 import type { Plugin } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
 import type { Config } from '../runtime/config.js';
-import { joinPayloadSchemas, type JsonSchemaObject } from '../runtime/schema.js';
+import { joinedPayloadSchema, withExtensions } from '../runtime/extensions.js';
+import type { JsonSchemaObject } from '../runtime/schema.js';
 import { startWorker } from '../runtime/worker.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 
@@ -25,7 +26,11 @@ export async function runWorker(config: Config, queue: Queue, once: boolean, wor
   const workDir = resolvePath(config.workDir);
   if (config.instance) logger.info('settings from the instance', { source: config.instance.source, settings: config.instance.settings.join(',') || 'none' });
   const { host, capacity, remote } = await hostFor(config, workDir, logger);
-  const { engine, plugins } = await workerParts(config, remote);
+  // A module that cannot be loaded is a config error: the queue is closed so that the process can exit.
+  const { engine, plugins } = await workerParts(config, remote).catch(async (error: unknown) => {
+    await queue.close();
+    throw error;
+  });
   const worker = startWorker({
     workerId: config.workerId || `${hostname()}-${process.pid}`,
     queue,
@@ -75,8 +80,13 @@ export async function runWorker(config: Config, queue: Queue, once: boolean, wor
   }
 }
 
-/** The engine and plugins a worker with this config runs tasks with; `remote`: over SSH. */
+/** The engine and plugins a worker with this config runs tasks with, extensions included; `remote`: over SSH. */
 export async function workerParts(config: Config, remote: boolean): Promise<{ engine: Engine; plugins: Plugin[] }> {
+  const context = { remote, killSignal: config.engine.killSignal, killGraceMs: config.engine.killGrace * 1000 };
+  return withExtensions(await shippedParts(config, remote), config.extensions, context);
+}
+
+async function shippedParts(config: Config, remote: boolean): Promise<{ engine: Engine; plugins: Plugin[] }> {
   const engineOptions: ProcessEngineOptions = {
     killSignal: config.engine.killSignal,
     killGraceMs: config.engine.killGrace * 1000,
@@ -96,11 +106,8 @@ export async function workerParts(config: Config, remote: boolean): Promise<{ en
 
 /** The payload schema of a worker with this config: its engine's and plugins' joined, as the worker validates payloads. */
 export async function workerPayloadSchema(config: Config): Promise<JsonSchemaObject> {
-  const { engine, plugins } = await workerParts(config, false);
-  return joinPayloadSchemas([
-    { owner: `engine ${engine.name}`, schema: engine.payloadSchema },
-    ...plugins.flatMap((plugin) => (plugin.payloadSchema ? [{ owner: `plugin ${plugin.name}`, schema: plugin.payloadSchema }] : [])),
-  ]);
+  const parts = await workerParts(config, false);
+  return { title: `drover task payload (engine ${parts.engine.name})`, ...joinedPayloadSchema(parts) };
 }
 
 /**

@@ -11,6 +11,7 @@ import { createRequire } from 'node:module';
 import { ConfigError, errorMessage } from '../model/errors.js';
 import { parseSshAddress } from '../hosts/ssh-address.js';
 import type { InstanceConfig } from '../hosts/metadata.js';
+import { EXTENSION_KEYS, extensionSettings, type ExtensionSettings } from './extensions.js';
 
 type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap' | 'hostType' | 'url';
 
@@ -132,6 +133,8 @@ export interface Config {
   readonly file?: string;
   /** Where the instance's settings came from, and which of them no local source overrides (names only: values may be secret). */
   readonly instance?: { readonly source: string; readonly settings: readonly string[] };
+  /** Engines and plugins loaded from npm modules the config file names (src/runtime/extensions.ts). */
+  readonly extensions: ExtensionSettings;
 }
 
 export interface ConfigSources {
@@ -186,13 +189,22 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     if (raw !== undefined && raw !== '') take(`environment variable ${setting.env}`, setting, raw);
   }
   const file = sources.file ?? (env['DROVER_CONFIG'] || undefined);
-  if (file !== undefined) takeAll(`config file "${file}"`, readConfigFile(file), false);
+  let extensions: ExtensionSettings = { plugins: [] };
+  if (file !== undefined) {
+    const settings = readConfigFile(file);
+    const named = Object.fromEntries(Object.entries(settings).filter(([path]) => EXTENSION_KEYS.includes(path)));
+    extensions = extensionSettings(file, named, problems);
+    if (extensions.engine !== undefined && settings['engine.type'] !== undefined) problems.push(`config file "${file}": engine.type and engine.module both choose the engine; keep one`);
+    takeAll(`config file "${file}"`, Object.fromEntries(Object.entries(settings).filter(([path]) => !EXTENSION_KEYS.includes(path))), false);
+  }
   for (const [path, raw] of Object.entries(sources.flags ?? {})) {
     const setting = SETTINGS.find((s) => s.path === path);
     if (setting === undefined) throw new Error(`no setting ${path}`);
     if (raw !== undefined) take(`option --${flagName(setting)}`, setting, raw);
   }
   const get = <T>(path: string) => values.get(path) as T;
+  // An engine named on the command line beats the config file's engine module.
+  if (sources.flags?.['engine.type'] !== undefined) extensions = { plugins: extensions.plugins };
   // A URL says which queue is meant; a type that contradicts it is a mistake worth naming.
   const url = get<string>('queue.url');
   const type = get<string>('queue.type') || (url ? 'postgres' : 'sqlite');
@@ -250,6 +262,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     logFormat: get<Config['logFormat']>('logFormat'),
     ...(file === undefined ? {} : { file }),
     ...(sources.instance === undefined ? {} : { instance: Object.freeze({ source: sources.instance.source, settings: Object.freeze([...fromInstance]) }) }),
+    extensions: Object.freeze(extensions),
   });
 }
 

@@ -14,3 +14,9 @@ export { MemoryQueue, MemoryStore, type MemoryQueueHooks, type MemoryQueueOption
 export { findSshd, startSshd, TEST_SSH_USER, type StartSshdOptions, type TestSshd } from './sshd.js';
 export { startImds, type ImdsOptions, type ImdsRequest, type SpotNotice, type TestImds } from './imds.js';
 export { startGceMetadata, type GceMetadataServerOptions, type GceMetadataRequest, type MaintenanceEvent, type TestGceMetadata } from './gce-metadata.js';
+export {
+  pluginHarness, runPluginLifecycle,
+  type PluginHarness, type PluginHarnessOptions, type PluginRunOptions, type PluginRunOutcome, type TaskHook,
+} from './plugin-harness.js';
+export { engineConformance, type EngineFixture, type MakeEngine } from './engine-conformance.js';
+export { engineFromModule, pluginFromModule } from './from-module.js';

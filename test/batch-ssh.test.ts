@@ -5,9 +5,9 @@
  * completes: the dead host is retired and its two jobs run again on the
  * others. Then --pre, --post and --overlay, and --strikes.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { EXIT } from '../src/cli/exit-codes.js';
@@ -96,4 +96,61 @@ t.test('200 jobs on 3 SSH hosts; one sshd killed mid-batch: every job completes,
   const hosts = new Set(log.filter((line) => line.status === 'ok').map((line) => line.host));
   t.same([...hosts].sort(), servers.map((s) => s.address).sort(), 'every host ran jobs');
   t.match(readFileSync(join(dir, 'session.log'), 'utf8'), /host retired for the rest of this run/);
+});
+
+/** The remote user's home directory (the test sshd logs everyone in as one user, on this machine). */
+function homeOf(user: string): string {
+  return execFileSync('sh', ['-c', `getent passwd ${user} | cut -d: -f6`], { encoding: 'utf8' }).trim();
+}
+
+t.test('--overlay, --pre and --post on SSH hosts: set-up before a host\'s first job, clean-up after its last; a failed --pre retires the host', async (t) => {
+  const uniq = `overlay-${randomUUID().slice(0, 8)}`;
+  const cwd = t.testdir({ overlay: { [uniq]: { 'tool.sh': `#!/bin/sh\necho "job $1" >> "$HOME/${uniq}/events"\necho "tool says $1"\n` } } });
+  chmodSync(join(cwd, 'overlay', uniq, 'tool.sh'), 0o755);
+  const { servers, env } = await threeHosts(t, cwd);
+  const home = homeOf(servers[0]!.user);
+  t.teardown(() => rmSync(join(home, uniq), { recursive: true, force: true }));
+  const bad = servers[2]!;
+  const port = '${SSH_CONNECTION##* }';
+  const result = await drover([
+    'batch', '--hosts', servers.map((s) => s.address).join(','), '--split', '4', '--sessions', 'sessions', '--overlay', 'overlay',
+    '--pre', `echo "pre ${port}" >> ~/${uniq}/events; test "${port}" != ${bad.port}`,
+    '--post', `echo "post ${port}" >> ~/${uniq}/events`,
+    '--', 'sh', '-c', `~/${uniq}/tool.sh "$0"`,
+  ], { cwd, env, input: Array.from({ length: 12 }, (_, i) => `${i + 1}`).join('\n') + '\n', timeoutMs: 60_000 });
+  t.equal(result.code, EXIT.OK, result.stderr);
+  t.match(result.stdout, /^session 1 \(\d+ s\): 12\/12 OK - 0 pending, 0 timeout, 0 errors$/m);
+  t.match(result.stdout, new RegExp(`host ${bad.address.replace(/\./g, '\\.')} retired: 0 jobs ok`), 'the host whose --pre failed is retired');
+  const dir = join(cwd, 'sessions', '1');
+  for (let n = 1; n <= 12; n++) t.match(readFileSync(join(dir, 'output', `${n}.log`), 'utf8'), `tool says ${n}\n`, `job ${n} ran the overlay's tool`);
+  const events = readFileSync(join(home, uniq, 'events'), 'utf8').trim().split('\n');
+  t.same(events.filter((e) => e.startsWith('pre ')).sort(), servers.map((s) => `pre ${s.port}`).sort(), '--pre ran once on every host');
+  t.same(events.filter((e) => e.startsWith('post ')).sort(), servers.slice(0, 2).map((s) => `post ${s.port}`).sort(), '--post ran once on every host that was set up, not on the retired one');
+  t.same(events.filter((e) => e.startsWith('job ')).sort(), Array.from({ length: 12 }, (_, i) => `job ${i + 1}`).sort(), 'every job ran once');
+  const jobs = JSON.parse(readFileSync(join(dir, 'jobs.json'), 'utf8')) as { n: number; host: string }[];
+  for (const job of jobs) {
+    const on = servers.find((s) => s.address === job.host)!;
+    t.not(on, bad, `job ${job.n} did not run on the host whose --pre failed`);
+    const at = events.indexOf(`job ${job.n}`);
+    t.ok(events.indexOf(`pre ${on.port}`) < at && at < events.indexOf(`post ${on.port}`), `job ${job.n} ran after its host's --pre and before its --post`);
+  }
+  t.match(readFileSync(join(dir, 'session.log'), 'utf8'), `[${bad.address}] --pre:`);
+});
+
+t.test('--strikes 2: a host whose jobs fail twice in a row is retired; the failed jobs run again elsewhere', async (t) => {
+  const cwd = t.testdir({});
+  const { servers, env } = await threeHosts(t, cwd);
+  const victim = servers[0]!;
+  const result = await drover([
+    'batch', '--hosts', servers.map((s) => s.address).join(','), '--split', '3', '--strikes', '2', '--retries', '2', '--sessions', 'sessions',
+    '--', 'sh', '-c', `test "$DROVER_HOST" != '${victim.address}' && echo "job $0 on $DROVER_HOST"`,
+  ], { cwd, env, input: Array.from({ length: 20 }, (_, i) => `${i + 1}`).join('\n') + '\n', timeoutMs: 60_000 });
+  t.equal(result.code, EXIT.OK, result.stderr);
+  t.match(result.stdout, /^session 1 \(\d+ s\): 20\/20 OK - 0 pending, 0 timeout, 0 errors$/m);
+  t.match(result.stdout, new RegExp(`host ${victim.address.replace(/\./g, '\\.')} retired: 0 jobs ok, 2 failed`));
+  const log = jobsLog(join(cwd, 'sessions', '1'));
+  t.same(log.filter((line) => line.status === 'failed').map((line) => line.host), [victim.address, victim.address], 'two failures in a row, then no job ran there');
+  t.equal(log.filter((line) => line.status === 'ok').length, 20);
+  t.notOk(log.some((line) => line.status === 'ok' && line.host === victim.address));
+  t.match(readFileSync(join(cwd, 'sessions', '1', 'session.log'), 'utf8'), 'retired: 2 jobs in a row failed (--strikes 2)');
 });

@@ -243,6 +243,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
         buildSandbox: async (builder) => {
           builder.setEnv('DROVER_SESSION_ID', String(session.id));
           builder.setEnv('DROVER_JOB', String(job.n));
+          builder.setEnv('DROVER_HOST', job.host ?? LOCALHOST);
           if (home !== undefined && job.host !== undefined) builder.setEnv('HOME', await home(job.host));
         },
         stopped: async (r) => {

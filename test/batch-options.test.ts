@@ -115,3 +115,17 @@ t.test('the progress line and the parameter table', async (t) => {
   }), '10 done, 2 failed, 3 running, 5 pending | a: 3 running, 6 ok | b: retired, 4 ok, 2 failed');
   t.equal(parameterTable([['jobs', '2 (x .. y)'], ['timeout', undefined]]), '  Parameter  Value\n  ---------  -----\n  jobs       2 (x .. y)\n  timeout    -\n');
 });
+
+t.test('--hosts: a bad address is bad input; hosts that cannot be reached leave the jobs pending', async (t) => {
+  const cwd = t.testdir({});
+  const bad = await drover(['batch', '--sessions', 'sessions', '--hosts', 'me@127.0.0.1:99999', 'echo'], { cwd, input: '1\n' });
+  t.equal(bad.code, EXIT.CONFIG);
+  t.match(bad.stderr, /--hosts: SSH address "me@127.0.0.1:99999": port must be 1-65535/);
+  // Nothing listens on port 1 of the loopback.
+  const unreachable = await drover(['batch', '--sessions', 'sessions', '--hosts', 'me@127.0.0.1:1', 'echo'], { cwd, input: '1\n2\n', env: { SSH_AUTH_SOCK: '' } });
+  t.equal(unreachable.code, EXIT.FAILED);
+  t.match(unreachable.stderr, /no SSH host can be reached:\n {2}- me@127\.0\.0\.1:1: [\s\S]*; 2 jobs are pending\. Resume them with: drover batch --resume 1/);
+  t.match(unreachable.stdout, /host me@127\.0\.0\.1:1 retired: 0 jobs ok, 0 failed/);
+  t.match(unreachable.stdout, /^session 1 \(\d+ s\): 0\/2 OK - 2 pending, 0 timeout, 0 errors$/m);
+  t.match(params(cwd, 1), { hosts: [{ address: 'me@127.0.0.1:1' }], split: 1 }, 'the session keeps its hosts for --resume');
+});

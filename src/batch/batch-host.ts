@@ -73,6 +73,11 @@ export class BatchSshHost implements Host {
     return this.#inner.status();
   }
 
+  /** The remote user's home directory on that host: jobs get it as HOME, and the overlay goes there. */
+  home(address: string): Promise<string> {
+    return this.#transportOf(address).home();
+  }
+
   /** Takes a host out of the batch for good; the jobs running there go back to the queue. */
   retire(address: string, why: string): void {
     this.#logger?.error('retiring host', { host: address, why });
@@ -121,10 +126,9 @@ export class BatchSshHost implements Host {
   async #setUpHost(address: string): Promise<void> {
     const { overlay, pre } = this.#commands;
     if (overlay !== undefined) {
-      const transport = this.#transportOf(address);
-      const home = await transport.home();
+      const home = await this.home(address);
       this.#output(address, `copying the overlay ${basename(resolvePath(overlay))}/ into ${home}\n`);
-      await transport.upload(overlay, home);
+      await this.#transportOf(address).upload(overlay, home);
     }
     if (pre !== undefined) await this.#run(address, 'pre', pre);
   }

@@ -154,14 +154,14 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     job.exitCode = result?.exitCode ?? null;
     job.signal = result?.signal ?? null;
     delete job.message;
-    const outcome = statusOf(resolution);
-    if (outcome !== 'ok' && resolution !== undefined && (resolution.state === 'exception' || resolution.message)) job.message = resolution.message ?? resolution.state;
+    const ended = statusOf(resolution);
+    if (ended !== 'ok' && resolution !== undefined && (resolution.state === 'exception' || resolution.message)) job.message = resolution.message ?? resolution.state;
     const host = job.host ?? LOCALHOST;
     jobsLog.write(JSON.stringify({
-      job: job.n, attempt: job.attempts, status: outcome === 'stranded' ? 'pending' : outcome, slot: job.slot, host, start: job.started,
+      job: job.n, attempt: job.attempts, status: ended === 'stranded' ? 'pending' : ended, slot: job.slot, host, start: job.started,
       durationMs: Math.round(job.durationMs), exitCode: job.exitCode, signal: job.signal, line: job.line,
     }) + '\n');
-    if (outcome === 'lost') {
+    if (ended === 'lost') {
       // Its host went away: the job goes back to the queue for another host, without using up a retry.
       job.lost = (job.lost ?? 0) + 1;
       job.status = 'pending';
@@ -170,7 +170,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       progress();
       return;
     }
-    if (outcome === 'stranded') {
+    if (ended === 'stranded') {
       job.status = 'pending';
       stranded ??= `no host is left to run on (${job.message ?? 'all retired'})`;
       stopping = true;
@@ -179,13 +179,13 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       progress();
       return;
     }
-    job.status = outcome;
-    if (outcome === 'ok') tally(host).ok++;
-    if (outcome === 'failed' || outcome === 'timeout') tally(host).failed++;
+    job.status = ended;
+    if (ended === 'ok') tally(host).ok++;
+    if (ended === 'failed' || ended === 'timeout') tally(host).failed++;
     options.onJob?.(job);
     if (batchHost !== undefined && params.strikes) {
       // --strikes: failed jobs in a row retire their host (cloudtask's rule); one that works starts the count over.
-      const count = outcome === 'ok' ? 0 : outcome === 'pending' ? strikes.get(host) ?? 0 : (strikes.get(host) ?? 0) + 1;
+      const count = ended === 'ok' ? 0 : ended === 'pending' ? strikes.get(host) ?? 0 : (strikes.get(host) ?? 0) + 1;
       strikes.set(host, count);
       if (count >= params.strikes) {
         strikes.delete(host);
@@ -193,7 +193,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
         batchHost.retire(host, `${count} jobs in a row failed (--strikes ${params.strikes})`);
       }
     }
-    if ((outcome === 'failed' || outcome === 'timeout') && job.attempts - (job.lost ?? 0) <= retries && !stopping) {
+    if ((ended === 'failed' || ended === 'timeout') && job.attempts - (job.lost ?? 0) <= retries && !stopping) {
       job.status = 'pending';
       session.save();
       await submit(job);
@@ -201,7 +201,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       return;
     }
     session.save();
-    if (outcome !== 'pending') remaining--;
+    if (ended !== 'pending') remaining--;
     progress();
     if (remaining === 0) worker.shutdown({ kind: 'tasks-done' });
   };
@@ -244,7 +244,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
           builder.setEnv('DROVER_SESSION_ID', String(session.id));
           builder.setEnv('DROVER_JOB', String(job.n));
           builder.setEnv('DROVER_HOST', job.host ?? LOCALHOST);
-          if (home !== undefined && job.host !== undefined) builder.setEnv('HOME', await home(job.host));
+          if (batchHost !== undefined && job.host !== undefined) builder.setEnv('HOME', await batchHost.home(job.host));
         },
         stopped: async (r) => {
           result = r;
@@ -267,23 +267,21 @@ export async function runSession(session: Session, options: RunSessionOptions = 
   };
 
   const workDir = join(session.dir, 'work');
-  let home: ((host: string) => Promise<string>) | undefined;
   let host: Host;
   const commands: HostCommands = { ...(params.pre === undefined ? {} : { pre: params.pre }), ...(params.post === undefined ? {} : { post: params.post }), ...(params.overlay === undefined ? {} : { overlay: params.overlay }) };
   if (source !== undefined) {
-    const opened = await openHosts(source, session, options, logger, hostOutput, commands).catch(async (error: unknown) => {
+    batchHost = await openHosts(source, session, options, logger, hostOutput, commands).catch(async (error: unknown) => {
       await closeQuietly(source, logger);
       await queue.close();
       await endStreams(streams);
       throw error;
     });
-    batchHost = opened.host;
-    home = opened.home;
     host = batchHost;
   } else {
     host = new HardwareHost({ workDir });
     if (params.pre !== undefined) {
-      const code = await runHere(params.pre, session.dir, (text) => hostOutput(LOCALHOST, text));
+      hostOutput(LOCALHOST, `running: ${params.pre}`);
+      const code = await runShell(params.pre, session.dir, (text) => hostOutput(LOCALHOST, text));
       if (code !== 0) {
         hostOutput(LOCALHOST, `--pre exited with ${code ?? 'a signal'}; no job runs`);
         await queue.close();
@@ -330,7 +328,8 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     await queue.close();
     if (source !== undefined) await closeQuietly(source, logger);
     else if (params.post !== undefined) {
-      const code = await runHere(params.post, session.dir, (text) => hostOutput(LOCALHOST, text));
+      hostOutput(LOCALHOST, `running: ${params.post}`);
+      const code = await runShell(params.post, session.dir, (text) => hostOutput(LOCALHOST, text));
       if (code !== 0) hostOutput(LOCALHOST, `--post exited with ${code ?? 'a signal'}`);
     }
     await endStreams(streams);
@@ -340,7 +339,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
 }
 
 /** Opens the host source and builds the SSH host over what it gives. */
-async function openHosts(source: BatchHostSource, session: Session, options: RunSessionOptions, logger: Logger, output: (host: string, text: string) => void, commands: HostCommands) {
+async function openHosts(source: BatchHostSource, session: Session, options: RunSessionOptions, logger: Logger, output: (host: string, text: string) => void, commands: HostCommands): Promise<BatchSshHost> {
   const { split } = session.params;
   const set = await source.open({ split, signal: options.signal ?? new AbortController().signal, logger });
   const { SshHost } = await import('../hosts/ssh-host.js');
@@ -357,13 +356,7 @@ async function openHosts(source: BatchHostSource, session: Session, options: Run
     killGraceMs: options.killGraceMs ?? 2000,
     logger,
   });
-  const host = new BatchSshHost(inner, commands, output);
-  const home = (address: string) => {
-    const machine = inner.pool.machines().find((m) => m.address === address);
-    if (machine === undefined) throw new Error(`no host ${address} in the batch`);
-    return machine.transport.home();
-  };
-  return { host, home };
+  return new BatchSshHost(inner, commands, output);
 }
 
 async function closeQuietly(source: BatchHostSource, logger: Logger): Promise<void> {
@@ -377,11 +370,10 @@ async function endStreams(streams: readonly WriteStream[]): Promise<void> {
   }));
 }
 
-/** --pre and --post of a batch on this machine: `sh -c` in the session directory; resolves with the exit code. */
-function runHere(command: string, cwd: string, output: (text: string) => void): Promise<number | null> {
-  output(`running: ${command}\n`);
+/** A shell command line of the batch's own (--pre, --post, --report) on this machine; resolves with the exit code. */
+export function runShell(command: string, cwd: string, output: (text: string) => void, env: NodeJS.ProcessEnv = process.env): Promise<number | null> {
   return new Promise((resolve) => {
-    const child = spawn('sh', ['-c', command], { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn('sh', ['-c', command], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
     child.stdout.on('data', (data: Buffer) => output(data.toString()));
     child.stderr.on('data', (data: Buffer) => output(data.toString()));
     child.on('error', () => resolve(127));

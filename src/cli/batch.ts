@@ -4,8 +4,8 @@ import { createRequire } from 'node:module';
 import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
 import { createInterface } from 'node:readline';
 import { ConfigError, errorMessage } from '../model/errors.js';
-import type { HostProgress } from '../batch/progress.js';
-import { jobsHash, type JobRecord, type Session } from '../batch/session.js';
+import type { Progress } from '../batch/progress.js';
+import { jobsHash, type JobRecord, type Session, type SessionParams } from '../batch/session.js';
 import { UsageError, type Command, type Values } from './command.js';
 import { EXIT } from './exit-codes.js';
 
@@ -155,7 +155,7 @@ export const batchCommand: Command = {
       if (lines.length === 0) throw new UsageError('no jobs: pipe the job lines into drover batch (cat jobs | drover batch COMMAND)');
     }
     if (interactive && !yes) {
-      const params = session === undefined ? sessionParams(options) : { ...session.params, ...resumeChanges(options, given) };
+      const params = session === undefined ? sessionParams(options) : { ...session.params, ...resumeChanges(sessionParams(options), given) };
       const todo = session === undefined ? lines.length : session.jobs.filter((job) => job.status === 'pending' || job.status === 'running' || (retry !== undefined && (job.status === 'failed' || job.status === 'timeout'))).length;
       process.stdout.write(`About to run ${todo} of ${lines.length} jobs${session === undefined ? '' : ` of session ${session.id}`}:\n\n`);
       const { parameterTable } = await import('../batch/progress.js');
@@ -176,7 +176,7 @@ export const batchCommand: Command = {
     if (session === undefined) {
       session = createSession(lines, { command, sessionsDir, ...options });
     } else {
-      session.update(resumeChanges(options, given));
+      session.update(resumeChanges(sessionParams(options), given));
       if (retry !== undefined) {
         for (const job of session.jobs) if (job.status === 'failed' || job.status === 'timeout') job.status = 'pending';
       }
@@ -223,18 +223,12 @@ export const batchCommand: Command = {
   },
 };
 
+/** The session parameters that options set, by the option's name. */
+const RESUMABLE = ['split', 'timeout', 'retries', 'strikes', 'hosts', 'pre', 'post', 'overlay'] as const;
+
 /** On --resume, the options given again (by any source) replace the session's. */
-function resumeChanges(options: { split?: number; timeout: number; retries: number; strikes: number; hosts?: readonly { address: string }[]; pre?: string; post?: string; overlay?: string }, given: (name: SettingName) => boolean) {
-  return {
-    ...(given('split') ? { split: options.split! } : {}),
-    ...(given('timeout') ? { timeout: options.timeout } : {}),
-    ...(given('retries') ? { retries: options.retries } : {}),
-    ...(given('strikes') ? { strikes: options.strikes } : {}),
-    ...(given('hosts') ? { hosts: options.hosts as never } : {}),
-    ...(given('pre') ? { pre: options.pre! } : {}),
-    ...(given('post') ? { post: options.post! } : {}),
-    ...(given('overlay') ? { overlay: resolvePath(options.overlay!) } : {}),
-  };
+function resumeChanges(params: Partial<Record<(typeof RESUMABLE)[number], unknown>>, given: (name: SettingName) => boolean): Partial<SessionParams> {
+  return Object.fromEntries(RESUMABLE.filter((name) => given(name)).map((name) => [name, params[name]])) as Partial<SessionParams>;
 }
 
 interface Template {
@@ -342,8 +336,8 @@ async function createDisplay(terminal: boolean) {
       live.print(stamp(`[${host}] ${text.trimEnd()}`));
       if (last) live.draw(last);
     },
-    progress: (progress: { counts: Record<string, number>; hosts: readonly HostProgress[] }) => {
-      last = progressLine(progress as Parameters<typeof progressLine>[0]);
+    progress: (progress: Progress) => {
+      last = progressLine(progress);
       live.draw(last);
     },
     end: () => live.clear(),
@@ -400,7 +394,7 @@ export const sessionsCommand: Command = {
 
 /** The --report hook: its failure is reported, and does not change the batch's exit code. */
 async function runReport(command: string, session: Session, elapsedMs: number): Promise<void> {
-  const { spawn } = await import('node:child_process');
+  const { runShell } = await import('../batch/run.js');
   const counts = session.counts();
   const env = {
     ...process.env,
@@ -413,11 +407,7 @@ async function runReport(command: string, session: Session, elapsedMs: number): 
     DROVER_PENDING: String(counts.pending + counts.running),
     DROVER_ELAPSED: String(Math.round(elapsedMs / 1000)),
   };
-  const code = await new Promise<number | null>((resolve) => {
-    const child = spawn('sh', ['-c', command], { cwd: session.dir, env, stdio: ['ignore', 'inherit', 'inherit'] });
-    child.on('error', () => resolve(127));
-    child.on('close', (exit) => resolve(exit));
-  });
+  const code = await runShell(command, session.dir, (text) => process.stdout.write(text), env);
   if (code !== 0) process.stderr.write(`drover batch: the --report command exited with ${code ?? 'a signal'}\n`);
 }
 

@@ -7,7 +7,7 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { chmodSync, existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { EXIT } from '../src/cli/exit-codes.js';
@@ -153,4 +153,54 @@ t.test('--strikes 2: a host whose jobs fail twice in a row is retired; the faile
   t.equal(log.filter((line) => line.status === 'ok').length, 20);
   t.notOk(log.some((line) => line.status === 'ok' && line.host === victim.address));
   t.match(readFileSync(join(cwd, 'sessions', '1', 'session.log'), 'utf8'), 'retired: 2 jobs in a row failed (--strikes 2)');
+});
+
+/** Live processes whose command line holds `needle`. */
+function processesWith(needle: string): number[] {
+  return readdirSync('/proc').filter((name) => /^\d+$/.test(name)).flatMap((name) => {
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, 'utf8');
+      if (/\) Z /.test(stat)) return []; // a zombie is not alive
+      return readFileSync(`/proc/${name}/cmdline`, 'utf8').includes(needle) ? [Number(name)] : [];
+    } catch {
+      return [];
+    }
+  });
+}
+
+t.test('SIGINT over SSH kills the remote jobs and saves the session; --resume then runs every job exactly once', async (t) => {
+  const cwd = t.testdir({});
+  const { servers, env } = await threeHosts(t, cwd);
+  const hosts = servers.slice(0, 2).map((s) => s.address).join(',');
+  const home = homeOf(servers[0]!.user);
+  const uniq = `sigint-${randomUUID().slice(0, 8)}`;
+  const shared = join(home, uniq);
+  mkdirSync(shared);
+  chmodSync(shared, 0o777);
+  t.teardown(() => rmSync(shared, { recursive: true, force: true }));
+  const marker = `29.${Math.floor(Math.random() * 1e6)}`;
+  // Jobs 1 and 2 sleep (with a marker to find them by) until the flag exists; every job records that it finished.
+  const command = ['sh', '-c', `if [ "$0" -le 2 ] && [ ! -e ~/${uniq}/flag ]; then sleep ${marker}; fi; echo "done $0" >> ~/${uniq}/done`];
+  const sessions = join(cwd, 'sessions');
+  const child = spawn(process.execPath, [DROVER, 'batch', '--hosts', hosts, '--sessions', sessions, '--', ...command], { cwd, env: userEnv(env), stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  t.teardown(() => child.kill('SIGKILL'));
+  child.stdin.end('1\n2\n3\n4\n5\n6\n');
+  await eventually('jobs 1 and 2 to sleep on the hosts', () => processesWith(`sleep\0${marker}`).length === 2, 30_000);
+  child.kill('SIGINT');
+  t.equal(await exited, EXIT.SIGNAL, stderr);
+  t.match(stderr, /interrupted by SIGINT; the session is saved\. Resume it with: drover batch --resume 1/);
+  await eventually('the remote jobs to be gone', () => processesWith(`sleep\0${marker}`).length === 0, 15_000);
+  t.pass('no remote job process is left');
+  const saved = JSON.parse(readFileSync(join(sessions, '1', 'jobs.json'), 'utf8')) as { n: number; status: string }[];
+  t.same(saved.map((job) => job.status), Array(6).fill('pending'), 'the killed jobs (and those that never started) are pending');
+  t.notOk(existsSync(join(shared, 'done')), 'no job finished');
+
+  writeFileSync(join(shared, 'flag'), '');
+  const resumed = await drover(['batch', '--resume', '1', '--sessions', sessions], { cwd, env, timeoutMs: 60_000 });
+  t.equal(resumed.code, EXIT.OK, resumed.stderr);
+  t.match(resumed.stdout, /^session 1 \(\d+ s\): 6\/6 OK - 0 pending, 0 timeout, 0 errors$/m);
+  t.same(readFileSync(join(shared, 'done'), 'utf8').trim().split('\n').sort(), ['done 1', 'done 2', 'done 3', 'done 4', 'done 5', 'done 6'], 'every job ran exactly once in total, on the session\'s hosts');
 });

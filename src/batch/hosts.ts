@@ -6,6 +6,9 @@
  * `listedHosts()` serves `--hosts LIST|@FILE`, and a cloud provider
  * supplies its own source that launches instances in `open()` and
  * terminates them in `close()`. The batch engine asks nothing else of it.
+ * A session keeps the hosts of `--hosts`, so that `--resume` finds them;
+ * of a source of a program's own it keeps only `describe()`, and refuses to
+ * resume without that source (or new hosts) rather than run on this machine.
  */
 import { ConfigError } from '../model/errors.js';
 import { parseSshAddress } from '../hosts/ssh-address.js';

@@ -94,6 +94,9 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     return [...names].map((host) => ({ host, state: states.get(host) ?? 'up', running: 0, ok: 0, failed: 0, ...tallies.get(host) }));
   };
   const source = options.hostSource ?? (params.hosts === undefined ? undefined : listedHosts(params.hosts));
+  if (source === undefined && params.hostSource !== undefined) {
+    throw new ConfigError(`session ${session.id} ran on ${params.hostSource}; resume it with that host source again, or give it hosts (--hosts)`);
+  }
   if (source === undefined && params.overlay !== undefined) {
     throw new ConfigError(`--overlay ${params.overlay}: an overlay is copied onto SSH hosts; a batch on this machine has its files at hand already (give --hosts, or leave --overlay out)`);
   }
@@ -413,6 +416,7 @@ export function sessionParams(options: BatchOptions): Omit<SessionParams, 'comma
     ...(options.timeout ? { timeout: options.timeout } : {}),
     retries: options.retries ?? 0,
     ...(hosts === undefined ? {} : { hosts }),
+    ...(options.hostSource === undefined ? {} : { hostSource: options.hostSource.describe() }),
     ...(options.strikes ? { strikes: options.strikes } : {}),
     ...(options.pre === undefined ? {} : { pre: options.pre }),
     ...(options.post === undefined ? {} : { post: options.post }),

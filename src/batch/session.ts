@@ -46,8 +46,10 @@ export interface SessionParams {
   readonly split: number;
   readonly timeout?: number;
   readonly retries: number;
-  /** The SSH hosts the jobs run on; none: this machine. */
+  /** The SSH hosts the jobs run on; none: this machine (or `hostSource`'s). */
   readonly hosts?: readonly SshHostEntry[];
+  /** What a host source of a program's own (a cloud provider) said it runs on; a resume must pass that source again. */
+  readonly hostSource?: string;
   /** Failed or timed-out jobs in a row that retire a host; 0 never. */
   readonly strikes?: number;
   readonly pre?: string;

@@ -405,6 +405,8 @@ export interface BatchOptions extends RunSessionOptions {
   readonly post?: string;
   /** Directory copied into each SSH host's home directory before its first job. */
   readonly overlay?: string;
+  /** Kept in the session for the CLI's --report hook (`sh: CMD`). */
+  readonly report?: string;
 }
 
 /** The parameters options give, beyond the command and the job list. */
@@ -421,6 +423,7 @@ export function sessionParams(options: BatchOptions): Omit<SessionParams, 'comma
     ...(options.pre === undefined ? {} : { pre: options.pre }),
     ...(options.post === undefined ? {} : { post: options.post }),
     ...(options.overlay === undefined ? {} : { overlay: resolvePath(options.overlay) }),
+    ...(options.report === undefined ? {} : { report: options.report }),
   };
 }
 

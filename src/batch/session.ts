@@ -56,6 +56,8 @@ export interface SessionParams {
   readonly post?: string;
   /** Absolute path of the overlay directory. */
   readonly overlay?: string;
+  /** The --report hook, `sh: CMD`; the CLI runs it when the session ends. */
+  readonly report?: string;
   readonly created: string;
   /** sha256 of the job lines in order: what `--resume` compares. */
   readonly jobsHash: string;

@@ -45,7 +45,7 @@ Options (flag > --template file > DROVER_<NAME> environment variable):
   --template FILE          a YAML file of these options (hosts, split, timeout,
                            retries, strikes, pre, post, overlay, sessions, report,
                            yes) and of the command (command: ...); relative paths
-                           in it are relative to the file
+                           in it are relative to the file (DROVER_TEMPLATE)
   --yes                    do not ask before starting
   --report 'sh: CMD'       when the session ends, run CMD with sh in the session
                            directory, with DROVER_SESSION_ID, DROVER_SESSION_DIR,
@@ -143,6 +143,7 @@ export const batchCommand: Command = {
     const options = {
       ...(split === undefined ? {} : { split }), timeout, retries, strikes,
       ...(hosts === undefined ? {} : { hosts }), ...(pre === undefined ? {} : { pre }), ...(post === undefined ? {} : { post }), ...(overlay === undefined ? {} : { overlay }),
+      ...(report === undefined ? {} : { report }),
     };
     let session: Session | undefined;
     let lines: string[];
@@ -155,20 +156,9 @@ export const batchCommand: Command = {
       if (lines.length === 0) throw new UsageError('no jobs: pipe the job lines into drover batch (cat jobs | drover batch COMMAND)');
     }
     if (interactive && !yes) {
-      const params = session === undefined ? sessionParams(options) : { ...session.params, ...resumeChanges(sessionParams(options), given) };
+      const params = session === undefined ? { command, ...sessionParams(options) } : { ...session.params, ...resumeChanges(sessionParams(options), given) };
       const todo = session === undefined ? lines.length : session.jobs.filter((job) => job.status === 'pending' || job.status === 'running' || (retry !== undefined && (job.status === 'failed' || job.status === 'timeout'))).length;
-      process.stdout.write(`About to run ${todo} of ${lines.length} jobs${session === undefined ? '' : ` of session ${session.id}`}:\n\n`);
-      const { parameterTable } = await import('../batch/progress.js');
-      process.stdout.write(parameterTable([
-        ['jobs', `${lines.length} (${lines.length > 1 ? `${lines[0]} .. ${lines[lines.length - 1]}` : lines[0]})`],
-        ['command', (session === undefined ? command : session.params.command).join(' ')],
-        ['hosts', params.hosts?.map((entry) => entry.address).join(' ') ?? 'this machine'],
-        ['split', params.split],
-        ['timeout', params.timeout], ['retries', params.retries], ['strikes', params.strikes],
-        ['pre', params.pre], ['post', params.post], ['overlay', params.overlay],
-        ['report', report], ['sessions', sessionsDir],
-      ]) + '\n');
-      if (!(await confirm('Is this really what you want? [yes/no] '))) {
+      if (!(await askFirst(params, lines, todo, sessionsDir, session?.id))) {
         process.stderr.write('drover batch: you did not answer yes; nothing ran\n');
         return EXIT.FAILED;
       }
@@ -205,7 +195,7 @@ export const batchCommand: Command = {
       const total = session.jobs.length;
       for (const host of outcome.hosts) if (host.state !== 'up') display.say(`host ${host.host} ${host.state}: ${host.ok} jobs ok, ${host.failed} failed`);
       process.stdout.write(`session ${session.id} (${Math.round(elapsedMs / 1000)} s): ${counts.ok}/${total} OK - ${counts.pending + counts.running} pending, ${counts.timeout} timeout, ${counts.failed} errors\n`);
-      if (report !== undefined) await runReport(report.replace(/^sh:\s*/, ''), session, outcome.elapsedMs);
+      if (session.params.report !== undefined) await runReport(session.params.report.replace(/^sh:\s*/, ''), session, outcome.elapsedMs);
       if (outcome.interrupted) {
         process.stderr.write(`drover batch: interrupted by ${signalName ?? 'a signal'}; the session is saved. Resume it with: drover batch --resume ${session.id}\n`);
         return EXIT.SIGNAL;
@@ -223,8 +213,24 @@ export const batchCommand: Command = {
   },
 };
 
+/** Shows the parameter table and the job count (as cloudtask does) and asks; true for yes. */
+async function askFirst(params: Omit<SessionParams, 'created' | 'jobsHash'>, lines: readonly string[], todo: number, sessionsDir: string, id: number | undefined): Promise<boolean> {
+  const { parameterTable } = await import('../batch/progress.js');
+  process.stdout.write(`About to run ${todo} of ${lines.length} jobs${id === undefined ? '' : ` of session ${id}`}:\n\n`);
+  process.stdout.write(parameterTable([
+    ['jobs', `${lines.length} (${lines.length > 1 ? `${lines[0]} .. ${lines[lines.length - 1]}` : lines[0]})`],
+    ['command', params.command.join(' ')],
+    ['hosts', params.hosts?.map((entry) => entry.address).join(' ') ?? 'this machine'],
+    ['split', params.split],
+    ['timeout', params.timeout], ['retries', params.retries], ['strikes', params.strikes],
+    ['pre', params.pre], ['post', params.post], ['overlay', params.overlay],
+    ['report', params.report], ['sessions', sessionsDir],
+  ]) + '\n');
+  return confirm('Is this really what you want? [yes/no] ');
+}
+
 /** The session parameters that options set, by the option's name. */
-const RESUMABLE = ['split', 'timeout', 'retries', 'strikes', 'hosts', 'pre', 'post', 'overlay'] as const;
+const RESUMABLE = ['split', 'timeout', 'retries', 'strikes', 'hosts', 'pre', 'post', 'overlay', 'report'] as const;
 
 /** On --resume, the options given again (by any source) replace the session's. */
 function resumeChanges(params: Partial<Record<(typeof RESUMABLE)[number], unknown>>, given: (name: SettingName) => boolean): Partial<SessionParams> {

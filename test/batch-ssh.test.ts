@@ -25,10 +25,11 @@ interface JobLine {
 
 const jobsLog = (dir: string): JobLine[] => readFileSync(join(dir, 'jobs.jsonl'), 'utf8').trim().split('\n').map((line) => JSON.parse(line) as JobLine);
 
-/** Three servers that trust one client key, and the environment that makes drover use that key and their host keys. */
-async function threeHosts(t: Test, dir: string): Promise<{ servers: TestSshd[]; env: Record<string, string> }> {
+/** Servers (three by default) that trust one client key, and the environment that makes drover use that key and their host keys. */
+async function startHosts(t: Test, dir: string, count = 3): Promise<{ servers: TestSshd[]; env: Record<string, string> }> {
   const first = await sshd(t);
-  const servers = [first, await sshd(t, { identityFile: first.identityFile }), await sshd(t, { identityFile: first.identityFile })];
+  const servers = [first];
+  while (servers.length < count) servers.push(await sshd(t, { identityFile: first.identityFile }));
   const knownHosts = join(dir, 'known_hosts');
   writeFileSync(knownHosts, servers.map((s) => `[127.0.0.1]:${s.port} ${s.hostPublicKey}\n`).join(''));
   return {
@@ -44,7 +45,7 @@ async function threeHosts(t: Test, dir: string): Promise<{ servers: TestSshd[]; 
 
 t.test('200 jobs on 3 SSH hosts; one sshd killed mid-batch: every job completes, the dead host is retired', async (t) => {
   const cwd = t.testdir({});
-  const { servers, env } = await threeHosts(t, cwd);
+  const { servers, env } = await startHosts(t, cwd);
   writeFileSync(join(cwd, 'hosts'), `# the batch's hosts\n${servers.map((s) => s.address).join('\n')}\n`);
   const gate = join(cwd, 'gate');
   // Jobs 100-105 wait for the gate (at most 30 s): once all six run, they hold every slot, two on each host.
@@ -107,7 +108,7 @@ t.test('--overlay, --pre and --post on SSH hosts: set-up before a host\'s first 
   const uniq = `overlay-${randomUUID().slice(0, 8)}`;
   const cwd = t.testdir({ overlay: { [uniq]: { 'tool.sh': `#!/bin/sh\necho "job $1" >> "$HOME/${uniq}/events"\necho "tool says $1"\n` } } });
   chmodSync(join(cwd, 'overlay', uniq, 'tool.sh'), 0o755);
-  const { servers, env } = await threeHosts(t, cwd);
+  const { servers, env } = await startHosts(t, cwd);
   const home = homeOf(servers[0]!.user);
   t.teardown(() => rmSync(join(home, uniq), { recursive: true, force: true }));
   const bad = servers[2]!;
@@ -139,7 +140,7 @@ t.test('--overlay, --pre and --post on SSH hosts: set-up before a host\'s first 
 
 t.test('--strikes 2: a host whose jobs fail twice in a row is retired; the failed jobs run again elsewhere', async (t) => {
   const cwd = t.testdir({});
-  const { servers, env } = await threeHosts(t, cwd);
+  const { servers, env } = await startHosts(t, cwd);
   const victim = servers[0]!;
   const result = await drover([
     'batch', '--hosts', servers.map((s) => s.address).join(','), '--split', '3', '--strikes', '2', '--retries', '2', '--sessions', 'sessions',
@@ -170,7 +171,7 @@ function processesWith(needle: string): number[] {
 
 t.test('SIGINT over SSH kills the remote jobs and saves the session; --resume then runs every job exactly once', async (t) => {
   const cwd = t.testdir({});
-  const { servers, env } = await threeHosts(t, cwd);
+  const { servers, env } = await startHosts(t, cwd, 2);
   const hosts = servers.slice(0, 2).map((s) => s.address).join(',');
   const home = homeOf(servers[0]!.user);
   const uniq = `sigint-${randomUUID().slice(0, 8)}`;
@@ -203,4 +204,17 @@ t.test('SIGINT over SSH kills the remote jobs and saves the session; --resume th
   t.equal(resumed.code, EXIT.OK, resumed.stderr);
   t.match(resumed.stdout, /^session 1 \(\d+ s\): 6\/6 OK - 0 pending, 0 timeout, 0 errors$/m);
   t.same(readFileSync(join(shared, 'done'), 'utf8').trim().split('\n').sort(), ['done 1', 'done 2', 'done 3', 'done 4', 'done 5', 'done 6'], 'every job ran exactly once in total, on the session\'s hosts');
+});
+
+t.test('--timeout over SSH kills the remote job\'s whole process group', async (t) => {
+  const cwd = t.testdir({});
+  const { servers, env } = await startHosts(t, cwd, 1);
+  const marker = `38.${Math.floor(Math.random() * 1e6)}`;
+  // The job leaves a background child behind; the process group kill must take it too.
+  const result = await drover(['batch', '--hosts', servers[0]!.address, '--timeout', '1', '--sessions', 'sessions', '--', 'sh', '-c', `(sleep ${marker}) & sleep ${marker}`], { cwd, env, input: 'x\n', timeoutMs: 60_000 });
+  t.equal(result.code, EXIT.FAILED, result.stderr);
+  t.match(result.stdout, /^session 1 \(\d+ s\): 0\/1 OK - 0 pending, 1 timeout, 0 errors$/m);
+  t.same(jobsLog(join(cwd, 'sessions', '1')).map((line) => [line.status, line.host]), [['timeout', servers[0]!.address]]);
+  await eventually('no process of the timed-out job to be left', () => processesWith(`sleep\0${marker}`).length === 0, 10_000);
+  t.pass('the background child went with the job');
 });

@@ -97,6 +97,7 @@ t.test('200 jobs on 3 SSH hosts; one sshd killed mid-batch: every job completes,
   const hosts = new Set(log.filter((line) => line.status === 'ok').map((line) => line.host));
   t.same([...hosts].sort(), servers.map((s) => s.address).sort(), 'every host ran jobs');
   t.match(readFileSync(join(dir, 'session.log'), 'utf8'), /host retired for the rest of this run/);
+  for (const n of onVictim) t.match(stdout, `[${victim.address}] went away during job ${n}, which runs again on another host`, 'the user hears of it as it happens');
 });
 
 /** The remote user's home directory (the test sshd logs everyone in as one user, on this machine). */

@@ -166,6 +166,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     }) + '\n');
     if (ended === 'lost') {
       // Its host went away: the job goes back to the queue for another host, without using up a retry.
+      hostOutput(host, `went away during job ${job.n}, which runs again on another host`);
       job.lost = (job.lost ?? 0) + 1;
       job.status = 'pending';
       session.save();

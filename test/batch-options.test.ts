@@ -98,6 +98,10 @@ t.test('on a terminal: the parameter table and the question before a resume; no:
   t.match(no.output, 'you did not answer yes; nothing ran');
   t.notOk(JSON.parse(readFileSync(join(sessionsDir, '1', 'jobs.json'), 'utf8')).some((job: { status: string }) => job.status !== 'pending'), 'nothing ran');
 
+  const ctrlC = await onTerminal('\x03');
+  t.equal(ctrlC.code, EXIT.FAILED, 'Ctrl-C at the question is a no');
+  t.match(ctrlC.output, 'you did not answer yes; nothing ran');
+
   const yes = await onTerminal('yes');
   t.equal(yes.code, EXIT.OK, yes.output);
   t.match(yes.output, '\r\x1b[K3 done, 0 failed, 0 running, 0 pending | localhost: 0 running, 3 ok', 'the live line is redrawn in place');

@@ -308,6 +308,8 @@ async function confirm(question: string): Promise<boolean> {
     const answer = await new Promise<string>((resolve) => {
       rl.question(question, resolve);
       rl.once('close', () => resolve(''));
+      // Ctrl-C at the question is a no (readline would only pause).
+      rl.once('SIGINT', () => rl.close());
     });
     return /^y(es)?$/i.test(answer.trim());
   } finally {

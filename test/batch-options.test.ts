@@ -125,6 +125,9 @@ t.test('--hosts: a bad address is bad input; hosts that cannot be reached leave 
   const bad = await drover(['batch', '--sessions', 'sessions', '--hosts', 'me@127.0.0.1:99999', 'echo'], { cwd, input: '1\n' });
   t.equal(bad.code, EXIT.CONFIG);
   t.match(bad.stderr, /--hosts: SSH address "me@127.0.0.1:99999": port must be 1-65535/);
+  const twice = await drover(['batch', '--sessions', 'sessions', '--hosts', 'me@127.0.0.1:22,me@127.0.0.1', 'echo'], { cwd, input: '1\n' });
+  t.equal(twice.code, EXIT.CONFIG);
+  t.match(twice.stderr, /--hosts: me@127\.0\.0\.1:22 is listed twice/);
   // Nothing listens on port 1 of the loopback.
   const unreachable = await drover(['batch', '--sessions', 'sessions', '--hosts', 'me@127.0.0.1:1', 'echo'], { cwd, input: '1\n2\n', env: { SSH_AUTH_SOCK: '' } });
   t.equal(unreachable.code, EXIT.FAILED);

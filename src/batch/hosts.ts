@@ -11,7 +11,7 @@
  * resume without that source (or new hosts) rather than run on this machine.
  */
 import { ConfigError } from '../model/errors.js';
-import { parseSshAddress } from '../hosts/ssh-address.js';
+import { formatSshAddress, parseSshAddress } from '../hosts/ssh-address.js';
 import type { SshHostEntry } from '../hosts/ssh-host.js';
 import type { SshConnectionOptions } from '../hosts/ssh-transport.js';
 import type { Logger } from '../runtime/logger.js';
@@ -38,20 +38,27 @@ export interface BatchHostSource {
 
 /** The hosts of `--hosts`: `a,b,c` (addresses separated by commas or blanks), or `@FILE` in the hosts file format. */
 export async function parseHostList(spec: string): Promise<SshHostEntry[]> {
+  let entries: SshHostEntry[];
   if (spec.startsWith('@')) {
     const { parseHostsFile } = await import('../hosts/ssh-host.js');
-    return parseHostsFile(spec.slice(1));
+    entries = parseHostsFile(spec.slice(1));
+  } else {
+    entries = spec.split(/[\s,]+/).filter(Boolean).map((address) => ({ address }));
+    if (entries.length === 0) throw new ConfigError('--hosts lists no hosts: give user@name:port, separated by commas, or @FILE');
   }
-  const addresses = spec.split(/[\s,]+/).filter(Boolean);
-  if (addresses.length === 0) throw new ConfigError('--hosts lists no hosts: give user@name:port, separated by commas, or @FILE');
-  for (const address of addresses) {
+  const where = spec.startsWith('@') ? `hosts file "${spec.slice(1)}"` : '--hosts';
+  const seen = new Set<string>();
+  for (const { address } of entries) {
+    let canonical: string;
     try {
-      parseSshAddress(address);
+      canonical = formatSshAddress(parseSshAddress(address));
     } catch (error) {
-      throw new ConfigError(`--hosts: ${(error as Error).message}`);
+      throw new ConfigError(`${where}: ${(error as Error).message}`);
     }
+    if (seen.has(canonical)) throw new ConfigError(`${where}: ${canonical} is listed twice`);
+    seen.add(canonical);
   }
-  return addresses.map((address) => ({ address }));
+  return entries;
 }
 
 /** Pre-configured hosts, as given (already parsed: a session stores them so that --resume finds the same ones). */

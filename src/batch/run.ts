@@ -13,6 +13,7 @@ import { ProcessEngine } from '../engines/process.js';
 import { HardwareHost } from '../hosts/local.js';
 import type { Resolution } from '../model/resolution.js';
 import type { RunResult } from '../model/task.js';
+import { shippedPlugins } from '../plugins/index.js';
 import type { Plugin, TaskPlugin } from '../plugins/plugin.js';
 import { SqliteQueue } from '../queues/sqlite.js';
 import { createLogger } from '../runtime/logger.js';
@@ -153,7 +154,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     queue,
     host: new HardwareHost({ workDir }),
     engine: new ProcessEngine({ killGraceMs: options.killGraceMs ?? 2000 }),
-    plugins: [plugin],
+    plugins: [...shippedPlugins(), plugin],
     workDir,
     logger,
     capacity: split,

@@ -6,9 +6,8 @@ import { ProcessEngine, type ProcessEngineOptions } from '../engines/process.js'
 import type { Host } from '../hosts/host.js';
 import { HardwareHost } from '../hosts/local.js';
 import type { Logger } from '../runtime/logger.js';
-import { SecretMasker, envPlugin, maskedLogger } from '../plugins/env.js';
-import { livelogPlugin } from '../plugins/livelog.js';
-import { successPlugin } from '../plugins/success.js';
+import { SecretMasker, maskedLogger } from '../plugins/env.js';
+import { shippedPlugins } from '../plugins/index.js';
 import type { Plugin } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
 import type { Config } from '../runtime/config.js';
@@ -78,7 +77,7 @@ export async function workerParts(config: Config, remote: boolean): Promise<{ en
   } else {
     engine = new ProcessEngine(engineOptions);
   }
-  return { engine, plugins: [livelogPlugin(), successPlugin(), envPlugin({ base: config.taskEnv, secret: config.secretTaskEnv })] };
+  return { engine, plugins: shippedPlugins(config) };
 }
 
 /** The payload schema of a worker with this config: its engine's and plugins' joined, as the worker validates payloads. */

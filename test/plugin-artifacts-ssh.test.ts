@@ -21,6 +21,7 @@ import { silentLogger } from '../src/runtime/logger.js';
 import { startWorker } from '../src/runtime/worker.js';
 import { runOutcomes } from './helpers/drover.js';
 import { requireSshd, sshd } from './helpers/sshd.js';
+import { LISTING_LAYOUT, checkListing } from './helpers/transport-listing.js';
 
 if (!requireSshd(t)) process.exit(0);
 
@@ -33,20 +34,9 @@ t.teardown(() => transport.remove(remoteDir));
 
 t.test('the SSH transport lists a remote directory and resolves symlinks (SFTP)', async (t) => {
   const dir = posix.join(remoteDir, 'listing');
-  const made = await transport.run(`mkdir -p ${dir}/a && echo x > ${dir}/a/f.txt && echo y > ${dir}/file.txt && ln -s a ${dir}/link && ln -s gone ${dir}/dangling`);
+  const made = await transport.run(LISTING_LAYOUT(dir));
   t.equal(made.exitCode, 0, made.stderr);
-  const entries = (await transport.list(dir)).sort((a, b) => a.name.localeCompare(b.name));
-  t.same(entries, [
-    { name: 'a', type: 'directory' },
-    { name: 'dangling', type: 'symlink' },
-    { name: 'file.txt', type: 'file' },
-    { name: 'link', type: 'symlink' },
-  ]);
-  const real = await transport.realpath(dir);
-  t.equal(await transport.realpath(`${dir}/link/f.txt`), `${real}/a/f.txt`);
-  await t.rejects(transport.realpath(`${dir}/dangling`), { code: 'ENOENT' }, 'a dangling link');
-  await t.rejects(transport.realpath(`${dir}/missing`), { code: 'ENOENT' }, 'a missing last part');
-  await t.rejects(transport.list(`${dir}/nothing`), { code: 'ENOENT' });
+  await checkListing(t, transport, dir);
 });
 
 t.test('a worker on the ssh host stores a file and a directory artifact, and refuses a symlink out', async (t) => {

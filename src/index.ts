@@ -37,4 +37,5 @@ export { envPlugin, type EnvPluginOptions } from './plugins/env.js';
 export { maxruntimePlugin } from './plugins/maxruntime.js';
 export { artifactsPlugin } from './plugins/artifacts.js';
 export { shippedPlugins, type ShippedPluginsConfig } from './plugins/index.js';
+export { gcPlugin, type GcPlugin, type GcPluginOptions } from './plugins/gc.js';
 export { runBatch, type BatchOptions, type SessionOutcome } from './batch/run.js';

@@ -13,8 +13,9 @@ import { startTaskRun } from '../src/testing/task-run.js';
 
 const NAMES = ['success', 'env', 'maxruntime', 'artifacts', 'livelog'];
 
-t.test('the list, in hook order', async (t) => {
+t.test('the list, in hook order; gc only with its settings', async (t) => {
   t.same(shippedPlugins().map((plugin) => plugin.name), NAMES);
+  t.same(shippedPlugins({ gc: { workDir: t.testdir({}), requiredDiskSpaceMegabytes: 0 } }).map((plugin) => plugin.name), ['success', 'env', 'maxruntime', 'gc', 'artifacts', 'livelog']);
   const env = shippedPlugins({ taskEnv: { A: '1' }, secretTaskEnv: { S: 'hush' } }).find((plugin) => plugin.name === 'env');
   t.same(env?.secrets, ['hush'], 'the config reaches the env plugin');
 });
@@ -22,10 +23,10 @@ t.test('the list, in hook order', async (t) => {
 t.test('drover worker runs the shipped plugins, and its payload schema is theirs with the engine\'s', async (t) => {
   const config = loadConfig({ env: { DROVER_SECRET_TASK_ENV: 'S=hush' } });
   const { plugins } = await workerParts(config, false);
-  t.same(plugins.map((plugin) => plugin.name), NAMES);
+  t.same(plugins.map((plugin) => plugin.name), ['success', 'env', 'maxruntime', 'gc', 'artifacts', 'livelog'], 'with gc: a worker keeps caches');
   t.same(plugins.find((plugin) => plugin.name === 'env')?.secrets, ['hush']);
   const schema = await workerPayloadSchema(config);
-  for (const property of ['command', 'env', 'onExitStatus', 'maxRunTime', 'artifacts']) t.ok(property in schema.properties, property);
+  for (const property of ['command', 'env', 'onExitStatus', 'maxRunTime', 'mounts', 'artifacts']) t.ok(property in schema.properties, property);
 });
 
 t.test('startTaskRun runs the shipped plugins by default', async (t) => {

@@ -77,7 +77,7 @@ export async function workerParts(config: Config, remote: boolean): Promise<{ en
   } else {
     engine = new ProcessEngine(engineOptions);
   }
-  return { engine, plugins: shippedPlugins(config) };
+  return { engine, plugins: shippedPlugins({ ...config, gc: { workDir: resolvePath(config.workDir), requiredDiskSpaceMegabytes: config.requiredDiskSpaceMegabytes, remote } }) };
 }
 
 /** The payload schema of a worker with this config: its engine's and plugins' joined, as the worker validates payloads. */

@@ -1,7 +1,8 @@
 /**
  * Plugin: code that joins the worker's life and every task's stages.
  *
- * Worker hooks: `boot` in `booting` (a rejection stops the worker), and
+ * Worker hooks: `boot` in `booting` (a rejection stops the worker),
+ * `beforeClaim` before each claim request in `claiming` (see below), and
  * `shutdown` in `shuttingDown` (errors are logged).
  *
  * Task hooks are called on the object returned by `newTask`, for every
@@ -92,6 +93,16 @@ export interface Plugin {
   /** Values that must never appear in logs: the runtime masks them in every run's log. */
   readonly secrets?: readonly string[];
   boot?(options: PluginWorkerOptions): Promise<void>;
+  /**
+   * Called before each claim request, for every plugin in order until one
+   * gives a reason: make room for the next task (the gc plugin frees disk
+   * here), and return why the worker must not claim now, or undefined. While
+   * a reason stands the worker claims nothing and asks again about once a
+   * second; it logs the reason once when it starts holding off, says so when
+   * it claims again, and `Worker.heldOff()` gives it. Running tasks are not
+   * touched. A throw counts as a reason (the plugin's name and the error).
+   */
+  beforeClaim?(options: PluginWorkerOptions): Promise<string | undefined>;
   shutdown?(options: PluginWorkerOptions): Promise<void>;
   newTask?(options: TaskPluginOptions): TaskPlugin;
 }

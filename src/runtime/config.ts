@@ -42,6 +42,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'queue.claimTimeout', env: 'DROVER_CLAIM_TIMEOUT', kind: 'seconds', min: 1, default: 30, description: 'Length of a claim; workers renew it at half that. A dead worker\'s tasks return after at most this long.' },
   { path: 'queue.pollInterval', env: 'DROVER_POLL_INTERVAL', kind: 'seconds', min: 0.01, default: 0.2, description: 'How often an idle worker looks for new tasks; on PostgreSQL a new task wakes it at once and this is the fallback.' },
   { path: 'workDir', env: 'DROVER_WORK_DIR', kind: 'string', default: '.drover/work', description: 'Task directories and the crash journal.' },
+  { path: 'requiredDiskSpaceMegabytes', env: 'DROVER_REQUIRED_DISK_SPACE_MEGABYTES', kind: 'integer', min: 0, default: 1024, description: 'Free disk space (MB) the work directory must have before each claim: old task directories and idle caches are removed to make it, and while it cannot be made the worker claims nothing. 0 turns the check off.' },
   { path: 'pollWait', env: 'DROVER_POLL_WAIT', kind: 'seconds', min: 0.1, default: 10, description: 'How long one claim request waits for work (long poll).' },
   { path: 'shutdownGrace', env: 'DROVER_SHUTDOWN_GRACE', kind: 'seconds', min: 0, default: 30, description: 'After SIGTERM/SIGINT, how long running tasks may finish before they are aborted.' },
   { path: 'idleTimeout', env: 'DROVER_IDLE_TIMEOUT', kind: 'seconds', min: 0, default: 0, description: 'Stop after this long with nothing to do (exit code 3); 0 never stops.' },
@@ -83,6 +84,7 @@ export interface Config {
     readonly pollInterval: number;
   };
   readonly workDir: string;
+  readonly requiredDiskSpaceMegabytes: number;
   readonly pollWait: number;
   readonly shutdownGrace: number;
   readonly idleTimeout: number;
@@ -176,6 +178,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
       pollInterval: get<number>('queue.pollInterval'),
     }),
     workDir: get<string>('workDir'),
+    requiredDiskSpaceMegabytes: get<number>('requiredDiskSpaceMegabytes'),
     pollWait: get<number>('pollWait'),
     shutdownGrace: get<number>('shutdownGrace'),
     idleTimeout: get<number>('idleTimeout'),

@@ -30,8 +30,11 @@ export interface WorkerOptions extends WorkerInput {
 export interface Worker {
   /** Resolves when the worker has stopped, with the reason. */
   readonly stopped: Promise<WorkerOutput>;
-  /** Asks the worker to stop; a second call aborts running tasks without waiting for the grace period. */
-  shutdown(reason: ShutdownReason): void;
+  /**
+   * Asks the worker to stop; a second call aborts running tasks without waiting for the grace period.
+   * With `abortTasksAt` (epoch ms), the grace period ends then at the latest, even when it is longer.
+   */
+  shutdown(reason: ShutdownReason, options?: { readonly abortTasksAt?: number }): void;
   /** The worker machine's current state, for status output: `claiming`, `shuttingDown.draining`... */
   state(): string;
   /** Why the worker claims nothing although it may (a plugin's beforeClaim reason: `gc: ...`), or undefined. */
@@ -135,16 +138,30 @@ export function startWorker(options: WorkerOptions): Worker {
     },
     inspect: logTransitions(logger),
   });
+  // Grace periods cut short by a deadline: a second SHUTDOWN then aborts the tasks, as a second signal does.
+  const deadlines = new Set<NodeJS.Timeout>();
   const stopped = new Promise<WorkerOutput>((resolve, reject) => {
     actor.subscribe({
       complete: () => resolve(actor.getSnapshot().output!),
       error: reject,
     });
   });
+  void stopped.finally(() => deadlines.forEach(clearTimeout)).catch(() => undefined);
   actor.start();
   return {
     stopped,
-    shutdown: (reason) => actor.send({ type: 'SHUTDOWN', reason }),
+    shutdown: (reason, { abortTasksAt } = {}) => {
+      actor.send({ type: 'SHUTDOWN', reason });
+      if (abortTasksAt === undefined) return;
+      const timer = setTimeout(() => {
+        deadlines.delete(timer);
+        // Tasks that ended within the grace period, or were aborted already, need nothing more.
+        if (!actor.getSnapshot().matches({ shuttingDown: 'draining' })) return;
+        logger.warn('the shutdown deadline is here: aborting the tasks still running', { reason: reason.kind });
+        actor.send({ type: 'SHUTDOWN', reason });
+      }, Math.max(0, abortTasksAt - Date.now()));
+      deadlines.add(timer);
+    },
     state: () => stateName(actor.getSnapshot().value),
     heldOff: () => (heldOff === undefined ? undefined : `${heldOff.plugin}: ${heldOff.reason}`),
   };

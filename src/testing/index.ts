@@ -12,3 +12,5 @@ export { expectedHooks, replayTaskPath, unrealizable, type ReplayResult } from '
 export { MockEngine, type MockClock, type MockEngineOptions, type MockPoint, type MockRun, type MockScript } from '../engines/mock.js';
 export { MemoryQueue, MemoryStore, type MemoryQueueHooks, type MemoryQueueOptions } from '../queues/memory.js';
 export { findSshd, startSshd, TEST_SSH_USER, type StartSshdOptions, type TestSshd } from './sshd.js';
+export { startImds, type ImdsOptions, type ImdsRequest, type SpotNotice, type TestImds } from './imds.js';
+export { startGceMetadata, type GceMetadataServerOptions, type GceMetadataRequest, type MaintenanceEvent, type TestGceMetadata } from './gce-metadata.js';

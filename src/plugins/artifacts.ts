@@ -133,7 +133,12 @@ export function artifactsPlugin(): Plugin {
       let found: Promise<Found> | undefined;
       const find = (): Promise<Found> => {
         if (place === undefined) throw new InternalError('artifacts: the task directory is not known (buildSandbox never ran)');
-        found ??= findFiles(specs, place.taskDir, place.transport, options.log.line.bind(options.log));
+        const note = (line: string) => options.log.line(line);
+        // Once per run: `stopped` looks, `finished` uploads (and looks itself after maxRunTime, when `stopped` is not called).
+        found ??= findFiles(specs, place.taskDir, place.transport, note).then((result) => {
+          for (const problem of result.problems) note(problem);
+          return result;
+        });
         return found;
       };
       return {
@@ -146,15 +151,11 @@ export function artifactsPlugin(): Plugin {
         async stopped(): Promise<Verdict> {
           if (specs.length === 0) return undefined;
           const { problems } = await find();
-          for (const problem of problems) options.log.line(problem);
           return problems.length === 0 ? undefined : { state: 'failed', message: problems.join('; ') };
         },
         async finished(_resolution, sandbox: Sandbox) {
           if (specs.length === 0) return;
-          // After maxRunTime `stopped` was not called: the run failed already, and what is there is still stored.
-          const stoppedRan = found !== undefined;
-          const { files, problems } = await find();
-          if (!stoppedRan) for (const problem of problems) options.log.line(problem);
+          const { files } = await find();
           for (const file of files) {
             if (options.signal.aborted) return;
             await upload(options, sandbox, file);

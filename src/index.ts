@@ -5,7 +5,7 @@
  */
 export type { Engine, RunResult, Sandbox, SandboxBuilder } from './engines/engine.js';
 export type { Host } from './hosts/host.js';
-export type { Transport } from './hosts/transport.js';
+export type { Transport, DirectoryEntry } from './hosts/transport.js';
 export type { Plugin, TaskPlugin, TaskPluginOptions, PluginWorkerOptions, Verdict, BuildSandboxContext } from './plugins/plugin.js';
 export type { Queue, ArtifactMeta, ArtifactInfo, RunStatus, TaskStatus } from './queues/queue.js';
 export type { Claim, Payload, TaskDefinition, TaskId, TaskState, RunRef } from './model/task.js';
@@ -38,5 +38,8 @@ export { InstanceHost, type InstanceMetadata, type InterruptionNotice } from './
 export { livelogPlugin } from './plugins/livelog.js';
 export { successPlugin, type SuccessPluginOptions } from './plugins/success.js';
 export { envPlugin, type EnvPluginOptions } from './plugins/env.js';
+export { maxruntimePlugin } from './plugins/maxruntime.js';
+export { artifactsPlugin } from './plugins/artifacts.js';
+export { shippedPlugins, type ShippedPluginsConfig } from './plugins/index.js';
 export { gcPlugin, type GcPlugin, type GcPluginOptions } from './plugins/gc.js';
 export { runBatch, type BatchOptions, type SessionOutcome } from './batch/run.js';

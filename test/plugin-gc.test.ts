@@ -21,6 +21,7 @@ import type { Payload } from '../src/model/task.js';
 import { CacheStore } from '../src/plugins/caches.js';
 import { gcPlugin, type GcPlugin } from '../src/plugins/gc.js';
 import type { Plugin } from '../src/plugins/plugin.js';
+import { envPlugin } from '../src/plugins/env.js';
 import { successPlugin } from '../src/plugins/success.js';
 import { MemoryQueue } from '../src/queues/memory.js';
 import type { TaskStatus } from '../src/queues/queue.js';
@@ -53,7 +54,7 @@ interface HarnessOptions {
   readonly freeBytes?: (path: string) => Promise<number>;
 }
 
-/** A worker with the process engine, the success and gc plugins, in a fresh work directory. */
+/** A worker with the process engine, the success, env and gc plugins, in a fresh work directory. */
 function gcWorker(t: Test, options: HarnessOptions = {}): Harness {
   // One test directory per test (a second t.testdir() call would empty it): the work directory and scratch beside it.
   const root = t.testdir();
@@ -72,7 +73,8 @@ function gcWorker(t: Test, options: HarnessOptions = {}): Harness {
     queue,
     host: new HardwareHost({ workDir }),
     engine: new ProcessEngine({ killGraceMs: 500 }),
-    plugins: [successPlugin({ purgeCaches: gc.purgeCaches }), gc],
+    // env: TASK_ID and friends, which commands here use, are the env plugin's.
+    plugins: [successPlugin({ purgeCaches: gc.purgeCaches }), envPlugin(), gc],
     workDir,
     logger,
     capacity: options.capacity ?? 1,

@@ -24,6 +24,7 @@ import type { SshConnectionOptions } from '../hosts/ssh-transport.js';
 import { ConfigError } from '../model/errors.js';
 import type { Resolution } from '../model/resolution.js';
 import type { RunResult } from '../model/task.js';
+import { shippedPlugins } from '../plugins/index.js';
 import type { Plugin, TaskPlugin } from '../plugins/plugin.js';
 import { SqliteQueue } from '../queues/sqlite.js';
 import { createLogger, type Logger } from '../runtime/logger.js';
@@ -305,7 +306,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       // Remote jobs get a plain PATH; their HOME is set per host (buildSandbox).
       ...(batchHost === undefined ? {} : { env: { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: process.env['LANG'] || 'C.UTF-8' } }),
     }),
-    plugins: [plugin],
+    plugins: [...shippedPlugins(), plugin],
     workDir,
     logger,
     capacity: split,

@@ -8,10 +8,8 @@ import { HardwareHost } from '../hosts/local.js';
 import { InstanceHost, type InstanceConfig, type InstanceMetadata } from '../hosts/metadata.js';
 import { ResourceUnavailableError, errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
-import { SecretMasker, envPlugin, maskedLogger } from '../plugins/env.js';
-import { gcPlugin } from '../plugins/gc.js';
-import { livelogPlugin } from '../plugins/livelog.js';
-import { successPlugin } from '../plugins/success.js';
+import { SecretMasker, maskedLogger } from '../plugins/env.js';
+import { shippedPlugins } from '../plugins/index.js';
 import type { Plugin } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
 import type { Config } from '../runtime/config.js';
@@ -100,8 +98,7 @@ async function shippedParts(config: Config, remote: boolean): Promise<{ engine: 
   } else {
     engine = new ProcessEngine(engineOptions);
   }
-  const gc = gcPlugin({ workDir: resolvePath(config.workDir), requiredDiskSpaceMegabytes: config.requiredDiskSpaceMegabytes, remote });
-  return { engine, plugins: [livelogPlugin(), successPlugin({ purgeCaches: gc.purgeCaches }), envPlugin({ base: config.taskEnv, secret: config.secretTaskEnv }), gc] };
+  return { engine, plugins: shippedPlugins({ ...config, gc: { workDir: resolvePath(config.workDir), requiredDiskSpaceMegabytes: config.requiredDiskSpaceMegabytes, remote } }) };
 }
 
 /** The payload schema of a worker with this config: its engine's and plugins' joined, as the worker validates payloads. */

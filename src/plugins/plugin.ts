@@ -10,6 +10,10 @@
  *
  *   prepare        [loading]   the payload is valid; fetch what the task needs
  *   buildSandbox   [loading]   add env vars to the sandbox builder
+ *   maxRunTimeMs   [loading]   how long the command may run (ms), if limited:
+ *                              the shortest limit of all plugins applies; when
+ *                              it passes the task machine stops the command
+ *                              (MAX_RUN_TIME) and the run resolves `failed`
  *   started        [running]   the sandbox runs
  *   stopped        [uploading] the command ended: return a verdict (success);
  *                              an exception verdict wins, then a failed one,
@@ -32,6 +36,7 @@ import type { Logger } from '../runtime/logger.js';
 import type { Claim, Payload } from '../model/task.js';
 import type { ExceptionReason, Resolution } from '../model/resolution.js';
 import type { RunResult, Sandbox, SandboxBuilder } from '../engines/engine.js';
+import type { Transport } from '../hosts/transport.js';
 import type { Queue } from '../queues/queue.js';
 import type { JsonSchemaObject } from '../runtime/schema.js';
 import type { TaskLog } from '../runtime/task-log.js';
@@ -66,11 +71,14 @@ export type Verdict =
 export interface BuildSandboxContext {
   /** The run's task directory, on the machine the command runs on. */
   readonly taskDir: string;
+  /** That machine's transport: files in the task directory (artifacts read them after the run). */
+  readonly transport: Transport;
 }
 
 export interface TaskPlugin {
   prepare?(): Promise<void>;
   buildSandbox?(builder: SandboxBuilder, context: BuildSandboxContext): Promise<void>;
+  maxRunTimeMs?(): number | undefined;
   started?(sandbox: Sandbox): Promise<void>;
   stopped?(result: RunResult): Promise<Verdict>;
   finished?(resolution: Resolution, sandbox: Sandbox): Promise<void>;

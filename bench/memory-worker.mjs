@@ -32,6 +32,7 @@ const { startWorker } = await import(join(root, 'dist/runtime/worker.js'));
 const { SqliteQueue } = await import(join(root, 'dist/queues/sqlite.js'));
 const { HardwareHost } = await import(join(root, 'dist/hosts/local.js'));
 const { livelogPlugin } = await import(join(root, 'dist/plugins/livelog.js'));
+const { maxruntimePlugin } = await import(join(root, 'dist/plugins/maxruntime.js'));
 const { createLogger } = await import(join(root, 'dist/runtime/logger.js'));
 
 const engine = config.engine === 'mock'
@@ -48,7 +49,8 @@ const worker = startWorker({
   queue,
   host: new HardwareHost({ workDir: config.workDir }),
   engine,
-  plugins: config.plugins ? [livelogPlugin()] : [],
+  // maxRunTime in the payloads is the maxruntime plugin's field; `plugins` adds the live log.
+  plugins: config.plugins ? [maxruntimePlugin(), livelogPlugin()] : [maxruntimePlugin()],
   workDir: config.workDir,
   logger: createLogger({ level: 'warn' }),
   capacity: config.capacity,

@@ -2,7 +2,9 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import t from 'tap';
-import { runBatch } from '../src/batch/run.js';
+import type { BatchHostSource } from '../src/batch/hosts.js';
+import { runBatch, runSession } from '../src/batch/run.js';
+import { Session } from '../src/batch/session.js';
 
 t.test('runBatch runs the lines as a session and returns every job\'s record', async (t) => {
   const sessionsDir = t.testdir({});
@@ -32,4 +34,27 @@ t.test('runBatch stops on its signal: nothing runs after it, the jobs stay pendi
   const outcome = await runBatch(['1', '2'], { command: ['true'], split: 1, sessionsDir, signal: stop.signal });
   t.ok(outcome.interrupted);
   t.same(outcome.jobs.map((job) => job.status), ['pending', 'pending']);
+});
+
+t.test('runBatch on a host source of its own: opened once with the split, closed once; its session cannot resume without it', async (t) => {
+  const sessionsDir = t.testdir({});
+  const calls: string[] = [];
+  const hostSource: BatchHostSource = {
+    describe: () => 'a test cloud',
+    // Nothing listens on port 1 of the loopback: the batch finds no host to run on.
+    open: async ({ split }) => {
+      calls.push(`open ${split}`);
+      return { hosts: [{ address: 'me@127.0.0.1:1' }, { address: 'me@127.0.0.1:2' }], connection: { agent: false, identityFiles: [] } };
+    },
+    close: async () => {
+      calls.push('close');
+    },
+  };
+  const outcome = await runBatch(['1', '2', '3'], { command: ['echo'], split: 4, sessionsDir, hostSource });
+  t.same(calls, ['open 4', 'close']);
+  t.match(outcome.stranded, /no SSH host can be reached/);
+  t.same(outcome.counts, { pending: 3, running: 0, ok: 0, failed: 0, timeout: 0 }, 'the jobs stay pending');
+  t.same(outcome.hosts.map((host) => [host.host, host.state]), [['me@127.0.0.1:1', 'retired'], ['me@127.0.0.1:2', 'retired']]);
+  t.equal(outcome.session.params.hostSource, 'a test cloud');
+  await t.rejects(runSession(Session.open(sessionsDir, '1')), { message: 'session 1 ran on a test cloud; resume it with that host source again, or give it hosts (--hosts)' }, 'a resume does not fall back to this machine');
 });

@@ -53,22 +53,26 @@ t.test('a batch interrupted with SIGINT, then --resume: every job runs exactly o
   t.match(list.stdout, /^1\s+\S+\s+8\s+8\s+0\s+0\s+0\s+sh -c/m);
 });
 
-t.test('--retry re-runs exactly the failed and timed-out jobs', async (t) => {
+t.test('--retry re-runs exactly the failed and timed-out jobs, with the options given again', async (t) => {
   const cwd = t.testdir({});
   const sessions = join(cwd, 'sessions');
   const ran = join(cwd, 'ran');
   const flag = join(cwd, 'flag');
-  // Jobs named bad fail until the flag file exists.
-  const command = ['sh', '-c', `echo $0 >> '${ran}'; case $0 in bad*) test -e '${flag}';; esac`];
-  const input = ['good1', 'bad1', 'good2', 'bad2'].join('\n') + '\n';
-  const first = await drover(['batch', '--split', '2', '--sessions', sessions, '--', ...command], { cwd, input });
+  // Jobs named bad fail, and slow ones hang (and time out), until the flag file exists.
+  const command = ['sh', '-c', `echo $0 >> '${ran}'; case $0 in bad*) test -e '${flag}';; slow*) test -e '${flag}' || sleep 30;; esac`];
+  const input = ['good1', 'bad1', 'good2', 'bad2', 'slow1'].join('\n') + '\n';
+  const first = await drover(['batch', '--split', '3', '--timeout', '1', '--sessions', sessions, '--', ...command], { cwd, input });
   t.equal(first.code, EXIT.FAILED, 'a batch with failures exits 1');
-  t.match(first.stdout, /^session 1 \(\d+ s\): 2\/4 OK - 0 pending, 0 timeout, 2 errors$/m);
+  t.match(first.stdout, /^session 1 \(\d+ s\): 2\/5 OK - 0 pending, 1 timeout, 2 errors$/m);
   writeFileSync(flag, '');
-  const retried = await drover(['batch', '--retry', '1', '--sessions', sessions], { cwd });
+  const retried = await drover(['batch', '--retry', '1', '--timeout', '20', '--sessions', sessions], { cwd });
   t.equal(retried.code, 0, retried.stderr);
-  t.match(retried.stdout, /^session 1 \(\d+ s\): 4\/4 OK - 0 pending, 0 timeout, 0 errors$/m);
-  t.same(lines(ran).sort(), ['bad1', 'bad1', 'bad2', 'bad2', 'good1', 'good2'], 'only the failed jobs ran again');
+  t.match(retried.stdout, /^session 1 \(\d+ s\): 5\/5 OK - 0 pending, 0 timeout, 0 errors$/m);
+  t.same(lines(ran).sort(), ['bad1', 'bad1', 'bad2', 'bad2', 'good1', 'good2', 'slow1', 'slow1'], 'only the failed and the timed-out jobs ran again');
+  t.match(JSON.parse(readFileSync(join(sessions, '1', 'params.json'), 'utf8')), { timeout: 20, split: 3 }, 'the option given again replaced the stored one');
+  const again = await drover(['batch', '--retry', '1', '--sessions', sessions], { cwd });
+  t.equal(again.code, 0);
+  t.equal(lines(ran).length, 8, 'a retry with nothing failed runs nothing');
 });
 
 t.test('an unknown session id exits 2', async (t) => {

@@ -44,7 +44,7 @@ t.test('seq 10 | drover batch echo hello: ten jobs, a session directory, a summa
     t.ok(Number.isFinite(Date.parse(line.start)) && line.durationMs >= 0);
   }
   const slots = readFileSync(join(dir, 'slot-1.log'), 'utf8');
-  t.match(slots, /=== .* job \d+ \(attempt 1\): echo hello \d+\n(\[drover\] .*\n)*hello \d+\n/, 'slot logs carry each job\'s output under a header');
+  t.match(slots, /=== .* job \d+ \(attempt 1\) on localhost: echo hello \d+\n(\[drover\] .*\n)*hello \d+\n/, 'slot logs carry each job\'s output under a header');
   t.match(readFileSync(join(dir, 'session.log'), 'utf8'), /worker booted/);
 });
 
@@ -80,7 +80,7 @@ t.test('bad input exits 2 with a clear message', async (t) => {
   const cases: [string[], RegExp][] = [
     [['batch', '--colour', 'echo'], /Unknown option '--colour'[\s\S]*drover batch --help/],
     [['batch', '--split', '0', 'echo'], /--split must be a whole number of at least 1/],
-    [['batch', '--hosts', '@missing-hosts', 'echo'], /cannot read the hosts file "missing-hosts": ENOENT/],
+    [['batch', '--hosts', '@missing-hosts', 'echo'], /hosts file "missing-hosts": not found/],
   ];
   for (const [args, message] of cases) {
     const result = await drover(args, { cwd, input: '1\n', env: { DROVER_SESSIONS: join(cwd, 'sessions') } });

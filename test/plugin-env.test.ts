@@ -47,6 +47,19 @@ t.test('secret values are masked in the live log, in the output and in drover\'s
   t.match(log, 'again [secret]');
 });
 
+t.test('a resolution message does not leak a secret value: the queue stores it masked', async (t) => {
+  const run = await startTaskRun({
+    plugins: [envPlugin({ secret: { TOKEN: 's3cr3t-value' } }), livelogPlugin()],
+    payload: { mock: { startError: 'no program named s3cr3t-value' } },
+  });
+  t.teardown(() => run.close());
+  await run.output;
+  const [stored] = (await run.queue.task(run.claim.taskId)).runs;
+  t.equal(stored?.state, 'failed');
+  t.equal(stored?.message, 'the command could not start: no program named [secret]');
+  t.notMatch(await text(await run.queue.readArtifact(run.claim, LIVE_LOG_NAME)), 's3cr3t-value');
+});
+
 t.test('a secret split across chunks of output is still masked; longer secrets first', async (t) => {
   const masker = new SecretMasker(['abcdef', 'abc', '']);
   const source = new PassThrough();
@@ -91,5 +104,10 @@ t.test('end to end: a worker gives tasks its base env and keeps secrets out of t
   t.match(logs.stdout, `hello [secret] ${id} 0`);
   t.match(logs.stdout, 'fails with [secret]');
   t.notMatch(logs.stdout, 'tok-123456');
+  // A message drover writes about the payload (a missing artifact's path) is masked too.
+  const artifactTask = await submit(['--payload', '-'], { cwd, input: 'command: "true"\nartifacts: [{ type: file, path: out-tok-123456.txt, name: public/out }]\n' });
+  const failed = await resolved(join(cwd, '.drover'), artifactTask);
+  t.same(runOutcomes(failed), ['failed']);
+  t.equal(failed.runs[0]!.message, 'artifact "public/out": file out-[secret].txt is missing');
   t.notMatch(worker.log(), 'tok-123456');
 });

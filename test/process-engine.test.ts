@@ -123,8 +123,9 @@ t.test('payload schema', async (t) => {
   t.same(engine.needs, { exec: true, files: true });
   const validate = compilePayloadValidator(engine.payloadSchema);
   t.doesNotThrow(() => validate({ command: 'true' }));
-  t.doesNotThrow(() => validate({ command: ['echo', 'a'], env: { A: 'b' }, maxRunTime: 1 }));
-  for (const bad of [{}, { command: '' }, { command: [] }, { command: [1] }, { command: 'x', env: { A: 1 } }, { command: 'x', maxRunTime: 0 }, { command: 'x', maxRunTime: 1.5 }]) {
+  t.doesNotThrow(() => validate({ command: ['echo', 'a'], env: { A: 'b' } }));
+  t.notOk('maxRunTime' in engine.payloadSchema.properties, 'maxRunTime is the maxruntime plugin\'s');
+  for (const bad of [{}, { command: '' }, { command: [] }, { command: [1] }, { command: 'x', env: { A: 1 } }]) {
     t.throws(() => validate(bad), MalformedPayloadError, JSON.stringify(bad));
   }
 });
@@ -166,7 +167,7 @@ t.test('shell string, stderr, exit code 3', async (t) => {
   t.equal(result.signal, null);
 });
 
-t.test('environment: base env, payload.env, TASK_*, setEnv (later wins), cookie', async (t) => {
+t.test('environment: base env, payload.env, setEnv (later wins), cookie; TASK_* are the env plugin\'s', async (t) => {
   const ctx = setup(t);
   const base = { PATH: process.env.PATH ?? '/usr/bin:/bin', BASE: 'base', A: 'base', B: 'base', TASK_ID: 'base' };
   const { result, stdout } = await run(
@@ -197,8 +198,8 @@ t.test('environment: base env, payload.env, TASK_*, setEnv (later wins), cookie'
     C: 'payload',
     D: 'plugin2',
     'WITH SPACE': 'x y',
-    TASK_ID: ctx.claim.taskId,
-    RUN_ID: '2',
+    TASK_ID: 'base',
+    RUN_ID: 'payload',
     TASK_DIR: '/plugin',
     DROVER_RUN_COOKIE: ctx.cookie,
   }, 'exactly these variables, nothing of the worker leaks');
@@ -206,8 +207,8 @@ t.test('environment: base env, payload.env, TASK_*, setEnv (later wins), cookie'
 
 t.test('default base env takes a few variables of the worker', async (t) => {
   const ctx = setup(t);
-  const { stdout } = await run(ctx, { command: 'echo "$PATH|$TASK_DIR|$TASK_ID|$RUN_ID|${TAP:-none}"' });
-  t.equal(stdout, `${process.env.PATH}|${ctx.taskDir}|${ctx.claim.taskId}|2|none\n`);
+  const { stdout } = await run(ctx, { command: 'echo "$PATH|${TASK_ID:-none}|${TAP:-none}"' });
+  t.equal(stdout, `${process.env.PATH}|none|none\n`);
 });
 
 t.test('runs in the task directory with stdin closed', async (t) => {

@@ -7,6 +7,7 @@
  *   slot-N.log    the output of every job that ran in slot N, as it comes (`tail -f`)
  *   output/N.log  the output of job N's last attempt
  *   jobs.jsonl    one JSON line per finished attempt: slot, host, start, duration, exit code, signal
+ *                 (status `lost` when the attempt's host went away: the job ran again elsewhere)
  *   queue/        the session's embedded SQLite queue
  *
  * Session ids are whole numbers, counted up per sessions directory.
@@ -15,6 +16,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, resolve as resolvePath } from 'node:path';
+import type { SshHostEntry } from '../hosts/ssh-host.js';
 import { ConfigError } from '../model/errors.js';
 
 export type JobStatus = 'pending' | 'running' | 'ok' | 'failed' | 'timeout';
@@ -28,6 +30,10 @@ export interface JobRecord {
   status: JobStatus;
   attempts: number;
   slot?: number;
+  /** The host of the last attempt: `localhost` or `user@name:port`. */
+  host?: string;
+  /** Attempts cut short because their host went away; they do not count against --retries. */
+  lost?: number;
   started?: string;
   durationMs?: number;
   exitCode?: number | null;
@@ -40,6 +46,18 @@ export interface SessionParams {
   readonly split: number;
   readonly timeout?: number;
   readonly retries: number;
+  /** The SSH hosts the jobs run on; none: this machine (or `hostSource`'s). */
+  readonly hosts?: readonly SshHostEntry[];
+  /** What a host source of a program's own (a cloud provider) said it runs on; a resume must pass that source again. */
+  readonly hostSource?: string;
+  /** Failed or timed-out jobs in a row that retire a host; 0 never. */
+  readonly strikes?: number;
+  readonly pre?: string;
+  readonly post?: string;
+  /** Absolute path of the overlay directory. */
+  readonly overlay?: string;
+  /** The --report hook, `sh: CMD`; the CLI runs it when the session ends. */
+  readonly report?: string;
   readonly created: string;
   /** sha256 of the job lines in order: what `--resume` compares. */
   readonly jobsHash: string;
@@ -59,7 +77,7 @@ export class Session {
   private constructor(
     readonly id: number,
     readonly dir: string,
-    readonly params: SessionParams,
+    public params: SessionParams,
     readonly jobs: JobRecord[],
   ) {}
 
@@ -77,7 +95,7 @@ export class Session {
       }
       mkdirSync(join(dir, 'output'));
       const session = new Session(id, dir, params, jobs);
-      writeFileSync(join(dir, 'params.json'), JSON.stringify(params, null, 2) + '\n');
+      session.saveParams();
       session.save();
       return session;
     }
@@ -92,6 +110,16 @@ export class Session {
     const params = JSON.parse(readFileSync(join(dir, 'params.json'), 'utf8')) as SessionParams;
     const jobs = JSON.parse(readFileSync(join(dir, 'jobs.json'), 'utf8')) as JobRecord[];
     return new Session(Number(id), dir, params, jobs);
+  }
+
+  /** Changes parameters (a resume given other options) and writes them. */
+  update(changes: Partial<Omit<SessionParams, 'command' | 'jobsHash' | 'created'>>): void {
+    this.params = { ...this.params, ...changes };
+    this.saveParams();
+  }
+
+  saveParams(): void {
+    writeFileSync(join(this.dir, 'params.json'), JSON.stringify(this.params, null, 2) + '\n');
   }
 
   /** Writes the job list atomically, so a reader (or a crash) never sees half of it. */

@@ -1,9 +1,11 @@
 /** `drover batch`: runs each line of stdin as a job, in a resumable session (src/batch). */
-import { readFileSync } from 'node:fs';
-import { availableParallelism } from 'node:os';
-import { resolve as resolvePath } from 'node:path';
+import { readFileSync, statSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
+import { createInterface } from 'node:readline';
 import { ConfigError, errorMessage } from '../model/errors.js';
-import { jobsHash, type JobRecord, type Session } from '../batch/session.js';
+import type { Progress } from '../batch/progress.js';
+import { jobsHash, type JobRecord, type Session, type SessionParams } from '../batch/session.js';
 import { UsageError, type Command, type Values } from './command.js';
 import { EXIT } from './exit-codes.js';
 
@@ -14,7 +16,8 @@ keeps the next character; $VAR, * and ~ are not expanded. Each word is
 quoted again and appended to COMMAND, and the result runs with sh -c.
 One COMMAND argument is a shell command line itself; without COMMAND the
 line's words are the whole command. Blank lines are skipped. Each job
-runs in an empty directory of its own (under the session's work/).
+runs in an empty directory of its own (under the session's work/, or
+under the SSH work directory on a host).
 
 Every batch is a session, in SESSIONS/ID: params.json, jobs.json (each
 job's status: pending, running, ok, failed, timeout), session.log,
@@ -22,12 +25,28 @@ slot-N.log (each slot's output, for tail -f), output/N.log (each job's
 output) and jobs.jsonl (one JSON line per finished job: slot, host, start,
 duration, exit code, signal).
 
-Options (flag > DROVER_<NAME> environment):
-  --split N                jobs that run at once [number of CPUs]
+Options (flag > --template file > DROVER_<NAME> environment variable):
+  --hosts LIST|@FILE       run the jobs over SSH on these hosts: user@name:port,
+                           separated by commas, or a hosts file, one
+                           "user@name:port [capacity=N]" a line [this machine]
+  --split N                jobs that run at once [number of CPUs; with --hosts,
+                           one per host]; hosts without capacity=N share them
   --timeout S              kill a job's process group after S seconds (status timeout)
   --retries N              run a failed or timed-out job up to N more times [0]
-  --sessions PATH          the sessions directory [~/.drover/sessions] (DROVER_SESSIONS)
-  --yes                    do not ask before starting (nothing asks yet)
+  --strikes N              retire a host after N failed or timed-out jobs in a
+                           row on it [0: never]
+  --pre CMD                shell command run on each host before its first job
+                           (in the home directory; on this machine, in the
+                           session directory); if it fails, the host is retired
+  --post CMD               shell command run on each host after its last job
+  --overlay DIR            copy DIR's contents into each SSH host's home
+                           directory before its first job
+  --sessions PATH          the sessions directory [~/.drover/sessions]
+  --template FILE          a YAML file of these options (hosts, split, timeout,
+                           retries, strikes, pre, post, overlay, sessions, report,
+                           yes) and of the command (command: ...); relative paths
+                           in it are relative to the file (DROVER_TEMPLATE)
+  --yes                    do not ask before starting
   --report 'sh: CMD'       when the session ends, run CMD with sh in the session
                            directory, with DROVER_SESSION_ID, DROVER_SESSION_DIR,
                            DROVER_JOBS, DROVER_OK, DROVER_FAILED, DROVER_TIMEOUT,
@@ -35,16 +54,32 @@ Options (flag > DROVER_<NAME> environment):
   --resume ID              run session ID's jobs that are still pending
   --retry ID               run session ID's failed and timed-out jobs again
 
-With --resume or --retry the session keeps its command, split, timeout and
-retries; jobs on stdin are optional, and when given they must be the
-session's jobs, line for line, or drover refuses to run them.
+SSH hosts are reached with the worker's SSH settings: DROVER_SSH_IDENTITY_FILE,
+DROVER_SSH_KNOWN_HOSTS, DROVER_SSH_HOST_KEY_POLICY, DROVER_SSH_WORK_DIR,
+DROVER_SSH_KEEPALIVE and DROVER_SSH_MAX_CHANNELS (see drover worker --help).
+A host that stops answering is retired at once, and its running jobs run
+again on another host; the batch goes on while one host works.
 
-Ctrl-C or SIGTERM kills the running jobs, saves the session and prints how
-to resume it. Output is one timestamped line per finished job, then
-"session ID (T s): OK/ALL OK - P pending, T timeout, E errors".
+With --resume or --retry the session keeps its command, jobs and options;
+options given again replace the stored ones. Jobs on stdin are optional,
+and when given they must be the session's jobs, line for line, or drover
+refuses to run them.
 
-Exit codes: 0 every job succeeded, 1 some job failed or timed out,
-2 bad usage (unknown option, bad value, unreadable input), 4 interrupted.`;
+On a terminal (stdin and stdout), drover shows the parameters and asks
+before it starts, and keeps one progress line up to date; otherwise it
+prints one timestamped line per finished job. Ctrl-C or SIGTERM kills
+the running jobs, saves the session and prints how to resume it. At the
+end: "session ID (T s): OK/ALL OK - P pending, T timeout, E errors".
+
+Exit codes: 0 every job succeeded, 1 some job failed or timed out, or no
+host was left to run on, 2 bad usage (unknown option, bad value,
+unreadable input), 4 interrupted.`;
+
+/** The options a template or DROVER_<NAME> can set, as a flag can. */
+const SETTINGS = ['hosts', 'split', 'timeout', 'retries', 'strikes', 'pre', 'post', 'overlay', 'sessions', 'report', 'yes'] as const;
+type SettingName = (typeof SETTINGS)[number];
+/** Settings that name files: relative to the template when they come from one. */
+const PATH_SETTINGS: readonly SettingName[] = ['overlay', 'sessions'];
 
 export const batchCommand: Command = {
   usage: 'cat jobs | drover batch [options] [--] [COMMAND...]',
@@ -54,8 +89,13 @@ export const batchCommand: Command = {
     split: { type: 'string' },
     timeout: { type: 'string' },
     retries: { type: 'string' },
+    strikes: { type: 'string' },
     sessions: { type: 'string' },
     hosts: { type: 'string' },
+    pre: { type: 'string' },
+    post: { type: 'string' },
+    overlay: { type: 'string' },
+    template: { type: 'string' },
     yes: { type: 'boolean', short: 'y' },
     resume: { type: 'string' },
     retry: { type: 'string' },
@@ -63,40 +103,73 @@ export const batchCommand: Command = {
   },
   async run(values, positionals) {
     const env = process.env;
-    const setting = (name: string): string | undefined => (values[name] as string | undefined) ?? env[`DROVER_${name.toUpperCase()}`];
-    const split = whole(setting('split'), 'split', availableParallelism(), 1);
+    const templateFile = (values['template'] as string | undefined) ?? (env['DROVER_TEMPLATE'] || undefined);
+    const template = templateFile === undefined ? undefined : readTemplate(templateFile);
+    /** flag > template > environment. */
+    const setting = (name: SettingName): string | undefined => {
+      const flag = values[name];
+      if (flag !== undefined) return String(flag);
+      const fromTemplate = template?.settings[name];
+      if (fromTemplate !== undefined) return fromTemplate;
+      const fromEnv = env[`DROVER_${name.toUpperCase()}`];
+      return fromEnv === '' ? undefined : fromEnv;
+    };
+    const given = (name: SettingName) => setting(name) !== undefined;
+    const split = whole(setting('split'), 'split', undefined, 1);
     const timeout = whole(setting('timeout'), 'timeout', 0, 1);
     const retries = whole(setting('retries'), 'retries', 0, 0);
+    const strikes = whole(setting('strikes'), 'strikes', 0, 0);
+    const yes = ['1', 'true', 'yes'].includes(setting('yes') ?? '');
     const report = setting('report');
     if (report !== undefined && !/^sh:\s*\S/.test(report)) throw new UsageError(`--report must be 'sh: COMMAND', not "${report}"`);
-    const hosts = setting('hosts');
-    if (hosts !== undefined) {
-      if (hosts.startsWith('@')) {
-        try {
-          readFileSync(hosts.slice(1), 'utf8');
-        } catch (error) {
-          throw new ConfigError(`cannot read the hosts file "${hosts.slice(1)}": ${(error as NodeJS.ErrnoException).code ?? errorMessage(error)}`);
-        }
-      }
-      throw new ConfigError('--hosts is not supported yet: batches run on this machine only');
-    }
-    const { createSession, runSession } = await import('../batch/run.js');
-    const { defaultSessionsDir } = await import('../batch/session.js');
-    const sessionsDir = values['sessions'] !== undefined ? resolvePath(values['sessions'] as string) : defaultSessionsDir(env);
-    const input = process.stdin.isTTY ? '' : await readStdin();
+    const overlay = setting('overlay');
+    if (overlay !== undefined && !isDirectory(overlay)) throw new ConfigError(`--overlay "${overlay}" is not a directory`);
+    const hostsSpec = setting('hosts');
+    const { parseHostList } = await import('../batch/hosts.js');
+    const hosts = hostsSpec === undefined ? undefined : await parseHostList(hostsSpec);
+    const pre = setting('pre');
+    const post = setting('post');
     const resume = values['resume'] as string | undefined;
     const retry = values['retry'] as string | undefined;
     if (resume !== undefined && retry !== undefined) throw new UsageError('give either --resume or --retry, not both');
-    let session;
+    const command = positionals.length > 0 ? positionals : template?.command ?? [];
+
+    const { createSession, runSession, sessionParams } = await import('../batch/run.js');
+    const { Session, defaultSessionsDir } = await import('../batch/session.js');
+    const sessionsDir = given('sessions') ? resolvePath(setting('sessions')!) : defaultSessionsDir(env);
+    const ssh = await sshSettings();
+    const interactive = process.stdin.isTTY === true && process.stdout.isTTY === true;
+    const input = process.stdin.isTTY ? '' : await readStdin();
+    const options = {
+      ...(split === undefined ? {} : { split }), timeout, retries, strikes,
+      ...(hosts === undefined ? {} : { hosts }), ...(pre === undefined ? {} : { pre }), ...(post === undefined ? {} : { post }), ...(overlay === undefined ? {} : { overlay }),
+      ...(report === undefined ? {} : { report }),
+    };
+    let session: Session | undefined;
+    let lines: string[];
     if (resume !== undefined || retry !== undefined) {
-      const { Session } = await import('../batch/session.js');
       session = Session.open(sessionsDir, (resume ?? retry)!);
       checkSameJobs(session, input, positionals);
+      lines = session.jobs.map((job) => job.line);
+    } else {
+      lines = input.split('\n').filter((line) => line.trim().length > 0);
+      if (lines.length === 0) throw new UsageError('no jobs: pipe the job lines into drover batch (cat jobs | drover batch COMMAND)');
+    }
+    if (interactive && !yes) {
+      const params = session === undefined ? { command, ...sessionParams(options) } : { ...session.params, ...resumeChanges(sessionParams(options), given) };
+      const todo = session === undefined ? lines.length : session.jobs.filter((job) => job.status === 'pending' || job.status === 'running' || (retry !== undefined && (job.status === 'failed' || job.status === 'timeout'))).length;
+      if (!(await askFirst(params, lines, todo, sessionsDir, session?.id))) {
+        process.stderr.write('drover batch: you did not answer yes; nothing ran\n');
+        return EXIT.FAILED;
+      }
+    }
+    if (session === undefined) {
+      session = createSession(lines, { command, sessionsDir, ...options });
+    } else {
+      session.update(resumeChanges(sessionParams(options), given));
       if (retry !== undefined) {
         for (const job of session.jobs) if (job.status === 'failed' || job.status === 'timeout') job.status = 'pending';
       }
-    } else {
-      session = createSession(input.split('\n'), { command: positionals, split, timeout, retries, sessionsDir });
     }
     const interrupt = new AbortController();
     let signalName: string | undefined;
@@ -106,26 +179,186 @@ export const batchCommand: Command = {
     };
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
-    const say = (text: string) => process.stdout.write(`${new Date().toISOString()} ${text}\n`);
+    const display = await createDisplay(process.stdout.isTTY === true);
     const todo = session.jobs.filter((job) => job.status === 'pending' || job.status === 'running').length;
-    say(`session ${session.id}: ${todo} of ${session.jobs.length} jobs to run, split ${session.params.split}, in ${session.dir}`);
+    display.say(`session ${session.id}: ${todo} of ${session.jobs.length} jobs to run, split ${session.params.split}, on ${session.params.hosts ? session.params.hosts.map((entry) => entry.address).join(', ') : 'this machine'}, in ${session.dir}`);
     try {
-      const outcome = await runSession(session, { signal: interrupt.signal, onJob: (job) => say(describeJob(job)) });
+      const outcome = await runSession(session, {
+        signal: interrupt.signal,
+        onJob: display.job,
+        onProgress: display.progress,
+        onHost: display.host,
+        ...ssh,
+      });
+      display.end();
       const { counts, elapsedMs } = outcome;
       const total = session.jobs.length;
+      for (const host of outcome.hosts) if (host.state !== 'up') display.say(`host ${host.host} ${host.state}: ${host.ok} jobs ok, ${host.failed} failed`);
       process.stdout.write(`session ${session.id} (${Math.round(elapsedMs / 1000)} s): ${counts.ok}/${total} OK - ${counts.pending + counts.running} pending, ${counts.timeout} timeout, ${counts.failed} errors\n`);
-      if (report !== undefined) await runReport(report.replace(/^sh:\s*/, ''), session, outcome.elapsedMs);
+      if (session.params.report !== undefined) await runReport(session.params.report.replace(/^sh:\s*/, ''), session, outcome.elapsedMs);
       if (outcome.interrupted) {
         process.stderr.write(`drover batch: interrupted by ${signalName ?? 'a signal'}; the session is saved. Resume it with: drover batch --resume ${session.id}\n`);
         return EXIT.SIGNAL;
       }
+      if (outcome.stranded !== undefined) {
+        process.stderr.write(`drover batch: ${outcome.stranded}; ${counts.pending} jobs are pending. Resume them with: drover batch --resume ${session.id} (--hosts to run elsewhere)\n`);
+        return EXIT.FAILED;
+      }
       return counts.ok === total ? EXIT.OK : EXIT.FAILED;
     } finally {
+      display.end();
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
     }
   },
 };
+
+/** Shows the parameter table and the job count (as cloudtask does) and asks; true for yes. */
+async function askFirst(params: Omit<SessionParams, 'created' | 'jobsHash'>, lines: readonly string[], todo: number, sessionsDir: string, id: number | undefined): Promise<boolean> {
+  const { parameterTable } = await import('../batch/progress.js');
+  process.stdout.write(`About to run ${todo} of ${lines.length} jobs${id === undefined ? '' : ` of session ${id}`}:\n\n`);
+  process.stdout.write(parameterTable([
+    ['jobs', `${lines.length} (${lines.length > 1 ? `${lines[0]} .. ${lines[lines.length - 1]}` : lines[0]})`],
+    ['command', params.command.join(' ')],
+    ['hosts', params.hosts?.map((entry) => entry.address).join(' ') ?? 'this machine'],
+    ['split', params.split],
+    ['timeout', params.timeout], ['retries', params.retries], ['strikes', params.strikes],
+    ['pre', params.pre], ['post', params.post], ['overlay', params.overlay],
+    ['report', params.report], ['sessions', sessionsDir],
+  ]) + '\n');
+  return confirm('Is this really what you want? [yes/no] ');
+}
+
+/** The session parameters that options set, by the option's name. */
+const RESUMABLE = ['split', 'timeout', 'retries', 'strikes', 'hosts', 'pre', 'post', 'overlay', 'report'] as const;
+
+/** On --resume, the options given again (by any source) replace the session's. */
+function resumeChanges(params: Partial<Record<(typeof RESUMABLE)[number], unknown>>, given: (name: SettingName) => boolean): Partial<SessionParams> {
+  return Object.fromEntries(RESUMABLE.filter((name) => given(name)).map((name) => [name, params[name]])) as Partial<SessionParams>;
+}
+
+interface Template {
+  readonly settings: Partial<Record<SettingName, string>>;
+  readonly command?: string[];
+}
+
+/** A --template file: a YAML mapping of batch options (and `command`); every problem named at once. */
+function readTemplate(file: string): Template {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (error) {
+    throw new ConfigError(`template "${file}": ${(error as NodeJS.ErrnoException).code === 'ENOENT' ? 'not found' : errorMessage(error)}`);
+  }
+  let document: unknown;
+  try {
+    const { parse } = createRequire(import.meta.url)('yaml') as typeof import('yaml');
+    document = parse(text);
+  } catch (error) {
+    throw new ConfigError(`template "${file}": not valid YAML: ${errorMessage(error).split('\n')[0]}`);
+  }
+  if (document === null || typeof document !== 'object' || Array.isArray(document)) throw new ConfigError(`template "${file}": must be a mapping of options (split: 4, hosts: ..., command: ...)`);
+  const settings: Partial<Record<SettingName, string>> = {};
+  let command: string[] | undefined;
+  const problems: string[] = [];
+  for (const [key, value] of Object.entries(document)) {
+    if (key === 'command') {
+      if (typeof value === 'string') command = [value];
+      else if (Array.isArray(value) && value.every((word) => typeof word === 'string')) command = value as string[];
+      else problems.push(`template "${file}": command: must be a string or a list of strings`);
+    } else if (!(SETTINGS as readonly string[]).includes(key)) {
+      problems.push(`template "${file}": ${key}: is not a batch option (${[...SETTINGS, 'command'].join(', ')})`);
+    } else if (typeof value !== 'string' && typeof value !== 'number' && typeof value !== 'boolean') {
+      problems.push(`template "${file}": ${key}: must be a string or a number`);
+    } else {
+      const name = key as SettingName;
+      let text = String(value);
+      if (PATH_SETTINGS.includes(name) && !isAbsolute(text)) text = resolvePath(dirname(file), text);
+      if (name === 'hosts' && text.startsWith('@') && !isAbsolute(text.slice(1))) text = `@${resolvePath(dirname(file), text.slice(1))}`;
+      settings[name] = text;
+    }
+  }
+  if (problems.length > 0) throw new ConfigError(problems.join('\n'));
+  return { settings, ...(command === undefined ? {} : { command }) };
+}
+
+/** SSH settings and kill grace: the worker's own settings (DROVER_SSH_*, DROVER_KILL_*), so one set serves both. */
+async function sshSettings() {
+  const { loadConfig } = await import('../runtime/config.js');
+  const config = loadConfig({ file: process.env['DROVER_CONFIG'] || undefined });
+  const { ssh } = config;
+  return {
+    ssh: {
+      ...(ssh.identityFiles.length > 0 ? { identityFiles: ssh.identityFiles } : {}),
+      ...(ssh.knownHosts ? { knownHostsFile: ssh.knownHosts } : {}),
+      hostKeyPolicy: ssh.hostKeyPolicy,
+      maxChannels: ssh.maxChannels,
+      keepaliveIntervalMs: ssh.keepalive * 1000,
+      killSignal: config.engine.killSignal,
+      workDir: ssh.workDir,
+    },
+    ...(config.given.includes('engine.killGrace') ? { killGraceMs: config.engine.killGrace * 1000 } : {}),
+  };
+}
+
+/** Asks on the terminal; true for "yes" (or "y"). */
+async function confirm(question: string): Promise<boolean> {
+  const rl = createInterface({ input: process.stdin, output: process.stdout });
+  try {
+    const answer = await new Promise<string>((resolve) => {
+      rl.question(question, resolve);
+      rl.once('close', () => resolve(''));
+      // Ctrl-C at the question is a no (readline would only pause).
+      rl.once('SIGINT', () => rl.close());
+    });
+    return /^y(es)?$/i.test(answer.trim());
+  } finally {
+    rl.close();
+  }
+}
+
+/** What the user sees while the batch runs: a live line on a terminal, timestamped lines otherwise. */
+async function createDisplay(terminal: boolean) {
+  const { LiveLine, progressLine } = await import('../batch/progress.js');
+  const stamp = (text: string) => `${new Date().toISOString()} ${text}`;
+  if (!terminal) {
+    const say = (text: string) => process.stdout.write(stamp(text) + '\n');
+    return {
+      say,
+      job: (job: JobRecord) => say(describeJob(job)),
+      host: (host: string, text: string) => say(`[${host}] ${text.trimEnd()}`),
+      progress: undefined,
+      end: () => {},
+    };
+  }
+  const live = new LiveLine(process.stdout);
+  let last = '';
+  return {
+    say: (text: string) => live.print(stamp(text)),
+    // On a terminal only the jobs that went wrong get a line of their own; the live line counts the rest.
+    job: (job: JobRecord) => {
+      if (job.status !== 'ok') live.print(stamp(describeJob(job)));
+      if (last) live.draw(last);
+    },
+    host: (host: string, text: string) => {
+      live.print(stamp(`[${host}] ${text.trimEnd()}`));
+      if (last) live.draw(last);
+    },
+    progress: (progress: Progress) => {
+      last = progressLine(progress);
+      live.draw(last);
+    },
+    end: () => live.clear(),
+  };
+}
+
+function isDirectory(path: string): boolean {
+  try {
+    return statSync(path).isDirectory();
+  } catch {
+    return false;
+  }
+}
 
 /** A resume must not run other commands than the session's: the jobs on stdin, if any, must be the stored ones. */
 function checkSameJobs(session: Session, input: string, command: readonly string[]): void {
@@ -169,7 +402,7 @@ export const sessionsCommand: Command = {
 
 /** The --report hook: its failure is reported, and does not change the batch's exit code. */
 async function runReport(command: string, session: Session, elapsedMs: number): Promise<void> {
-  const { spawn } = await import('node:child_process');
+  const { runShell } = await import('../batch/run.js');
   const counts = session.counts();
   const env = {
     ...process.env,
@@ -182,11 +415,7 @@ async function runReport(command: string, session: Session, elapsedMs: number): 
     DROVER_PENDING: String(counts.pending + counts.running),
     DROVER_ELAPSED: String(Math.round(elapsedMs / 1000)),
   };
-  const code = await new Promise<number | null>((resolve) => {
-    const child = spawn('sh', ['-c', command], { cwd: session.dir, env, stdio: ['ignore', 'inherit', 'inherit'] });
-    child.on('error', () => resolve(127));
-    child.on('close', (exit) => resolve(exit));
-  });
+  const code = await runShell(command, session.dir, (text) => process.stdout.write(text), env);
   if (code !== 0) process.stderr.write(`drover batch: the --report command exited with ${code ?? 'a signal'}\n`);
 }
 
@@ -196,7 +425,7 @@ function describeJob(job: JobRecord): string {
   return `job ${job.n} ${job.status === 'pending' ? 'stopped' : job.status} slot ${job.slot ?? '-'} (${seconds} s, ${end}): ${job.line}`;
 }
 
-function whole(raw: string | undefined, name: string, fallback: number, min: number): number {
+function whole<T extends number | undefined>(raw: string | undefined, name: string, fallback: T, min: number): number | T {
   if (raw === undefined || raw === '') return fallback;
   const value = Number(raw);
   if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} must be a whole number of at least ${min}, not "${raw}"`);

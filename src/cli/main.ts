@@ -15,6 +15,7 @@ import type { Queue, RunStatus, TaskStatus } from '../queues/queue.js';
 import { SqliteQueue } from '../queues/sqlite.js';
 import { createLogger, type Logger } from '../runtime/logger.js';
 import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '../runtime/config.js';
+import type { InstanceConfig } from '../hosts/metadata.js';
 import { UsageError, type Command, type Options, type Values } from './command.js';
 import { batchCommand, sessionsCommand } from './batch.js';
 import { diagramCommand } from './diagram.js';
@@ -37,8 +38,9 @@ const common: Options = {
   help: { type: 'boolean', short: 'h' },
 };
 
-function configFrom(values: Values, flags: Record<string, string | undefined> = {}): Config {
+function configFrom(values: Values, flags: Record<string, string | undefined> = {}, instance?: InstanceConfig): Config {
   return loadConfig({
+    ...(instance ? { instance } : {}),
     file: values['config'] as string | undefined,
     flags: {
       'queue.dir': values['queue-dir'] as string | undefined,
@@ -90,9 +92,10 @@ const commands: Record<string, Command> = {
     async run(values) {
       // Every setting has a flag of the same name (queue.claimTimeout: --claim-timeout).
       const flags = Object.fromEntries(SETTINGS.map((setting) => [setting.path, values[flagName(setting)] as string | undefined]));
-      const config = configFrom(values, flags);
       // The worker's stack (xstate, ajv, the engine) loads only for this command, so the others start fast.
-      const { runWorker } = await import('./worker-command.js');
+      const { runWorker, withInstanceConfig } = await import('./worker-command.js');
+      // On a cloud instance, the settings it was launched with come under the local ones, before the queue opens.
+      const config = await withInstanceConfig(configFrom(values, flags), (instance) => configFrom(values, flags, instance));
       const logger = createLogger({ level: config.logLevel, format: config.logFormat });
       return runWorker(config, await openQueue(config, logger), values['once'] === true, logger);
     },

@@ -6,7 +6,6 @@
  *
  * Payload:
  *   mock        the script (MockScript below); `{}` exits 0 at once
- *   maxRunTime  seconds; enforced by the task machine, declared here
  *   env         environment variables, recorded (there is no process)
  *
  * Time runs on the clock the engine is given (`setTimeout`/`clearTimeout`,
@@ -110,7 +109,6 @@ const PAYLOAD_SCHEMA: JsonSchemaObject = {
   properties: {
     mock: SCRIPT_SCHEMA,
     env: { description: 'Environment variables of the command.', type: 'object', additionalProperties: { type: 'string' } },
-    maxRunTime: { description: 'Seconds the command may run before the run is aborted.', type: 'integer', minimum: 1 },
   },
 };
 

@@ -5,12 +5,12 @@
  * Payload:
  *   command     a string run by `sh -c`, or an argv array (argv[0] looked up in PATH)
  *   env         extra environment variables (string values)
- *   maxRunTime  seconds; enforced by the task machine, declared here
  *
  * The command's environment is built, later wins: the engine's base env
  * (a few variables of the worker's own: PATH, HOME, LANG...), then
- * payload.env, then TASK_ID, RUN_ID and TASK_DIR, then what plugins set
- * with `setEnv()`; the transport adds DROVER_RUN_COOKIE last.
+ * payload.env, then what plugins set with `setEnv()` (the env plugin:
+ * the worker's task env, TASK_ID, RUN_ID and TASK_DIR); the transport
+ * adds DROVER_RUN_COOKIE last. (`maxRunTime` is the maxruntime plugin's.)
  */
 import { posix } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -57,11 +57,6 @@ const PAYLOAD_SCHEMA: JsonSchemaObject = {
       type: 'object',
       additionalProperties: { type: 'string' },
     },
-    maxRunTime: {
-      description: 'Seconds the command may run before the run is aborted.',
-      type: 'integer',
-      minimum: 1,
-    },
   },
   required: ['command'],
 };
@@ -91,13 +86,7 @@ export class ProcessEngine implements Engine {
     if (problems.length > 0 || argv === undefined) {
       throw new MalformedPayloadError(problems.length > 0 ? problems : [{ path: 'payload.command', message: 'is required' }]);
     }
-    const env: Record<string, string> = {
-      ...this.#baseEnv,
-      ...payloadEnv,
-      TASK_ID: options.claim.taskId,
-      RUN_ID: String(options.claim.runId),
-      TASK_DIR: options.taskDir,
-    };
+    const env: Record<string, string> = { ...this.#baseEnv, ...payloadEnv };
     return new ProcessSandboxBuilder({
       argv,
       env,

@@ -11,7 +11,10 @@
  *
  * `shutdown` is aborted when the host itself wants the worker gone (spot
  * interruption, preemption, a local signal); the worker then shuts down
- * gracefully, with `shutdown.reason` as the reason.
+ * gracefully, with `shutdown.reason` as the reason. When the machine goes
+ * away at a known time, the host sets `shutdownDeadline` before it aborts
+ * `shutdown`, and the worker aborts the tasks still running early enough to
+ * report them and upload their logs before then.
  */
 import type { Claim } from '../model/task.js';
 import type { Logger } from '../runtime/logger.js';
@@ -34,6 +37,8 @@ export interface Host {
   boot(options: HostBootOptions): Promise<HostIdentity>;
   /** Aborted (with a reason string) when the host asks the worker to stop. */
   readonly shutdown: AbortSignal;
+  /** When the machine goes away (epoch ms), if `shutdown` was aborted for a reason that says so. */
+  readonly shutdownDeadline?: number | undefined;
   transport(): Transport;
   /**
    * Hosts that stand for several machines (`ssh`) choose one per run. The

@@ -14,7 +14,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
-import { lstat, mkdir, open, rm, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, open, readdir, realpath, rm, writeFile } from 'node:fs/promises';
 import { arch, availableParallelism, hostname, platform, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
@@ -25,7 +25,7 @@ import { errorMessage } from '../model/errors.js';
 import type { Host, HostBootOptions, HostIdentity } from './host.js';
 import { CrashJournal } from './journal.js';
 import { groupExists, groupPids } from './proc.js';
-import type { ExecOptions, Execution, ExitStatus, FileStat, Transport, TransportCapabilities } from './transport.js';
+import { fileType, type DirectoryEntry, type ExecOptions, type Execution, type ExitStatus, type FileStat, type Transport, type TransportCapabilities } from './transport.js';
 
 const POLL_MS = 20;
 
@@ -96,12 +96,19 @@ export class LocalTransport implements Transport {
   async stat(path: string): Promise<FileStat | undefined> {
     try {
       const stats = await lstat(path);
-      const type = stats.isSymbolicLink() ? 'symlink' : stats.isFile() ? 'file' : stats.isDirectory() ? 'directory' : 'other';
-      return { type, size: stats.size };
+      return { type: fileType(stats), size: stats.size };
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
       throw error;
     }
+  }
+
+  async list(path: string): Promise<DirectoryEntry[]> {
+    return (await readdir(path, { withFileTypes: true })).map((entry) => ({ name: entry.name, type: fileType(entry) }));
+  }
+
+  realpath(path: string): Promise<string> {
+    return realpath(path);
   }
 
   async readFile(path: string): Promise<Readable> {

@@ -20,7 +20,7 @@ import type { Host, HostBootOptions, HostIdentity, Placement, PlacementRequest }
 import { MachinePool, type MachineStatus, type SelectionStrategy, type SlotRequest } from './selection.js';
 import { HostKeyError } from './ssh-known-hosts.js';
 import { SshConnectionError, SshTransport, type SshConnectionOptions } from './ssh-transport.js';
-import type { ExecOptions, Execution, FileStat, Transport, TransportCapabilities } from './transport.js';
+import type { DirectoryEntry, ExecOptions, Execution, FileStat, Transport, TransportCapabilities } from './transport.js';
 
 export interface SshHostEntry {
   /** `[user@]name[:port]`. */
@@ -139,6 +139,12 @@ class PlacedTransport implements Transport {
   }
   stat(path: string): Promise<FileStat | undefined> {
     return this.inner.stat(path);
+  }
+  list(path: string): Promise<DirectoryEntry[]> {
+    return this.inner.list(path);
+  }
+  realpath(path: string): Promise<string> {
+    return this.inner.realpath(path);
   }
   readFile(path: string): Promise<Readable> {
     return this.inner.readFile(path);

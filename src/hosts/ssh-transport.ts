@@ -32,13 +32,13 @@ import { join as joinLocal, posix } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Client, type AnyAuthMethod, type ClientChannel, type SFTPWrapper } from 'ssh2';
+import { Client, type AnyAuthMethod, type ClientChannel, type FileEntry, type SFTPWrapper } from 'ssh2';
 import { DroverError, errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { formatSshAddress, parseSshAddress, type SshTarget } from './ssh-address.js';
 import { HostKeyError, knownKeyTypes, verifyHostKey, type HostKeyPolicy } from './ssh-known-hosts.js';
 import { groupControlLine, remoteCommandLine, signalName } from './ssh-remote.js';
-import type { ExecOptions, Execution, ExitStatus, FileStat, Transport, TransportCapabilities } from './transport.js';
+import { fileType, type DirectoryEntry, type ExecOptions, type Execution, type ExitStatus, type FileStat, type Transport, type TransportCapabilities } from './transport.js';
 
 /** The host could not be reached, refused us, or the connection broke. */
 export class SshConnectionError extends DroverError {
@@ -301,10 +301,24 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
           else reject(this.#fileError(error, path));
           return;
         }
-        const type = stats.isSymbolicLink() ? 'symlink' : stats.isFile() ? 'file' : stats.isDirectory() ? 'directory' : 'other';
-        resolve({ type, size: stats.size });
+        resolve({ type: fileType(stats), size: stats.size });
       }),
     );
+  }
+
+  async list(path: string): Promise<DirectoryEntry[]> {
+    const sftp = await this.#sftp();
+    // OpenSSH's server describes entries as lstat() does: a symlink is a symlink.
+    const entries = await new Promise<FileEntry[]>((resolve, reject) => sftp.readdir(path, (error, list) => (error ? reject(this.#fileError(error, path)) : resolve(list))));
+    return entries.filter((entry) => entry.filename !== '.' && entry.filename !== '..').map((entry) => ({ name: entry.filename, type: typeOfMode(entry.attrs.mode) }));
+  }
+
+  async realpath(path: string): Promise<string> {
+    const sftp = await this.#sftp();
+    const resolved = await new Promise<string>((resolve, reject) => sftp.realpath(path, (error, target) => (error ? reject(this.#fileError(error, path)) : resolve(target))));
+    // SFTP servers may resolve a path whose last part is missing; the contract says ENOENT.
+    if ((await this.stat(resolved)) === undefined) throw this.#fileError(Object.assign(new Error('no such file'), { code: 2 }), path);
+    return resolved;
   }
 
   async readFile(path: string): Promise<Readable> {
@@ -542,6 +556,16 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     const code = status === 2 ? 'ENOENT' : status === 3 ? 'EACCES' : typeof status === 'string' ? status : 'EIO';
     const text = code === 'ENOENT' ? 'no such file or directory' : code === 'EACCES' ? 'permission denied' : errorMessage(error);
     return Object.assign(new Error(`${code}: ${text}, '${path}' on ${this.address}`, { cause: error }), { code, path });
+  }
+}
+
+/** The file type in an SFTP entry's mode bits (S_IFMT), as FileStat says it. */
+function typeOfMode(mode: number): FileStat['type'] {
+  switch (mode & 0o170000) {
+    case 0o120000: return 'symlink';
+    case 0o100000: return 'file';
+    case 0o040000: return 'directory';
+    default: return 'other';
   }
 }
 

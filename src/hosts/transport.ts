@@ -55,6 +55,17 @@ export interface FileStat {
   readonly size: number;
 }
 
+/** What lstat() (or a directory entry, local or SFTP) says a path is. */
+export function fileType(stats: { isSymbolicLink(): boolean; isFile(): boolean; isDirectory(): boolean }): FileStat['type'] {
+  return stats.isSymbolicLink() ? 'symlink' : stats.isFile() ? 'file' : stats.isDirectory() ? 'directory' : 'other';
+}
+
+/** One entry of a directory: its name and what it is itself (a symlink is `symlink`, not followed). */
+export interface DirectoryEntry {
+  readonly name: string;
+  readonly type: FileStat['type'];
+}
+
 export interface Transport {
   readonly capabilities: TransportCapabilities;
   /** Starts `argv` (argv[0] looked up in PATH of `env`). Resolves once the command is started. */
@@ -63,6 +74,18 @@ export interface Transport {
   /** Removes a file or directory tree; a missing path is not an error. */
   remove(path: string): Promise<void>;
   stat(path: string): Promise<FileStat | undefined>;
+  /**
+   * The entries of a directory, without `.` and `..`, in no set order.
+   * Rejects with ENOENT when it is missing, ENOTDIR when it is not a directory.
+   */
+  list(path: string): Promise<DirectoryEntry[]>;
+  /**
+   * The path with every symlink resolved, absolute and normalized (what
+   * realpath(3) gives), so a caller can check where a path really leads
+   * (the artifacts plugin keeps uploads inside the task directory).
+   * Rejects with ENOENT when the path, or the target of a link on it, is missing.
+   */
+  realpath(path: string): Promise<string>;
   /** A stream of the file's bytes; rejects with ENOENT when it is missing. */
   readFile(path: string): Promise<Readable>;
   writeFile(path: string, data: Readable | Uint8Array | string): Promise<void>;

@@ -1,12 +1,13 @@
 /**
  * env: the task's environment, later wins: the worker's base env (the
  * `taskEnv` and `secretTaskEnv` settings), then the payload's `env`, then
- * TASK_ID, RUN_ID and TASK_DIR. (The process engine sets the same from the
- * payload; this plugin puts the worker's base under the payload's.)
+ * TASK_ID, RUN_ID and TASK_DIR, which only this plugin sets. (The engine
+ * sets the payload's env too; this plugin puts the worker's base under it.)
  *
  * Values of `secretTaskEnv` never appear in logs: the plugin lists them as
- * its `secrets`, the runtime masks them in the run's log (the live log) as
- * `[secret]`, and the worker masks them in its own log.
+ * its `secrets`, the runtime masks them as `[secret]` in the run's log (the
+ * live log) and in the resolution message it reports, and the worker masks
+ * them in its own log.
  */
 import { Transform, type TransformCallback } from 'node:stream';
 import { StringDecoder } from 'node:string_decoder';

@@ -1,7 +1,8 @@
 /**
  * Plugin: code that joins the worker's life and every task's stages.
  *
- * Worker hooks: `boot` in `booting` (a rejection stops the worker), and
+ * Worker hooks: `boot` in `booting` (a rejection stops the worker),
+ * `beforeClaim` before each claim request in `claiming` (see below), and
  * `shutdown` in `shuttingDown` (errors are logged).
  *
  * Task hooks are called on the object returned by `newTask`, for every
@@ -9,6 +10,10 @@
  *
  *   prepare        [loading]   the payload is valid; fetch what the task needs
  *   buildSandbox   [loading]   add env vars to the sandbox builder
+ *   maxRunTimeMs   [loading]   how long the command may run (ms), if limited:
+ *                              the shortest limit of all plugins applies; when
+ *                              it passes the task machine stops the command
+ *                              (MAX_RUN_TIME) and the run resolves `failed`
  *   started        [running]   the sandbox runs
  *   stopped        [uploading] the command ended: return a verdict (success);
  *                              an exception verdict wins, then a failed one,
@@ -31,6 +36,7 @@ import type { Logger } from '../runtime/logger.js';
 import type { Claim, Payload } from '../model/task.js';
 import type { ExceptionReason, Resolution } from '../model/resolution.js';
 import type { RunResult, Sandbox, SandboxBuilder } from '../engines/engine.js';
+import type { Transport } from '../hosts/transport.js';
 import type { Queue } from '../queues/queue.js';
 import type { JsonSchemaObject } from '../runtime/schema.js';
 import type { TaskLog } from '../runtime/task-log.js';
@@ -65,11 +71,14 @@ export type Verdict =
 export interface BuildSandboxContext {
   /** The run's task directory, on the machine the command runs on. */
   readonly taskDir: string;
+  /** That machine's transport: files in the task directory (artifacts read them after the run). */
+  readonly transport: Transport;
 }
 
 export interface TaskPlugin {
   prepare?(): Promise<void>;
   buildSandbox?(builder: SandboxBuilder, context: BuildSandboxContext): Promise<void>;
+  maxRunTimeMs?(): number | undefined;
   started?(sandbox: Sandbox): Promise<void>;
   stopped?(result: RunResult): Promise<Verdict>;
   finished?(resolution: Resolution, sandbox: Sandbox): Promise<void>;
@@ -84,6 +93,16 @@ export interface Plugin {
   /** Values that must never appear in logs: the runtime masks them in every run's log. */
   readonly secrets?: readonly string[];
   boot?(options: PluginWorkerOptions): Promise<void>;
+  /**
+   * Called before each claim request, for every plugin in order until one
+   * gives a reason: make room for the next task (the gc plugin frees disk
+   * here), and return why the worker must not claim now, or undefined. While
+   * a reason stands the worker claims nothing and asks again about once a
+   * second; it logs the reason once when it starts holding off, says so when
+   * it claims again, and `Worker.heldOff()` gives it. Running tasks are not
+   * touched. A throw counts as a reason (the plugin's name and the error).
+   */
+  beforeClaim?(options: PluginWorkerOptions): Promise<string | undefined>;
   shutdown?(options: PluginWorkerOptions): Promise<void>;
   newTask?(options: TaskPluginOptions): TaskPlugin;
 }

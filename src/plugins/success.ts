@@ -9,9 +9,9 @@
  *                             runs again while the task has retries left
  *   onExitStatus.purgeCaches  exit codes after which the task's caches are
  *                             not to be trusted: `purgeCaches` is called
- *                             (the worker has no caches yet, so by default
- *                             the run's log only says so); the verdict is
- *                             still the one of the code
+ *                             (`drover worker` passes the gc plugin's; with
+ *                             none, the run's log says there is nothing to
+ *                             purge); the verdict is still the one of the code
  */
 import type { RunResult } from '../model/task.js';
 import { describeResult } from '../runtime/task-actors.js';

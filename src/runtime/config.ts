@@ -1,16 +1,19 @@
 /**
- * Options are compiled once: defaults, then `DROVER_*` environment
- * variables, then the config file (YAML), then command-line flags; every
- * problem is reported at once with where it came from; the result is
- * frozen. One table, SETTINGS, says everything about each setting; the
+ * Options are compiled once: defaults, then the settings a cloud instance
+ * was launched with (its user-data or attribute, when `host.type` is `aws`
+ * or `gce`), then `DROVER_*` environment variables, then the config file
+ * (YAML), then command-line flags; every problem is reported at once with
+ * where it came from; the result is frozen. One table, SETTINGS, says everything about each setting; the
  * help text and README's config reference are made from it.
  */
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { ConfigError, errorMessage } from '../model/errors.js';
 import { parseSshAddress } from '../hosts/ssh-address.js';
+import type { InstanceConfig } from '../hosts/metadata.js';
+import { EXTENSION_KEYS, extensionSettings, type ExtensionSettings } from './extensions.js';
 
-type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap' | 'provider' | 'url';
+type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap' | 'hostType' | 'url' | 'provider';
 
 /** One SSH host of `ssh.hosts`. */
 export interface SshHostSetting {
@@ -42,8 +45,9 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'queue.claimTimeout', env: 'DROVER_CLAIM_TIMEOUT', kind: 'seconds', min: 1, default: 30, description: 'Length of a claim; workers renew it at half that. A dead worker\'s tasks return after at most this long.' },
   { path: 'queue.pollInterval', env: 'DROVER_POLL_INTERVAL', kind: 'seconds', min: 0.01, default: 0.2, description: 'How often an idle worker looks for new tasks; on PostgreSQL a new task wakes it at once and this is the fallback.' },
   { path: 'workDir', env: 'DROVER_WORK_DIR', kind: 'string', default: '.drover/work', description: 'Task directories and the crash journal.' },
+  { path: 'requiredDiskSpaceMegabytes', env: 'DROVER_REQUIRED_DISK_SPACE_MEGABYTES', kind: 'integer', min: 0, default: 256, description: 'Free disk space (MB) the work directory must have before each claim: old task directories and idle caches are removed to make it, and while it cannot be made the worker claims nothing. 0 turns the check off.' },
   { path: 'pollWait', env: 'DROVER_POLL_WAIT', kind: 'seconds', min: 0.1, default: 10, description: 'How long one claim request waits for work (long poll).' },
-  { path: 'shutdownGrace', env: 'DROVER_SHUTDOWN_GRACE', kind: 'seconds', min: 0, default: 30, description: 'After SIGTERM/SIGINT, how long running tasks may finish before they are aborted.' },
+  { path: 'shutdownGrace', env: 'DROVER_SHUTDOWN_GRACE', kind: 'seconds', min: 0, default: 30, description: 'After SIGTERM/SIGINT or a cloud instance\'s notice, how long running tasks may finish before they are aborted.' },
   { path: 'idleTimeout', env: 'DROVER_IDLE_TIMEOUT', kind: 'seconds', min: 0, default: 0, description: 'Stop after this long with nothing to do (exit code 3); 0 never stops.' },
   { path: 'numberOfTasksToRun', env: 'DROVER_NUMBER_OF_TASKS_TO_RUN', kind: 'integer', min: 0, default: 0, description: 'Stop after claiming this many tasks (exit code 0); 0 means no limit.' },
   { path: 'taskEnv', env: 'DROVER_TASK_ENV', kind: 'envMap', default: '', description: 'Environment variables of every task, under the payload\'s `env`: `NAME=value`, separated by commas; in the config file also a mapping.' },
@@ -69,6 +73,11 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'gce.project', env: 'DROVER_GCE_PROJECT', kind: 'string', flag: 'gce-project', default: '', description: 'Compute Engine project; default the credentials\' project.' },
   { path: 'gce.zone', env: 'DROVER_GCE_ZONE', kind: 'string', flag: 'gce-zone', default: '', description: 'Compute Engine zone (`europe-west1-b`); needed for `gce`.' },
   { path: 'gce.endpoint', env: 'DROVER_GCE_ENDPOINT', kind: 'url', flag: 'gce-endpoint', default: '', description: 'Compute Engine API endpoint; default Google\'s own.' },
+  { path: 'host.type', env: 'DROVER_HOST', kind: 'hostType', flag: 'host', default: 'hardware', description: 'The machine the worker runs on: `hardware`, or a cloud instance, `aws` (EC2) or `gce` (Compute Engine), whose metadata gives settings and warns of a spot interruption or preemption.' },
+  { path: 'host.metadataUrl', env: 'DROVER_METADATA_URL', kind: 'url', flag: 'metadata-url', default: 'http://169.254.169.254', description: '`aws`, `gce`: the instance metadata server.' },
+  { path: 'host.noticeMargin', env: 'DROVER_NOTICE_MARGIN', kind: 'seconds', min: 0, flag: 'notice-margin', default: 20, description: '`aws`, `gce`: tasks still running this long before the instance is taken away are aborted (and re-queued), leaving time to upload their logs.' },
+  { path: 'host.spotPollInterval', env: 'DROVER_SPOT_POLL_INTERVAL', kind: 'seconds', min: 0.1, flag: 'spot-poll-interval', default: 5, description: '`aws`: how often the spot interruption notice is looked for.' },
+  { path: 'host.configAttribute', env: 'DROVER_CONFIG_ATTRIBUTE', kind: 'string', flag: 'config-attribute', default: 'drover-config', description: '`gce`: the instance attribute that holds drover settings (YAML or JSON).' },
   { path: 'logLevel', env: 'DROVER_LOG_LEVEL', kind: 'level', default: 'info', description: 'debug, info, warn or error.' },
   { path: 'logFormat', env: 'DROVER_LOG_FORMAT', kind: 'format', default: 'text', description: 'text or json.' },
 ];
@@ -89,6 +98,7 @@ export interface Config {
     readonly pollInterval: number;
   };
   readonly workDir: string;
+  readonly requiredDiskSpaceMegabytes: number;
   readonly pollWait: number;
   readonly shutdownGrace: number;
   readonly idleTimeout: number;
@@ -118,12 +128,23 @@ export interface Config {
   readonly cloud: { readonly provider: '' | 'aws' | 'gce' };
   readonly aws: { readonly region: string; readonly endpoint: string };
   readonly gce: { readonly project: string; readonly zone: string; readonly endpoint: string };
-  /** Paths of the settings given by a flag, the config file or the environment (not defaults). */
+  readonly host: {
+    readonly type: 'hardware' | 'aws' | 'gce';
+    readonly metadataUrl: string;
+    readonly noticeMargin: number;
+    readonly spotPollInterval: number;
+    readonly configAttribute: string;
+  };
+  /** Paths of the settings given by a flag, the config file, the environment or the instance (not defaults). */
   readonly given: readonly string[];
   readonly logLevel: 'debug' | 'info' | 'warn' | 'error';
   readonly logFormat: 'text' | 'json';
   /** The config file it was read from, if any. */
   readonly file?: string;
+  /** Where the instance's settings came from, and which of them no local source overrides (names only: values may be secret). */
+  readonly instance?: { readonly source: string; readonly settings: readonly string[] };
+  /** Engines and plugins loaded from npm modules the config file names (src/runtime/extensions.ts). */
+  readonly extensions: ExtensionSettings;
 }
 
 export interface ConfigSources {
@@ -132,6 +153,14 @@ export interface ConfigSources {
   /** Values from command-line flags, by setting path; strings are parsed like env values. */
   readonly flags?: Readonly<Record<string, string | number | undefined>>;
   readonly env?: NodeJS.ProcessEnv;
+  /**
+   * Settings from the cloud instance (YAML or JSON), under every other source
+   * but the defaults. When it is a mapping with a `drover` key, only that
+   * section is read (so cloud-init's `#cloud-config` can carry it; one
+   * without it holds no drover settings). Settings under `host` say where
+   * this comes from and cannot be in it.
+   */
+  readonly instance?: InstanceConfig;
 }
 
 const SIGNALS = new Set(['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2', 'SIGKILL']);
@@ -140,6 +169,8 @@ export function loadConfig(sources: ConfigSources = {}): Config {
   const env = sources.env ?? process.env;
   const values = new Map<string, unknown>(SETTINGS.map((s) => [s.path, s.default]));
   const given = new Set<string>();
+  /** The settings the instance gave that no local source overrides. */
+  const fromInstance = new Set<string>();
   const problems: string[] = [];
   const take = (where: string, setting: Setting, raw: unknown) => {
     const parsed = coerce(setting, raw);
@@ -147,19 +178,34 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     else {
       values.set(setting.path, parsed.value);
       given.add(setting.path);
+      fromInstance.delete(setting.path);
     }
   };
+  /** A document's settings (flattened), `where` naming it in messages. */
+  const takeAll = (where: string, settings: Record<string, unknown>, isInstance: boolean) => {
+    for (const [path, raw] of Object.entries(settings)) {
+      const setting = SETTINGS.find((s) => s.path === path);
+      if (setting === undefined) problems.push(`${where}: ${path}: is not a known setting`);
+      else if (isInstance && path.startsWith('host.')) problems.push(`${where}: ${path}: cannot be set by the instance; set it on the command line, in the environment or the config file`);
+      else take(`${where}: ${path}`, setting, raw);
+    }
+  };
+  if (sources.instance !== undefined) {
+    takeAll(sources.instance.source, parseSettings(sources.instance.text, sources.instance.source, 'drover'), true);
+    given.forEach((path) => fromInstance.add(path));
+  }
   for (const setting of SETTINGS) {
     const raw = env[setting.env];
     if (raw !== undefined && raw !== '') take(`environment variable ${setting.env}`, setting, raw);
   }
   const file = sources.file ?? (env['DROVER_CONFIG'] || undefined);
+  let extensions: ExtensionSettings = { plugins: [] };
   if (file !== undefined) {
-    for (const [path, raw] of Object.entries(readConfigFile(file))) {
-      const setting = SETTINGS.find((s) => s.path === path);
-      if (setting === undefined) problems.push(`config file "${file}": ${path}: is not a known setting`);
-      else take(`config file "${file}": ${path}`, setting, raw);
-    }
+    const settings = readConfigFile(file);
+    const named = Object.fromEntries(Object.entries(settings).filter(([path]) => EXTENSION_KEYS.includes(path)));
+    extensions = extensionSettings(file, named, problems);
+    if (extensions.engine !== undefined && settings['engine.type'] !== undefined) problems.push(`config file "${file}": engine.type and engine.module both choose the engine; keep one`);
+    takeAll(`config file "${file}"`, Object.fromEntries(Object.entries(settings).filter(([path]) => !EXTENSION_KEYS.includes(path))), false);
   }
   for (const [path, raw] of Object.entries(sources.flags ?? {})) {
     const setting = SETTINGS.find((s) => s.path === path);
@@ -167,11 +213,17 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     if (raw !== undefined) take(`option --${flagName(setting)}`, setting, raw);
   }
   const get = <T>(path: string) => values.get(path) as T;
+  // An engine named on the command line beats the config file's engine module.
+  if (sources.flags?.['engine.type'] !== undefined) extensions = { plugins: extensions.plugins };
   // A URL says which queue is meant; a type that contradicts it is a mistake worth naming.
   const url = get<string>('queue.url');
   const type = get<string>('queue.type') || (url ? 'postgres' : 'sqlite');
   if (type === 'postgres' && !url) problems.push('queue.type is postgres, but no queue.url is set (--queue, DROVER_QUEUE or queue.url in the config file)');
   if (type === 'sqlite' && url) problems.push(`queue.type is sqlite, but queue.url is set to a PostgreSQL URL; drop one of them`);
+  const hostType = get<Config['host']['type']>('host.type');
+  if (hostType !== 'hardware' && (given.has('ssh.hosts') || given.has('ssh.hostsFile'))) {
+    problems.push(`host.type is ${hostType}, which runs tasks on this instance, but SSH hosts are set (ssh.hosts, ssh.hostsFile); drop one of them`);
+  }
   if (problems.length > 0) throw new ConfigError(problems.join('\n'));
   return Object.freeze({
     workerId: get<string>('workerId'),
@@ -186,6 +238,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
       pollInterval: get<number>('queue.pollInterval'),
     }),
     workDir: get<string>('workDir'),
+    requiredDiskSpaceMegabytes: get<number>('requiredDiskSpaceMegabytes'),
     pollWait: get<number>('pollWait'),
     shutdownGrace: get<number>('shutdownGrace'),
     idleTimeout: get<number>('idleTimeout'),
@@ -210,10 +263,19 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     cloud: Object.freeze({ provider: get<Config['cloud']['provider']>('cloud.provider') }),
     aws: Object.freeze({ region: get<string>('aws.region'), endpoint: get<string>('aws.endpoint') }),
     gce: Object.freeze({ project: get<string>('gce.project'), zone: get<string>('gce.zone'), endpoint: get<string>('gce.endpoint') }),
+    host: Object.freeze({
+      type: hostType,
+      metadataUrl: get<string>('host.metadataUrl'),
+      noticeMargin: get<number>('host.noticeMargin'),
+      spotPollInterval: get<number>('host.spotPollInterval'),
+      configAttribute: get<string>('host.configAttribute'),
+    }),
     given: Object.freeze([...given]),
     logLevel: get<Config['logLevel']>('logLevel'),
     logFormat: get<Config['logFormat']>('logFormat'),
     ...(file === undefined ? {} : { file }),
+    ...(sources.instance === undefined ? {} : { instance: Object.freeze({ source: sources.instance.source, settings: Object.freeze([...fromInstance]) }) }),
+    extensions: Object.freeze(extensions),
   });
 }
 
@@ -232,27 +294,43 @@ function readConfigFile(file: string): Record<string, unknown> {
     const code = (error as NodeJS.ErrnoException).code;
     throw new ConfigError(`config file "${file}": ${code === 'ENOENT' ? 'not found' : `cannot be read (${code ?? String(error)})`}`);
   }
+  return parseSettings(text, `config file "${file}"`);
+}
+
+/**
+ * Parses a YAML (or JSON) document of settings into `{ 'queue.dir': value, ... }`;
+ * `section`: when the document has this key, only what is under it.
+ * Messages name `where` and never quote the document (it may hold secrets).
+ */
+function parseSettings(text: string, where: string, section?: string): Record<string, unknown> {
   let document: unknown;
   try {
-    // Loaded only when a file is read: most commands never need a YAML parser.
+    // Loaded only when a document is read: most commands never need a YAML parser.
     const { parse } = createRequire(import.meta.url)('yaml') as typeof import('yaml');
     document = parse(text);
   } catch (error) {
-    throw new ConfigError(`config file "${file}": not valid YAML: ${(error as Error).message.split('\n')[0]}`);
+    throw new ConfigError(`${where}: not valid YAML or JSON: ${(error as Error).message.split('\n')[0]}`);
   }
+  if (section !== undefined && isMapping(document) && section in document) document = document[section];
+  // cloud-init's own settings, without a drover section, are not drover's.
+  else if (section !== undefined && text.startsWith('#cloud-config')) return {};
   if (document === null || document === undefined) return {};
-  if (typeof document !== 'object' || Array.isArray(document)) throw new ConfigError(`config file "${file}": must be a mapping of settings`);
+  if (!isMapping(document)) throw new ConfigError(`${where}: must be a mapping of settings`);
   const flat: Record<string, unknown> = {};
   const walk = (prefix: string, object: Record<string, unknown>) => {
     for (const [key, value] of Object.entries(object)) {
       const path = prefix ? `${prefix}.${key}` : key;
       const isSection = SETTINGS.some((s) => s.path.startsWith(path + '.'));
-      if (isSection && value !== null && typeof value === 'object' && !Array.isArray(value)) walk(path, value as Record<string, unknown>);
+      if (isSection && isMapping(value)) walk(path, value);
       else flat[path] = value;
     }
   };
-  walk('', document as Record<string, unknown>);
+  walk('', document);
   return flat;
+}
+
+function isMapping(value: unknown): value is Record<string, unknown> {
+  return value !== null && typeof value === 'object' && !Array.isArray(value);
 }
 
 /** The value, or what is wrong with it. */
@@ -290,12 +368,14 @@ function coerce(setting: Setting, raw: unknown): { value: unknown } | { problem:
       return ['strict', 'accept-new', 'off'].includes(String(text)) ? { value: text } : { problem: `must be strict, accept-new or off, not ${JSON.stringify(raw)}` };
     case 'provider':
       return ['aws', 'gce'].includes(String(text)) ? { value: text } : { problem: `must be aws or gce, not ${JSON.stringify(raw)}` };
-    case 'url':
-      return typeof text === 'string' && /^https?:\/\/[^\s/]+/.test(text) && URL.canParse(text) ? { value: text } : { problem: `must be an http:// or https:// URL, not ${JSON.stringify(raw)}` };
     case 'sshHosts':
       return sshHosts(text);
     case 'envMap':
       return envMap(raw);
+    case 'hostType':
+      return ['hardware', 'aws', 'gce'].includes(String(text)) ? { value: text } : { problem: `must be hardware, aws or gce, not ${JSON.stringify(raw)}` };
+    case 'url':
+      return typeof text === 'string' && /^https?:\/\/[^/\s]+/.test(text) ? { value: text } : { problem: `must be an http:// or https:// URL, not ${JSON.stringify(raw)}` };
   }
 }
 

@@ -143,9 +143,14 @@ export function createTaskActors(runtime: TaskRuntime) {
     run.builder = await engine.prepare(claim.payload, { claim, transport, taskDir, cookie: run.cookie, logger: run.logger, signal });
     await eachPlugin(run, 'prepare', (hooks) => hooks.prepare?.());
     const builder = run.builder;
-    await eachPlugin(run, 'buildSandbox', (hooks) => hooks.buildSandbox?.(builder, { taskDir }));
-    const maxRunTime = claim.payload['maxRunTime'];
-    return { maxRunTimeMs: typeof maxRunTime === 'number' ? maxRunTime * 1000 : undefined };
+    await eachPlugin(run, 'buildSandbox', (hooks) => hooks.buildSandbox?.(builder, { taskDir, transport }));
+    // The shortest limit any plugin sets (the maxruntime plugin's, from the payload); the task machine enforces it.
+    const limits: number[] = [];
+    await eachPlugin(run, 'maxRunTimeMs', async (hooks) => {
+      const limit = hooks.maxRunTimeMs?.();
+      if (limit !== undefined) limits.push(limit);
+    });
+    return { maxRunTimeMs: limits.length > 0 ? Math.min(...limits) : undefined };
   }
 
   async function run(claim: Claim): Promise<RunResult> {
@@ -217,7 +222,8 @@ export function createTaskActors(runtime: TaskRuntime) {
     const run = stateOf(claim);
     for (let attempt = 0; ; attempt++) {
       try {
-        await queue.resolve(claim, workerId, resolution);
+        // A message may quote what the command printed or an error about it: secrets stay out of the queue too.
+        await queue.resolve(claim, workerId, maskedResolution(resolution, secrets));
         run.logger.info('resolved', { resolution: describeResolution(resolution) });
         return;
       } catch (error) {
@@ -349,6 +355,10 @@ class MaskedTaskLog extends TaskLog {
   override line(text: string): void {
     super.line(this.secrets.mask(text));
   }
+}
+
+function maskedResolution(resolution: Resolution, secrets: SecretMasker): Resolution {
+  return resolution.message === undefined || secrets.empty ? resolution : { ...resolution, message: secrets.mask(resolution.message) };
 }
 
 /** Calls a hook so that a synchronous throw becomes a rejection, like an asynchronous one. */

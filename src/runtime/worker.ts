@@ -3,6 +3,7 @@
  * host, engine, plugins) are handed to the pure machines as actors, and the
  * result is one running worker with a way to ask it to stop.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { createActor, fromPromise, type Actor, type InspectionEvent } from 'xstate';
 import type { Engine } from '../engines/engine.js';
 import type { Host } from '../hosts/host.js';
@@ -29,11 +30,19 @@ export interface WorkerOptions extends WorkerInput {
 export interface Worker {
   /** Resolves when the worker has stopped, with the reason. */
   readonly stopped: Promise<WorkerOutput>;
-  /** Asks the worker to stop; a second call aborts running tasks without waiting for the grace period. */
-  shutdown(reason: ShutdownReason): void;
+  /**
+   * Asks the worker to stop; a second call aborts running tasks without waiting for the grace period.
+   * With `abortTasksAt` (epoch ms), the grace period ends then at the latest, even when it is longer.
+   */
+  shutdown(reason: ShutdownReason, options?: { readonly abortTasksAt?: number }): void;
   /** The worker machine's current state, for status output: `claiming`, `shuttingDown.draining`... */
   state(): string;
+  /** Why the worker claims nothing although it may (a plugin's beforeClaim reason: `gc: ...`), or undefined. */
+  heldOff(): string | undefined;
 }
+
+/** How often a worker that holds off claiming asks the plugins again. */
+const HOLD_OFF_RECHECK_MS = 1000;
 
 export function startWorker(options: WorkerOptions): Worker {
   const { queue, host, engine, plugins, logger, workerId } = options;
@@ -43,6 +52,38 @@ export function startWorker(options: WorkerOptions): Worker {
       ...plugins.flatMap((plugin) => (plugin.payloadSchema ? [{ owner: `plugin ${plugin.name}`, schema: plugin.payloadSchema }] : [])),
     ]),
   );
+  const gatekeepers = plugins.filter((plugin) => plugin.beforeClaim !== undefined);
+  let heldOff: { readonly plugin: string; readonly reason: string } | undefined;
+  /** The first plugin's reason not to claim now, if any; a failing hook is one too. */
+  const holdOff = async () => {
+    for (const plugin of gatekeepers) {
+      const reason = await plugin.beforeClaim!({ workerId, logger }).catch((error: unknown) => `beforeClaim failed: ${errorMessage(error)}`);
+      if (reason !== undefined) return { plugin: plugin.name, reason };
+    }
+    return undefined;
+  };
+  /**
+   * Resolves true once no plugin holds claims off, false when the poll's wait
+   * ran out first (an empty poll, as with no work: the idle timeout counts
+   * it). A poll that may not wait (--once) waits for room instead, since an
+   * empty answer would mean that the queue is drained.
+   */
+  const roomToClaim = async (waitMs: number, signal: AbortSignal): Promise<boolean> => {
+    const until = waitMs > 0 ? Date.now() + waitMs : Infinity;
+    for (;;) {
+      const hold = await holdOff();
+      if (hold === undefined) {
+        if (heldOff !== undefined) logger.info('claiming again', { plugin: heldOff.plugin });
+        heldOff = undefined;
+        return true;
+      }
+      if (heldOff?.plugin !== hold.plugin) logger.warn('holding off claiming', { plugin: hold.plugin, reason: hold.reason });
+      heldOff = hold;
+      const left = until - Date.now();
+      if (left <= 0) return false;
+      await sleep(Math.min(left, HOLD_OFF_RECHECK_MS), undefined, { signal });
+    }
+  };
   const taskActors = createTaskActors({ workerId, queue, host, engine, plugins, validatePayload, workDir: options.workDir, logger });
   const machine = workerMachine.provide({
     actors: {
@@ -57,6 +98,7 @@ export function startWorker(options: WorkerOptions): Worker {
         logger.info('worker booted', { host: host.name, hostname: identity.hostname, engine: engine.name, capacity: options.capacity, ...identity.facts });
       }),
       claimWork: fromPromise<ClaimResult, ClaimRequest>(async ({ input, signal }) => {
+        if (gatekeepers.length > 0 && !(await roomToClaim(input.waitMs, signal))) return { claims: [], now: Date.now() };
         const claims = await queue.claimWork({ workerId, count: input.count, waitMs: input.waitMs, signal }).catch((error: unknown) => {
           // The machine backs off and tries again; the log says why the worker is idle meanwhile.
           logger.warn('could not claim work; retrying after a pause', { error: errorMessage(error) });
@@ -96,17 +138,32 @@ export function startWorker(options: WorkerOptions): Worker {
     },
     inspect: logTransitions(logger),
   });
+  // Grace periods cut short by a deadline: a second SHUTDOWN then aborts the tasks, as a second signal does.
+  const deadlines = new Set<NodeJS.Timeout>();
   const stopped = new Promise<WorkerOutput>((resolve, reject) => {
     actor.subscribe({
       complete: () => resolve(actor.getSnapshot().output!),
       error: reject,
     });
   });
+  void stopped.finally(() => deadlines.forEach(clearTimeout)).catch(() => undefined);
   actor.start();
   return {
     stopped,
-    shutdown: (reason) => actor.send({ type: 'SHUTDOWN', reason }),
+    shutdown: (reason, { abortTasksAt } = {}) => {
+      actor.send({ type: 'SHUTDOWN', reason });
+      if (abortTasksAt === undefined) return;
+      const timer = setTimeout(() => {
+        deadlines.delete(timer);
+        // Tasks that ended within the grace period, or were aborted already, need nothing more.
+        if (!actor.getSnapshot().matches({ shuttingDown: 'draining' })) return;
+        logger.warn('the shutdown deadline is here: aborting the tasks still running', { reason: reason.kind });
+        actor.send({ type: 'SHUTDOWN', reason });
+      }, Math.max(0, abortTasksAt - Date.now()));
+      deadlines.add(timer);
+    },
     state: () => stateName(actor.getSnapshot().value),
+    heldOff: () => (heldOff === undefined ? undefined : `${heldOff.plugin}: ${heldOff.reason}`),
   };
 }
 

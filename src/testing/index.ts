@@ -15,3 +15,11 @@ export { findSshd, startSshd, TEST_SSH_USER, type StartSshdOptions, type TestSsh
 export { startEc2Endpoint, type Ec2Endpoint, type Ec2EndpointOptions } from './ec2-endpoint.js';
 export { startComputeEndpoint, type ComputeEndpoint, type ComputeEndpointOptions } from './compute-endpoint.js';
 export { CloudFaults, dummyCloudCredentials, type CallRecord, type CloudEndpoint, type FakeCloudOptions, type FakeInstance, type FakeInstanceState } from './cloud-endpoint.js';
+export { startImds, type ImdsOptions, type ImdsRequest, type SpotNotice, type TestImds } from './imds.js';
+export { startGceMetadata, type GceMetadataServerOptions, type GceMetadataRequest, type MaintenanceEvent, type TestGceMetadata } from './gce-metadata.js';
+export {
+  pluginHarness, runPluginLifecycle,
+  type PluginHarness, type PluginHarnessOptions, type PluginRunOptions, type PluginRunOutcome, type TaskHook,
+} from './plugin-harness.js';
+export { engineConformance, type EngineFixture, type MakeEngine } from './engine-conformance.js';
+export { engineFromModule, pluginFromModule } from './from-module.js';

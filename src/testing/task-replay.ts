@@ -27,6 +27,7 @@ import { ClaimLostError } from '../model/errors.js';
 import { describeResolution } from '../model/resolution.js';
 import type { Payload } from '../model/task.js';
 import { livelogPlugin } from '../plugins/livelog.js';
+import { maxruntimePlugin } from '../plugins/maxruntime.js';
 import type { Plugin } from '../plugins/plugin.js';
 import { MemoryQueue } from '../queues/memory.js';
 import { silentLogger, type Logger } from '../runtime/logger.js';
@@ -225,7 +226,7 @@ export async function replayTaskPath(path: ModelPath): Promise<ReplayResult> {
   };
   const run = await startTaskRun({
     payload: payloadFor(path), engine, queue, clock, logger, inspect,
-    plugins: [livelogPlugin(), probePlugin(hooks, gates), fragilePlugin(world)],
+    plugins: [livelogPlugin(), maxruntimePlugin(), probePlugin(hooks, gates), fragilePlugin(world)],
   });
   const now = () => stateName(run.actor.getSnapshot().value);
 

@@ -2,7 +2,7 @@
  * One task through the real task runner, for tests (drover/testing): the
  * task machine provided with the runtime's own actors (createTaskActors),
  * on a queue (an in-memory one by default), an engine (the scripted mock
- * engine by default), the plugins given (livelog by default) and a host
+ * engine by default), the plugins given (the shipped ones by default) and a host
  * whose transport is this machine's, in a temporary work directory.
  *
  * A plugin author checks a plugin against every way a run can go by
@@ -19,7 +19,7 @@ import type { Host } from '../hosts/host.js';
 import { LocalTransport } from '../hosts/local.js';
 import { taskMachine, type TaskOutput } from '../machines/task.js';
 import type { Claim, Payload } from '../model/task.js';
-import { livelogPlugin } from '../plugins/livelog.js';
+import { shippedPlugins } from '../plugins/index.js';
 import type { Plugin } from '../plugins/plugin.js';
 import { MemoryQueue } from '../queues/memory.js';
 import type { Queue } from '../queues/queue.js';
@@ -81,7 +81,7 @@ export async function startTaskRun(options: TaskRunOptions): Promise<TaskRun> {
   const workerId = options.workerId ?? 'test-worker';
   const queue = options.queue ?? new MemoryQueue();
   const engine = options.engine ?? new MockEngine();
-  const plugins = options.plugins ?? [livelogPlugin()];
+  const plugins = options.plugins ?? shippedPlugins();
   const workDir = await mkdtemp(join(tmpdir(), 'drover-task-'));
   const validatePayload = validatorFor(joinPayloadSchemas([
     { owner: `engine ${engine.name}`, schema: engine.payloadSchema },

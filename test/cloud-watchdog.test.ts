@@ -10,7 +10,7 @@ import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
 import { AwsProvider } from '../src/cloud/aws.js';
-import { backoffDelay, withRetry } from '../src/cloud/retry.js';
+import { CallTimeoutError, withRetry } from '../src/cloud/retry.js';
 import { ownedHere, ownerGone, ownerId, parseOwner, SessionRegistry } from '../src/cloud/sessions.js';
 import { Watchdog } from '../src/cloud/watchdog.js';
 import { labelValue } from '../src/cloud/provider.js';
@@ -57,13 +57,7 @@ t.test('sessions: open until closed, found by their GCE label form too', async (
   t.same(new SessionRegistry(join(dir, 'nowhere')).list(), [], 'a registry that was never written is empty');
 });
 
-t.test('retries: full jitter under a doubling bound; the caller\'s signal stops a pause', async (t) => {
-  const policy = { baseDelayMs: 100, maxDelayMs: 1000 };
-  t.equal(backoffDelay(policy, 1, () => 0.999), 99);
-  t.equal(backoffDelay(policy, 3, () => 0.999), 399);
-  t.equal(backoffDelay(policy, 10, () => 0.999), 999, 'capped');
-  t.equal(backoffDelay(policy, 3, () => 0), 0);
-  const controller = new AbortController();
+t.test('retries: the caller\'s signal stops a pause; an attempt that takes too long is abandoned and retried', async (t) => {  const controller = new AbortController();
   let calls = 0;
   const pending = withRetry(async () => {
     calls++;
@@ -73,6 +67,15 @@ t.test('retries: full jitter under a doubling bound; the caller\'s signal stops 
   controller.abort(new Error('stopped by the caller'));
   await t.rejects(pending, { message: 'stopped by the caller' });
   t.equal(calls, 1, 'no attempt after the abort');
+
+  const signals: AbortSignal[] = [];
+  const slow = withRetry((signal) => {
+    signals.push(signal);
+    return new Promise<never>(() => {});
+  }, { what: 'ec2:Slow', policy: { attempts: 2, baseDelayMs: 1, maxDelayMs: 1, timeoutMs: 50 }, transient: () => false });
+  await t.rejects(slow, new CallTimeoutError('ec2:Slow', 50));
+  t.equal(signals.length, 2, 'a timed-out attempt counts as transient');
+  t.ok(signals.every((signal) => signal.aborted), 'each abandoned attempt\'s signal is aborted, so the SDK drops the request');
 });
 
 t.test('the watchdog sweeps on start and then periodically, until stopped', async (t) => {

@@ -1,12 +1,11 @@
 /**
  * Calls to a cloud API: each attempt has a timeout, and the errors the
  * provider calls transient (throttling, 5xx, a dropped connection, a
- * timed-out attempt) are retried after a pause that grows exponentially,
- * with full jitter (AWS's advice: a random pause between 0 and the
- * exponential bound), within a bounded number of attempts. Anything else
+ * timed-out attempt) are retried with src/hosts/retry.ts (exponential
+ * backoff with full jitter, a bounded number of attempts). Anything else
  * is thrown at once. The caller's signal stops it all, including a pause.
  */
-import { setTimeout as sleep } from 'node:timers/promises';
+import { retry } from '../hosts/retry.js';
 import { errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { CloudError } from './provider.js';
@@ -24,7 +23,7 @@ export interface RetryPolicy {
 
 export const DEFAULT_RETRY: RetryPolicy = { attempts: 6, baseDelayMs: 200, maxDelayMs: 20_000, timeoutMs: 30_000 };
 
-export interface RetryOptions {
+export interface CloudRetryOptions {
   readonly policy: RetryPolicy;
   /** What is worth another attempt. */
   readonly transient: (error: unknown) => boolean;
@@ -45,46 +44,45 @@ export class CallTimeoutError extends Error {
   }
 }
 
-/** The pause before attempt `attempt + 1` (attempt counts from 1): full jitter under min(max, base * 2^(attempt-1)). */
-export function backoffDelay(policy: Pick<RetryPolicy, 'baseDelayMs' | 'maxDelayMs'>, attempt: number, random: () => number = Math.random): number {
-  const bound = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** Math.min(attempt - 1, 30));
-  return Math.floor(random() * bound);
-}
-
 /**
  * Runs `call` until it succeeds, fails for good, or the attempts are used
- * up (then the last error is thrown). `call` gets a signal that aborts when
- * the attempt times out or the caller's signal aborts; it should pass it on
- * to the SDK so the request is really dropped.
+ * up (then the last error is thrown), with the shared backoff of
+ * src/hosts/retry.ts. `call` gets a signal that aborts when the attempt
+ * times out or the caller's signal aborts; it should pass it on to the SDK
+ * so the request is really dropped.
  */
-export async function withRetry<T>(call: (signal: AbortSignal) => Promise<T>, options: RetryOptions): Promise<T> {
+export function withRetry<T>(call: (signal: AbortSignal) => Promise<T>, options: CloudRetryOptions): Promise<T> {
   const { policy, signal } = options;
-  for (let attempt = 1; ; attempt++) {
-    signal?.throwIfAborted();
-    const attemptController = new AbortController();
-    const abort = () => attemptController.abort(signal?.reason);
-    signal?.addEventListener('abort', abort, { once: true });
-    let timer: NodeJS.Timeout | undefined;
-    try {
-      const timedOut = new Promise<never>((_, reject) => {
-        timer = setTimeout(() => {
-          const error = new CallTimeoutError(options.what, policy.timeoutMs);
-          attemptController.abort(error);
-          reject(error);
-        }, policy.timeoutMs);
-      });
-      return await Promise.race([call(attemptController.signal), timedOut]);
-    } catch (error) {
-      if (signal?.aborted) throw signal.reason;
-      const transient = error instanceof CallTimeoutError || options.transient(error);
-      if (!transient || attempt >= policy.attempts) throw error;
-      const delayMs = backoffDelay(policy, attempt, options.random);
-      options.onRetry?.({ what: options.what, attempt, delayMs, error });
-      await sleep(delayMs, undefined, signal === undefined ? {} : { signal });
-    } finally {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', abort);
-    }
+  return retry(() => attempt(call, options), {
+    attempts: policy.attempts,
+    baseDelayMs: policy.baseDelayMs,
+    maxDelayMs: policy.maxDelayMs,
+    retryable: (error) => error instanceof CallTimeoutError || options.transient(error),
+    onRetry: (error, attempt, delayMs) => options.onRetry?.({ what: options.what, attempt, delayMs, error }),
+    ...(signal === undefined ? {} : { signal }),
+    ...(options.random === undefined ? {} : { random: options.random }),
+  });
+}
+
+/** One attempt, abandoned (CallTimeoutError) after the policy's timeout. */
+async function attempt<T>(call: (signal: AbortSignal) => Promise<T>, options: CloudRetryOptions): Promise<T> {
+  const { policy, signal } = options;
+  const controller = new AbortController();
+  const abort = () => controller.abort(signal?.reason);
+  signal?.addEventListener('abort', abort, { once: true });
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    const timedOut = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const error = new CallTimeoutError(options.what, policy.timeoutMs);
+        controller.abort(error);
+        reject(error);
+      }, policy.timeoutMs);
+    });
+    return await Promise.race([call(controller.signal), timedOut]);
+  } finally {
+    clearTimeout(timer);
+    signal?.removeEventListener('abort', abort);
   }
 }
 

@@ -18,7 +18,7 @@ import { shippedPlugins } from '../src/plugins/index.js';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 import type { TaskStatus } from '../src/queues/queue.js';
 import { silentLogger } from '../src/runtime/logger.js';
-import { startWorker } from '../src/runtime/worker.js';
+import { inProcessWorker } from './helpers/worker.js';
 import { runOutcomes } from './helpers/drover.js';
 import { requireSshd, sshd } from './helpers/sshd.js';
 import { LISTING_LAYOUT, checkListing } from './helpers/transport-listing.js';
@@ -53,7 +53,7 @@ t.test('a worker on the ssh host stores a file and a directory artifact, and ref
     logger: silentLogger,
   });
   const queue = SqliteQueue.open({ dir: join(dir, 'queue'), claimTimeoutMs: 10_000, pollIntervalMs: 50 });
-  const worker = startWorker({
+  inProcessWorker(t, {
     workerId: 'ssh-artifacts',
     queue,
     host,
@@ -62,16 +62,6 @@ t.test('a worker on the ssh host stores a file and a directory artifact, and ref
     workDir: join(dir, 'work'),
     logger: silentLogger,
     capacity: 2,
-    maxTasks: 0,
-    once: false,
-    idleTimeoutMs: 0,
-    shutdownGraceMs: 2000,
-    pollWaitMs: 500,
-  });
-  t.teardown(async () => {
-    worker.shutdown({ kind: 'signal', signal: 'SIGTERM' });
-    await worker.stopped;
-    await queue.close();
   });
   const deadline = Date.now() + 120_000;
   const good = await queue.submit({

@@ -27,7 +27,8 @@ import { MemoryQueue } from '../src/queues/memory.js';
 import type { TaskStatus } from '../src/queues/queue.js';
 import { loadConfig } from '../src/runtime/config.js';
 import { createLogger } from '../src/runtime/logger.js';
-import { startWorker, type Worker } from '../src/runtime/worker.js';
+import type { Worker } from '../src/runtime/worker.js';
+import { inProcessWorker } from './helpers/worker.js';
 import { startTaskRun } from '../src/testing/task-run.js';
 import { eventually, runOutcomes } from './helpers/drover.js';
 
@@ -68,7 +69,7 @@ function gcWorker(t: Test, options: HarnessOptions = {}): Harness {
     requiredDiskSpaceMegabytes: options.requiredDiskSpaceMegabytes ?? 0,
     ...(options.freeBytes ? { freeBytes: options.freeBytes } : {}),
   });
-  const worker = startWorker({
+  const worker = inProcessWorker(t, {
     workerId: 'gc-worker',
     queue,
     host: new HardwareHost({ workDir }),
@@ -78,16 +79,9 @@ function gcWorker(t: Test, options: HarnessOptions = {}): Harness {
     workDir,
     logger,
     capacity: options.capacity ?? 1,
-    maxTasks: 0,
     once: options.once ?? false,
-    idleTimeoutMs: 0,
     shutdownGraceMs: 1000,
     pollWaitMs: 200,
-  });
-  t.teardown(async () => {
-    worker.shutdown({ kind: 'signal', signal: 'SIGTERM' });
-    await worker.stopped;
-    await queue.close();
   });
   const submit = (payload: Payload) => queue.submit({ payload, deadline: Date.now() + 600_000, retries: 0 });
   const resolved = (taskId: string) =>

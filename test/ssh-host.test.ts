@@ -18,7 +18,7 @@ import { SshHost } from '../src/hosts/ssh-host.js';
 import { livelogPlugin, LIVE_LOG_NAME } from '../src/plugins/livelog.js';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 import { createLogger } from '../src/runtime/logger.js';
-import { startWorker } from '../src/runtime/worker.js';
+import { inProcessWorker } from './helpers/worker.js';
 import { requireSshd, sshd } from './helpers/sshd.js';
 import { runOutcomes } from './helpers/drover.js';
 
@@ -85,7 +85,7 @@ t.test('a worker on three SSH hosts: one unreachable, one killed mid-task; every
   });
   t.equal(host.capacity, 8, 'the worker\'s capacity is the sum of the hosts\'');
   const queue = SqliteQueue.open({ dir: join(dir, 'queue'), claimTimeoutMs: 10_000, pollIntervalMs: 50 });
-  const worker = startWorker({
+  const worker = inProcessWorker(t, {
     workerId: 'ssh-worker',
     queue,
     host,
@@ -94,16 +94,6 @@ t.test('a worker on three SSH hosts: one unreachable, one killed mid-task; every
     workDir: join(dir, 'work'),
     logger,
     capacity: host.capacity,
-    maxTasks: 0,
-    once: false,
-    idleTimeoutMs: 0,
-    shutdownGraceMs: 2000,
-    pollWaitMs: 500,
-  });
-  t.teardown(async () => {
-    worker.shutdown({ kind: 'signal', signal: 'SIGTERM' });
-    await worker.stopped;
-    await queue.close();
   });
 
   const mark = `DROVER_TEST_MARK=${randomUUID()}`;

@@ -43,6 +43,7 @@ t.test('a worker runs tasks with the example plugin loaded by path; each run lea
   t.match(await summaryOf(bad), { resolution: { state: 'exception', reason: 'malformed-payload' } });
   const logs = await drover(['logs', bad], { cwd });
   t.match(logs.stdout, /payload\.summary\.colour: is not a known property/, 'the joined schema refuses what the plugin does not know');
+  t.match((await drover(['logs', ok], { cwd })).stdout, /^\[drover\] summary: uploaded public\/summary\.json$/m, 'a loaded plugin\'s lines in its finished hook reach the live log (it runs before livelog)');
 });
 
 t.test('a bad config for the example: the worker exits 2 naming the module and the problem', async (t) => {

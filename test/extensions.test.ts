@@ -48,9 +48,9 @@ t.test('a plugin by path relative to the config file runs after the shipped ones
   const { engine, plugins } = await partsOf(file);
   t.equal(engine.name, 'process');
   const names = plugins.map((plugin) => plugin.name);
-  t.equal(names.at(-1), 'greeter', 'loaded plugins come last');
-  t.ok(names.length > 1, 'the shipped plugins are still there');
-  const greeter = plugins.at(-1) as unknown as { greeting: string; context: Record<string, unknown> };
+  t.same(names.slice(-2), ['greeter', 'livelog'], 'loaded plugins come after the shipped ones, before livelog, which closes the log');
+  t.same(names.slice(0, -2), ['success', 'env', 'maxruntime', 'gc', 'artifacts'], 'the other shipped plugins come first, in their order');
+  const greeter = plugins.at(-2) as unknown as { greeting: string; context: Record<string, unknown> };
   t.equal(greeter.greeting, 'hello');
   t.same(greeter.context, { remote: false, killSignal: 'SIGTERM', killGraceMs: 5000, configDir: join(file, '..') });
   const schema = await workerPayloadSchema(loadConfig({ file, env: {} }));
@@ -64,7 +64,7 @@ t.test('plugins run in config order; a package name is resolved from the config 
     'two.mjs': 'export default { createPlugin: async () => ({ name: "two" }) };\n',
   });
   const { plugins } = await partsOf(file);
-  t.same(plugins.slice(-2).map((plugin) => plugin.name), ['one', 'two']);
+  t.same(plugins.slice(-3, -1).map((plugin) => plugin.name), ['one', 'two']);
 });
 
 t.test('a bare name is a package, not a file: the error says how to name the file', async (t) => {
@@ -77,7 +77,7 @@ t.test('a package directory by path: its package.json exports pick the entry', a
     'pkg/package.json': JSON.stringify({ name: 'pkg', type: 'module', exports: { '.': { import: './lib/entry.js' } } }),
     'pkg/lib/entry.js': 'export default { createPlugin: () => ({ name: "from-dir" }) };\n',
   });
-  t.equal((await partsOf(file)).plugins.at(-1)?.name, 'from-dir');
+  t.equal((await partsOf(file)).plugins.at(-2)?.name, 'from-dir');
 });
 
 t.test('an engine module replaces engine.type; its payload schema is the worker\'s', async (t) => {

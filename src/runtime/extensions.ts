@@ -25,7 +25,8 @@
  * contract. Every problem of every extension is reported at once, as a
  * ConfigError (the CLI exits 2) naming the setting and the module. A loaded
  * engine replaces `engine.type`; loaded plugins run after the shipped ones,
- * in the order the config file lists them.
+ * in the order the config file lists them, and before livelog, which closes
+ * the run's log last.
  */
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -140,7 +141,7 @@ export async function withExtensions(
 ): Promise<{ engine: Engine; plugins: Plugin[] }> {
   const problems: string[] = [];
   const engine = settings.engine && (await loadOne(settings.engine, 'engine', context, problems));
-  const plugins: Plugin[] = [...shipped.plugins];
+  const loaded: Plugin[] = [];
   const owners = new Map(shipped.plugins.map((plugin) => [plugin.name, 'a shipped plugin']));
   for (const setting of settings.plugins) {
     const plugin = await loadOne(setting, 'plugin', context, problems);
@@ -151,8 +152,12 @@ export async function withExtensions(
       continue;
     }
     owners.set(plugin.name, describe(setting));
-    plugins.push(plugin);
+    loaded.push(plugin);
   }
+  // Loaded plugins run after the shipped ones but before livelog, which ends
+  // the run's log in its finished/exception hooks: their lines are kept.
+  const livelog = shipped.plugins.findIndex((plugin) => plugin.name === 'livelog');
+  const plugins = livelog < 0 ? [...shipped.plugins, ...loaded] : [...shipped.plugins.slice(0, livelog), ...loaded, ...shipped.plugins.slice(livelog)];
   const parts = { engine: engine ?? shipped.engine, plugins };
   if (problems.length === 0) {
     try {

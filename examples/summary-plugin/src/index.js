@@ -77,6 +77,7 @@ export default {
           },
           async finished(resolution, sandbox) {
             await upload(resolution, await commandSummary(sandbox));
+            log.line(`summary: uploaded ${name}`);
           },
           async exception(reason) {
             await upload({ state: 'exception', reason });

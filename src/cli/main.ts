@@ -126,9 +126,11 @@ the command's argv, run without a shell.
 
 Options:
   --max-run-time S         stop the command after S seconds; the run resolves failed
-  --retries N              how many more runs after worker-shutdown or claim-expired [5]
+  --retries N              how many more runs after worker-shutdown, claim-expired or
+                           intermittent-task (onExitStatus.retry) [5]
   --deadline S             resolve exception/deadline-exceeded if not done within S seconds [86400]
-  --payload FILE|-         a whole payload as JSON or YAML (command, env, maxRunTime)`,
+  --payload FILE|-         a whole payload as JSON or YAML: command, env, maxRunTime,
+                           artifacts, mounts, onExitStatus (drover schema prints them all)`,
     options: {
       payload: { type: 'string' },
       'max-run-time': { type: 'string' },

@@ -32,7 +32,6 @@ import { summary } from './lib.mjs';
 
 const WORKER = fileURLToPath(new URL('queue-worker.mjs', import.meta.url));
 const CONCURRENCY = [1, 4, 8];
-const KINDS = ['floor', 'drover'];
 const PG_URL = process.env.DROVER_TEST_PG_URL || 'postgres://postgres@127.0.0.1:5432/test';
 /** Claims timed per latency case, after a few untimed ones. */
 const LATENCY_SAMPLES = 200;
@@ -42,7 +41,13 @@ const RUN_TIMEOUT_MS = 120_000;
 /** What a bulk-filled task carries: a small, realistic payload. */
 const FILL_PAYLOAD = JSON.stringify({ command: ['true'] });
 
-export async function queues({ root, scratch, reps, quick }) {
+/**
+ * `before`: the root of another build of drover (`npm run bench -- --before DIR`); its queues get rows
+ * of their own ("before"), measured in turn with the floor and this build, so a change is seen in one run.
+ */
+export async function queues({ root, scratch, reps, quick, before }) {
+  const KINDS = before ? ['floor', 'drover', 'before'] : ['floor', 'drover'];
+  const rootOf = (kind) => (kind === 'before' ? before : root);
   started = performance.now();
   const { SqliteQueue } = await import(join(root, 'dist/queues/sqlite.js'));
   const { PostgresQueue } = await import(join(root, 'dist/queues/postgres.js'));
@@ -105,10 +110,11 @@ export async function queues({ root, scratch, reps, quick }) {
       if (problem) throw new Error(`PostgreSQL unreachable at ${pgDisplay}: ${problem}`);
       for (const workers of CONCURRENCY) {
         const once = async (kind) => {
-          const count = claims[name][kind];
-          const { config, tearDown } = await backend.setUp(kind, count);
+          const as = kind === 'before' ? 'drover' : kind;
+          const count = claims[name][as];
+          const { config, tearDown } = await backend.setUp(as, count);
           try {
-            return count / (await drain({ kind: `${kind}-${name}`, root, config, workers, count }));
+            return count / (await drain({ kind: `${as}-${name}`, root: rootOf(kind), config, workers, count }));
           } finally {
             await tearDown();
           }
@@ -117,14 +123,14 @@ export async function queues({ root, scratch, reps, quick }) {
         // Floor and drover take turns, so a load that comes and goes on the machine falls on both alike.
         // Quick mode warms up once per queue rather than once per case, to stay within its time.
         if (!quick || workers === CONCURRENCY[0]) for (const kind of KINDS) await once(kind);
-        const values = { floor: [], drover: [] };
+        const values = Object.fromEntries(KINDS.map((kind) => [kind, []]));
         for (let i = 0; i < reps; i++) for (const kind of KINDS) values[kind].push(await once(kind));
-        const measured = { floor: summary(values.floor), drover: summary(values.drover) };
+        const measured = Object.fromEntries(KINDS.map((kind) => [kind, summary(values[kind])]));
         const ratio = measured.drover.median / measured.floor.median;
         const processes = `${workers} process${workers === 1 ? '' : 'es'}`;
         for (const kind of KINDS) {
           const s = measured[kind];
-          rows.push({ name: `${kind}, ${processes}`, ...s, ratio: s.median / measured.floor.median, extra: `${(1000 / s.median).toFixed(3)} ms` });
+          rows.push({ name: `${kind === 'before' ? `drover before (${before})` : kind}, ${processes}`, ...s, ratio: s.median / measured.floor.median, extra: `${(1000 / s.median).toFixed(3)} ms` });
         }
         targets.push({ text: `within 2x of the raw floor with ${processes} (at least 0.5 of its claims/s)`, met: ratio >= 0.5, measured: `${ratio.toFixed(2)} of the floor` });
       }

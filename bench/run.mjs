@@ -9,7 +9,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os';
+import { availableParallelism, cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { localTasks } from './local-tasks.mjs';
@@ -19,21 +19,40 @@ import { queues } from './queues.mjs';
 const root = fileURLToPath(new URL('..', import.meta.url));
 const quick = process.argv.includes('--quick');
 const settings = quick ? { tasks: 200, reps: 1 } : { tasks: 1000, reps: 3 };
+/** `--only a,b` runs only the named benchmarks (local, queues, memory, ...); the report then holds only those. */
+const only = option('--only')?.split(',');
+/** `--before DIR`: another build of drover (a checkout with dist/ built) whose queues are measured beside this one. */
+const before = option('--before');
+const BENCHMARKS = { local: localTasks, queues, memory };
+for (const name of only ?? []) if (!(name in BENCHMARKS)) throw new Error(`--only: no benchmark "${name}"; there are ${Object.keys(BENCHMARKS).join(', ')}`);
 
 const started = Date.now();
 const results = { settings: { quick, ...settings }, machine: machine(), benchmarks: [] };
 const scratch = mkdtempSync(join(tmpdir(), 'drover-bench-'));
 try {
-  results.benchmarks.push(...(await localTasks({ root, scratch, ...settings })));
-  results.benchmarks.push(...(await queues({ root, scratch, quick, ...settings })));
-  results.benchmarks.push(...(await memory({ root, scratch, quick, ...settings })));
+  for (const [name, bench] of Object.entries(BENCHMARKS)) {
+    if (only && !only.includes(name)) continue;
+    // The machine is shared: the load average (1 min) before and after each benchmark goes into its report.
+    const loadBefore = loadavg()[0];
+    const measured = await bench({ root, scratch, quick, before, ...settings });
+    const load = `load average ${loadBefore.toFixed(2)} before, ${loadavg()[0].toFixed(2)} after`;
+    results.benchmarks.push(...measured.map((each) => ({ ...each, load })));
+  }
 } finally {
   rmSync(scratch, { recursive: true, force: true });
 }
 results.seconds = Math.round((Date.now() - started) / 1000);
-writeFileSync(join(root, 'bench', 'results.json'), JSON.stringify(results, null, 2) + '\n');
-writeFileSync(join(root, 'bench', 'REPORT.md'), report(results));
+// A partial run (--only, --before) is printed, not written over the committed report.
+if (!only && !before) {
+  writeFileSync(join(root, 'bench', 'results.json'), JSON.stringify(results, null, 2) + '\n');
+  writeFileSync(join(root, 'bench', 'REPORT.md'), report(results));
+}
 process.stdout.write(report(results));
+
+function option(name) {
+  const at = process.argv.indexOf(name);
+  return at === -1 ? undefined : process.argv[at + 1];
+}
 
 function machine() {
   const version = (cmd, args) => {
@@ -64,7 +83,7 @@ function report({ machine: m, settings: s, benchmarks, seconds }) {
     '',
   ];
   for (const bench of benchmarks) {
-    lines.push(`## ${bench.title}`, '', bench.description, '');
+    lines.push(`## ${bench.title}`, '', bench.description, '', `Machine load: ${bench.load}.`, '');
     lines.push(`| case | ${bench.unit} | spread | ratio to floor | ${bench.extraHeader ?? ''} |`, '| --- | --- | --- | --- | --- |');
     for (const row of bench.rows) {
       lines.push(`| ${row.name} | ${row.median.toFixed(1)} | ${row.min.toFixed(1)}..${row.max.toFixed(1)} | ${row.ratio.toFixed(2)} | ${row.extra ?? ''} |`);

@@ -6,9 +6,13 @@
  * Each write is one `BEGIN IMMEDIATE` transaction, so two processes never
  * interleave a read-then-write (claiming the same run twice, say); WAL lets
  * readers carry on while one process writes. Time-based rules (expired
- * claims, passed deadlines) are applied lazily: every transaction that
- * claims, reclaims, resolves, cancels or uploads sweeps first, so what a
- * worker is told never depends on whether some sweeper has run yet.
+ * claims, passed deadlines) are applied lazily, and what a worker is told
+ * never depends on whether some sweeper has run yet: every report (reclaim,
+ * resolve, upload) is a conditional write that holds only while the claim
+ * and the task's deadline have not passed, and a refused report sweeps
+ * before it says why. Claims sweep at most once per poll interval (and
+ * whenever they find nothing to claim), and never hand out a run whose
+ * deadline has passed; `sweep()` and `cancel` sweep at once.
  */
 import { randomBytes } from 'node:crypto';
 import { accessSync, closeSync, constants, createReadStream, createWriteStream, mkdirSync, openSync, rmSync } from 'node:fs';
@@ -18,6 +22,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
+import { Wakers } from './wakers.js';
 import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
 import { ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
@@ -83,6 +88,9 @@ const MIGRATIONS: readonly string[] = [
 /** Reasons only the queue gives (sweep, cancel): never a worker's own report. */
 const QUEUE_REASONS: ReadonlySet<string> = new Set(['canceled', 'claim-expired', 'deadline-exceeded']);
 const OPEN = `state IN ('pending', 'running')`;
+/** A report's condition: the worker holds the run's claim, and neither the claim nor the task's deadline has passed. */
+const HELD = `state = 'running' AND worker_id = @workerId AND taken_until > @now
+              AND (SELECT deadline FROM tasks WHERE id = @taskId) > @now`;
 const SQL = {
   insertTask: `INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES (?, ?, 'pending', ?, ?, ?)`,
   insertRun: `INSERT INTO runs (task_id, run_id, state, reason_created, scheduled) VALUES (?, ?, 'pending', ?, ?)`,
@@ -94,12 +102,12 @@ const SQL = {
               OR EXISTS (SELECT 1 FROM tasks WHERE ${OPEN} AND deadline <= @now) AS yes`,
   // Scheduling order; rowid breaks ties between runs scheduled in the same millisecond.
   pendingRuns: `SELECT r.task_id, r.run_id, t.payload, t.deadline, t.retries_left FROM runs r JOIN tasks t ON t.id = r.task_id
-                WHERE r.state = 'pending' ORDER BY r.scheduled, r.rowid LIMIT ?`,
+                WHERE r.state = 'pending' AND t.deadline > ? ORDER BY r.scheduled, r.rowid LIMIT ?`,
   startRun: `UPDATE runs SET state = 'running', worker_id = ?, started = ?, taken_until = ? WHERE task_id = ? AND run_id = ?`,
-  holds: `SELECT 1 FROM runs WHERE task_id = ? AND run_id = ? AND state = 'running' AND worker_id = ? AND taken_until > ?`,
-  extendClaim: `UPDATE runs SET taken_until = ? WHERE task_id = ? AND run_id = ? AND state = 'running' AND worker_id = ? AND taken_until > ?`,
+  holds: `SELECT 1 FROM runs WHERE task_id = @taskId AND run_id = @runId AND ${HELD}`,
+  extendClaim: `UPDATE runs SET taken_until = @takenUntil WHERE task_id = @taskId AND run_id = @runId AND ${HELD}`,
   resolveHeld: `UPDATE runs SET state = @state, reason_resolved = @reason, message = @message, resolved = @now
-                WHERE task_id = @taskId AND run_id = @runId AND state = 'running' AND worker_id = @workerId AND taken_until > @now`,
+                WHERE task_id = @taskId AND run_id = @runId AND ${HELD}`,
   resolveOpen: `UPDATE runs SET state = @state, reason_resolved = @reason, message = @message, resolved = @now
                 WHERE task_id = @taskId AND run_id = @runId AND ${OPEN}`,
   overdueTasks: `SELECT id AS taskId, deadline, (SELECT max(run_id) FROM runs WHERE task_id = tasks.id) AS runId
@@ -170,7 +178,13 @@ export class SqliteQueue implements Queue {
   private readonly pollIntervalMs: number;
   private readonly now: () => number;
   /** Long polls waiting on this instance; `submit` and `close` wake them. */
-  private readonly wakers = new Set<() => void>();
+  private readonly wakers = new Wakers();
+  /** One transaction wrapper for every write: `fn` runs inside it. */
+  private readonly transaction: Database.Transaction<(fn: () => unknown) => unknown>;
+  /** Queue-clock time before which claims need not sweep (one sweep per poll interval). */
+  private nextSweep = -Infinity;
+  /** Whether this instance's last claim found nothing: then the next looks (a read) before it takes the write lock. */
+  private idle = true;
   private readonly watchers = new Set<Watcher>();
   private watchTimer: NodeJS.Timeout | undefined;
   /** Aborted by `close`, to end followers' waits at once. */
@@ -184,6 +198,7 @@ export class SqliteQueue implements Queue {
     this.pollIntervalMs = options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
     this.now = options.now ?? Date.now;
     this.s = Object.fromEntries(Object.entries(SQL).map(([key, sql]) => [key, db.prepare(sql)])) as SqliteQueue['s'];
+    this.transaction = db.transaction((fn: () => unknown) => fn());
   }
 
   async submit(task: TaskDefinition): Promise<TaskId> {
@@ -195,7 +210,7 @@ export class SqliteQueue implements Queue {
       this.s.insertTask.run(taskId, JSON.stringify(task.payload), now, task.deadline, task.retries);
       this.s.insertRun.run(taskId, 0, 'scheduled', now);
     });
-    for (const wake of [...this.wakers]) wake();
+    this.wakers.wake();
     return taskId;
   }
 
@@ -207,17 +222,17 @@ export class SqliteQueue implements Queue {
       const claims = this.claimNow(workerId, count);
       const left = giveUpAt - performance.now();
       if (claims.length > 0 || left <= 0 || signal?.aborted) return claims;
-      await this.pause(Math.min(left, this.pollIntervalMs), signal);
+      await this.wakers.pause(Math.min(left, this.pollIntervalMs), signal);
       if (this.closed || signal?.aborted) return [];
     }
   }
 
   async reclaim(run: RunRef, workerId: string): Promise<{ takenUntil: number }> {
     const outcome = this.write(() => {
-      const now = this.sweepNow();
+      const now = this.now();
       const takenUntil = now + this.claimTimeoutMs;
-      const { changes } = this.s.extendClaim.run(takenUntil, run.taskId, run.runId, workerId, now);
-      return changes === 1 ? { takenUntil } : this.lostClaim(run, workerId);
+      const { changes } = this.s.extendClaim.run({ takenUntil, taskId: run.taskId, runId: run.runId, workerId, now });
+      return changes === 1 ? { takenUntil } : this.refusal(run, workerId, now);
     });
     if (outcome instanceof Error) throw outcome;
     return outcome;
@@ -225,9 +240,9 @@ export class SqliteQueue implements Queue {
 
   async resolve(run: RunRef, workerId: string, resolution: Resolution): Promise<void> {
     const refusal = this.write(() => {
-      const now = this.sweepNow();
+      const now = this.now();
       const { changes } = this.s.resolveHeld.run({ taskId: run.taskId, runId: run.runId, ...columns(resolution), workerId, now });
-      if (changes === 0) return this.sameReport(run, workerId, resolution) ? undefined : this.lostClaim(run, workerId);
+      if (changes === 0) return this.sameReport(run, workerId, resolution) ? undefined : this.refusal(run, workerId, now);
       this.afterResolve(run, resolution, now);
       return undefined;
     });
@@ -265,8 +280,8 @@ export class SqliteQueue implements Queue {
     const path = this.artifactPath(run, meta.name);
     const key = [run.taskId, run.runId, meta.name] as const;
     const refusal = this.write(() => {
-      const now = this.sweepNow();
-      if (this.s.holds.get(run.taskId, run.runId, workerId, now) === undefined) return this.lostClaim(run, workerId);
+      const now = this.now();
+      if (this.s.holds.get({ taskId: run.taskId, runId: run.runId, workerId, now }) === undefined) return this.refusal(run, workerId, now);
       const clash = this.s.artifactClash.get({ taskId: run.taskId, runId: run.runId, name: meta.name }) as { name: string } | undefined;
       if (clash) {
         return new TaskStateError(clash.name === meta.name
@@ -339,20 +354,29 @@ export class SqliteQueue implements Queue {
     if (this.closed) return;
     this.closed = true;
     this.closing.abort();
-    for (const wake of [...this.wakers]) wake();
+    this.wakers.wake();
     this.watchers.clear();
     this.unwatch();
     this.db.close();
   }
 
-  /** Claims up to `count` pending runs, oldest first, in one transaction. */
+  /**
+   * Claims up to `count` pending runs, oldest first, in one transaction. It
+   * sweeps first once per poll interval, and again when it finds nothing
+   * (an expired claim may be waiting for its retry run).
+   */
   private claimNow(workerId: string, count: number): Claim[] {
-    const now = this.now();
-    if (count < 1 || !this.read(() => (this.s.anyWork.get({ now }) as { yes: number }).yes)) return [];
-    return this.write(() => {
-      const now = this.sweepNow();
+    if (count < 1) return [];
+    // Idle pollers look before they take the write lock, so they do not queue behind busy writers.
+    if (this.idle && !this.read(() => (this.s.anyWork.get({ now: this.now() }) as { yes: number }).yes)) return [];
+    const claims = this.write(() => {
+      const now = this.now();
+      const swept = now >= this.nextSweep || now + this.pollIntervalMs < this.nextSweep;
+      if (swept) this.sweepAt(now);
       const takenUntil = now + this.claimTimeoutMs;
-      const pending = this.s.pendingRuns.all(Math.floor(count)) as { task_id: string; run_id: number; payload: string; deadline: number; retries_left: number }[];
+      type PendingRow = { task_id: string; run_id: number; payload: string; deadline: number; retries_left: number };
+      let pending = this.s.pendingRuns.all(now, Math.floor(count)) as PendingRow[];
+      if (pending.length === 0 && !swept && this.sweepAt(now) > 0) pending = this.s.pendingRuns.all(now, Math.floor(count)) as PendingRow[];
       return pending.map((row): Claim => {
         this.s.startRun.run(workerId, now, takenUntil, row.task_id, row.run_id);
         this.s.setTaskState.run('running', row.task_id);
@@ -362,21 +386,8 @@ export class SqliteQueue implements Queue {
         };
       });
     });
-  }
-
-  /** Waits `ms`, or less if `submit`, `close` or `signal` says so. */
-  private pause(ms: number, signal?: AbortSignal): Promise<void> {
-    return new Promise((done) => {
-      const wake = (): void => {
-        clearTimeout(timer);
-        this.wakers.delete(wake);
-        signal?.removeEventListener('abort', wake);
-        done();
-      };
-      const timer = setTimeout(wake, ms);
-      this.wakers.add(wake);
-      signal?.addEventListener('abort', wake, { once: true });
-    });
+    this.idle = claims.length === 0;
+    return claims;
   }
 
   private sweepNow(): number {
@@ -391,6 +402,7 @@ export class SqliteQueue implements Queue {
    * that could never run. Call inside a write transaction.
    */
   private sweepAt(now: number): number {
+    this.nextSweep = now + this.pollIntervalMs;
     const overdue = this.s.overdueTasks.all(now) as { taskId: string; runId: number; deadline: number }[];
     for (const run of overdue) {
       this.end(run, { state: 'exception', reason: 'deadline-exceeded', message: `task deadline passed at ${iso(run.deadline)}` }, now);
@@ -427,6 +439,16 @@ export class SqliteQueue implements Queue {
     const { state, reason, message } = columns(resolution);
     return row !== undefined && row.worker_id === workerId && row.state === state && row.reason_resolved === reason && row.message === message
       && !QUEUE_REASONS.has(reason);
+  }
+
+  /**
+   * Why a report on `run` was refused, as an error to throw once the
+   * transaction has committed. It sweeps first, so a claim or deadline that
+   * passed unswept is resolved now and named as the reason.
+   */
+  private refusal(run: RunRef, workerId: string, now: number): Error {
+    this.sweepAt(now);
+    return this.lostClaim(run, workerId);
   }
 
   /** Why `workerId` does not hold `run`, as an error to throw once the transaction has committed. */
@@ -524,7 +546,7 @@ export class SqliteQueue implements Queue {
   }
 
   private write<T>(fn: () => T): T {
-    return this.read(() => this.db.transaction(fn).immediate());
+    return this.read(() => this.transaction.immediate(fn) as T);
   }
 }
 

@@ -259,13 +259,13 @@ async function claimLatency(queues) {
  * THE ONE PLACE COUPLED TO THE QUEUES' SCHEMAS: fills a freshly migrated
  * drover queue with `count` pending tasks (each with its pending run 0) in
  * one bulk INSERT per table, one transaction, far faster than `submit`.
- * It writes the columns of migration 1 of src/queues/sqlite.ts (MIGRATIONS,
- * `PRAGMA user_version`) and src/queues/postgres-migrations.ts
- * (`schema_migrations`), and refuses any other schema version: when a
+ * It writes the columns of src/queues/sqlite.ts's MIGRATIONS (up to version 2,
+ * `PRAGMA user_version`) and src/queues/postgres-migrations.ts's (version 1,
+ * `schema_migrations`), and refuses any other schema version: when a
  * migration is added, check the INSERTs below and bump KNOWN_VERSION.
  */
 async function fillPendingTasks(target, count) {
-  const KNOWN_VERSION = 1;
+  const KNOWN_VERSION = { sqlite: 2, postgres: 1 }[target.kind];
   const now = Date.now();
   const deadline = now + 24 * 3_600_000;
   const stale = (version) => new Error(`bench/queues.mjs fillPendingTasks knows queue schema version ${KNOWN_VERSION}, this ${target.kind} queue is at ${version}: update it`);

@@ -18,8 +18,9 @@
  * straight into the queue's tables by fillPendingTasks(); the claims take
  * turns across the sizes, as floor and drover runs take turns above.
  *
- * PostgreSQL: DROVER_TEST_PG_URL or postgres://postgres@127.0.0.1:5432/test;
- * when it cannot be reached, its rows say so and the rest still runs.
+ * PostgreSQL: the suite's own server (bench/postgres.mjs, started by run.mjs),
+ * or the fallback it names; when it cannot be reached, its rows say so and
+ * the rest still runs.
  */
 import { fork } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -32,7 +33,6 @@ import { summary } from './lib.mjs';
 
 const WORKER = fileURLToPath(new URL('queue-worker.mjs', import.meta.url));
 const CONCURRENCY = [1, 4, 8];
-const PG_URL = process.env.DROVER_TEST_PG_URL || 'postgres://postgres@127.0.0.1:5432/test';
 /** Claims timed per latency case, after a few untimed ones. */
 const LATENCY_SAMPLES = 200;
 const LATENCY_WARMUP = 10;
@@ -45,7 +45,8 @@ const FILL_PAYLOAD = JSON.stringify({ command: ['true'] });
  * `before`: the root of another build of drover (`npm run bench -- --before DIR`); its queues get rows
  * of their own ("before"), measured in turn with the floor and this build, so a change is seen in one run.
  */
-export async function queues({ root, scratch, reps, quick, before }) {
+export async function queues({ root, scratch, reps, quick, before, pg: server }) {
+  const PG_URL = server.url;
   const KINDS = before ? ['floor', 'drover', 'before'] : ['floor', 'drover'];
   const rootOf = (kind) => (kind === 'before' ? before : root);
   started = performance.now();
@@ -143,7 +144,7 @@ export async function queues({ root, scratch, reps, quick, before }) {
       description: `${claims[name].drover} pending runs (the floor: ${claims[name].floor}) drained by 1, 4 and 8 worker processes, each looping \`claimWork({ count: 1, waitMs: 0 })\` -> \`resolve(completed)\` on drover's ${backend.label} queue until it is empty; no engine, no machine. `
         + (name === 'sqlite'
           ? 'Floor: raw better-sqlite3 in as many processes, ONE `BEGIN IMMEDIATE` transaction per claim+resolve (select the oldest pending row, mark it running, mark it done) on a minimal table with a partial index on pending rows, with the queue\'s pragmas (WAL, synchronous=NORMAL, busy_timeout).'
-          : `Floor: raw \`pg\` in as many processes, one \`UPDATE t SET state='running' WHERE id = (SELECT id FROM t WHERE state='pending' ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id\` per claim plus one UPDATE per resolve, on a minimal table with a partial index on pending rows. Server: ${pgDisplay}; each run in a fresh schema, analyzed after the fill, dropped afterwards.`)
+          : `Floor: raw \`pg\` in as many processes, one \`UPDATE t SET state='running' WHERE id = (SELECT id FROM t WHERE state='pending' ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id\` per claim plus one UPDATE per resolve, on a minimal table with a partial index on pending rows. Server: ${server.about}; each run in a fresh schema, analyzed after the fill, dropped afterwards.`)
         + ` Processes start and connect before the clock starts; floor and drover runs alternate, after a warm-up of each${quick ? ' (quick mode: only before the first concurrency)' : ''}. Last column: wall time per claim+resolve at that rate.`,
       unit: 'claims/s',
       extraHeader: 'per claim+resolve',

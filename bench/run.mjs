@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { localTasks } from './local-tasks.mjs';
 import { memory } from './memory.mjs';
+import { startPostgres } from './postgres.mjs';
 import { queues } from './queues.mjs';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
@@ -29,16 +30,18 @@ for (const name of only ?? []) if (!(name in BENCHMARKS)) throw new Error(`--onl
 const started = Date.now();
 const results = { settings: { quick, ...settings }, machine: machine(), benchmarks: [] };
 const scratch = mkdtempSync(join(tmpdir(), 'drover-bench-'));
+const postgres = only && !only.includes('queues') ? undefined : await ownPostgres();
 try {
   for (const [name, bench] of Object.entries(BENCHMARKS)) {
     if (only && !only.includes(name)) continue;
     // The machine is shared: the load average (1 min) before and after each benchmark goes into its report.
     const loadBefore = loadavg()[0];
-    const measured = await bench({ root, scratch, quick, before, ...settings });
+    const measured = await bench({ root, scratch, quick, before, pg: postgres, ...settings });
     const load = `load average ${loadBefore.toFixed(2)} before, ${loadavg()[0].toFixed(2)} after`;
     results.benchmarks.push(...measured.map((each) => ({ ...each, load })));
   }
 } finally {
+  await postgres?.stop?.();
   rmSync(scratch, { recursive: true, force: true });
 }
 results.seconds = Math.round((Date.now() - started) / 1000);
@@ -48,6 +51,22 @@ if (!only && !before) {
   writeFileSync(join(root, 'bench', 'REPORT.md'), report(results));
 }
 process.stdout.write(report(results));
+
+/**
+ * The suite's own PostgreSQL server, or (when it cannot start one) the fallback: DROVER_TEST_PG_URL or
+ * the local server at 127.0.0.1:5432. `about` says which, for the report.
+ */
+async function ownPostgres() {
+  const server = await startPostgres();
+  if (server.url) {
+    process.stderr.write(`bench: started its own PostgreSQL (${server.version}) at ${server.url}\n`);
+    return { ...server, about: `the suite's own ${server.version}, default settings, on a loopback port` };
+  }
+  const url = process.env.DROVER_TEST_PG_URL || 'postgres://postgres@127.0.0.1:5432/test';
+  const display = url.replace(/:[^:@/]*@/, ':***@');
+  process.stderr.write(`bench: ${server.problem}; falling back to the PostgreSQL at ${display}\n`);
+  return { url, about: `${display} (fallback: ${server.problem})` };
+}
 
 function option(name) {
   const at = process.argv.indexOf(name);

@@ -12,6 +12,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { availableParallelism, cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { artifacts } from './artifacts.mjs';
 import { localTasks } from './local-tasks.mjs';
 import { memory } from './memory.mjs';
 import { startPostgres } from './postgres.mjs';
@@ -24,13 +25,13 @@ const settings = quick ? { tasks: 200, reps: 1 } : { tasks: 1000, reps: 3 };
 const only = option('--only')?.split(',');
 /** `--before DIR`: another build of drover (a checkout with dist/ built) whose queues are measured beside this one. */
 const before = option('--before');
-const BENCHMARKS = { local: localTasks, queues, memory };
+const BENCHMARKS = { local: localTasks, queues, memory, artifacts };
 for (const name of only ?? []) if (!(name in BENCHMARKS)) throw new Error(`--only: no benchmark "${name}"; there are ${Object.keys(BENCHMARKS).join(', ')}`);
 
 const started = Date.now();
 const results = { settings: { quick, ...settings }, machine: machine(), benchmarks: [] };
 const scratch = mkdtempSync(join(tmpdir(), 'drover-bench-'));
-const postgres = only && !only.includes('queues') ? undefined : await ownPostgres();
+const postgres = only && !only.some((name) => ['queues', 'artifacts'].includes(name)) ? undefined : await ownPostgres();
 try {
   for (const [name, bench] of Object.entries(BENCHMARKS)) {
     if (only && !only.includes(name)) continue;

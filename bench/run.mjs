@@ -17,6 +17,7 @@ import { localTasks } from './local-tasks.mjs';
 import { memory } from './memory.mjs';
 import { startPostgres } from './postgres.mjs';
 import { queues } from './queues.mjs';
+import { ssh } from './ssh.mjs';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const quick = process.argv.includes('--quick');
@@ -25,7 +26,7 @@ const settings = quick ? { tasks: 200, reps: 1 } : { tasks: 1000, reps: 3 };
 const only = option('--only')?.split(',');
 /** `--before DIR`: another build of drover (a checkout with dist/ built) whose queues are measured beside this one. */
 const before = option('--before');
-const BENCHMARKS = { local: localTasks, queues, memory, artifacts };
+const BENCHMARKS = { local: localTasks, ssh, queues, memory, artifacts };
 for (const name of only ?? []) if (!(name in BENCHMARKS)) throw new Error(`--only: no benchmark "${name}"; there are ${Object.keys(BENCHMARKS).join(', ')}`);
 
 const started = Date.now();

@@ -52,6 +52,10 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
   started = performance.now();
   const { SqliteQueue } = await import(join(root, 'dist/queues/sqlite.js'));
   const { PostgresQueue } = await import(join(root, 'dist/queues/postgres.js'));
+  // The build whose queue a run measures also creates its schema: an older build refuses a newer schema.
+  const queuesOf = async (kind) => kind === 'before'
+    ? { SqliteQueue: (await import(join(before, 'dist/queues/sqlite.js'))).SqliteQueue, PostgresQueue: (await import(join(before, 'dist/queues/postgres.js'))).PostgresQueue }
+    : { SqliteQueue, PostgresQueue };
   const { parseQueueUrl } = await import(join(root, 'dist/queues/postgres-connection.js'));
   const pgDisplay = parseQueueUrl(PG_URL).display;
   const pgProblem = await unreachable(PG_URL);
@@ -70,8 +74,8 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
       label: 'SQLite',
       setUp: async (kind, count) => {
         const dir = mkdtempSync(join(scratch, 'queue-'));
-        if (kind === 'drover') {
-          await SqliteQueue.open({ dir }).close();
+        if (kind !== 'floor') {
+          await (await queuesOf(kind)).SqliteQueue.open({ dir }).close();
           await fillPendingTasks({ kind: 'sqlite', dir }, count);
         } else {
           fillSqliteFloor(dir, count);
@@ -86,8 +90,8 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
         const schema = `bench_${process.pid}_${randomBytes(4).toString('hex')}`;
         const tearDown = () => dropSchema(PG_URL, schema);
         try {
-          if (kind === 'drover') {
-            await (await PostgresQueue.open({ url: PG_URL, schema, poolSize: 1 })).close();
+          if (kind !== 'floor') {
+            await (await (await queuesOf(kind)).PostgresQueue.open({ url: PG_URL, schema, poolSize: 1 })).close();
             await fillPendingTasks({ kind: 'postgres', url: PG_URL, schema }, count);
           } else {
             await fillPostgresFloor(PG_URL, schema, count);
@@ -113,7 +117,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
         const once = async (kind) => {
           const as = kind === 'before' ? 'drover' : kind;
           const count = claims[name][as];
-          const { config, tearDown } = await backend.setUp(as, count);
+          const { config, tearDown } = await backend.setUp(kind, count);
           try {
             return count / (await drain({ kind: `${as}-${name}`, root: rootOf(kind), config, workers, count }));
           } finally {
@@ -263,18 +267,19 @@ async function claimLatency(queues) {
  * It writes the columns of src/queues/sqlite.ts's MIGRATIONS (up to version 2,
  * `PRAGMA user_version`) and src/queues/postgres-migrations.ts's (version 1,
  * `schema_migrations`), and refuses any other schema version: when a
- * migration is added, check the INSERTs below and bump KNOWN_VERSION.
+ * migration is added, check the INSERTs below and add its version to KNOWN_VERSIONS.
  */
 async function fillPendingTasks(target, count) {
-  const KNOWN_VERSION = { sqlite: 2, postgres: 1 }[target.kind];
+  // SQLite's migration 2 changed indexes and what a running task's row says, not the columns written here.
+  const KNOWN_VERSIONS = { sqlite: [1, 2], postgres: [1] }[target.kind];
   const now = Date.now();
   const deadline = now + 24 * 3_600_000;
-  const stale = (version) => new Error(`bench/queues.mjs fillPendingTasks knows queue schema version ${KNOWN_VERSION}, this ${target.kind} queue is at ${version}: update it`);
+  const stale = (version) => new Error(`bench/queues.mjs fillPendingTasks knows queue schema versions ${KNOWN_VERSIONS.join(', ')}, this ${target.kind} queue is at ${version}: update it`);
   if (target.kind === 'sqlite') {
     const db = new Database(join(target.dir, 'queue.db'));
     try {
       const version = db.pragma('user_version', { simple: true });
-      if (version !== KNOWN_VERSION) throw stale(version);
+      if (!KNOWN_VERSIONS.includes(version)) throw stale(version);
       const series = `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < @count)`;
       db.transaction(() => {
         db.prepare(`INSERT INTO tasks (id, payload, state, created, deadline, retries_left)
@@ -289,7 +294,7 @@ async function fillPendingTasks(target, count) {
   }
   await withClient(target.url, target.schema, async (client) => {
     const { rows } = await client.query(`SELECT max(version) AS version FROM schema_migrations`);
-    if (rows[0].version !== KNOWN_VERSION) throw stale(rows[0].version);
+    if (!KNOWN_VERSIONS.includes(rows[0].version)) throw stale(rows[0].version);
     await client.query('BEGIN');
     await client.query(`INSERT INTO tasks (id, payload, state, created, deadline, retries_left)
                         SELECT 'bench' || lpad(i::text, 17, '0'), $1::jsonb, 'pending', $2, $3, 0 FROM generate_series(1, $4::int) i`, [FILL_PAYLOAD, now, deadline, count]);

@@ -13,8 +13,9 @@
  *    same worker with the same resolution (its first attempt committed, but
  *    the answer was lost with the connection) is acknowledged, not refused:
  *    reports are retried until acknowledged, and applied once.
- *  - The hot reports are one prepared statement each: a reclaim, and a
- *    resolution that schedules no retry (the run and its task in one CTE).
+ *  - The hot reports are one prepared statement each, found by primary
+ *    key: a reclaim, and a resolution that schedules no retry (the run and
+ *    its task in one CTE).
  *  - Time rules are applied lazily, as in SQLite: a report holds only while
  *    its claim and its task's deadline have not passed, so it needs no sweep
  *    to be right; a refused report sweeps before it says why. Claims sweep
@@ -99,8 +100,13 @@ const RECLAIM = { name: 'drover_reclaim', text: `UPDATE runs SET taken_until = $
 const HOLDS = `SELECT 1 FROM runs WHERE ${held('$1', '$2', '$3', '$4')}`;
 const RESOLVE_OPEN = `UPDATE runs SET state = $1, reason_resolved = $2, message = $3, resolved = $4, resolved_by = 'queue'
                       WHERE task_id = $5 AND run_id = $6 AND ${OPEN}`;
-/** The claim: one statement, so a run is picked, marked and returned atomically, and contenders skip each other's rows. */
-const CLAIM = { name: 'drover_claim', text: `
+/**
+ * The claim: one statement, so a run is picked, marked and returned atomically, and contenders skip each other's rows.
+ * Not a named (prepared) statement, nor is ANY_WORK: after five runs a prepared statement may get a generic plan, which
+ * knows neither the LIMIT nor the time, and with a million pending runs a generic plan scanned them all (a claim took
+ * 200 ms, not 1). Planned each time, both stay on their partial indexes.
+ */
+const CLAIM = { text: `
   WITH picked AS (
     SELECT r.task_id, r.run_id FROM runs r JOIN tasks t ON t.id = r.task_id
     WHERE r.state = 'pending' AND t.deadline > $2
@@ -118,7 +124,7 @@ const CLAIM = { name: 'drover_claim', text: `
   SELECT s.task_id, s.run_id, m.payload, m.deadline, m.retries_left FROM started s JOIN marked m ON m.id = s.task_id
   ORDER BY s.scheduled, s.seq` };
 /** A cheap read that lets idle pollers skip the claim, and tells claims whether to sweep. */
-const ANY_WORK = { name: 'drover_any_work', text: `
+const ANY_WORK = { text: `
   SELECT EXISTS (SELECT 1 FROM runs WHERE state = 'pending') AS pending,
          EXISTS (SELECT 1 FROM runs WHERE state = 'running' AND taken_until <= $1)
       OR EXISTS (SELECT 1 FROM tasks WHERE ${OPEN} AND deadline <= $1) AS due` };

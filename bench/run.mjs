@@ -3,6 +3,11 @@
  * drover's benchmarks: each one measures drover next to its floor and its
  * peers in the same run, on the same machine, and writes bench/REPORT.md and
  * bench/results.json. `npm run bench` (full) or `npm run bench -- --quick`.
+ * `--only local,ssh,queues,memory,artifacts` runs some of them, and
+ * `--before DIR` measures the queues of another build (a checkout with
+ * dist/ built) beside this one; both print the report without writing it.
+ * The suite starts what it needs on loopback (PostgreSQL, sshd) and stops
+ * it afterwards. bench/ANALYSIS.md says what bounds the missed targets.
  *
  * Each case runs a warm-up, then `reps` repetitions; the report gives the
  * median, the spread (min..max) and the ratio against the baseline.

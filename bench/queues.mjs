@@ -18,8 +18,9 @@
  * straight into the queue's tables by fillPendingTasks(); the claims take
  * turns across the sizes, as floor and drover runs take turns above.
  *
- * PostgreSQL: DROVER_TEST_PG_URL or postgres://postgres@127.0.0.1:5432/test;
- * when it cannot be reached, its rows say so and the rest still runs.
+ * PostgreSQL: the suite's own server (bench/postgres.mjs, started by run.mjs),
+ * or the fallback it names; when it cannot be reached, its rows say so and
+ * the rest still runs.
  */
 import { fork } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -32,8 +33,6 @@ import { summary } from './lib.mjs';
 
 const WORKER = fileURLToPath(new URL('queue-worker.mjs', import.meta.url));
 const CONCURRENCY = [1, 4, 8];
-const KINDS = ['floor', 'drover'];
-const PG_URL = process.env.DROVER_TEST_PG_URL || 'postgres://postgres@127.0.0.1:5432/test';
 /** Claims timed per latency case, after a few untimed ones. */
 const LATENCY_SAMPLES = 200;
 const LATENCY_WARMUP = 10;
@@ -42,10 +41,21 @@ const RUN_TIMEOUT_MS = 120_000;
 /** What a bulk-filled task carries: a small, realistic payload. */
 const FILL_PAYLOAD = JSON.stringify({ command: ['true'] });
 
-export async function queues({ root, scratch, reps, quick }) {
+/**
+ * `before`: the root of another build of drover (`npm run bench -- --before DIR`); its queues get rows
+ * of their own ("before"), measured in turn with the floor and this build, so a change is seen in one run.
+ */
+export async function queues({ root, scratch, reps, quick, before, pg: server }) {
+  const PG_URL = server.url;
+  const KINDS = before ? ['floor', 'drover', 'before'] : ['floor', 'drover'];
+  const rootOf = (kind) => (kind === 'before' ? before : root);
   started = performance.now();
   const { SqliteQueue } = await import(join(root, 'dist/queues/sqlite.js'));
   const { PostgresQueue } = await import(join(root, 'dist/queues/postgres.js'));
+  // The build whose queue a run measures also creates its schema: an older build refuses a newer schema.
+  const queuesOf = async (kind) => kind === 'before'
+    ? { SqliteQueue: (await import(join(before, 'dist/queues/sqlite.js'))).SqliteQueue, PostgresQueue: (await import(join(before, 'dist/queues/postgres.js'))).PostgresQueue }
+    : { SqliteQueue, PostgresQueue };
   const { parseQueueUrl } = await import(join(root, 'dist/queues/postgres-connection.js'));
   const pgDisplay = parseQueueUrl(PG_URL).display;
   const pgProblem = await unreachable(PG_URL);
@@ -64,8 +74,8 @@ export async function queues({ root, scratch, reps, quick }) {
       label: 'SQLite',
       setUp: async (kind, count) => {
         const dir = mkdtempSync(join(scratch, 'queue-'));
-        if (kind === 'drover') {
-          await SqliteQueue.open({ dir }).close();
+        if (kind !== 'floor') {
+          await (await queuesOf(kind)).SqliteQueue.open({ dir }).close();
           await fillPendingTasks({ kind: 'sqlite', dir }, count);
         } else {
           fillSqliteFloor(dir, count);
@@ -80,8 +90,8 @@ export async function queues({ root, scratch, reps, quick }) {
         const schema = `bench_${process.pid}_${randomBytes(4).toString('hex')}`;
         const tearDown = () => dropSchema(PG_URL, schema);
         try {
-          if (kind === 'drover') {
-            await (await PostgresQueue.open({ url: PG_URL, schema, poolSize: 1 })).close();
+          if (kind !== 'floor') {
+            await (await (await queuesOf(kind)).PostgresQueue.open({ url: PG_URL, schema, poolSize: 1 })).close();
             await fillPendingTasks({ kind: 'postgres', url: PG_URL, schema }, count);
           } else {
             await fillPostgresFloor(PG_URL, schema, count);
@@ -105,10 +115,11 @@ export async function queues({ root, scratch, reps, quick }) {
       if (problem) throw new Error(`PostgreSQL unreachable at ${pgDisplay}: ${problem}`);
       for (const workers of CONCURRENCY) {
         const once = async (kind) => {
-          const count = claims[name][kind];
+          const as = kind === 'before' ? 'drover' : kind;
+          const count = claims[name][as];
           const { config, tearDown } = await backend.setUp(kind, count);
           try {
-            return count / (await drain({ kind: `${kind}-${name}`, root, config, workers, count }));
+            return count / (await drain({ kind: `${as}-${name}`, root: rootOf(kind), config, workers, count }));
           } finally {
             await tearDown();
           }
@@ -117,14 +128,14 @@ export async function queues({ root, scratch, reps, quick }) {
         // Floor and drover take turns, so a load that comes and goes on the machine falls on both alike.
         // Quick mode warms up once per queue rather than once per case, to stay within its time.
         if (!quick || workers === CONCURRENCY[0]) for (const kind of KINDS) await once(kind);
-        const values = { floor: [], drover: [] };
+        const values = Object.fromEntries(KINDS.map((kind) => [kind, []]));
         for (let i = 0; i < reps; i++) for (const kind of KINDS) values[kind].push(await once(kind));
-        const measured = { floor: summary(values.floor), drover: summary(values.drover) };
+        const measured = Object.fromEntries(KINDS.map((kind) => [kind, summary(values[kind])]));
         const ratio = measured.drover.median / measured.floor.median;
         const processes = `${workers} process${workers === 1 ? '' : 'es'}`;
         for (const kind of KINDS) {
           const s = measured[kind];
-          rows.push({ name: `${kind}, ${processes}`, ...s, ratio: s.median / measured.floor.median, extra: `${(1000 / s.median).toFixed(3)} ms` });
+          rows.push({ name: `${kind === 'before' ? `drover before (${before})` : kind}, ${processes}`, ...s, ratio: s.median / measured.floor.median, extra: `${(1000 / s.median).toFixed(3)} ms` });
         }
         targets.push({ text: `within 2x of the raw floor with ${processes} (at least 0.5 of its claims/s)`, met: ratio >= 0.5, measured: `${ratio.toFixed(2)} of the floor` });
       }
@@ -137,7 +148,7 @@ export async function queues({ root, scratch, reps, quick }) {
       description: `${claims[name].drover} pending runs (the floor: ${claims[name].floor}) drained by 1, 4 and 8 worker processes, each looping \`claimWork({ count: 1, waitMs: 0 })\` -> \`resolve(completed)\` on drover's ${backend.label} queue until it is empty; no engine, no machine. `
         + (name === 'sqlite'
           ? 'Floor: raw better-sqlite3 in as many processes, ONE `BEGIN IMMEDIATE` transaction per claim+resolve (select the oldest pending row, mark it running, mark it done) on a minimal table with a partial index on pending rows, with the queue\'s pragmas (WAL, synchronous=NORMAL, busy_timeout).'
-          : `Floor: raw \`pg\` in as many processes, one \`UPDATE t SET state='running' WHERE id = (SELECT id FROM t WHERE state='pending' ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id\` per claim plus one UPDATE per resolve, on a minimal table with a partial index on pending rows. Server: ${pgDisplay}; each run in a fresh schema, analyzed after the fill, dropped afterwards.`)
+          : `Floor: raw \`pg\` in as many processes, one \`UPDATE t SET state='running' WHERE id = (SELECT id FROM t WHERE state='pending' ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id\` per claim plus one UPDATE per resolve, on a minimal table with a partial index on pending rows. Server: ${server.about}; each run in a fresh schema, analyzed after the fill, dropped afterwards.`)
         + ` Processes start and connect before the clock starts; floor and drover runs alternate, after a warm-up of each${quick ? ' (quick mode: only before the first concurrency)' : ''}. Last column: wall time per claim+resolve at that rate.`,
       unit: 'claims/s',
       extraHeader: 'per claim+resolve',
@@ -253,21 +264,22 @@ async function claimLatency(queues) {
  * THE ONE PLACE COUPLED TO THE QUEUES' SCHEMAS: fills a freshly migrated
  * drover queue with `count` pending tasks (each with its pending run 0) in
  * one bulk INSERT per table, one transaction, far faster than `submit`.
- * It writes the columns of migration 1 of src/queues/sqlite.ts (MIGRATIONS,
- * `PRAGMA user_version`) and src/queues/postgres-migrations.ts
- * (`schema_migrations`), and refuses any other schema version: when a
- * migration is added, check the INSERTs below and bump KNOWN_VERSION.
+ * It writes the columns of src/queues/sqlite.ts's MIGRATIONS (up to version 2,
+ * `PRAGMA user_version`) and src/queues/postgres-migrations.ts's (version 1,
+ * `schema_migrations`), and refuses any other schema version: when a
+ * migration is added, check the INSERTs below and add its version to KNOWN_VERSIONS.
  */
 async function fillPendingTasks(target, count) {
-  const KNOWN_VERSION = 1;
+  // SQLite's migration 2 changed indexes and what a running task's row says, not the columns written here.
+  const KNOWN_VERSIONS = { sqlite: [1, 2], postgres: [1] }[target.kind];
   const now = Date.now();
   const deadline = now + 24 * 3_600_000;
-  const stale = (version) => new Error(`bench/queues.mjs fillPendingTasks knows queue schema version ${KNOWN_VERSION}, this ${target.kind} queue is at ${version}: update it`);
+  const stale = (version) => new Error(`bench/queues.mjs fillPendingTasks knows queue schema versions ${KNOWN_VERSIONS.join(', ')}, this ${target.kind} queue is at ${version}: update it`);
   if (target.kind === 'sqlite') {
     const db = new Database(join(target.dir, 'queue.db'));
     try {
       const version = db.pragma('user_version', { simple: true });
-      if (version !== KNOWN_VERSION) throw stale(version);
+      if (!KNOWN_VERSIONS.includes(version)) throw stale(version);
       const series = `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < @count)`;
       db.transaction(() => {
         db.prepare(`INSERT INTO tasks (id, payload, state, created, deadline, retries_left)
@@ -282,7 +294,7 @@ async function fillPendingTasks(target, count) {
   }
   await withClient(target.url, target.schema, async (client) => {
     const { rows } = await client.query(`SELECT max(version) AS version FROM schema_migrations`);
-    if (rows[0].version !== KNOWN_VERSION) throw stale(rows[0].version);
+    if (!KNOWN_VERSIONS.includes(rows[0].version)) throw stale(rows[0].version);
     await client.query('BEGIN');
     await client.query(`INSERT INTO tasks (id, payload, state, created, deadline, retries_left)
                         SELECT 'bench' || lpad(i::text, 17, '0'), $1::jsonb, 'pending', $2, $3, 0 FROM generate_series(1, $4::int) i`, [FILL_PAYLOAD, now, deadline, count]);

@@ -403,7 +403,7 @@ t.test('opening', async (t) => {
     await queue.close();
     const db = new Database(join(dir, 'queue.db'), { readonly: true });
     t.teardown(() => db.close());
-    t.equal(db.pragma('user_version', { simple: true }), 1);
+    t.equal(db.pragma('user_version', { simple: true }), 2);
     t.equal(db.pragma('journal_mode', { simple: true }), 'wal');
     t.ok(SqliteQueue.open({ dir }).close(), 'reopens an existing queue');
   });

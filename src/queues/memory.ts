@@ -23,6 +23,7 @@ import { runKey, type Claim, type Payload, type RunRef, type RunState, type Task
 import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
 import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS } from './sqlite.js';
 import { holdSourceErrors } from './artifact-store.js';
+import { Wakers } from './wakers.js';
 
 export interface MemoryQueueHooks {
   claimWork?(options: ClaimWorkOptions): void | Promise<void>;
@@ -88,12 +89,12 @@ interface Watcher {
 export class MemoryStore {
   readonly tasks = new Map<TaskId, TaskRecord>();
   /** Long polls to wake on submit; artifact followers to wake on new bytes. */
-  readonly wakers = new Set<() => void>();
+  readonly wakers = new Wakers();
   readonly watchers = new Set<Watcher>();
   order = 0;
 
   wake(): void {
-    for (const wake of [...this.wakers]) wake();
+    this.wakers.wake();
   }
 }
 
@@ -310,19 +311,7 @@ export class MemoryQueue implements Queue {
 
   /** Waits up to `ms` of real time, or less when work is submitted, the signal aborts or the queue closes. */
   #pause(ms: number, signal?: AbortSignal): Promise<void> {
-    return new Promise((done) => {
-      const wake = (): void => {
-        clearTimeout(timer);
-        this.store.wakers.delete(wake);
-        signal?.removeEventListener('abort', wake);
-        this.#closing.signal.removeEventListener('abort', wake);
-        done();
-      };
-      const timer = setTimeout(wake, ms);
-      this.store.wakers.add(wake);
-      signal?.addEventListener('abort', wake, { once: true });
-      this.#closing.signal.addEventListener('abort', wake, { once: true });
-    });
+    return this.store.wakers.pause(ms, signal, this.#closing.signal);
   }
 
   #sweep(): number {

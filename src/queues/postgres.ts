@@ -13,10 +13,15 @@
  *    same worker with the same resolution (its first attempt committed, but
  *    the answer was lost with the connection) is acknowledged, not refused:
  *    reports are retried until acknowledged, and applied once.
- *  - Time rules are applied lazily, as in SQLite: every transaction that
- *    reclaims, resolves, cancels or uploads first sweeps expired claims and
- *    passed deadlines. Sweepers lock rows with SKIP LOCKED, so any number of
- *    workers may sweep at once and each run is swept once.
+ *  - The hot reports are one prepared statement each, found by primary
+ *    key: a reclaim, and a resolution that schedules no retry (the run and
+ *    its task in one CTE).
+ *  - Time rules are applied lazily, as in SQLite: a report holds only while
+ *    its claim and its task's deadline have not passed, so it needs no sweep
+ *    to be right; a refused report sweeps before it says why. Claims sweep
+ *    at most once per poll interval, and when they find nothing; `sweep()`
+ *    and `cancel` sweep at once. Sweepers lock rows with SKIP LOCKED, so any
+ *    number of workers may sweep at once and each run is swept once.
  *  - `submit` and a retry NOTIFY the work channel; waiting workers LISTEN
  *    on it and claim at once. Polling every `pollIntervalMs` remains as the
  *    fallback (a lost listener connection, expired claims nobody notified).
@@ -42,6 +47,7 @@ import {
 import { MIGRATIONS, migrate, type MigrationResult } from './postgres-migrations.js';
 import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
 import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS, DEFAULT_POLL_INTERVAL_MS } from './sqlite.js';
+import { Wakers } from './wakers.js';
 
 const FOLLOW_POLL_MS = 100;
 /** Cancellation arrives by NOTIFY; this poll only catches notifications lost while the listener was down. */
@@ -78,12 +84,29 @@ interface ArtifactRow extends SqlArtifactRow { upload_id: string }
 interface Watcher { readonly run: RunRef; readonly onCanceled: () => void }
 
 const OPEN = `state IN ('pending', 'running')`;
+/** A report's condition on run ($task, $run) by worker $worker at $now: it holds the claim, and neither the claim nor the task's deadline has passed. */
+const held = (task: string, run: string, worker: string, now: string): string =>
+  `task_id = ${task} AND run_id = ${run} AND state = 'running' AND worker_id = ${worker} AND taken_until > ${now}
+   AND EXISTS (SELECT 1 FROM tasks WHERE id = ${task} AND deadline > ${now})`;
 const RESOLVE_HELD = `UPDATE runs SET state = $1, reason_resolved = $2, message = $3, resolved = $4, resolved_by = 'worker'
-                      WHERE task_id = $5 AND run_id = $6 AND state = 'running' AND worker_id = $7 AND taken_until > $4`;
+                      WHERE ${held('$5', '$6', '$7', '$4')}`;
+/** A resolution that schedules no retry, in one statement: the run, then its task (runs are locked before tasks everywhere). */
+const RESOLVE_FINAL = {
+  name: 'drover_resolve_final',
+  text: `WITH resolved AS (${RESOLVE_HELD} RETURNING task_id)
+         UPDATE tasks t SET state = $1 FROM resolved r WHERE t.id = r.task_id`,
+};
+const RECLAIM = { name: 'drover_reclaim', text: `UPDATE runs SET taken_until = $1 WHERE ${held('$2', '$3', '$4', '$5')}` };
+const HOLDS = `SELECT 1 FROM runs WHERE ${held('$1', '$2', '$3', '$4')}`;
 const RESOLVE_OPEN = `UPDATE runs SET state = $1, reason_resolved = $2, message = $3, resolved = $4, resolved_by = 'queue'
                       WHERE task_id = $5 AND run_id = $6 AND ${OPEN}`;
-/** The claim: one statement, so a run is picked, marked and returned atomically, and contenders skip each other's rows. */
-const CLAIM = `
+/**
+ * The claim: one statement, so a run is picked, marked and returned atomically, and contenders skip each other's rows.
+ * Not a named (prepared) statement, nor is ANY_WORK: after five runs a prepared statement may get a generic plan, which
+ * knows neither the LIMIT nor the time, and with a million pending runs a generic plan scanned them all (a claim took
+ * 200 ms, not 1). Planned each time, both stay on their partial indexes.
+ */
+const CLAIM = { text: `
   WITH picked AS (
     SELECT r.task_id, r.run_id FROM runs r JOIN tasks t ON t.id = r.task_id
     WHERE r.state = 'pending' AND t.deadline > $2
@@ -99,12 +122,12 @@ const CLAIM = `
     RETURNING t.id, t.payload, t.deadline, t.retries_left
   )
   SELECT s.task_id, s.run_id, m.payload, m.deadline, m.retries_left FROM started s JOIN marked m ON m.id = s.task_id
-  ORDER BY s.scheduled, s.seq`;
-/** A cheap read that lets idle pollers skip the sweep and the claim. */
-const ANY_WORK = `
+  ORDER BY s.scheduled, s.seq` };
+/** A cheap read that lets idle pollers skip the claim, and tells claims whether to sweep. */
+const ANY_WORK = { text: `
   SELECT EXISTS (SELECT 1 FROM runs WHERE state = 'pending') AS pending,
          EXISTS (SELECT 1 FROM runs WHERE state = 'running' AND taken_until <= $1)
-      OR EXISTS (SELECT 1 FROM tasks WHERE ${OPEN} AND deadline <= $1) AS due`;
+      OR EXISTS (SELECT 1 FROM tasks WHERE ${OPEN} AND deadline <= $1) AS due` };
 
 export class PostgresQueue implements Queue {
   /** Connects, applies missing migrations (under an advisory lock) and returns the queue. */
@@ -188,9 +211,11 @@ export class PostgresQueue implements Queue {
   private readonly workChannel: string;
   private readonly cancelChannel: string;
   /** Long polls waiting on this instance; a work notification, `submit` and `close` wake them. */
-  private readonly wakers = new Set<() => void>();
-  /** Counts wake-ups, so a notification that comes between a claim attempt and its wait is not missed. */
-  private wakeups = 0;
+  private readonly wakers = new Wakers();
+  /** Queue-clock time before which claims need not look for expired claims and deadlines (once per poll interval). */
+  private nextSweep = -Infinity;
+  /** Whether this instance's last claim found nothing: then the next looks (a cheap read) before it claims. */
+  private idle = true;
   private readonly watchers = new Set<Watcher>();
   private watchTimer: NodeJS.Timeout | undefined;
   private listener: pg.Client | undefined;
@@ -242,7 +267,7 @@ export class PostgresQueue implements Queue {
     this.assertOpen();
     const giveUpAt = performance.now() + waitMs;
     for (;;) {
-      const seen = this.wakeups;
+      const seen = this.wakers.wakeups;
       const claims = await this.claimNow(workerId, count);
       const left = giveUpAt - performance.now();
       if (claims.length > 0 || left <= 0 || signal?.aborted) return claims;
@@ -250,30 +275,27 @@ export class PostgresQueue implements Queue {
       // was querying (nobody waiting at that moment) does not reconnect, and the claim would then
       // wait on polls alone. A listener that comes up wakes the waiters, who look again.
       this.listen();
-      if (this.wakeups === seen) await this.pause(Math.min(left, this.pollIntervalMs), signal);
+      if (this.wakers.wakeups === seen) await this.wakers.pause(Math.min(left, this.pollIntervalMs), signal);
       if (this.closing.signal.aborted || signal?.aborted) return [];
     }
   }
 
   async reclaim(run: RunRef, workerId: string): Promise<{ takenUntil: number }> {
-    const outcome = await this.transaction(async (client) => {
-      const now = await this.sweepNow(client);
-      const takenUntil = now + this.claimTimeoutMs;
-      const { rowCount } = await client.query(
-        `UPDATE runs SET taken_until = $1 WHERE task_id = $2 AND run_id = $3 AND state = 'running' AND worker_id = $4 AND taken_until > $5`,
-        [takenUntil, run.taskId, run.runId, workerId, now],
-      );
-      return rowCount === 1 ? { takenUntil } : lostClaim(await runRow(client, run), run, workerId);
-    });
-    if (outcome instanceof Error) throw outcome;
-    return outcome;
+    const now = this.now();
+    const takenUntil = now + this.claimTimeoutMs;
+    const { rowCount } = await this.run(RECLAIM, [takenUntil, run.taskId, run.runId, workerId, now]);
+    if (rowCount === 1) return { takenUntil };
+    throw await this.transaction((client) => this.refusal(client, run, workerId));
   }
 
   async resolve(run: RunRef, workerId: string, resolution: Resolution): Promise<void> {
+    const { state, reason, message } = columns(resolution);
+    const values = [state, reason, message, this.now(), run.taskId, run.runId, workerId];
+    const retryable = resolution.state === 'exception' && RETRYABLE_REASONS.has(resolution.reason);
+    if (!retryable && (await this.run(RESOLVE_FINAL, values)).rowCount === 1) return;
     const refusal = await this.transaction(async (client) => {
-      const now = await this.sweepNow(client);
-      const { state, reason, message } = columns(resolution);
-      const { rowCount } = await client.query(RESOLVE_HELD, [state, reason, message, now, run.taskId, run.runId, workerId]);
+      const now = this.now();
+      const { rowCount } = await client.query(RESOLVE_HELD, [...values.slice(0, 3), now, ...values.slice(4)]);
       if (rowCount === 1) {
         await this.afterResolve(client, run, resolution, now);
         return undefined;
@@ -283,7 +305,7 @@ export class PostgresQueue implements Queue {
       if (row?.resolved_by === 'worker' && row.worker_id === workerId && row.state === state && row.reason_resolved === reason && row.message === message) {
         return undefined;
       }
-      return lostClaim(row, run, workerId);
+      return this.refusal(client, run, workerId);
     });
     if (refusal) throw refusal;
   }
@@ -327,7 +349,7 @@ export class PostgresQueue implements Queue {
     let created = 0;
     // Retried while the server is away: a live log starts with the run, and losing it would fail the task.
     const refusal = await this.retrying(() => this.transaction(async (client) => {
-      const now = await this.sweepNow(client);
+      const now = this.now();
       const existing = (await client.query<ArtifactRow>(
         `SELECT * FROM artifacts WHERE task_id = $1 AND run_id = $2 AND name = $3`, [key.taskId, key.runId, key.name],
       )).rows[0];
@@ -335,11 +357,8 @@ export class PostgresQueue implements Queue {
         created = existing.created; // our own first attempt committed
         return undefined;
       }
-      const held = await client.query(
-        `SELECT 1 FROM runs WHERE task_id = $1 AND run_id = $2 AND state = 'running' AND worker_id = $3 AND taken_until > $4`,
-        [run.taskId, run.runId, workerId, now],
-      );
-      if (held.rowCount === 0) return lostClaim(await runRow(client, run), run, workerId);
+      const holds = await client.query(HOLDS, [run.taskId, run.runId, workerId, now]);
+      if (holds.rowCount === 0) return this.refusal(client, run, workerId);
       // The same name, or one that would need the other to be a directory (`a` and `a/b`).
       const clash = (await client.query<{ name: string }>(
         `SELECT name FROM artifacts WHERE task_id = $1 AND run_id = $2
@@ -416,7 +435,7 @@ export class PostgresQueue implements Queue {
   async close(): Promise<void> {
     this.closed ??= (async () => {
       this.closing.abort();
-      this.wake();
+      this.wakers.wake();
       this.watchers.clear();
       this.unwatch();
       clearTimeout(this.listenerTimer);
@@ -430,16 +449,25 @@ export class PostgresQueue implements Queue {
     return this.closed;
   }
 
-  /** One attempt: sweep if something is due, then claim up to `count` pending runs, oldest first. */
+  /**
+   * One attempt: claim up to `count` pending runs, oldest first. After a
+   * claim that found nothing, and once per poll interval, it first looks
+   * whether anything is pending or due, and sweeps when something is due.
+   */
   private async claimNow(workerId: string, count: number): Promise<Claim[]> {
     if (count < 1) return [];
-    const [work] = await this.query<{ pending: boolean; due: boolean }>(ANY_WORK, [this.now()]);
-    if (!work?.pending && !work?.due) return [];
-    if (work.due) await this.transaction((client) => this.sweepAt(client, this.now()));
+    if (this.idle || this.now() >= this.nextSweep) {
+      const now = this.now();
+      const [work] = (await this.run<{ pending: boolean; due: boolean }>(ANY_WORK, [now])).rows;
+      if (work?.due) await this.sweep();
+      else this.nextSweep = now + this.pollIntervalMs;
+      if (!work?.pending && !work?.due) return [];
+    }
     const now = this.now();
-    const rows = await this.query<{ task_id: string; run_id: number; payload: Claim['payload']; deadline: number; retries_left: number }>(
+    const { rows } = await this.run<{ task_id: string; run_id: number; payload: Claim['payload']; deadline: number; retries_left: number }>(
       CLAIM, [workerId, now, now + this.claimTimeoutMs, Math.floor(count)],
     );
+    this.idle = rows.length === 0;
     return rows.map((row) => ({
       taskId: row.task_id, runId: row.run_id, workerId, payload: row.payload,
       deadline: row.deadline, takenUntil: now + this.claimTimeoutMs, retriesLeft: row.retries_left,
@@ -459,6 +487,7 @@ export class PostgresQueue implements Queue {
    * is left to it, so concurrent sweepers neither wait nor sweep twice.
    */
   private async sweepAt(client: pg.ClientBase, now: number): Promise<number> {
+    this.nextSweep = now + this.pollIntervalMs;
     const overdue = (await client.query<{ task_id: string; run_id: number; deadline: number }>(
       `SELECT r.task_id, r.run_id, t.deadline FROM runs r JOIN tasks t ON t.id = r.task_id
        WHERE t.${OPEN} AND t.deadline <= $1 AND r.${OPEN} FOR UPDATE OF r SKIP LOCKED`, [now],
@@ -475,6 +504,15 @@ export class PostgresQueue implements Queue {
       await this.end(client, { taskId: row.task_id, runId: row.run_id }, { state: 'exception', reason: 'claim-expired', message }, now);
     }
     return overdue.length + expired.length;
+  }
+
+  /**
+   * Why a report on `run` was refused. It sweeps first, so a claim or
+   * deadline that passed unswept is resolved now and named as the reason.
+   */
+  private async refusal(client: pg.ClientBase, run: RunRef, workerId: string): Promise<Error> {
+    await this.sweepNow(client);
+    return lostClaim(await runRow(client, run), run, workerId);
   }
 
   /** Resolves a pending or running run that no worker is reporting on: swept or canceled. */
@@ -530,9 +568,14 @@ export class PostgresQueue implements Queue {
   }
 
   private async query<R extends pg.QueryResultRow>(sql: string, values: unknown[]): Promise<R[]> {
+    return (await this.run<R>({ text: sql }, values)).rows;
+  }
+
+  /** One statement on a pooled connection; a `name` makes it a prepared statement, parsed once per connection. */
+  private async run<R extends pg.QueryResultRow>(statement: { name?: string; text: string }, values: unknown[]): Promise<pg.QueryResult<R>> {
     this.assertOpen();
     try {
-      return (await this.pool.query<R>(sql, values)).rows;
+      return await this.pool.query<R>({ ...statement, values });
     } catch (error) {
       throw this.failure(error);
     }
@@ -585,24 +628,8 @@ export class PostgresQueue implements Queue {
       }, lost);
   }
 
-  /** Waits `ms`, or less if a notification, `submit`, `close` or `signal` says so. */
-  private pause(ms: number, signal?: AbortSignal): Promise<void> {
-    return new Promise((done) => {
-      const wake = (): void => {
-        clearTimeout(timer);
-        this.wakers.delete(wake);
-        signal?.removeEventListener('abort', wake);
-        done();
-      };
-      const timer = setTimeout(wake, ms);
-      this.wakers.add(wake);
-      signal?.addEventListener('abort', wake, { once: true });
-    });
-  }
-
   private wake(): void {
-    this.wakeups++;
-    for (const wake of [...this.wakers]) wake();
+    this.wakers.wake();
   }
 
   /** The polling fallback: asks which watched runs were canceled, in one query. */

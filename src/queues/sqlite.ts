@@ -6,9 +6,13 @@
  * Each write is one `BEGIN IMMEDIATE` transaction, so two processes never
  * interleave a read-then-write (claiming the same run twice, say); WAL lets
  * readers carry on while one process writes. Time-based rules (expired
- * claims, passed deadlines) are applied lazily: every transaction that
- * claims, reclaims, resolves, cancels or uploads sweeps first, so what a
- * worker is told never depends on whether some sweeper has run yet.
+ * claims, passed deadlines) are applied lazily, and what a worker is told
+ * never depends on whether some sweeper has run yet: every report (reclaim,
+ * resolve, upload) is a conditional write that holds only while the claim
+ * and the task's deadline have not passed, and a refused report sweeps
+ * before it says why. Claims sweep at most once per poll interval (and
+ * whenever they find nothing to claim), and never hand out a run whose
+ * deadline has passed; `sweep()` and `cancel` sweep at once.
  */
 import { randomBytes } from 'node:crypto';
 import { accessSync, closeSync, constants, createReadStream, createWriteStream, mkdirSync, openSync, rmSync } from 'node:fs';
@@ -18,6 +22,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
+import { Wakers } from './wakers.js';
 import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
 import { ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
@@ -38,7 +43,7 @@ export interface SqliteQueueOptions {
 }
 
 /** Schema migrations; `PRAGMA user_version` counts how many were applied. Append, never edit. */
-const MIGRATIONS: readonly string[] = [
+export const MIGRATIONS: readonly string[] = [
   `CREATE TABLE tasks (
      id           TEXT PRIMARY KEY,
      payload      TEXT NOT NULL,
@@ -78,11 +83,21 @@ const MIGRATIONS: readonly string[] = [
      PRIMARY KEY (task_id, run_id, name),
      FOREIGN KEY (task_id, run_id) REFERENCES runs (task_id, run_id)
    );`,
+  // A claim writes only its run: a task that waits or runs is 'pending' in this table, and whether it
+  // runs is its current run's state. Three fewer pages per claim, two per resolution.
+  `UPDATE tasks SET state = 'pending' WHERE state = 'running';
+   DROP INDEX tasks_by_state_deadline;
+   CREATE INDEX tasks_open_by_deadline ON tasks (deadline) WHERE state = 'pending';`,
 ];
 
 /** Reasons only the queue gives (sweep, cancel): never a worker's own report. */
 const QUEUE_REASONS: ReadonlySet<string> = new Set(['canceled', 'claim-expired', 'deadline-exceeded']);
 const OPEN = `state IN ('pending', 'running')`;
+/** An open task (pending or running): the tasks table says 'pending' for both (migration 2). */
+const TASK_OPEN = `state = 'pending'`;
+/** A report's condition: the worker holds the run's claim, and neither the claim nor the task's deadline has passed. */
+const HELD = `state = 'running' AND worker_id = @workerId AND taken_until > @now
+              AND (SELECT deadline FROM tasks WHERE id = @taskId) > @now`;
 const SQL = {
   insertTask: `INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES (?, ?, 'pending', ?, ?, ?)`,
   insertRun: `INSERT INTO runs (task_id, run_id, state, reason_created, scheduled) VALUES (?, ?, 'pending', ?, ?)`,
@@ -91,23 +106,26 @@ const SQL = {
   // A cheap read that lets idle pollers skip taking the write lock.
   anyWork: `SELECT EXISTS (SELECT 1 FROM runs WHERE state = 'pending')
               OR EXISTS (SELECT 1 FROM runs WHERE state = 'running' AND taken_until <= @now)
-              OR EXISTS (SELECT 1 FROM tasks WHERE ${OPEN} AND deadline <= @now) AS yes`,
+              OR EXISTS (SELECT 1 FROM tasks WHERE ${TASK_OPEN} AND deadline <= @now) AS yes`,
   // Scheduling order; rowid breaks ties between runs scheduled in the same millisecond.
   pendingRuns: `SELECT r.task_id, r.run_id, t.payload, t.deadline, t.retries_left FROM runs r JOIN tasks t ON t.id = r.task_id
-                WHERE r.state = 'pending' ORDER BY r.scheduled, r.rowid LIMIT ?`,
+                WHERE r.state = 'pending' AND t.deadline > ? ORDER BY r.scheduled, r.rowid LIMIT ?`,
   startRun: `UPDATE runs SET state = 'running', worker_id = ?, started = ?, taken_until = ? WHERE task_id = ? AND run_id = ?`,
-  holds: `SELECT 1 FROM runs WHERE task_id = ? AND run_id = ? AND state = 'running' AND worker_id = ? AND taken_until > ?`,
-  extendClaim: `UPDATE runs SET taken_until = ? WHERE task_id = ? AND run_id = ? AND state = 'running' AND worker_id = ? AND taken_until > ?`,
+  holds: `SELECT 1 FROM runs WHERE task_id = @taskId AND run_id = @runId AND ${HELD}`,
+  extendClaim: `UPDATE runs SET taken_until = @takenUntil WHERE task_id = @taskId AND run_id = @runId AND ${HELD}`,
   resolveHeld: `UPDATE runs SET state = @state, reason_resolved = @reason, message = @message, resolved = @now
-                WHERE task_id = @taskId AND run_id = @runId AND state = 'running' AND worker_id = @workerId AND taken_until > @now`,
+                WHERE task_id = @taskId AND run_id = @runId AND ${HELD}`,
   resolveOpen: `UPDATE runs SET state = @state, reason_resolved = @reason, message = @message, resolved = @now
                 WHERE task_id = @taskId AND run_id = @runId AND ${OPEN}`,
   overdueTasks: `SELECT id AS taskId, deadline, (SELECT max(run_id) FROM runs WHERE task_id = tasks.id) AS runId
-                 FROM tasks WHERE ${OPEN} AND deadline <= ?`,
+                 FROM tasks WHERE ${TASK_OPEN} AND deadline <= ?`,
   expiredClaims: `SELECT task_id AS taskId, run_id AS runId, worker_id, taken_until FROM runs WHERE state = 'running' AND taken_until <= ?`,
   task: `SELECT * FROM tasks WHERE id = ?`,
   tasks: `SELECT * FROM tasks ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksIn: `SELECT * FROM tasks WHERE state = ? ORDER BY created DESC, rowid DESC LIMIT ?`,
+  tasksPending: `SELECT * FROM tasks WHERE ${TASK_OPEN} AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = tasks.id AND r.state = 'running')
+                 ORDER BY created DESC, rowid DESC LIMIT ?`,
+  tasksRunning: `SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' ORDER BY t.created DESC, t.rowid DESC LIMIT ?`,
   run: `SELECT r.*, t.deadline FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.task_id = ? AND r.run_id = ?`,
   runs: `SELECT * FROM runs WHERE task_id = ? ORDER BY run_id`,
   currentRun: `SELECT * FROM runs WHERE task_id = ? ORDER BY run_id DESC LIMIT 1`,
@@ -170,7 +188,13 @@ export class SqliteQueue implements Queue {
   private readonly pollIntervalMs: number;
   private readonly now: () => number;
   /** Long polls waiting on this instance; `submit` and `close` wake them. */
-  private readonly wakers = new Set<() => void>();
+  private readonly wakers = new Wakers();
+  /** One transaction wrapper for every write: `fn` runs inside it. */
+  private readonly transaction: Database.Transaction<(fn: () => unknown) => unknown>;
+  /** Queue-clock time before which claims need not sweep (one sweep per poll interval). */
+  private nextSweep = -Infinity;
+  /** Whether this instance's last claim found nothing: then the next looks (a read) before it takes the write lock. */
+  private idle = true;
   private readonly watchers = new Set<Watcher>();
   private watchTimer: NodeJS.Timeout | undefined;
   /** Aborted by `close`, to end followers' waits at once. */
@@ -184,6 +208,7 @@ export class SqliteQueue implements Queue {
     this.pollIntervalMs = options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
     this.now = options.now ?? Date.now;
     this.s = Object.fromEntries(Object.entries(SQL).map(([key, sql]) => [key, db.prepare(sql)])) as SqliteQueue['s'];
+    this.transaction = db.transaction((fn: () => unknown) => fn());
   }
 
   async submit(task: TaskDefinition): Promise<TaskId> {
@@ -195,7 +220,7 @@ export class SqliteQueue implements Queue {
       this.s.insertTask.run(taskId, JSON.stringify(task.payload), now, task.deadline, task.retries);
       this.s.insertRun.run(taskId, 0, 'scheduled', now);
     });
-    for (const wake of [...this.wakers]) wake();
+    this.wakers.wake();
     return taskId;
   }
 
@@ -207,17 +232,17 @@ export class SqliteQueue implements Queue {
       const claims = this.claimNow(workerId, count);
       const left = giveUpAt - performance.now();
       if (claims.length > 0 || left <= 0 || signal?.aborted) return claims;
-      await this.pause(Math.min(left, this.pollIntervalMs), signal);
+      await this.wakers.pause(Math.min(left, this.pollIntervalMs), signal);
       if (this.closed || signal?.aborted) return [];
     }
   }
 
   async reclaim(run: RunRef, workerId: string): Promise<{ takenUntil: number }> {
     const outcome = this.write(() => {
-      const now = this.sweepNow();
+      const now = this.now();
       const takenUntil = now + this.claimTimeoutMs;
-      const { changes } = this.s.extendClaim.run(takenUntil, run.taskId, run.runId, workerId, now);
-      return changes === 1 ? { takenUntil } : this.lostClaim(run, workerId);
+      const { changes } = this.s.extendClaim.run({ takenUntil, taskId: run.taskId, runId: run.runId, workerId, now });
+      return changes === 1 ? { takenUntil } : this.refusal(run, workerId, now);
     });
     if (outcome instanceof Error) throw outcome;
     return outcome;
@@ -225,9 +250,9 @@ export class SqliteQueue implements Queue {
 
   async resolve(run: RunRef, workerId: string, resolution: Resolution): Promise<void> {
     const refusal = this.write(() => {
-      const now = this.sweepNow();
+      const now = this.now();
       const { changes } = this.s.resolveHeld.run({ taskId: run.taskId, runId: run.runId, ...columns(resolution), workerId, now });
-      if (changes === 0) return this.sameReport(run, workerId, resolution) ? undefined : this.lostClaim(run, workerId);
+      if (changes === 0) return this.sameReport(run, workerId, resolution) ? undefined : this.refusal(run, workerId, now);
       this.afterResolve(run, resolution, now);
       return undefined;
     });
@@ -240,7 +265,7 @@ export class SqliteQueue implements Queue {
       const task = this.s.task.get(taskId) as TaskRow | undefined;
       if (!task) return new TaskStateError(`cannot cancel task ${taskId}: there is no such task`);
       const current = this.s.currentRun.get(taskId) as RunRow;
-      if (task.state !== 'pending' && task.state !== 'running') {
+      if (task.state !== 'pending') {
         return new TaskStateError(`cannot cancel task ${taskId}: it is already resolved ${describeRun(current)}`);
       }
       this.end({ taskId, runId: current.run_id }, { state: 'exception', reason: 'canceled', message: 'canceled by user' }, now);
@@ -265,8 +290,8 @@ export class SqliteQueue implements Queue {
     const path = this.artifactPath(run, meta.name);
     const key = [run.taskId, run.runId, meta.name] as const;
     const refusal = this.write(() => {
-      const now = this.sweepNow();
-      if (this.s.holds.get(run.taskId, run.runId, workerId, now) === undefined) return this.lostClaim(run, workerId);
+      const now = this.now();
+      if (this.s.holds.get({ taskId: run.taskId, runId: run.runId, workerId, now }) === undefined) return this.refusal(run, workerId, now);
       const clash = this.s.artifactClash.get({ taskId: run.taskId, runId: run.runId, name: meta.name }) as { name: string } | undefined;
       if (clash) {
         return new TaskStateError(clash.name === meta.name
@@ -327,7 +352,14 @@ export class SqliteQueue implements Queue {
 
   async listTasks({ state, limit = 100 }: ListTasksOptions = {}): Promise<TaskStatus[]> {
     const max = Math.max(0, Math.floor(limit));
-    const rows = this.read(() => (state ? this.s.tasksIn.all(state, max) : this.s.tasks.all(max)) as TaskRow[]);
+    const rows = this.read(() => {
+      switch (state) {
+        case undefined: return this.s.tasks.all(max);
+        case 'pending': return this.s.tasksPending.all(max);
+        case 'running': return this.s.tasksRunning.all(max);
+        default: return this.s.tasksIn.all(state, max);
+      }
+    }) as TaskRow[];
     return rows.map((row) => this.status(row));
   }
 
@@ -339,44 +371,39 @@ export class SqliteQueue implements Queue {
     if (this.closed) return;
     this.closed = true;
     this.closing.abort();
-    for (const wake of [...this.wakers]) wake();
+    this.wakers.wake();
     this.watchers.clear();
     this.unwatch();
     this.db.close();
   }
 
-  /** Claims up to `count` pending runs, oldest first, in one transaction. */
+  /**
+   * Claims up to `count` pending runs, oldest first, in one transaction. It
+   * sweeps first once per poll interval, and again when it finds nothing
+   * (an expired claim may be waiting for its retry run).
+   */
   private claimNow(workerId: string, count: number): Claim[] {
-    const now = this.now();
-    if (count < 1 || !this.read(() => (this.s.anyWork.get({ now }) as { yes: number }).yes)) return [];
-    return this.write(() => {
-      const now = this.sweepNow();
+    if (count < 1) return [];
+    // Idle pollers look before they take the write lock, so they do not queue behind busy writers.
+    if (this.idle && !this.read(() => (this.s.anyWork.get({ now: this.now() }) as { yes: number }).yes)) return [];
+    const claims = this.write(() => {
+      const now = this.now();
+      const swept = now >= this.nextSweep || now + this.pollIntervalMs < this.nextSweep;
+      if (swept) this.sweepAt(now);
       const takenUntil = now + this.claimTimeoutMs;
-      const pending = this.s.pendingRuns.all(Math.floor(count)) as { task_id: string; run_id: number; payload: string; deadline: number; retries_left: number }[];
+      type PendingRow = { task_id: string; run_id: number; payload: string; deadline: number; retries_left: number };
+      let pending = this.s.pendingRuns.all(now, Math.floor(count)) as PendingRow[];
+      if (pending.length === 0 && !swept && this.sweepAt(now) > 0) pending = this.s.pendingRuns.all(now, Math.floor(count)) as PendingRow[];
       return pending.map((row): Claim => {
         this.s.startRun.run(workerId, now, takenUntil, row.task_id, row.run_id);
-        this.s.setTaskState.run('running', row.task_id);
         return {
           taskId: row.task_id, runId: row.run_id, workerId, payload: JSON.parse(row.payload) as Claim['payload'],
           deadline: row.deadline, takenUntil, retriesLeft: row.retries_left,
         };
       });
     });
-  }
-
-  /** Waits `ms`, or less if `submit`, `close` or `signal` says so. */
-  private pause(ms: number, signal?: AbortSignal): Promise<void> {
-    return new Promise((done) => {
-      const wake = (): void => {
-        clearTimeout(timer);
-        this.wakers.delete(wake);
-        signal?.removeEventListener('abort', wake);
-        done();
-      };
-      const timer = setTimeout(wake, ms);
-      this.wakers.add(wake);
-      signal?.addEventListener('abort', wake, { once: true });
-    });
+    this.idle = claims.length === 0;
+    return claims;
   }
 
   private sweepNow(): number {
@@ -391,6 +418,7 @@ export class SqliteQueue implements Queue {
    * that could never run. Call inside a write transaction.
    */
   private sweepAt(now: number): number {
+    this.nextSweep = now + this.pollIntervalMs;
     const overdue = this.s.overdueTasks.all(now) as { taskId: string; runId: number; deadline: number }[];
     for (const run of overdue) {
       this.end(run, { state: 'exception', reason: 'deadline-exceeded', message: `task deadline passed at ${iso(run.deadline)}` }, now);
@@ -427,6 +455,16 @@ export class SqliteQueue implements Queue {
     const { state, reason, message } = columns(resolution);
     return row !== undefined && row.worker_id === workerId && row.state === state && row.reason_resolved === reason && row.message === message
       && !QUEUE_REASONS.has(reason);
+  }
+
+  /**
+   * Why a report on `run` was refused, as an error to throw once the
+   * transaction has committed. It sweeps first, so a claim or deadline that
+   * passed unswept is resolved now and named as the reason.
+   */
+  private refusal(run: RunRef, workerId: string, now: number): Error {
+    this.sweepAt(now);
+    return this.lostClaim(run, workerId);
   }
 
   /** Why `workerId` does not hold `run`, as an error to throw once the transaction has committed. */
@@ -500,8 +538,9 @@ export class SqliteQueue implements Queue {
 
   private status(row: TaskRow): TaskStatus {
     const runs = this.read(() => this.s.runs.all(row.id) as RunRow[]);
+    const state = row.state === 'pending' && runs.at(-1)?.state === 'running' ? 'running' : row.state;
     return {
-      taskId: row.id, state: row.state, payload: JSON.parse(row.payload) as TaskStatus['payload'],
+      taskId: row.id, state, payload: JSON.parse(row.payload) as TaskStatus['payload'],
       created: row.created, deadline: row.deadline, retriesLeft: row.retries_left, runs: runs.map(runStatus),
     };
   }
@@ -524,7 +563,7 @@ export class SqliteQueue implements Queue {
   }
 
   private write<T>(fn: () => T): T {
-    return this.read(() => this.db.transaction(fn).immediate());
+    return this.read(() => this.transaction.immediate(fn) as T);
   }
 }
 

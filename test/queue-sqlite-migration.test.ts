@@ -1,0 +1,67 @@
+/**
+ * The SQLite queue's migration 2: claims stop writing their task's row (a
+ * running task is 'pending' in the tasks table, running by its current
+ * run). A queue written by migration 1, with a task in each state, opens,
+ * is migrated, and reports, lists and resolves every task as before.
+ */
+import t from 'tap';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import { MIGRATIONS, SqliteQueue } from '../src/queues/sqlite.js';
+
+const START = Date.parse('2026-01-01T00:00:00Z');
+const HOUR = 3_600_000;
+
+t.test('a version 1 queue is migrated: running, pending and resolved tasks keep their states', async (t) => {
+  const dir = t.testdir();
+  const db = new Database(join(dir, 'queue.db'));
+  db.exec(MIGRATIONS[0]!);
+  db.pragma('user_version = 1');
+  const task = db.prepare(`INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES (?, '{}', ?, ?, ?, 0)`);
+  const run = db.prepare(`INSERT INTO runs (task_id, run_id, state, reason_created, scheduled, worker_id, taken_until, started, resolved, reason_resolved)
+                          VALUES (?, 0, ?, 'scheduled', ?, ?, ?, ?, ?, ?)`);
+  // What migration 1's queue wrote: a claimed task said 'running' in both tables.
+  task.run('running1', 'running', START, START + HOUR);
+  run.run('running1', 'running', START, 'A', START + 30_000, START, null, null);
+  task.run('pending2', 'pending', START + 1, START + HOUR);
+  run.run('pending2', 'pending', START + 1, null, null, null, null, null);
+  task.run('complete3', 'completed', START + 2, START + HOUR);
+  run.run('complete3', 'completed', START + 2, 'A', START + 30_000, START + 2, START + 3, 'completed');
+  db.close();
+
+  const clock = { now: START + 10 };
+  const queue = SqliteQueue.open({ dir, now: () => clock.now });
+  t.teardown(() => queue.close());
+  const check = new Database(join(dir, 'queue.db'), { readonly: true });
+  t.teardown(() => check.close());
+  t.equal(check.pragma('user_version', { simple: true }), MIGRATIONS.length, 'migrated to the latest version');
+  t.same(check.prepare(`SELECT id FROM tasks WHERE state = 'running'`).all(), [], "no task row says 'running' any more");
+
+  t.match(await queue.task('running1'), { state: 'running', runs: [{ state: 'running', workerId: 'A' }] });
+  t.match(await queue.task('pending2'), { state: 'pending' });
+  t.match(await queue.task('complete3'), { state: 'completed' });
+  t.same((await queue.listTasks({ state: 'running' })).map((s) => s.taskId), ['running1']);
+  t.same((await queue.listTasks({ state: 'pending' })).map((s) => s.taskId), ['pending2']);
+  t.same((await queue.listTasks({ state: 'completed' })).map((s) => s.taskId), ['complete3']);
+
+  // The claim made before the migration is still held, and resolves as before.
+  await queue.resolve({ taskId: 'running1', runId: 0 }, 'A', { state: 'completed' });
+  t.match(await queue.task('running1'), { state: 'completed' });
+  const [claim] = await queue.claimWork({ workerId: 'B', count: 1, waitMs: 0 });
+  t.match(claim, { taskId: 'pending2', runId: 0 });
+  t.same((await queue.listTasks({ state: 'running' })).map((s) => s.taskId), ['pending2'], 'a claimed task lists as running');
+  t.same((await queue.listTasks({ state: 'pending' })).map((s) => s.taskId), [], 'and not as pending');
+});
+
+t.test('a passed deadline is swept from the open-task index', async (t) => {
+  const clock = { now: START };
+  const queue = SqliteQueue.open({ dir: t.testdir(), now: () => clock.now });
+  t.teardown(() => queue.close());
+  const running = await queue.submit({ payload: {}, deadline: START + 1_000, retries: 2 });
+  await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  const pending = await queue.submit({ payload: {}, deadline: START + 1_000, retries: 0 });
+  clock.now += 1_000;
+  t.equal(await queue.sweep(), 2, 'the running and the pending task');
+  for (const id of [running, pending]) t.match(await queue.task(id), { state: 'exception', runs: [{ reasonResolved: 'deadline-exceeded' }] });
+  t.equal(await queue.sweep(), 0);
+});

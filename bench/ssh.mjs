@@ -10,8 +10,8 @@
  *   `drover worker --once --capacity 8` with the sshd as its SSH host
  *   (SshHost + process engine: a task directory, the command through the
  *   remote wrapper, live log, cleanup, per job).
- * - drover batch --hosts: `seq N | drover batch --hosts ... -- true`; while
- *   `drover batch --hosts` is not built (it exits 2), its row says so.
+ * - drover batch --hosts: `seq N | drover batch --hosts ... --split 8 -- true`
+ *   (a drover without batch over SSH exits 2, and the row says so).
  *
  * Every case's time includes starting its program and connecting.
  */
@@ -69,7 +69,7 @@ export async function ssh({ root, scratch, reps, quick }) {
         const sessions = join(scratch, 'ssh-sessions');
         rmSync(sessions, { recursive: true, force: true });
         const start = performance.now();
-        const { code, stderr } = await batch(drover, ['batch', '--hosts', sshd.address, '--sessions', sessions, '--', 'true'], jobs, droverEnv);
+        const { code, stderr } = await batch(drover, ['batch', '--hosts', sshd.address, '--split', '8', '--sessions', sessions, '--', 'true'], jobs, droverEnv);
         if (code === 2) throw Object.assign(new Error(`not available: \`drover batch --hosts\` exits 2 (${stderr.trim().split('\n').pop()})`), { unavailable: true });
         if (code !== 0) throw new Error(`drover batch --hosts exited ${code}: ${stderr.trim().slice(-300)}`);
         return (performance.now() - start) / 1000;
@@ -104,7 +104,7 @@ export async function ssh({ root, scratch, reps, quick }) {
         + 'Floor: raw ssh2 in a minimal Node program (bench/ssh-floor.mjs), one persistent connection, 8 concurrent exec channels, TCP_NODELAY on; then the same with Nagle\'s algorithm on. '
         + `GNU parallel: \`seq ${jobs / 4} | parallel -j8 -N0 -S "8/ssh -p PORT -i KEY ... user@127.0.0.1" true\`, with and without \`-M\` (ControlMaster): a quarter of the jobs, as each is a new SSH login (or channel, with -M), so that the case stays within minutes. `
         + `drover worker over SSH: the jobs submitted to the embedded queue, then \`drover worker --once --capacity 8\` with the sshd as its one SSH host (${SLOTS} command channels), through the process engine (task directory, remote wrapper, live log, cleanup). `
-        + 'drover batch --hosts: `seq N | drover batch --hosts user@127.0.0.1:PORT -- true`, with the same SSH settings in the environment.',
+        + 'drover batch --hosts: `seq N | drover batch --hosts user@127.0.0.1:PORT --split 8 -- true`, with the same SSH settings in the environment.',
       unit: 'jobs/s',
       extraHeader: 'per job; against GNU parallel',
       rows,

@@ -1,4 +1,6 @@
 /**
+ * The tests of test/batch-provider-aws.test.ts and -gce.test.ts (one file
+ * per provider, so that each stays short):
  * `drover batch --provider aws|gce`, a real drover process on each
  * provider's loopback endpoint, with three real sshd servers standing in
  * for the instances (each launched instance's drover:ssh-port tag names
@@ -10,16 +12,14 @@ import { execFileSync, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import t, { type Test } from 'tap';
-import { EXIT } from '../src/cli/exit-codes.js';
-import { dummyCloudCredentials, type CloudEndpoint } from '../src/testing/cloud-endpoint.js';
-import { startComputeEndpoint } from '../src/testing/compute-endpoint.js';
-import { startEc2Endpoint } from '../src/testing/ec2-endpoint.js';
-import type { TestSshd } from '../src/testing/sshd.js';
-import { DROVER, drover, eventually, userEnv } from './helpers/drover.js';
-import { requireSshd, sshd } from './helpers/sshd.js';
-
-if (!requireSshd(t)) process.exit(0);
+import type { Test } from 'tap';
+import { EXIT } from '../../src/cli/exit-codes.js';
+import { dummyCloudCredentials, type CloudEndpoint } from '../../src/testing/cloud-endpoint.js';
+import { startComputeEndpoint } from '../../src/testing/compute-endpoint.js';
+import { startEc2Endpoint } from '../../src/testing/ec2-endpoint.js';
+import type { TestSshd } from '../../src/testing/sshd.js';
+import { DROVER, drover, eventually, userEnv } from './drover.js';
+import { sshd } from './sshd.js';
 
 interface Cloud {
   readonly endpoint: CloudEndpoint;
@@ -72,21 +72,6 @@ async function setUp(t: Test, name: string, rounds: number) {
   return { cwd, servers, cloud, env, args, sessions: join(cwd, 'sessions') };
 }
 
-t.test('bad --provider options are usage errors, named, before anything is launched', async (t) => {
-  const cwd = t.testdir({});
-  const cases: [string[], RegExp][] = [
-    [['--provider', 'azure', '--split', '1'], /--provider must be aws or gce, not "azure"/],
-    [['--provider', 'aws', '--split', '1', '--image', 'ami-1'], /--provider aws needs --instance-type and --image/],
-    [['--provider', 'aws', '--instance-type', 't3.micro', '--image', 'ami-1'], /--provider aws needs --split N/],
-    [['--provider', 'aws', '--hosts', 'a@127.0.0.1:22', '--split', '1'], /either --hosts or --provider/],
-    [['--image', 'ami-1'], /--image is an option of --provider/],
-  ];
-  for (const [args, error] of cases) {
-    const result = await drover(['batch', ...args, '--sessions', 'sessions', '--', 'true'], { cwd, input: 'x\n' });
-    t.equal(result.code, EXIT.CONFIG, args.join(' '));
-    t.match(result.stderr, error);
-  }
-});
 
 function processesWith(needle: string): number[] {
   return readdirSync('/proc').filter((name) => /^\d+$/.test(name)).flatMap((name) => {
@@ -99,7 +84,7 @@ function processesWith(needle: string): number[] {
   });
 }
 
-for (const name of Object.keys(CLOUDS)) {
+export function providerBatchTests(t: Test, name: 'aws' | 'gce'): void {
   t.test(`${name}: --split 3 launches 3 instances, runs every job on them, and terminates all 3`, async (t) => {
     const { cwd, servers, cloud, env, args, sessions } = await setUp(t, name, 1);
     const result = await drover(['batch', ...args, '--split', '3', '--', 'sh', '-c', 'echo "job $0 on $DROVER_HOST"'], { cwd, env, input: '1\n2\n3\n4\n5\n6\n', timeoutMs: 60_000 });

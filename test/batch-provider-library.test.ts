@@ -13,15 +13,11 @@ import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { providerHosts, type ProviderHostsOptions } from '../src/batch/provider-hosts.js';
 import { runBatch } from '../src/batch/run.js';
-import { AwsProvider } from '../src/cloud/aws.js';
-import { GceProvider } from '../src/cloud/gce.js';
-import type { Provider } from '../src/cloud/provider.js';
 import { SessionRegistry } from '../src/cloud/sessions.js';
 import { Watchdog } from '../src/cloud/watchdog.js';
-import { dummyCloudCredentials, type CloudEndpoint } from '../src/testing/cloud-endpoint.js';
-import { startComputeEndpoint } from '../src/testing/compute-endpoint.js';
-import { startEc2Endpoint } from '../src/testing/ec2-endpoint.js';
+import { dummyCloudCredentials } from '../src/testing/cloud-endpoint.js';
 import type { TestSshd } from '../src/testing/sshd.js';
+import { CLOUDS } from './helpers/clouds.js';
 import { eventually } from './helpers/drover.js';
 import { requireSshd, sshd } from './helpers/sshd.js';
 
@@ -31,45 +27,14 @@ const dir = mkdtempSync(join(tmpdir(), 'drover-batch-provider-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));
 Object.assign(process.env, dummyCloudCredentials(dir));
 
-const RETRY = { attempts: 5, baseDelayMs: 5, maxDelayMs: 20, timeoutMs: 5000 };
 const TIMING = { bootTimeoutMs: 10_000, sshTimeoutMs: 15_000, drainTimeoutMs: 1000, terminateAttempts: 10, terminateBackoffMs: 20, terminateMaxBackoffMs: 100 };
-
-interface Cloud {
-  readonly provider: Provider;
-  readonly endpoint: CloudEndpoint;
-  readonly launchCall: string;
-  readonly terminateCall: string;
-  /** A terminate error the provider does not retry by itself: the instance machine's retry must do it. */
-  readonly refusal: string;
-}
-
-const CLOUDS: Record<string, (t: Test, sshPorts: number[]) => Promise<Cloud>> = {
-  async aws(t, sshPorts) {
-    const endpoint = await startEc2Endpoint({ sshPorts, bootMs: 50, shutdownMs: 50 });
-    const provider = new AwsProvider({ endpoint: endpoint.url, retry: RETRY });
-    t.teardown(async () => {
-      provider.close();
-      await endpoint.close();
-    });
-    return { provider, endpoint, launchCall: 'RunInstances', terminateCall: 'TerminateInstances', refusal: 'UnauthorizedOperation' };
-  },
-  async gce(t, sshPorts) {
-    const endpoint = await startComputeEndpoint({ sshPorts, bootMs: 50, shutdownMs: 50, operationMs: 10 });
-    const provider = new GceProvider({ zone: 'europe-west1-b', endpoint: endpoint.url, retry: RETRY });
-    t.teardown(async () => {
-      provider.close();
-      await endpoint.close();
-    });
-    return { provider, endpoint, launchCall: 'instances.insert', terminateCall: 'instances.delete', refusal: '403' };
-  },
-};
 
 let count = 0;
 /** Three sshd servers trusting one key, the cloud handing out their ports, and the source's options. */
-async function setUp(t: Test, name: string, extra: Partial<ProviderHostsOptions> = {}) {
+async function setUp(t: Test, name: 'aws' | 'gce', extra: Partial<ProviderHostsOptions> = {}) {
   const first = await sshd(t);
   const servers: TestSshd[] = [first, await sshd(t, { identityFile: first.identityFile }), await sshd(t, { identityFile: first.identityFile })];
-  const cloud = await CLOUDS[name]!(t, servers.map((s) => s.port));
+  const cloud = await CLOUDS[name](t, servers.map((s) => s.port));
   const ssh = { identityFiles: [first.identityFile], knownHostsFile: join(dir, `known_hosts-${++count}`), hostKeyPolicy: 'accept-new' as const, agent: false as const };
   const registry = new SessionRegistry(join(dir, 'cloud-sessions'));
   const options: ProviderHostsOptions = {
@@ -86,20 +51,20 @@ async function setUp(t: Test, name: string, extra: Partial<ProviderHostsOptions>
   return { servers, cloud, ssh, registry, options, sessionsDir: join(dir, `sessions-${count}`) };
 }
 
-for (const name of Object.keys(CLOUDS)) {
+for (const name of ['aws', 'gce'] as const) {
   t.test(`${name}: terminate calls that fail twice per instance are retried; all 3 terminated, the watchdog finds nothing left`, async (t) => {
     const { servers, cloud, ssh, registry, options, sessionsDir } = await setUp(t, name);
     const source = providerHosts(options);
-    cloud.endpoint.faults.failTerminate(6, { code: cloud.refusal });
+    cloud.faults.failTerminate(6, { code: cloud.refusal });
     const outcome = await runBatch(['1', '2', '3', '4', '5', '6'], { command: ['sh', '-c', 'echo "job $0"'], split: 3, sessionsDir, hostSource: source, ssh });
     t.same(outcome.counts, { pending: 0, running: 0, ok: 6, failed: 0, timeout: 0 }, 'every job ran');
     for (const job of outcome.jobs) t.match(readFileSync(join(outcome.session.dir, 'output', `${job.n}.log`), 'utf8'), new RegExp(`^job ${job.line}$`, 'm'));
     t.same([...new Set(outcome.jobs.map((job) => job.host))].sort(), servers.map((s) => s.address).sort(), 'on the three instances');
     t.match(outcome.session.params.hostSource, new RegExp(`^${name} \\(.+\\): type-1 instances of image-1, one per slot$`), 'the session says what it ran on');
-    t.equal(cloud.endpoint.count(cloud.launchCall), 3, 'three instances launched');
-    t.equal(cloud.endpoint.count(cloud.terminateCall), 9, 'six terminate calls refused, three accepted');
+    t.equal(cloud.count(cloud.launchCall), 3, 'three instances launched');
+    t.equal(cloud.count(cloud.terminateCall), 9, 'six terminate calls refused, three accepted');
     t.same(source.fleet()?.states().map((s) => s.state), ['terminated', 'terminated', 'terminated']);
-    await eventually('every instance to be gone', () => cloud.endpoint.alive().length === 0, 10_000);
+    await eventually('every instance to be gone', () => cloud.alive().length === 0, 10_000);
     t.same(registry.list(), [], 'the fleet\'s session is closed');
     const sweep = await new Watchdog({ providers: [cloud.provider], registry }).sweep();
     t.same(sweep.found, [], 'the watchdog finds nothing left');
@@ -108,18 +73,18 @@ for (const name of Object.keys(CLOUDS)) {
   t.test(`${name}: terminate calls that keep failing leak the instances to the watchdog, which terminates them before the batch returns`, async (t) => {
     const { cloud, ssh, registry, options, sessionsDir } = await setUp(t, name, { timing: { ...TIMING, terminateAttempts: 2 } });
     const source = providerHosts(options);
-    cloud.endpoint.faults.failTerminate(6, { code: cloud.refusal });
+    cloud.faults.failTerminate(6, { code: cloud.refusal });
     const outcome = await runBatch(['1', '2', '3'], { command: ['true'], split: 3, sessionsDir, hostSource: source, ssh });
     t.equal(outcome.counts.ok, 3);
     t.same(source.fleet()?.states().map((s) => s.state), ['leaked', 'leaked', 'leaked'], 'each machine gave up after two refusals');
-    t.equal(cloud.endpoint.count(cloud.terminateCall), 9, 'the watchdog\'s sweep terminated the three');
-    await eventually('every instance to be gone', () => cloud.endpoint.alive().length === 0, 10_000);
+    t.equal(cloud.count(cloud.terminateCall), 9, 'the watchdog\'s sweep terminated the three');
+    await eventually('every instance to be gone', () => cloud.alive().length === 0, 10_000);
     t.same((await new Watchdog({ providers: [cloud.provider], registry }).sweep()).found, [], 'nothing left');
   });
 
   t.test(`${name}: an abort while the instances launch terminates them, and no job runs`, async (t) => {
     const { cloud, ssh, options, sessionsDir } = await setUp(t, name);
-    cloud.endpoint.faults.slow(300, { action: cloud.launchCall, count: 3 });
+    cloud.faults.slow(300, { action: cloud.launchCall, count: 3 });
     const source = providerHosts(options);
     const abort = new AbortController();
     const running = runBatch(['1', '2', '3'], { command: ['true'], split: 3, sessionsDir, hostSource: source, ssh, signal: abort.signal });
@@ -127,7 +92,7 @@ for (const name of Object.keys(CLOUDS)) {
     abort.abort();
     await t.rejects(running, /interrupted while 3 .* instances launched; they are terminated/);
     t.same(source.fleet()?.states().map((s) => s.state), ['terminated', 'terminated', 'terminated']);
-    await eventually('every instance to be gone', () => cloud.endpoint.alive().length === 0, 10_000);
-    t.equal(cloud.endpoint.count(cloud.launchCall), 3);
+    await eventually('every instance to be gone', () => cloud.alive().length === 0, 10_000);
+    t.equal(cloud.count(cloud.launchCall), 3);
   });
 }

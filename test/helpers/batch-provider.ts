@@ -15,33 +15,16 @@ import { join } from 'node:path';
 import type { Test } from 'tap';
 import { EXIT } from '../../src/cli/exit-codes.js';
 import { dummyCloudCredentials, type CloudEndpoint } from '../../src/testing/cloud-endpoint.js';
-import { startComputeEndpoint } from '../../src/testing/compute-endpoint.js';
-import { startEc2Endpoint } from '../../src/testing/ec2-endpoint.js';
 import type { TestSshd } from '../../src/testing/sshd.js';
+import { CLOUDS } from './clouds.js';
 import { DROVER, drover, eventually, userEnv } from './drover.js';
 import { sshd } from './sshd.js';
 
-interface Cloud {
-  readonly endpoint: CloudEndpoint;
-  /** The provider's options and its settings' environment. */
-  readonly args: string[];
-  readonly env: Record<string, string>;
-  readonly launchCall: string;
-  readonly terminateCall: string;
-}
-
-const CLOUDS: Record<string, (t: Test, sshPorts: number[]) => Promise<Cloud>> = {
-  async aws(t, sshPorts) {
-    const endpoint = await startEc2Endpoint({ sshPorts, bootMs: 50, shutdownMs: 50 });
-    t.teardown(() => endpoint.close());
-    return { endpoint, args: ['--provider', 'aws', '--instance-type', 't3.micro', '--image', 'ami-0123456789abcdef0', '--key', 'drover'], env: { DROVER_AWS_ENDPOINT: endpoint.url }, launchCall: 'RunInstances', terminateCall: 'TerminateInstances' };
-  },
-  async gce(t, sshPorts) {
-    const endpoint = await startComputeEndpoint({ sshPorts, bootMs: 50, shutdownMs: 50, operationMs: 10 });
-    t.teardown(() => endpoint.close());
-    // The zone as a batch option, the endpoint as the cloud setting's variable.
-    return { endpoint, args: ['--provider', 'gce', '--instance-type', 'e2-small', '--image', 'projects/debian-cloud/global/images/family/debian-12', '--gce-zone', 'europe-west1-b'], env: { DROVER_GCE_ENDPOINT: endpoint.url }, launchCall: 'instances.insert', terminateCall: 'instances.delete' };
-  },
+/** How a batch reaches each provider's endpoint: the options, and the cloud settings' environment. */
+const LAUNCH: Record<'aws' | 'gce', (endpoint: CloudEndpoint) => { args: string[]; env: Record<string, string> }> = {
+  aws: (endpoint) => ({ args: ['--provider', 'aws', '--instance-type', 't3.micro', '--image', 'ami-0123456789abcdef0', '--key', 'drover'], env: { DROVER_AWS_ENDPOINT: endpoint.url } }),
+  // The zone as a batch option, the endpoint as the cloud setting's variable.
+  gce: (endpoint) => ({ args: ['--provider', 'gce', '--instance-type', 'e2-small', '--image', 'projects/debian-cloud/global/images/family/debian-12', '--gce-zone', 'europe-west1-b'], env: { DROVER_GCE_ENDPOINT: endpoint.url } }),
 };
 
 interface JobLine {
@@ -52,23 +35,24 @@ interface JobLine {
 const jobsLog = (dir: string): JobLine[] => readFileSync(join(dir, 'jobs.jsonl'), 'utf8').trim().split('\n').map((line) => JSON.parse(line) as JobLine);
 
 /** Three sshd servers trusting one key; the endpoint hands their ports to the instances in turn, `rounds` times over. */
-async function setUp(t: Test, name: string, rounds: number) {
+async function setUp(t: Test, name: 'aws' | 'gce', rounds: number) {
   const cwd = t.testdir({});
   const first = await sshd(t);
   const servers: TestSshd[] = [first, await sshd(t, { identityFile: first.identityFile }), await sshd(t, { identityFile: first.identityFile })];
-  const cloud = await CLOUDS[name]!(t, Array.from({ length: rounds }, () => servers.map((s) => s.port)).flat());
+  const cloud = await CLOUDS[name](t, Array.from({ length: rounds }, () => servers.map((s) => s.port)).flat());
+  const launch = LAUNCH[name](cloud.endpoint);
   const knownHosts = join(cwd, 'known_hosts');
   writeFileSync(knownHosts, servers.map((s) => `[127.0.0.1]:${s.port} ${s.hostPublicKey}\n`).join(''));
   const env = {
     ...dummyCloudCredentials(cwd),
-    ...cloud.env,
+    ...launch.env,
     DROVER_QUEUE_DIR: join(cwd, 'queue'),
     DROVER_SSH_IDENTITY_FILE: first.identityFile,
     DROVER_SSH_KNOWN_HOSTS: knownHosts,
     DROVER_SSH_WORK_DIR: `batch-${randomUUID().slice(0, 8)}`,
     SSH_AUTH_SOCK: '',
   };
-  const args = [...cloud.args, '--ssh-user', first.user, '--sessions', join(cwd, 'sessions')];
+  const args = [...launch.args, '--ssh-user', first.user, '--sessions', join(cwd, 'sessions')];
   return { cwd, servers, cloud, env, args, sessions: join(cwd, 'sessions') };
 }
 
@@ -95,8 +79,8 @@ export function providerBatchTests(t: Test, name: 'aws' | 'gce'): void {
     const addresses = servers.map((s) => s.address).sort();
     for (let n = 1; n <= 6; n++) t.match(readFileSync(join(dir, 'output', `${n}.log`), 'utf8'), new RegExp(`^job ${n} on ${anyOf(addresses)}$`, 'm'), `job ${n}'s output is in the session`);
     t.same([...new Set(jobsLog(dir).map((line) => line.host))].sort(), addresses, 'the jobs ran on the three instances');
-    t.equal(cloud.endpoint.count(cloud.launchCall), 3, 'three instances launched');
-    await eventually('every instance to be terminated', () => cloud.endpoint.alive().length === 0, 10_000);
+    t.equal(cloud.count(cloud.launchCall), 3, 'three instances launched');
+    await eventually('every instance to be terminated', () => cloud.alive().length === 0, 10_000);
     t.pass('all 3 terminated');
     const params = JSON.parse(readFileSync(join(dir, 'params.json'), 'utf8')) as { provider?: { provider: string }; hostSource?: string };
     t.equal(params.provider?.provider, name, 'the session records the provider');
@@ -125,13 +109,13 @@ export function providerBatchTests(t: Test, name: 'aws' | 'gce'): void {
     t.teardown(() => child.kill('SIGKILL'));
     child.stdin.end('1\n2\n3\n4\n5\n6\n');
     await eventually('jobs 1-3 to sleep on the instances', () => processesWith(`sleep\0${marker}`).length === 3, 30_000);
-    t.equal(cloud.endpoint.alive().length, 3, 'three instances run');
+    t.equal(cloud.alive().length, 3, 'three instances run');
     child.kill('SIGINT');
     t.equal(await exited, EXIT.SIGNAL, stderr);
     t.match(stderr, /interrupted by SIGINT; the session is saved\. Resume it with: drover batch --resume 1/);
-    t.equal(cloud.endpoint.count(cloud.terminateCall), 3, 'drover asked to terminate all 3 before it exited');
-    await eventually('every instance to be terminated', () => cloud.endpoint.alive().length === 0, 10_000);
-    t.equal(cloud.endpoint.count(cloud.launchCall), 3, 'all 3 launched are terminated');
+    t.equal(cloud.count(cloud.terminateCall), 3, 'drover asked to terminate all 3 before it exited');
+    await eventually('every instance to be terminated', () => cloud.alive().length === 0, 10_000);
+    t.equal(cloud.count(cloud.launchCall), 3, 'all 3 launched are terminated');
     await eventually('the remote jobs to be gone', () => processesWith(`sleep\0${marker}`).length === 0, 15_000);
     const saved = JSON.parse(readFileSync(join(sessions, '1', 'jobs.json'), 'utf8')) as { status: string }[];
     t.same(saved.map((job) => job.status), Array(6).fill('pending'), 'the killed jobs (and those that never started) are pending');
@@ -140,9 +124,9 @@ export function providerBatchTests(t: Test, name: 'aws' | 'gce'): void {
     const resumed = await drover(['batch', '--resume', '1', '--sessions', sessions], { cwd, env, timeoutMs: 60_000 });
     t.equal(resumed.code, EXIT.OK, resumed.stderr);
     t.match(resumed.stdout, /^session 1 \(\d+ s\): 6\/6 OK - 0 pending, 0 timeout, 0 errors$/m);
-    t.equal(cloud.endpoint.count(cloud.launchCall), 6, 'the resume launched 3 fresh instances');
+    t.equal(cloud.count(cloud.launchCall), 6, 'the resume launched 3 fresh instances');
     t.same(readFileSync(join(shared, 'done'), 'utf8').trim().split('\n').sort(), ['done 1', 'done 2', 'done 3', 'done 4', 'done 5', 'done 6'], 'every job ran exactly once in total');
-    await eventually('every instance to be terminated', () => cloud.endpoint.alive().length === 0, 10_000);
+    await eventually('every instance to be terminated', () => cloud.alive().length === 0, 10_000);
     t.pass('the fresh instances are terminated too');
   });
 }

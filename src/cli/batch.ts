@@ -47,8 +47,10 @@ Options (flag > --template file > DROVER_<NAME> environment variable):
   --sessions PATH          the sessions directory [~/.drover/sessions]
   --template FILE          a YAML file of these options (hosts, split, timeout,
                            retries, strikes, pre, post, overlay, sessions, report,
-                           yes) and of the command (command: ...); relative paths
-                           in it are relative to the file (DROVER_TEMPLATE)
+                           yes, provider, instance-type, ...) and of the command
+                           (command: ...); relative paths in it are relative to
+                           the file (DROVER_TEMPLATE); DROVER_INSTANCE_TYPE and the
+                           like set an option from the environment
   --yes                    do not ask before starting
   --report 'sh: CMD'       when the session ends, run CMD with sh in the session
                            directory, with DROVER_SESSION_ID, DROVER_SESSION_DIR,

@@ -12,18 +12,14 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
-import { AwsProvider } from '../src/cloud/aws.js';
-import { GceProvider } from '../src/cloud/gce.js';
 import { InstanceFleet, type FleetOptions } from '../src/cloud/instance-runtime.js';
-import type { Provider } from '../src/cloud/provider.js';
 import { SessionRegistry } from '../src/cloud/sessions.js';
 import { Watchdog } from '../src/cloud/watchdog.js';
 import { SshHost } from '../src/hosts/ssh-host.js';
 import { createLogger } from '../src/runtime/logger.js';
-import { dummyCloudCredentials, type CloudFaults } from '../src/testing/cloud-endpoint.js';
-import { startComputeEndpoint } from '../src/testing/compute-endpoint.js';
-import { startEc2Endpoint } from '../src/testing/ec2-endpoint.js';
+import { dummyCloudCredentials } from '../src/testing/cloud-endpoint.js';
 import type { TestSshd } from '../src/testing/sshd.js';
+import { CLOUDS, type Cloud } from './helpers/clouds.js';
 import { requireSshd, sshd } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
@@ -32,39 +28,7 @@ const dir = mkdtempSync(join(tmpdir(), 'drover-cloud-instances-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));
 Object.assign(process.env, dummyCloudCredentials(dir));
 
-const RETRY = { attempts: 5, baseDelayMs: 5, maxDelayMs: 20, timeoutMs: 5000 };
 const TIMING = { bootTimeoutMs: 10_000, sshTimeoutMs: 15_000, drainTimeoutMs: 1000, terminateAttempts: 10, terminateBackoffMs: 20, terminateMaxBackoffMs: 100 };
-
-interface Cloud {
-  readonly provider: Provider;
-  readonly faults: CloudFaults;
-  alive(): unknown[];
-  count(action: string): number;
-  readonly terminateCall: string;
-  /** A terminate error the provider does not retry by itself: the machine's retry must do it. */
-  readonly refusal: string;
-}
-
-const CLOUDS: Record<string, (t: Test, sshPorts: number[]) => Promise<Cloud>> = {
-  async aws(t, sshPorts) {
-    const endpoint = await startEc2Endpoint({ sshPorts, bootMs: 50, shutdownMs: 50 });
-    const provider = new AwsProvider({ endpoint: endpoint.url, retry: RETRY });
-    t.teardown(async () => {
-      provider.close();
-      await endpoint.close();
-    });
-    return { provider, faults: endpoint.faults, alive: () => endpoint.alive(), count: (a) => endpoint.count(a), terminateCall: 'TerminateInstances', refusal: 'UnauthorizedOperation' };
-  },
-  async gce(t, sshPorts) {
-    const endpoint = await startComputeEndpoint({ sshPorts, bootMs: 50, shutdownMs: 50, operationMs: 10 });
-    const provider = new GceProvider({ zone: 'europe-west1-b', endpoint: endpoint.url, retry: RETRY });
-    t.teardown(async () => {
-      provider.close();
-      await endpoint.close();
-    });
-    return { provider, faults: endpoint.faults, alive: () => endpoint.alive(), count: (a) => endpoint.count(a), terminateCall: 'instances.delete', refusal: '403' };
-  },
-};
 
 async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -18,6 +18,7 @@ import { homedir } from 'node:os';
 import { join, resolve as resolvePath } from 'node:path';
 import type { SshHostEntry } from '../hosts/ssh-host.js';
 import { ConfigError } from '../model/errors.js';
+import type { ProviderLaunch } from './provider-hosts.js';
 
 export type JobStatus = 'pending' | 'running' | 'ok' | 'failed' | 'timeout';
 export const JOB_STATUSES: readonly JobStatus[] = ['pending', 'running', 'ok', 'failed', 'timeout'];
@@ -50,6 +51,8 @@ export interface SessionParams {
   readonly hosts?: readonly SshHostEntry[];
   /** What a host source of a program's own (a cloud provider) said it runs on; a resume must pass that source again. */
   readonly hostSource?: string;
+  /** What `--provider` launches (provider-hosts.ts); `--resume` launches fresh instances like them. */
+  readonly provider?: ProviderLaunch;
   /** Failed or timed-out jobs in a row that retire a host; 0 never. */
   readonly strikes?: number;
   readonly pre?: string;

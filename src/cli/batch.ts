@@ -1,10 +1,13 @@
 /** `drover batch`: runs each line of stdin as a job, in a resumable session (src/batch). */
 import { readFileSync, statSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
 import { createInterface } from 'node:readline';
 import { ConfigError, errorMessage } from '../model/errors.js';
 import type { Progress } from '../batch/progress.js';
+import type { ProviderLaunch } from '../batch/provider-hosts.js';
+import { PROVIDER_NAMES, type ProviderName } from '../cloud/provider.js';
 import { jobsHash, type JobRecord, type Session, type SessionParams } from '../batch/session.js';
 import { UsageError, type Command, type Values } from './command.js';
 import { EXIT } from './exit-codes.js';
@@ -44,13 +47,25 @@ Options (flag > --template file > DROVER_<NAME> environment variable):
   --sessions PATH          the sessions directory [~/.drover/sessions]
   --template FILE          a YAML file of these options (hosts, split, timeout,
                            retries, strikes, pre, post, overlay, sessions, report,
-                           yes) and of the command (command: ...); relative paths
-                           in it are relative to the file (DROVER_TEMPLATE)
+                           yes, provider, instance-type, ...) and of the command
+                           (command: ...); relative paths in it are relative to
+                           the file (DROVER_TEMPLATE); DROVER_INSTANCE_TYPE and the
+                           like set an option from the environment
   --yes                    do not ask before starting
   --report 'sh: CMD'       when the session ends, run CMD with sh in the session
                            directory, with DROVER_SESSION_ID, DROVER_SESSION_DIR,
                            DROVER_JOBS, DROVER_OK, DROVER_FAILED, DROVER_TIMEOUT,
                            DROVER_PENDING and DROVER_ELAPSED (seconds) set
+  --provider aws|gce       launch one cloud instance per slot of the split, run
+                           the jobs over SSH on them, terminate them at the end
+  --instance-type T        with --provider: EC2 t3.micro, GCE e2-small (needed)
+  --image I                with --provider: an AMI id, a GCE source image (needed)
+  --network N              with --provider: EC2 subnet id, GCE network
+  --key K                  with --provider: EC2 key pair name, GCE ssh-keys line
+  --ssh-user U             with --provider: the image's login user [aws: ec2-user,
+                           gce: this user]
+  --aws-region, --aws-endpoint, --gce-project, --gce-zone, --gce-endpoint
+                           where the provider is (the cloud settings)
   --resume ID              run session ID's jobs that are still pending
   --retry ID               run session ID's failed and timed-out jobs again
 
@@ -59,6 +74,12 @@ DROVER_SSH_KNOWN_HOSTS, DROVER_SSH_HOST_KEY_POLICY, DROVER_SSH_WORK_DIR,
 DROVER_SSH_KEEPALIVE and DROVER_SSH_MAX_CHANNELS (see drover worker --help).
 A host that stops answering is retired at once, and its running jobs run
 again on another host; the batch goes on while one host works.
+
+With --provider, every instance is terminated when the batch ends, also
+after an error, Ctrl-C or SIGTERM; one whose terminate keeps failing is
+left for "drover instances --cleanup". Credentials come from the SDKs'
+default chains. The session keeps the launch options (not credentials),
+and --resume launches fresh instances.
 
 With --resume or --retry the session keeps its command, jobs and options;
 options given again replace the stored ones. Jobs on stdin are optional,
@@ -76,10 +97,17 @@ host was left to run on, 2 bad usage (unknown option, bad value,
 unreadable input), 4 interrupted.`;
 
 /** The options a template or DROVER_<NAME> can set, as a flag can. */
-const SETTINGS = ['hosts', 'split', 'timeout', 'retries', 'strikes', 'pre', 'post', 'overlay', 'sessions', 'report', 'yes'] as const;
+const SETTINGS = [
+  'hosts', 'split', 'timeout', 'retries', 'strikes', 'pre', 'post', 'overlay', 'sessions', 'report', 'yes',
+  'provider', 'instance-type', 'image', 'network', 'key', 'ssh-user', 'aws-region', 'aws-endpoint', 'gce-project', 'gce-zone', 'gce-endpoint',
+] as const;
 type SettingName = (typeof SETTINGS)[number];
 /** Settings that name files: relative to the template when they come from one. */
 const PATH_SETTINGS: readonly SettingName[] = ['overlay', 'sessions'];
+/** What --provider launches, besides the provider. */
+const LAUNCH_SETTINGS = ['instance-type', 'image', 'network', 'key', 'ssh-user'] as const;
+/** The cloud settings (src/runtime/config.ts) a batch option sets. */
+const CLOUD_SETTINGS = { 'aws-region': 'aws.region', 'aws-endpoint': 'aws.endpoint', 'gce-project': 'gce.project', 'gce-zone': 'gce.zone', 'gce-endpoint': 'gce.endpoint' } as const;
 
 export const batchCommand: Command = {
   usage: 'cat jobs | drover batch [options] [--] [COMMAND...]',
@@ -100,6 +128,7 @@ export const batchCommand: Command = {
     resume: { type: 'string' },
     retry: { type: 'string' },
     report: { type: 'string' },
+    ...Object.fromEntries(SETTINGS.slice(SETTINGS.indexOf('provider')).map((name) => [name, { type: 'string' as const }])),
   },
   async run(values, positionals) {
     const env = process.env;
@@ -111,7 +140,7 @@ export const batchCommand: Command = {
       if (flag !== undefined) return String(flag);
       const fromTemplate = template?.settings[name];
       if (fromTemplate !== undefined) return fromTemplate;
-      const fromEnv = env[`DROVER_${name.toUpperCase()}`];
+      const fromEnv = env[`DROVER_${name.toUpperCase().replace(/-/g, '_')}`];
       return fromEnv === '' ? undefined : fromEnv;
     };
     const given = (name: SettingName) => setting(name) !== undefined;
@@ -133,11 +162,13 @@ export const batchCommand: Command = {
     const retry = values['retry'] as string | undefined;
     if (resume !== undefined && retry !== undefined) throw new UsageError('give either --resume or --retry, not both');
     const command = positionals.length > 0 ? positionals : template?.command ?? [];
+    const providerName = setting('provider');
+    if (providerName !== undefined && !(PROVIDER_NAMES as readonly string[]).includes(providerName)) throw new UsageError(`--provider must be aws or gce, not "${providerName}"`);
+    if (providerName !== undefined && hosts !== undefined) throw new UsageError('give either --hosts or --provider, not both');
 
     const { createSession, runSession, sessionParams } = await import('../batch/run.js');
     const { Session, defaultSessionsDir } = await import('../batch/session.js');
     const sessionsDir = given('sessions') ? resolvePath(setting('sessions')!) : defaultSessionsDir(env);
-    const ssh = await sshSettings();
     const interactive = process.stdin.isTTY === true && process.stdout.isTTY === true;
     const input = process.stdin.isTTY ? '' : await readStdin();
     const options = {
@@ -155,10 +186,18 @@ export const batchCommand: Command = {
       lines = input.split('\n').filter((line) => line.trim().length > 0);
       if (lines.length === 0) throw new UsageError('no jobs: pipe the job lines into drover batch (cat jobs | drover batch COMMAND)');
     }
+    const { defaultSshUser, describeLaunch, launchSource } = await import('../batch/provider-hosts.js');
+    const launch = launchOptions(setting, hosts !== undefined ? undefined : session?.params.provider, defaultSshUser);
+    const { config, ...ssh } = await sshSettings(launch?.settings ?? {});
+    if (launch !== undefined && session === undefined && split === undefined) throw new UsageError(`--provider ${launch.provider} needs --split N: how many instances to launch`);
+    const { createProvider } = await import('../cloud/providers.js');
+    const provider = launch === undefined ? undefined : await createProvider(launch.provider, config);
+    const cloud = launch === undefined ? {} : { provider: launch, hostSource: describeLaunch(launch, provider!.where) };
     if (interactive && !yes) {
-      const params = session === undefined ? { command, ...sessionParams(options) } : { ...session.params, ...resumeChanges(sessionParams(options), given) };
+      const params = session === undefined ? { command, ...sessionParams(options), ...cloud } : { ...session.params, ...resumeChanges(sessionParams(options), given), ...cloud };
       const todo = session === undefined ? lines.length : session.jobs.filter((job) => job.status === 'pending' || job.status === 'running' || (retry !== undefined && (job.status === 'failed' || job.status === 'timeout'))).length;
       if (!(await askFirst(params, lines, todo, sessionsDir, session?.id))) {
+        provider?.close();
         process.stderr.write('drover batch: you did not answer yes; nothing ran\n');
         return EXIT.FAILED;
       }
@@ -171,6 +210,10 @@ export const batchCommand: Command = {
         for (const job of session.jobs) if (job.status === 'failed' || job.status === 'timeout') job.status = 'pending';
       }
     }
+    // The session says what it runs on: the instances of a provider, or hosts (which replace a provider's on --resume).
+    if (launch !== undefined) session.update({ ...cloud, hosts: undefined });
+    else if (hosts !== undefined) session.update({ provider: undefined, hostSource: undefined });
+    const hostSource = launch === undefined ? undefined : launchSource(provider!, launch, config, ssh.ssh, `batch-${session.id}-${randomUUID().slice(0, 8)}`);
     const interrupt = new AbortController();
     let signalName: string | undefined;
     const onSignal = (signal: NodeJS.Signals) => {
@@ -181,15 +224,25 @@ export const batchCommand: Command = {
     process.on('SIGTERM', onSignal);
     const display = await createDisplay(process.stdout.isTTY === true);
     const todo = session.jobs.filter((job) => job.status === 'pending' || job.status === 'running').length;
-    display.say(`session ${session.id}: ${todo} of ${session.jobs.length} jobs to run, split ${session.params.split}, on ${session.params.hosts ? session.params.hosts.map((entry) => entry.address).join(', ') : 'this machine'}, in ${session.dir}`);
+    display.say(`session ${session.id}: ${todo} of ${session.jobs.length} jobs to run, split ${session.params.split}, on ${session.params.hosts ? session.params.hosts.map((entry) => entry.address).join(', ') : session.params.hostSource ?? 'this machine'}, in ${session.dir}`);
     try {
-      const outcome = await runSession(session, {
-        signal: interrupt.signal,
-        onJob: display.job,
-        onProgress: display.progress,
-        onHost: display.host,
-        ...ssh,
-      });
+      let outcome;
+      try {
+        outcome = await runSession(session, {
+          signal: interrupt.signal,
+          onJob: display.job,
+          onProgress: display.progress,
+          onHost: display.host,
+          ...(hostSource === undefined ? {} : { hostSource }),
+          ...ssh,
+        });
+      } catch (error) {
+        // Interrupted before the first job (while instances launched, say): nothing ran, the session is as it was.
+        if (!interrupt.signal.aborted) throw error;
+        display.end();
+        process.stderr.write(`drover batch: interrupted by ${signalName ?? 'a signal'} (${errorMessage(error)}); the session is saved. Resume it with: drover batch --resume ${session.id}\n`);
+        return EXIT.SIGNAL;
+      }
       display.end();
       const { counts, elapsedMs } = outcome;
       const total = session.jobs.length;
@@ -207,6 +260,7 @@ export const batchCommand: Command = {
       return counts.ok === total ? EXIT.OK : EXIT.FAILED;
     } finally {
       display.end();
+      provider?.close();
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
     }
@@ -220,7 +274,7 @@ async function askFirst(params: Omit<SessionParams, 'created' | 'jobsHash'>, lin
   process.stdout.write(parameterTable([
     ['jobs', `${lines.length} (${lines.length > 1 ? `${lines[0]} .. ${lines[lines.length - 1]}` : lines[0]})`],
     ['command', params.command.join(' ')],
-    ['hosts', params.hosts?.map((entry) => entry.address).join(' ') ?? 'this machine'],
+    ['hosts', params.hosts?.map((entry) => entry.address).join(' ') ?? params.hostSource ?? 'this machine'],
     ['split', params.split],
     ['timeout', params.timeout], ['retries', params.retries], ['strikes', params.strikes],
     ['pre', params.pre], ['post', params.post], ['overlay', params.overlay],
@@ -282,10 +336,14 @@ function readTemplate(file: string): Template {
   return { settings, ...(command === undefined ? {} : { command }) };
 }
 
-/** SSH settings and kill grace: the worker's own settings (DROVER_SSH_*, DROVER_KILL_*), so one set serves both. */
-async function sshSettings() {
+/**
+ * SSH settings and kill grace: the worker's own settings (DROVER_SSH_*,
+ * DROVER_KILL_*), so one set serves both; and the config, with the cloud
+ * settings the batch options give.
+ */
+async function sshSettings(flags: Record<string, string | undefined>) {
   const { loadConfig } = await import('../runtime/config.js');
-  const config = loadConfig({ file: process.env['DROVER_CONFIG'] || undefined });
+  const config = loadConfig({ file: process.env['DROVER_CONFIG'] || undefined, flags });
   const { ssh } = config;
   return {
     ssh: {
@@ -298,6 +356,33 @@ async function sshSettings() {
       workDir: ssh.workDir,
     },
     ...(config.given.includes('engine.killGrace') ? { killGraceMs: config.engine.killGrace * 1000 } : {}),
+    config,
+  };
+}
+
+/** The --provider launch: the options given, over the session's (on --resume, with the same provider). */
+function launchOptions(setting: (name: SettingName) => string | undefined, stored: ProviderLaunch | undefined, defaultSshUser: (provider: ProviderName) => string): ProviderLaunch | undefined {
+  const name = (setting('provider') ?? stored?.provider) as ProviderName | undefined;
+  if (name === undefined) {
+    const stray = LAUNCH_SETTINGS.find((option) => setting(option) !== undefined);
+    if (stray !== undefined) throw new UsageError(`--${stray} is an option of --provider; give --provider aws|gce too`);
+    return undefined;
+  }
+  const base = stored?.provider === name ? stored : undefined;
+  const instanceType = setting('instance-type') ?? base?.instanceType;
+  const image = setting('image') ?? base?.image;
+  if (instanceType === undefined || image === undefined) throw new UsageError(`--provider ${name} needs --instance-type and --image (what to launch)`);
+  const network = setting('network') ?? base?.network;
+  const key = setting('key') ?? base?.key;
+  const settings = { ...base?.settings };
+  for (const [option, path] of Object.entries(CLOUD_SETTINGS)) {
+    const value = setting(option as SettingName);
+    if (value !== undefined) settings[path] = value;
+  }
+  return {
+    provider: name, instanceType, image, ...(network === undefined ? {} : { network }), ...(key === undefined ? {} : { key }),
+    sshUser: setting('ssh-user') ?? base?.sshUser ?? defaultSshUser(name),
+    ...(Object.keys(settings).length === 0 ? {} : { settings }),
   };
 }
 

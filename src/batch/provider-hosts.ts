@@ -1,0 +1,125 @@
+/**
+ * A batch on cloud instances (`drover batch --provider aws|gce`): a
+ * BatchHostSource (hosts.ts) over an InstanceFleet (src/cloud/instance-runtime.ts).
+ *
+ * `open()` launches one instance per slot of the split, each with
+ * capacity 1, and resolves once every one is ready (answers over SSH) or
+ * has ended; the batch runs on the ready ones (it fails with
+ * ResourceUnavailableError when none is). `close()` disposes the fleet:
+ * every instance is terminated, each terminate call retried by the
+ * instance machine; one that still leaks is handed to a watchdog, which
+ * sweeps once more before close() returns, and is otherwise left to
+ * `drover instances --cleanup` (the fleet's session is closed, so it is a
+ * leftover there). runSession calls close() on every path: at the end,
+ * after an error, and after its signal aborted (Ctrl-C, SIGTERM), also
+ * when that happens while the instances launch.
+ *
+ * A session records the launch parameters (`ProviderLaunch`, never
+ * user-data or credentials), so that `--resume` launches fresh instances
+ * like them.
+ */
+import { randomUUID } from 'node:crypto';
+import { userInfo } from 'node:os';
+import { join } from 'node:path';
+import { InstanceFleet, type FleetOptions } from '../cloud/instance-runtime.js';
+import type { Provider, ProviderName } from '../cloud/provider.js';
+import { SessionRegistry } from '../cloud/sessions.js';
+import { Watchdog } from '../cloud/watchdog.js';
+import { errorMessage, ResourceUnavailableError } from '../model/errors.js';
+import type { Config } from '../runtime/config.js';
+import type { Logger } from '../runtime/logger.js';
+import type { SshHostEntry } from '../hosts/ssh-host.js';
+import type { SshConnectionOptions } from '../hosts/ssh-transport.js';
+import type { BatchHostSource, BatchHostSet } from './hosts.js';
+
+/** What a batch launches, as its session keeps it. */
+export interface ProviderLaunch {
+  readonly provider: ProviderName;
+  readonly instanceType: string;
+  readonly image: string;
+  /** EC2 subnet id; GCE network. */
+  readonly network?: string;
+  /** EC2 key pair name; GCE `ssh-keys` line. */
+  readonly key?: string;
+  /** The image's login user. */
+  readonly sshUser: string;
+  /** The cloud settings given as batch options (`gce.zone`: ...), so that --resume launches in the same place. */
+  readonly settings?: Readonly<Record<string, string>>;
+}
+
+export interface ProviderHostsOptions extends Omit<FleetOptions, 'session' | 'capacity' | 'logger'> {
+  /** The fleet's drover:session tag; default `batch-<random>`. */
+  readonly session?: string;
+  /** Default: the batch's logger (its session.log). */
+  readonly logger?: Logger;
+}
+
+/** The login user when none is given: EC2's images log in as ec2-user; on GCE, as gcloud does, this user. */
+export function defaultSshUser(provider: ProviderName): string {
+  return provider === 'aws' ? 'ec2-user' : userInfo().username;
+}
+
+/** One line for the parameter table and the session: what the batch runs on. */
+export function describeLaunch(launch: ProviderLaunch, where: string): string {
+  return `${launch.provider} (${where}): ${launch.instanceType} instances of ${launch.image}, one per slot`;
+}
+
+/** A host source that launches one instance per slot of the split and terminates them all at the end. */
+export function providerHosts(options: ProviderHostsOptions): BatchHostSource & { readonly fleet: () => InstanceFleet | undefined } {
+  const { provider, spec } = options;
+  let fleet: InstanceFleet | undefined;
+  let watchdog: Watchdog | undefined;
+  let log: Logger | undefined;
+  return {
+    describe: () => describeLaunch({ provider: provider.name, instanceType: spec.instanceType, image: spec.image, sshUser: options.sshUser }, provider.where),
+    fleet: () => fleet,
+    async open({ split, signal, logger }): Promise<BatchHostSet> {
+      log = options.logger ?? logger;
+      watchdog = options.watchdog ?? new Watchdog({ providers: [provider], registry: options.registry, logger: log });
+      const session = options.session ?? `batch-${randomUUID().slice(0, 8)}`;
+      fleet = new InstanceFleet({ ...options, session, capacity: 1, watchdog, logger: log });
+      log.info('launching instances', { provider: provider.name, where: provider.where, session, count: split });
+      signal.throwIfAborted();
+      let onAbort: (() => void) | undefined;
+      const aborted = new Promise<never>((_, reject) => {
+        onAbort = () => reject(new ResourceUnavailableError(`interrupted while ${split} ${provider.name} instances launched; they are terminated`));
+        signal.addEventListener('abort', onAbort, { once: true });
+      });
+      let hosts: SshHostEntry[];
+      try {
+        hosts = await Promise.race([fleet.launch(split), aborted]);
+      } finally {
+        signal.removeEventListener('abort', onAbort!);
+      }
+      if (hosts.length === 0) throw new ResourceUnavailableError(`none of the ${split} ${provider.name} instances came up (see the session log for why)`);
+      if (hosts.length < split) log.warn('some instances did not come up: the batch runs on the others', { ready: hosts.length, launched: split });
+      return { hosts, connection: options.ssh };
+    },
+    async close(): Promise<void> {
+      if (fleet === undefined) return;
+      const outputs = await fleet.dispose();
+      log?.info('instances ended', { provider: provider.name, outcomes: outputs.map((o) => `${o.instanceId ?? '?'}: ${o.outcome}`).join(', ') });
+      if (watchdog !== undefined && watchdog.adopted().length > 0) {
+        // One more try now; what remains is a leftover for `drover instances --cleanup`.
+        const sweep = await watchdog.sweep().catch((error: unknown) => ({ failed: [{ error: errorMessage(error) }] }));
+        if (sweep.failed.length > 0) log?.error('instances are left running: run drover instances --cleanup', { provider: provider.name, failed: sweep.failed.map((f) => f.error).join('; ') });
+      }
+    },
+  };
+}
+
+/**
+ * The CLI's source: a provider made from the settings (cloud settings
+ * aws.* / gce.*), the open-session registry `drover instances` reads
+ * (QUEUE-DIR/cloud-sessions).
+ */
+export function launchSource(provider: Provider, launch: ProviderLaunch, config: Config, ssh: SshConnectionOptions, session: string): BatchHostSource {
+  return providerHosts({
+    provider,
+    spec: { image: launch.image, instanceType: launch.instanceType, ...(launch.network === undefined ? {} : { network: launch.network }), ...(launch.key === undefined ? {} : { key: launch.key }) },
+    sshUser: launch.sshUser,
+    ssh,
+    session,
+    registry: new SessionRegistry(join(config.queue.dir, 'cloud-sessions')),
+  });
+}

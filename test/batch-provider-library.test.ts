@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { providerHosts, type ProviderHostsOptions } from '../src/batch/provider-hosts.js';
 import { runBatch } from '../src/batch/run.js';
-import { SessionRegistry } from '../src/cloud/sessions.js';
+import { ownerId, SessionRegistry } from '../src/cloud/sessions.js';
 import { Watchdog } from '../src/cloud/watchdog.js';
 import { dummyCloudCredentials } from '../src/testing/cloud-endpoint.js';
 import type { TestSshd } from '../src/testing/sshd.js';
@@ -31,10 +31,11 @@ const TIMING = { bootTimeoutMs: 10_000, sshTimeoutMs: 15_000, drainTimeoutMs: 10
 
 let count = 0;
 /** Three sshd servers trusting one key, the cloud handing out their ports, and the source's options. */
-async function setUp(t: Test, name: 'aws' | 'gce', extra: Partial<ProviderHostsOptions> = {}) {
+async function setUp(t: Test, name: 'aws' | 'gce', extra: Partial<ProviderHostsOptions> = {}, leftovers = 0) {
   const first = await sshd(t);
   const servers: TestSshd[] = [first, await sshd(t, { identityFile: first.identityFile }), await sshd(t, { identityFile: first.identityFile })];
-  const cloud = await CLOUDS[name](t, servers.map((s) => s.port));
+  // The endpoint hands out one port per launch: instances launched before the batch take the first server's.
+  const cloud = await CLOUDS[name](t, [...Array.from({ length: leftovers }, () => first.port), ...servers.map((s) => s.port)]);
   const ssh = { identityFiles: [first.identityFile], knownHostsFile: join(dir, `known_hosts-${++count}`), hostKeyPolicy: 'accept-new' as const, agent: false as const };
   const registry = new SessionRegistry(join(dir, 'cloud-sessions'));
   const options: ProviderHostsOptions = {
@@ -68,6 +69,17 @@ for (const name of ['aws', 'gce'] as const) {
     t.same(registry.list(), [], 'the fleet\'s session is closed');
     const sweep = await new Watchdog({ providers: [cloud.provider], registry }).sweep();
     t.same(sweep.found, [], 'the watchdog finds nothing left');
+  });
+
+  t.test(`${name}: a batch's watchdog sweeps at the start: an instance a crashed batch left behind is terminated`, async (t) => {
+    const { cloud, ssh, options, sessionsDir } = await setUp(t, name, {}, 1);
+    const leftover = await cloud.provider.launch({ image: 'image-1', instanceType: 'type-1', session: 'crashed-batch', owner: ownerId(), token: 'left-behind' });
+    t.equal(cloud.alive().length, 1, 'the leftover runs before the batch');
+    const outcome = await runBatch(['1', '2', '3'], { command: ['true'], split: 3, sessionsDir, hostSource: providerHosts(options), ssh });
+    t.equal(outcome.counts.ok, 3);
+    t.equal(cloud.count(cloud.launchCall), 4, 'one leftover and three instances of the batch');
+    await eventually('every instance to be gone, the leftover too', () => cloud.alive().length === 0, 10_000);
+    t.equal(cloud.count(cloud.terminateCall), 4, `the leftover ${leftover.id} was terminated, with the batch's three`);
   });
 
   t.test(`${name}: terminate calls that keep failing leak the instances to the watchdog, which terminates them before the batch returns`, async (t) => {

@@ -76,6 +76,9 @@ export function providerHosts(options: ProviderHostsOptions): BatchHostSource & 
     async open({ split, signal, logger }): Promise<BatchHostSet> {
       log = options.logger ?? logger;
       watchdog = options.watchdog ?? new Watchdog({ providers: [provider], registry: options.registry, logger: log });
+      // Our own watchdog sweeps now (what crashed batches left behind) and
+      // every few minutes while the batch runs; one we are given is its owner's.
+      if (options.watchdog === undefined) watchdog.start();
       const session = options.session ?? `batch-${randomUUID().slice(0, 8)}`;
       fleet = new InstanceFleet({ ...options, session, capacity: 1, watchdog, logger: log });
       log.info('launching instances', { provider: provider.name, where: provider.where, session, count: split });
@@ -96,16 +99,24 @@ export function providerHosts(options: ProviderHostsOptions): BatchHostSource & 
       return { hosts, connection: options.ssh };
     },
     async close(): Promise<void> {
-      if (fleet === undefined) return;
-      const outputs = await fleet.dispose();
-      log?.info('instances ended', { provider: provider.name, outcomes: outputs.map((o) => `${o.instanceId ?? '?'}: ${o.outcome}`).join(', ') });
-      if (watchdog !== undefined && watchdog.adopted().length > 0) {
-        // One more try now; what remains is a leftover for `drover instances --cleanup`.
-        const sweep = await watchdog.sweep().catch((error: unknown) => ({ failed: [{ error: errorMessage(error) }] }));
-        if (sweep.failed.length > 0) log?.error('instances are left running: run drover instances --cleanup', { provider: provider.name, failed: sweep.failed.map((f) => f.error).join('; ') });
+      try {
+        await closeFleet();
+      } finally {
+        if (options.watchdog === undefined) await watchdog?.stop();
       }
     },
   };
+
+  async function closeFleet(): Promise<void> {
+    if (fleet === undefined) return;
+    const outputs = await fleet.dispose();
+    log?.info('instances ended', { provider: provider.name, outcomes: outputs.map((o) => `${o.instanceId ?? '?'}: ${o.outcome}`).join(', ') });
+    if (watchdog !== undefined && watchdog.adopted().length > 0) {
+      // One more try now; what remains is a leftover for `drover instances --cleanup`.
+      const sweep = await watchdog.sweep().catch((error: unknown) => ({ failed: [{ error: errorMessage(error) }] }));
+      if (sweep.failed.length > 0) log?.error('instances are left running: run drover instances --cleanup', { provider: provider.name, failed: sweep.failed.map((f) => f.error).join('; ') });
+    }
+  }
 }
 
 /**

@@ -5,6 +5,7 @@ import { createRequire } from 'node:module';
 import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
 import { createInterface } from 'node:readline';
 import { ConfigError, errorMessage } from '../model/errors.js';
+import { CLOUD_SETTING_FLAGS } from './instances.js';
 import type { Progress } from '../batch/progress.js';
 import type { ProviderLaunch } from '../batch/provider-hosts.js';
 import { PROVIDER_NAMES, type ProviderName } from '../cloud/provider.js';
@@ -106,8 +107,6 @@ type SettingName = (typeof SETTINGS)[number];
 const PATH_SETTINGS: readonly SettingName[] = ['overlay', 'sessions'];
 /** What --provider launches, besides the provider. */
 const LAUNCH_SETTINGS = ['instance-type', 'image', 'network', 'key', 'ssh-user'] as const;
-/** The cloud settings (src/runtime/config.ts) a batch option sets. */
-const CLOUD_SETTINGS = { 'aws-region': 'aws.region', 'aws-endpoint': 'aws.endpoint', 'gce-project': 'gce.project', 'gce-zone': 'gce.zone', 'gce-endpoint': 'gce.endpoint' } as const;
 
 export const batchCommand: Command = {
   usage: 'cat jobs | drover batch [options] [--] [COMMAND...]',
@@ -375,7 +374,7 @@ function launchOptions(setting: (name: SettingName) => string | undefined, store
   const network = setting('network') ?? base?.network;
   const key = setting('key') ?? base?.key;
   const settings = { ...base?.settings };
-  for (const [option, path] of Object.entries(CLOUD_SETTINGS)) {
+  for (const [option, path] of Object.entries(CLOUD_SETTING_FLAGS)) {
     const value = setting(option as SettingName);
     if (value !== undefined) settings[path] = value;
   }

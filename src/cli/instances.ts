@@ -6,7 +6,7 @@
  */
 import { join } from 'node:path';
 import { ConfigError } from '../model/errors.js';
-import { loadConfig } from '../runtime/config.js';
+import { flagName, loadConfig, SETTINGS } from '../runtime/config.js';
 import { createLogger } from '../runtime/logger.js';
 import { UsageError, type Command } from './command.js';
 import { EXIT } from './exit-codes.js';
@@ -31,7 +31,11 @@ Credentials come from the SDKs' default chains: AWS_* variables, profiles,
 the instance role; GOOGLE_APPLICATION_CREDENTIALS, gcloud's, the metadata
 server. Exit codes: 0 done, 1 a leftover could not be terminated, 2 usage.`;
 
-const SETTING_FLAGS = { provider: 'cloud.provider', 'aws-region': 'aws.region', 'aws-endpoint': 'aws.endpoint', 'gce-project': 'gce.project', 'gce-zone': 'gce.zone', 'gce-endpoint': 'gce.endpoint' } as const;
+/** The flags of the clouds' settings and their paths (`aws-region`: aws.region): drover instances and drover batch take them. */
+export const CLOUD_SETTING_FLAGS: Readonly<Record<string, string>> = Object.fromEntries(
+  SETTINGS.filter((setting) => /^(aws|gce)\./.test(setting.path)).map((setting) => [flagName(setting), setting.path]),
+);
+const SETTING_FLAGS: Readonly<Record<string, string>> = { provider: 'cloud.provider', ...CLOUD_SETTING_FLAGS };
 
 export const instancesCommand: Command = {
   usage: 'drover instances [--provider aws|gce] [--cleanup]',

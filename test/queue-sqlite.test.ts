@@ -9,6 +9,7 @@ import Database from 'better-sqlite3';
 import { ClaimLostError, ConfigError, InternalError, TaskStateError } from '../src/model/errors.js';
 import type { RunRef } from '../src/model/task.js';
 import { DEFAULT_CLAIM_TIMEOUT_MS, SqliteQueue, type SqliteQueueOptions } from '../src/queues/sqlite.js';
+import type { CancelWatchers } from '../src/queues/wakers.js';
 
 const START = Date.parse('2026-01-01T00:00:00Z');
 const HOUR = 3_600_000;
@@ -249,7 +250,7 @@ t.test('cancel', async (t) => {
   t.test('watchers share one unref\'d timer that goes with the last of them', async (t) => {
     const { queue } = setup(t);
     // A private peek: the timer is not observable otherwise, since an unref'd one is not an active resource.
-    const timer = () => (queue as unknown as { watchTimer?: NodeJS.Timeout }).watchTimer;
+    const timer = () => (queue as unknown as { watchers: CancelWatchers }).watchers.timer;
     const refs = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
     const before = refs();
     const stops = [1, 2, 3].map((runId) => queue.watchCancellation({ taskId: 'x', runId }, () => t.fail('not canceled')));

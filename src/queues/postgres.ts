@@ -47,7 +47,7 @@ import {
 import { MIGRATIONS, migrate, type MigrationResult } from './postgres-migrations.js';
 import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
 import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS, DEFAULT_POLL_INTERVAL_MS } from './sqlite.js';
-import { Wakers } from './wakers.js';
+import { CancelWatchers, Wakers } from './wakers.js';
 
 const FOLLOW_POLL_MS = 100;
 /** Cancellation arrives by NOTIFY; this poll only catches notifications lost while the listener was down. */
@@ -81,7 +81,6 @@ interface TaskRow { id: string; payload: TaskStatus['payload']; state: TaskState
 /** PostgreSQL's rows add who resolved a run (a repeated report is recognised by it) and the upload's id. */
 interface RunRow extends SqlRunRow { resolved_by: 'worker' | 'queue' | null }
 interface ArtifactRow extends SqlArtifactRow { upload_id: string }
-interface Watcher { readonly run: RunRef; readonly onCanceled: () => void }
 
 const OPEN = `state IN ('pending', 'running')`;
 /** A report's condition on run ($task, $run) by worker $worker at $now: it holds the claim, and neither the claim nor the task's deadline has passed. */
@@ -216,8 +215,7 @@ export class PostgresQueue implements Queue {
   private nextSweep = -Infinity;
   /** Whether this instance's last claim found nothing: then the next looks (a cheap read) before it claims. */
   private idle = true;
-  private readonly watchers = new Set<Watcher>();
-  private watchTimer: NodeJS.Timeout | undefined;
+  private readonly watchers: CancelWatchers;
   private listener: pg.Client | undefined;
   private listening = false;
   private listenerFailures = 0;
@@ -233,6 +231,7 @@ export class PostgresQueue implements Queue {
     this.artifactStore = store;
     this.claimTimeoutMs = options.claimTimeoutMs ?? DEFAULT_CLAIM_TIMEOUT_MS;
     this.pollIntervalMs = options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
+    this.watchers = new CancelWatchers(Math.max(MIN_CANCEL_POLL_MS, this.pollIntervalMs), () => this.checkCancellations());
     this.now = options.now ?? Date.now;
     this.workChannel = `${schema}_work`;
     this.cancelChannel = `${schema}_cancel`;
@@ -333,11 +332,9 @@ export class PostgresQueue implements Queue {
 
   watchCancellation(run: RunRef, onCanceled: () => void): () => void {
     this.assertOpen();
-    const watcher: Watcher = { run: { taskId: run.taskId, runId: run.runId }, onCanceled };
-    this.watchers.add(watcher);
+    const unwatch = this.watchers.watch(run, onCanceled);
     this.listen();
-    this.watchTimer ??= setInterval(() => void this.checkCancellations(), Math.max(MIN_CANCEL_POLL_MS, this.pollIntervalMs)).unref();
-    return () => this.unwatch(watcher);
+    return unwatch;
   }
 
   async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
@@ -437,7 +434,6 @@ export class PostgresQueue implements Queue {
       this.closing.abort();
       this.wakers.wake();
       this.watchers.clear();
-      this.unwatch();
       clearTimeout(this.listenerTimer);
       const listener = this.listener;
       this.listener = undefined;
@@ -614,7 +610,7 @@ export class PostgresQueue implements Queue {
     client.on('end', lost);
     client.on('notification', (message) => {
       if (message.channel === this.workChannel) this.wake();
-      else if (message.channel === this.cancelChannel) this.canceled(new Set([message.payload ?? '']));
+      else if (message.channel === this.cancelChannel) this.watchers.canceled(new Set([message.payload ?? '']));
     });
     client.connect()
       .then(() => client.query(`LISTEN "${this.workChannel}"; LISTEN "${this.cancelChannel}"`))
@@ -635,33 +631,16 @@ export class PostgresQueue implements Queue {
   /** The polling fallback: asks which watched runs were canceled, in one query. */
   private async checkCancellations(): Promise<void> {
     if (this.closing.signal.aborted || this.watchers.size === 0) return;
-    const watched = [...this.watchers].map((watcher) => watcher.run);
+    const watched = this.watchers.runs();
     try {
       const rows = await this.query<{ task_id: string; run_id: number }>(
         `SELECT r.task_id, r.run_id FROM runs r JOIN unnest($1::text[], $2::int[]) AS w (task_id, run_id) ON r.task_id = w.task_id AND r.run_id = w.run_id
          WHERE r.state = 'exception' AND r.reason_resolved = 'canceled'`,
         [watched.map((run) => run.taskId), watched.map((run) => run.runId)],
       );
-      this.canceled(new Set(rows.map((row) => runKey({ taskId: row.task_id, runId: row.run_id }))));
+      this.watchers.canceled(new Set(rows.map((row) => runKey({ taskId: row.task_id, runId: row.run_id }))));
     } catch {
       // an unreachable server: the next tick or the listener's return tries again
-    }
-  }
-
-  private canceled(keys: ReadonlySet<string>): void {
-    for (const watcher of [...this.watchers]) {
-      if (!keys.has(runKey(watcher.run))) continue;
-      this.unwatch(watcher);
-      watcher.onCanceled();
-    }
-  }
-
-  /** Drops a watcher; the shared timer goes with the last one. */
-  private unwatch(watcher?: Watcher): void {
-    if (watcher) this.watchers.delete(watcher);
-    if (this.watchers.size === 0 && this.watchTimer) {
-      clearInterval(this.watchTimer);
-      this.watchTimer = undefined;
     }
   }
 

@@ -22,7 +22,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
-import { Wakers } from './wakers.js';
+import { CancelWatchers, Wakers } from './wakers.js';
 import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
 import { ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
@@ -143,7 +143,6 @@ const SQL = {
 } as const;
 
 interface TaskRow { id: string; payload: string; state: TaskState; created: number; deadline: number; retries_left: number }
-interface Watcher { readonly run: RunRef; readonly onCanceled: () => void }
 
 export class SqliteQueue implements Queue {
   static open(options: SqliteQueueOptions): SqliteQueue {
@@ -195,8 +194,7 @@ export class SqliteQueue implements Queue {
   private nextSweep = -Infinity;
   /** Whether this instance's last claim found nothing: then the next looks (a read) before it takes the write lock. */
   private idle = true;
-  private readonly watchers = new Set<Watcher>();
-  private watchTimer: NodeJS.Timeout | undefined;
+  private readonly watchers: CancelWatchers;
   /** Aborted by `close`, to end followers' waits at once. */
   private readonly closing = new AbortController();
   private closed = false;
@@ -206,6 +204,7 @@ export class SqliteQueue implements Queue {
     this.dir = dir;
     this.claimTimeoutMs = options.claimTimeoutMs ?? DEFAULT_CLAIM_TIMEOUT_MS;
     this.pollIntervalMs = options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
+    this.watchers = new CancelWatchers(Math.max(MIN_WATCH_INTERVAL_MS, this.pollIntervalMs), () => this.checkCancellations());
     this.now = options.now ?? Date.now;
     this.s = Object.fromEntries(Object.entries(SQL).map(([key, sql]) => [key, db.prepare(sql)])) as SqliteQueue['s'];
     this.transaction = db.transaction((fn: () => unknown) => fn());
@@ -278,10 +277,7 @@ export class SqliteQueue implements Queue {
 
   watchCancellation(run: RunRef, onCanceled: () => void): () => void {
     this.assertOpen();
-    const watcher: Watcher = { run: { taskId: run.taskId, runId: run.runId }, onCanceled };
-    this.watchers.add(watcher);
-    this.watchTimer ??= setInterval(() => this.checkCancellations(), Math.max(MIN_WATCH_INTERVAL_MS, this.pollIntervalMs)).unref();
-    return () => this.unwatch(watcher);
+    return this.watchers.watch(run, onCanceled);
   }
 
   async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
@@ -373,7 +369,6 @@ export class SqliteQueue implements Queue {
     this.closing.abort();
     this.wakers.wake();
     this.watchers.clear();
-    this.unwatch();
     this.db.close();
   }
 
@@ -476,26 +471,13 @@ export class SqliteQueue implements Queue {
     if (this.closed || this.watchers.size === 0) return;
     let canceled: Set<string>;
     try {
-      const watched = [...this.watchers].map(({ run }) => [run.taskId, run.runId]);
+      const watched = this.watchers.runs().map((run) => [run.taskId, run.runId]);
       const rows = this.s.canceledAmong.all(JSON.stringify(watched)) as { task_id: string; run_id: number }[];
       canceled = new Set(rows.map((row) => runKey({ taskId: row.task_id, runId: row.run_id })));
     } catch {
       return; // a busy or failing database: try again on the next tick
     }
-    for (const watcher of [...this.watchers]) {
-      if (!canceled.has(runKey(watcher.run))) continue;
-      this.unwatch(watcher);
-      watcher.onCanceled();
-    }
-  }
-
-  /** Drops a watcher; the shared timer goes with the last one. */
-  private unwatch(watcher?: Watcher): void {
-    if (watcher) this.watchers.delete(watcher);
-    if (this.watchers.size === 0 && this.watchTimer) {
-      clearInterval(this.watchTimer);
-      this.watchTimer = undefined;
-    }
+    this.watchers.canceled(canceled);
   }
 
   private async *follow(run: RunRef, name: string, path: string, signal?: AbortSignal): AsyncGenerator<Buffer> {

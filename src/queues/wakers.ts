@@ -1,3 +1,5 @@
+import { runKey, type RunRef } from '../model/task.js';
+
 /**
  * The queues' wakeable wait: a long poll (or an artifact follower) pauses
  * for up to its poll interval, and `wake()` (a submit, a notification, a
@@ -37,5 +39,66 @@ export class Wakers {
       this.#waiting.add(wake);
       for (const signal of signals) signal?.addEventListener('abort', wake, { once: true });
     });
+  }
+}
+
+/**
+ * The runs a queue's workers watch for cancellation (watchCancellation):
+ * one shared timer calls `check`, which asks the queue which watched runs
+ * were canceled and passes their keys to `canceled()`; each such watcher
+ * is told once and dropped. The timer goes with the last watcher.
+ */
+export class CancelWatchers {
+  readonly #watchers = new Set<{ readonly run: RunRef; readonly onCanceled: () => void }>();
+  #timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly intervalMs: number,
+    private readonly check: () => void | Promise<void>,
+  ) {}
+
+  get size(): number {
+    return this.#watchers.size;
+  }
+
+  /** The shared timer, while there are watchers (tests check that it is unref'd and goes with the last one). */
+  get timer(): NodeJS.Timeout | undefined {
+    return this.#timer;
+  }
+
+  /** The watched runs, to ask the queue about. */
+  runs(): RunRef[] {
+    return [...this.#watchers].map((watcher) => watcher.run);
+  }
+
+  /** Watches `run`; returns the function that stops watching it. */
+  watch(run: RunRef, onCanceled: () => void): () => void {
+    const watcher = { run: { taskId: run.taskId, runId: run.runId }, onCanceled };
+    this.#watchers.add(watcher);
+    this.#timer ??= setInterval(() => void this.check(), this.intervalMs).unref();
+    return () => this.#drop(watcher);
+  }
+
+  /** Tells the watchers of these runs (keys by runKey) and drops them. */
+  canceled(keys: ReadonlySet<string>): void {
+    for (const watcher of [...this.#watchers]) {
+      if (!keys.has(runKey(watcher.run))) continue;
+      this.#drop(watcher);
+      watcher.onCanceled();
+    }
+  }
+
+  /** Drops every watcher, untold (the queue closes). */
+  clear(): void {
+    this.#watchers.clear();
+    this.#drop();
+  }
+
+  #drop(watcher?: { readonly run: RunRef; readonly onCanceled: () => void }): void {
+    if (watcher) this.#watchers.delete(watcher);
+    if (this.#watchers.size === 0 && this.#timer) {
+      clearInterval(this.#timer);
+      this.#timer = undefined;
+    }
   }
 }

@@ -5,15 +5,15 @@
  * completes: the dead host is retired and its two jobs run again on the
  * others. Then --pre, --post and --overlay, and --strikes.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { EXIT } from '../src/cli/exit-codes.js';
 import type { TestSshd } from '../src/testing/sshd.js';
-import { DROVER, drover, eventually, userEnv } from './helpers/drover.js';
-import { requireSshd, sshd } from './helpers/sshd.js';
+import { DROVER, drover, eventually, processesWith, userEnv } from './helpers/drover.js';
+import { homeOf, requireSshd, sharedHomeDir, sshd } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
 
@@ -100,11 +100,6 @@ t.test('200 jobs on 3 SSH hosts; one sshd killed mid-batch: every job completes,
   for (const n of onVictim) t.match(stdout, `[${victim.address}] went away during job ${n}, which runs again on another host`, 'the user hears of it as it happens');
 });
 
-/** The remote user's home directory (the test sshd logs everyone in as one user, on this machine). */
-function homeOf(user: string): string {
-  return execFileSync('sh', ['-c', `getent passwd ${user} | cut -d: -f6`], { encoding: 'utf8' }).trim();
-}
-
 t.test('--overlay, --pre and --post on SSH hosts: set-up before a host\'s first job, clean-up after its last; a failed --pre retires the host', async (t) => {
   const uniq = `overlay-${randomUUID().slice(0, 8)}`;
   const cwd = t.testdir({ overlay: { [uniq]: { 'tool.sh': `#!/bin/sh\necho "job $1" >> "$HOME/${uniq}/events"\necho "tool says $1"\n` } } });
@@ -157,29 +152,11 @@ t.test('--strikes 2: a host whose jobs fail twice in a row is retired; the faile
   t.match(readFileSync(join(cwd, 'sessions', '1', 'session.log'), 'utf8'), 'retired: 2 jobs in a row failed (--strikes 2)');
 });
 
-/** Live processes whose command line holds `needle`. */
-function processesWith(needle: string): number[] {
-  return readdirSync('/proc').filter((name) => /^\d+$/.test(name)).flatMap((name) => {
-    try {
-      const stat = readFileSync(`/proc/${name}/stat`, 'utf8');
-      if (/\) Z /.test(stat)) return []; // a zombie is not alive
-      return readFileSync(`/proc/${name}/cmdline`, 'utf8').includes(needle) ? [Number(name)] : [];
-    } catch {
-      return [];
-    }
-  });
-}
-
 t.test('SIGINT over SSH kills the remote jobs and saves the session; --resume then runs every job exactly once', async (t) => {
   const cwd = t.testdir({});
   const { servers, env } = await startHosts(t, cwd, 2);
   const hosts = servers.slice(0, 2).map((s) => s.address).join(',');
-  const home = homeOf(servers[0]!.user);
-  const uniq = `sigint-${randomUUID().slice(0, 8)}`;
-  const shared = join(home, uniq);
-  mkdirSync(shared);
-  chmodSync(shared, 0o777);
-  t.teardown(() => rmSync(shared, { recursive: true, force: true }));
+  const { name: uniq, dir: shared } = sharedHomeDir(t, servers[0]!.user, 'sigint');
   const marker = `29.${Math.floor(Math.random() * 1e6)}`;
   // Jobs 1 and 2 sleep (with a marker to find them by) until the flag exists; every job records that it finished.
   const command = ['sh', '-c', `if [ "$0" -le 2 ] && [ ! -e ~/${uniq}/flag ]; then sleep ${marker}; fi; echo "done $0" >> ~/${uniq}/done`];

@@ -17,12 +17,13 @@
  */
 import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
-import { ClaimLostError, InternalError, TaskStateError } from '../model/errors.js';
+import { InternalError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
 import { runKey, type Claim, type Payload, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
 import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
 import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS } from './sqlite.js';
 import { holdSourceErrors } from './artifact-store.js';
+import { describeRun, iso, lostClaim } from './sql-rows.js';
 import { Wakers } from './wakers.js';
 
 export interface MemoryQueueHooks {
@@ -377,23 +378,9 @@ export class MemoryQueue implements Queue {
       && record.message === resolution.message && !QUEUE_REASONS.has(reason);
   }
 
-  /** Why `workerId` does not hold `run`, in the words of the SQLite queue. */
+  /** Why `workerId` does not hold `run`, in the words of the SQL queues. */
   #lostClaim(run: RunRef, workerId: string): Error {
-    const record = this.#record(run);
-    if (record === undefined) return new TaskStateError(`there is no run ${runKey(run)}`);
-    if (record.state === 'pending') return new ClaimLostError(run, 'resolved', 'the run is pending: no worker has claimed it');
-    if (record.state === 'running') {
-      return record.workerId === workerId
-        ? new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(record.takenUntil)}`)
-        : new ClaimLostError(run, 'resolved', `held by worker ${record.workerId}, not ${workerId}`);
-    }
-    const was = `the run was resolved ${describeRun(record)}`;
-    switch (record.reasonResolved) {
-      case 'canceled': return new ClaimLostError(run, 'canceled', `the task was canceled at ${iso(record.resolved)}; ${was}`);
-      case 'deadline-exceeded': return new ClaimLostError(run, 'deadline-exceeded', `the task deadline passed at ${iso(this.store.tasks.get(run.taskId)!.deadline)}; ${was}`);
-      case 'claim-expired': return new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(record.takenUntil)}; ${was}`);
-      default: return new ClaimLostError(run, 'resolved', `already resolved: worker ${record.workerId} resolved it ${describeRun(record)} at ${iso(record.resolved)}`);
-    }
+    return lostClaim(this.#record(run), this.store.tasks.get(run.taskId)?.deadline, run, workerId);
   }
 
   #artifact(run: RunRef, name: string): ArtifactRecord {
@@ -419,14 +406,6 @@ function slugid(): TaskId {
   const bytes = randomBytes(16);
   bytes[0] = bytes[0]! & 0x7f;
   return bytes.toString('base64url');
-}
-
-function describeRun(run: RunRecord): string {
-  return run.state === 'exception' ? `exception/${run.reasonResolved}` : run.state;
-}
-
-function iso(ms: number | undefined): string {
-  return ms === undefined ? 'an unknown time' : new Date(ms).toISOString();
 }
 
 function artifactInfo(run: RunRef, artifact: ArtifactRecord): ArtifactInfo {

@@ -320,7 +320,7 @@ export class PostgresQueue implements Queue {
         // A retry may have been scheduled while we waited for the lock: then there is a newer run to cancel.
         const newer = await client.query(`SELECT 1 FROM runs WHERE task_id = $1 AND run_id > $2`, [taskId, current.run_id]);
         if (newer.rowCount) throw Object.assign(new Error('a newer run appeared'), { code: '40001' });
-        return new TaskStateError(`cannot cancel task ${taskId}: it is already resolved ${describeRun(current)}`);
+        return new TaskStateError(`cannot cancel task ${taskId}: it is already resolved ${describeRun(runStatus(current))}`);
       }
       const run = { taskId, runId: current.run_id };
       await this.end(client, run, { state: 'exception', reason: 'canceled', message: 'canceled by user' }, now);
@@ -508,7 +508,8 @@ export class PostgresQueue implements Queue {
    */
   private async refusal(client: pg.ClientBase, run: RunRef, workerId: string): Promise<Error> {
     await this.sweepNow(client);
-    return lostClaim(await runRow(client, run), run, workerId);
+    const row = await runRow(client, run);
+    return lostClaim(row && runStatus(row), row?.deadline, run, workerId);
   }
 
   /** Resolves a pending or running run that no worker is reporting on: swept or canceled. */

@@ -1,6 +1,8 @@
 /**
  * The rows the SQL queues (SQLite, PostgreSQL) share, and how they become
  * the contract's values: both keep runs and artifacts in the same columns.
+ * How a run is described, and why a worker no longer holds it, is said once
+ * here for every queue (the in-memory one too), from the contract's RunStatus.
  */
 import { ClaimLostError, TaskStateError } from '../model/errors.js';
 import type { Resolution } from '../model/resolution.js';
@@ -22,12 +24,12 @@ export function columns(resolution: Resolution): { state: string; reason: string
   return { state: resolution.state, reason, message: resolution.message ?? null };
 }
 
-export function describeRun(row: RunRow): string {
-  return row.state === 'exception' ? `exception/${row.reason_resolved}` : row.state;
+export function describeRun(run: Pick<RunStatus, 'state' | 'reasonResolved'>): string {
+  return run.state === 'exception' ? `exception/${run.reasonResolved}` : run.state;
 }
 
-export function iso(ms: number | null): string {
-  return ms === null ? 'an unknown time' : new Date(ms).toISOString();
+export function iso(ms: number | null | undefined): string {
+  return ms === null || ms === undefined ? 'an unknown time' : new Date(ms).toISOString();
 }
 
 export function runStatus(row: RunRow): RunStatus {
@@ -46,20 +48,20 @@ export function artifactInfo(row: ArtifactRow): ArtifactInfo {
   };
 }
 
-/** Why `workerId` does not hold `run`: the error both SQL queues give, from the run's row. */
-export function lostClaim(row: (RunRow & { deadline: number }) | undefined, run: RunRef, workerId: string): Error {
-  if (!row) return new TaskStateError(`there is no run ${runKey(run)}`);
-  if (row.state === 'pending') return new ClaimLostError(run, 'resolved', 'the run is pending: no worker has claimed it');
-  if (row.state === 'running') {
-    return row.worker_id === workerId
-      ? new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}`)
-      : new ClaimLostError(run, 'resolved', `held by worker ${row.worker_id}, not ${workerId}`);
+/** Why `workerId` does not hold `run`: the error every queue gives, from the run as it is and the task's deadline. */
+export function lostClaim(status: RunStatus | undefined, deadline: number | undefined, run: RunRef, workerId: string): Error {
+  if (!status) return new TaskStateError(`there is no run ${runKey(run)}`);
+  if (status.state === 'pending') return new ClaimLostError(run, 'resolved', 'the run is pending: no worker has claimed it');
+  if (status.state === 'running') {
+    return status.workerId === workerId
+      ? new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(status.takenUntil)}`)
+      : new ClaimLostError(run, 'resolved', `held by worker ${status.workerId}, not ${workerId}`);
   }
-  const was = `the run was resolved ${describeRun(row)}`;
-  switch (row.reason_resolved) {
-    case 'canceled': return new ClaimLostError(run, 'canceled', `the task was canceled at ${iso(row.resolved)}; ${was}`);
-    case 'deadline-exceeded': return new ClaimLostError(run, 'deadline-exceeded', `the task deadline passed at ${iso(row.deadline)}; ${was}`);
-    case 'claim-expired': return new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(row.taken_until)}; ${was}`);
-    default: return new ClaimLostError(run, 'resolved', `already resolved: worker ${row.worker_id} resolved it ${describeRun(row)} at ${iso(row.resolved)}`);
+  const was = `the run was resolved ${describeRun(status)}`;
+  switch (status.reasonResolved) {
+    case 'canceled': return new ClaimLostError(run, 'canceled', `the task was canceled at ${iso(status.resolved)}; ${was}`);
+    case 'deadline-exceeded': return new ClaimLostError(run, 'deadline-exceeded', `the task deadline passed at ${iso(deadline)}; ${was}`);
+    case 'claim-expired': return new ClaimLostError(run, 'claim-expired', `claim expired at ${iso(status.takenUntil)}; ${was}`);
+    default: return new ClaimLostError(run, 'resolved', `already resolved: worker ${status.workerId} resolved it ${describeRun(status)} at ${iso(status.resolved)}`);
   }
 }

@@ -265,7 +265,7 @@ export class SqliteQueue implements Queue {
       if (!task) return new TaskStateError(`cannot cancel task ${taskId}: there is no such task`);
       const current = this.s.currentRun.get(taskId) as RunRow;
       if (task.state !== 'pending') {
-        return new TaskStateError(`cannot cancel task ${taskId}: it is already resolved ${describeRun(current)}`);
+        return new TaskStateError(`cannot cancel task ${taskId}: it is already resolved ${describeRun(runStatus(current))}`);
       }
       this.end({ taskId, runId: current.run_id }, { state: 'exception', reason: 'canceled', message: 'canceled by user' }, now);
       return undefined;
@@ -464,7 +464,8 @@ export class SqliteQueue implements Queue {
 
   /** Why `workerId` does not hold `run`, as an error to throw once the transaction has committed. */
   private lostClaim(run: RunRef, workerId: string): Error {
-    return lostClaim(this.s.run.get(run.taskId, run.runId) as (RunRow & { deadline: number }) | undefined, run, workerId);
+    const row = this.s.run.get(run.taskId, run.runId) as (RunRow & { deadline: number }) | undefined;
+    return lostClaim(row && runStatus(row), row?.deadline, run, workerId);
   }
 
   private checkCancellations(): void {

@@ -8,17 +8,17 @@
  * terminates all 3; a SIGINT mid-batch still terminates all 3, and
  * `--resume` launches 3 fresh ones that finish the jobs.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Test } from 'tap';
 import { EXIT } from '../../src/cli/exit-codes.js';
 import { dummyCloudCredentials, type CloudEndpoint } from '../../src/testing/cloud-endpoint.js';
 import type { TestSshd } from '../../src/testing/sshd.js';
 import { CLOUDS } from './clouds.js';
-import { DROVER, drover, eventually, userEnv } from './drover.js';
-import { sshd } from './sshd.js';
+import { DROVER, drover, eventually, processesWith, userEnv } from './drover.js';
+import { sharedHomeDir, sshd } from './sshd.js';
 
 /** How a batch reaches each provider's endpoint: the options, and the cloud settings' environment. */
 const LAUNCH: Record<'aws' | 'gce', (endpoint: CloudEndpoint) => { args: string[]; env: Record<string, string> }> = {
@@ -57,17 +57,6 @@ async function setUp(t: Test, name: 'aws' | 'gce', rounds: number) {
 }
 
 
-function processesWith(needle: string): number[] {
-  return readdirSync('/proc').filter((name) => /^\d+$/.test(name)).flatMap((name) => {
-    try {
-      if (/\) Z /.test(readFileSync(`/proc/${name}/stat`, 'utf8'))) return []; // a zombie is not alive
-      return readFileSync(`/proc/${name}/cmdline`, 'utf8').includes(needle) ? [Number(name)] : [];
-    } catch {
-      return [];
-    }
-  });
-}
-
 export function providerBatchTests(t: Test, name: 'aws' | 'gce'): void {
   t.test(`${name}: --split 3 launches 3 instances, runs every job on them, and terminates all 3`, async (t) => {
     const { cwd, servers, cloud, env, args, sessions } = await setUp(t, name, 1);
@@ -92,12 +81,7 @@ export function providerBatchTests(t: Test, name: 'aws' | 'gce'): void {
 
   t.test(`${name}: SIGINT mid-batch terminates all 3 instances; --resume launches fresh ones and finishes the jobs`, async (t) => {
     const { cwd, cloud, env, args, sessions, servers } = await setUp(t, name, 2);
-    const home = execFileSync('sh', ['-c', `getent passwd ${servers[0]!.user} | cut -d: -f6`], { encoding: 'utf8' }).trim();
-    const uniq = `provider-${randomUUID().slice(0, 8)}`;
-    const shared = join(home, uniq);
-    mkdirSync(shared);
-    chmodSync(shared, 0o777);
-    t.teardown(() => rmSync(shared, { recursive: true, force: true }));
+    const { name: uniq, dir: shared } = sharedHomeDir(t, servers[0]!.user, 'provider');
     const marker = `31.${Math.floor(Math.random() * 1e6)}`;
     // Jobs 1-3 sleep (with a marker to find them by) until the flag exists; every job records that it finished.
     const command = ['sh', '-c', `if [ "$0" -le 3 ] && [ ! -e ~/${uniq}/flag ]; then sleep ${marker}; fi; echo "done $0" >> ~/${uniq}/done`];

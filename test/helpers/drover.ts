@@ -3,6 +3,7 @@
  * the way a user does, and reads the queue directly for assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { SqliteQueue } from '../../src/queues/sqlite.js';
 import type { TaskStatus } from '../../src/queues/queue.js';
@@ -131,4 +132,16 @@ export function resolved(dir: string, taskId: string, timeoutMs?: number): Promi
 /** `completed`, `failed` or `exception/<reason>` of every run, in order. */
 export function runOutcomes(task: TaskStatus): string[] {
   return task.runs.map((run) => (run.state === 'exception' ? `exception/${run.reasonResolved}` : run.state));
+}
+
+/** Live processes on this machine whose command line holds `needle` (zombies are not alive: PID 1 here may not reap them). */
+export function processesWith(needle: string): number[] {
+  return readdirSync('/proc').filter((name) => /^\d+$/.test(name)).flatMap((name) => {
+    try {
+      if (/\) Z /.test(readFileSync(`/proc/${name}/stat`, 'utf8'))) return [];
+      return readFileSync(`/proc/${name}/cmdline`, 'utf8').includes(needle) ? [Number(name)] : [];
+    } catch {
+      return [];
+    }
+  });
 }

@@ -3,6 +3,10 @@
  * Without OpenSSH's server installed, the SSH tests say so loudly and skip;
  * under CI=true they fail instead, since CI must run them.
  */
+import { execFileSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { chmodSync, mkdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import type { Test } from 'tap';
 import { findSshd, startSshd, type StartSshdOptions, type TestSshd } from '../../src/testing/sshd.js';
 
@@ -34,4 +38,19 @@ export async function sshd(t: Test, options?: StartSshdOptions): Promise<TestSsh
   const server = await startSshd(options);
   t.teardown(() => server.stop());
   return server;
+}
+
+/** The test user's home directory (the test sshd logs everyone in as one user, on this machine). */
+export function homeOf(user: string): string {
+  return execFileSync('sh', ['-c', `getent passwd ${user} | cut -d: -f6`], { encoding: 'utf8' }).trim();
+}
+
+/** A fresh directory `~/<prefix>-XXXXXXXX` of the test user that every job may write, removed when `t` ends: its name in the home, and its path. */
+export function sharedHomeDir(t: Test, user: string, prefix: string): { readonly name: string; readonly dir: string } {
+  const name = `${prefix}-${randomUUID().slice(0, 8)}`;
+  const dir = join(homeOf(user), name);
+  mkdirSync(dir);
+  chmodSync(dir, 0o777);
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  return { name, dir };
 }

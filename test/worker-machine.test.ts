@@ -219,6 +219,21 @@ t.test('task actors are named task.<taskId>/<runId>', async (t) => {
   t.same(Object.keys(h.actor.getSnapshot().children).filter((id) => id.startsWith(TASK_ACTOR_PREFIX)).sort(), ['task.T1/0', 'task.T2/0']);
 });
 
+t.test('regression: a task actor that ended is no longer among the worker\'s children (memory, and spawn cost)', async (t) => {
+  const h = harness(t, { capacity: 2 }, { pending: claims(6) });
+  const children = () => Object.keys(h.actor.getSnapshot().children).filter((id) => id.startsWith(TASK_ACTOR_PREFIX)).sort();
+  for (const [i, id] of ['T1', 'T2', 'T3', 'T4', 'T5'].entries()) {
+    await until(() => h.tasks.alive.has(id), `${id} started`);
+    h.tasks.finish(id);
+    await h.queue.untilCalls(i + 2);
+    await settle();
+  }
+  t.same(children(), ['task.T6/0'], 'only the running task is a child; the five that ended are gone');
+  h.tasks.finish('T6');
+  await until(() => h.running().length === 0, 'T6 forgotten');
+  t.same(children(), [], 'no task child is left once every task ended');
+});
+
 t.test('capacity: never more tasks than slots; each claim asks for the free slots', async (t) => {
   const h = harness(t, { capacity: 2 }, { pending: claims(5) });
   await h.queue.untilCalls(1);

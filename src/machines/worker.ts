@@ -114,9 +114,17 @@ export const workerMachine = setup({
   actions: {
     /** The first reason to stop is the one the worker reports. */
     noteReason: assign(({ context }, params: { reason: ShutdownReason }) => ({ reason: context.reason ?? params.reason })),
-    forgetTask: assign(({ context, event }) => ({
-      running: context.running.filter((id) => event.type.replace(/^xstate\.(done|error)\.actor\./, '') !== id),
-    })),
+    /**
+     * A task actor ended: free its slot and drop it from the machine's
+     * children. xstate keeps a spawned child that reached its end among the
+     * children until it is stopped, so without the stop every task run stays
+     * in memory and each later spawn copies them all (quadratic in the runs).
+     */
+    forgetTask: enqueueActions(({ context, event, enqueue }) => {
+      const ended = event.type.replace(/^xstate\.(done|error)\.actor\./, '');
+      enqueue.assign({ running: context.running.filter((id) => id !== ended) });
+      enqueue.stopChild(ended);
+    }),
     /** A signal or the host overrides a reason the worker chose itself (tasks done, drained, idle). */
     overrideReason: assign(({ context }, params: { reason: ShutdownReason }) => ({
       reason: isRequested(context.reason) ? context.reason : params.reason,

@@ -1,12 +1,12 @@
 import t, { type Test } from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { randomUUID } from 'node:crypto';
-import { CrashJournal } from '../src/hosts/journal.js';
+import { COMPACT_BYTES, CrashJournal } from '../src/hosts/journal.js';
 import { HardwareHost, LocalTransport } from '../src/hosts/local.js';
 import { groupPids, isAlive, parseProcStat, pidsWithCookie, processStartTime, readProcStat } from '../src/hosts/proc.js';
 import { createLogger, type Logger } from '../src/runtime/logger.js';
@@ -133,7 +133,6 @@ t.test('begin, noteProcessGroup, end', async (t) => {
   const [entry, ...more] = new CrashJournal(journalDir).list();
   t.same(more, []);
   t.match(entry, {
-    version: 1,
     cookie,
     runKey: 'T/1',
     taskDir: join(tasksDir, 'T'),
@@ -141,10 +140,56 @@ t.test('begin, noteProcessGroup, end', async (t) => {
     groups: [{ pgid: process.pid, startTime: processStartTime(process.pid) }],
   });
   t.equal(entry?.groups.length, 1, 'a group is noted once');
-  t.same(readdirSync(journalDir).filter((n) => n.includes('.tmp-')), [], 'no temporary files left');
-  await journal.end(cookie);
-  await journal.end(cookie);
-  t.same(readdirSync(journalDir), [], 'end removes the entry; twice is fine');
+  t.same(readdirSync(journalDir), [basename(journal.path)], 'one file for the journal, no temporary files');
+  journal.end(cookie);
+  journal.end(cookie);
+  t.same(journal.list(), [], 'end closes the entry; twice is fine');
+  journal.close();
+  t.same(readdirSync(journalDir), [], 'close removes the file when no entry is open');
+});
+
+t.test('a run creates no file; the file is compacted to the open entries as it grows', async (t) => {
+  const { journalDir, tasksDir, cookie: newCookie } = setup(t);
+  const journal = new CrashJournal(journalDir);
+  const open = newCookie();
+  journal.begin({ cookie: open, runKey: 'open/0', taskDir: join(tasksDir, 'open') });
+  journal.noteProcessGroup(open, process.pid);
+  const runs = 2 * Math.ceil(COMPACT_BYTES / 300);
+  let largest = 0;
+  const files = new Set<string>();
+  for (let i = 0; i < runs; i++) {
+    const cookie = `ended-${i}`;
+    journal.begin({ cookie, runKey: `ended/${i}`, taskDir: join(tasksDir, `ended-${i}`) });
+    journal.noteProcessGroup(cookie, process.pid);
+    journal.end(cookie);
+    largest = Math.max(largest, statSync(journal.path).size);
+    for (const name of readdirSync(journalDir)) files.add(name);
+  }
+  t.same([...files], [basename(journal.path)], `${runs} runs: never a file but the journal's own`);
+  t.ok(largest <= COMPACT_BYTES + 1024, `the file stays near ${COMPACT_BYTES} bytes (largest ${largest})`);
+  t.ok(statSync(journal.path).size < COMPACT_BYTES, 'it was compacted');
+  t.match(new CrashJournal(journalDir).list(), [{ cookie: open, runKey: 'open/0', taskDir: join(tasksDir, 'open'), groups: [{ pgid: process.pid }] }], 'the open entry survived every compaction');
+  t.equal(new CrashJournal(journalDir).list().length, 1, 'and only it');
+  journal.end(open);
+  journal.close();
+  t.same(readdirSync(journalDir), []);
+});
+
+t.test('a torn last line is skipped; a file without its header is corrupt', async (t) => {
+  const { journalDir, tasksDir, cookie: newCookie } = setup(t);
+  const journal = new CrashJournal(journalDir);
+  const cookie = newCookie();
+  journal.begin({ cookie, runKey: 'torn/0', taskDir: join(tasksDir, 'torn') });
+  appendFileSync(journal.path, '{"op":"end","cook');
+  t.match(new CrashJournal(journalDir).list(), [{ cookie, runKey: 'torn/0' }], 'the entry is still open');
+  writeFileSync(join(journalDir, 'worker-1-deadbeef.jsonl'), '{"op":"begin","cookie":"x","runKey":"r","at":""}\n');
+  const { logger, lines } = captureLogger();
+  await new CrashJournal(journalDir).reap(logger);
+  t.notOk(existsSync(join(journalDir, 'worker-1-deadbeef.jsonl')), 'the headless file was removed');
+  t.ok(lines.some((l) => l.includes('removing corrupt entry')), 'and logged');
+  t.ok(existsSync(journal.path), 'the live journal is kept');
+  journal.end(cookie);
+  journal.close();
 });
 
 t.test('reap after kill -9 of the worker: kills the group, removes the task dir and the entry', async (t) => {
@@ -225,7 +270,7 @@ t.test('an entry whose owner is alive is not reaped', async (t) => {
   t.same(journal.list(), []);
 });
 
-t.test('a reused pid is not the owner, and a reused group id is not the run', async (t) => {
+t.test('a reused pid is not the owner, and a reused group id is not the run (an entry of the run-*.json layout before)', async (t) => {
   const { journalDir, tasksDir, cookie: newCookie } = setup(t);
   const cookie = newCookie();
   const taskDir = join(tasksDir, 'reused');
@@ -256,7 +301,7 @@ t.test('a reused pid is not the owner, and a reused group id is not the run', as
   t.same(readdirSync(journalDir), []);
 });
 
-t.test('corrupt entries are logged and removed; stale temporary files too', async (t) => {
+t.test('corrupt entries of the run-*.json layout before are logged and removed; stale temporary files too', async (t) => {
   const { journalDir } = setup(t);
   mkdirSync(journalDir, { recursive: true });
   writeFileSync(join(journalDir, 'run-corrupt.json'), '{"version":1,"cook');

@@ -1,27 +1,39 @@
 /**
  * Crash journal: what a worker must clean up if it dies mid-run.
  *
- * Before a sandbox starts, the worker writes an entry (run cookie, run key,
- * task directory, and itself as owner); right after spawn it adds the
- * command's process group; after cleanup succeeded it removes the entry.
- * A worker that starts after a crash (kill -9, OOM killer, power loss) of
- * its predecessor calls `reap()`: every entry whose owner is gone has its
- * processes killed and its task directory removed.
+ * Before a sandbox starts, the worker records an entry (run cookie, run
+ * key, task directory); right after spawn it adds the command's process
+ * group; after cleanup succeeded it ends the entry. A worker that starts
+ * after a crash (kill -9, OOM killer, power loss) of its predecessor calls
+ * `reap()`: every open entry whose owner is gone has its processes killed
+ * and its task directory removed.
  *
- * One small JSON file per entry, written synchronously to a temporary name
- * and renamed (after fsync), so an entry is either absent or whole, and it
- * is on disk before the sandbox starts.
+ * Each journal (one per worker) appends to a file of its own,
+ * `worker-<pid>-<id>.jsonl`: a header line naming the owner, then one line
+ * per event (begun, process group, ended). Every line is one write(2) to a
+ * file opened for appending, so it is in the page cache when the call
+ * returns and survives a crash of the worker process, which is what the
+ * journal is for (after a power loss no process is left to reap, and a lost
+ * line costs at most a task directory). A run creates no file: creating one
+ * costs far more than an append (two files per run, in the layout before
+ * this one, took a fifth of a trivial task's time). When the file outgrows
+ * COMPACT_BYTES, the entries still open are written to a new file that
+ * replaces it whole (written, then renamed), so it stays small.
+ *
+ * Files `run-*.json`, one entry each, are what drover wrote before; they are
+ * still listed and reaped, so an upgrade strands nothing.
  *
  * Identity is by (pid, start time, boot id): a pid alone may have been
  * reused by an unrelated process since the entry was written.
  */
-import { createHash } from 'node:crypto';
-import { mkdirSync, readFileSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { closeSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { lstat, readFile, readdir, rm, unlink } from 'node:fs/promises';
 import { join, resolve, sep } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from '../runtime/logger.js';
 import { errorMessage } from '../model/errors.js';
+import type { RunJournal } from './host.js';
 import {
   bootId,
   groupProcesses,
@@ -49,19 +61,21 @@ export interface JournalGroup {
   readonly startTime?: number;
 }
 
-/** An entry as stored. */
+/** The worker that wrote an entry. */
+export interface JournalOwner {
+  readonly pid: number;
+  readonly startTime: number;
+  readonly bootId?: string;
+}
+
+/** An open entry: a run begun and not yet ended. */
 export interface JournalEntry {
-  readonly version: 1;
   readonly cookie: string;
   readonly runKey: string;
   /** Undefined when a process group was noted for a cookie that was never begun. */
   readonly taskDir?: string;
-  readonly owner: {
-    readonly pid: number;
-    readonly startTime: number;
-    readonly bootId?: string;
-  };
-  /** ISO time the entry was first written, for people. */
+  readonly owner: JournalOwner;
+  /** ISO time the entry was begun, for people. */
   readonly createdAt: string;
   readonly groups: readonly JournalGroup[];
 }
@@ -78,36 +92,47 @@ export interface ReapOptions {
   readonly timeoutMs?: number;
 }
 
-const ENTRY_PREFIX = 'run-';
-const ENTRY_SUFFIX = '.json';
+const LOG_PREFIX = 'worker-';
+const LOG_SUFFIX = '.jsonl';
+const LEGACY_PREFIX = 'run-';
+const LEGACY_SUFFIX = '.json';
 const TMP_MARK = '.tmp-';
 const POLL_MS = 20;
+/** A journal file larger than this is rewritten with only its open entries. */
+export const COMPACT_BYTES = 256 * 1024;
+const FORMAT = 2;
 
-export class CrashJournal {
+/** One line of a journal file. */
+type Line =
+  | { readonly journal: typeof FORMAT; readonly owner: JournalOwner; readonly createdAt: string }
+  | { readonly op: 'begin'; readonly cookie: string; readonly runKey: string; readonly taskDir?: string; readonly at: string }
+  | { readonly op: 'group'; readonly cookie: string; readonly pgid: number; readonly startTime?: number }
+  | { readonly op: 'end'; readonly cookie: string };
+
+export class CrashJournal implements RunJournal {
   readonly dir: string;
-  /** Entries this instance wrote, by cookie. */
+  /** This journal's open entries, by cookie. */
   readonly #entries = new Map<string, JournalEntry>();
-  #dirReady = false;
-  #owner: JournalEntry['owner'] | undefined;
+  readonly #name = `${LOG_PREFIX}${process.pid}-${randomBytes(4).toString('hex')}${LOG_SUFFIX}`;
+  #fd: number | undefined;
+  #bytes = 0;
+  #owner: JournalOwner | undefined;
 
   constructor(dir: string) {
     this.dir = dir;
   }
 
-  /** Records a run before its sandbox starts. Synchronous: the entry is on disk when it returns. */
+  /** This journal's own file. */
+  get path(): string {
+    return join(this.dir, this.#name);
+  }
+
+  /** Records a run before its sandbox starts. Synchronous: the entry is written when it returns. */
   begin(entry: JournalEntryInput): void {
     if (entry.cookie.length === 0) throw new TypeError('crash journal: empty cookie');
-    const stored: JournalEntry = {
-      version: 1,
-      cookie: entry.cookie,
-      runKey: entry.runKey,
-      taskDir: entry.taskDir,
-      owner: this.#ownerIdentity(),
-      createdAt: new Date().toISOString(),
-      groups: [],
-    };
-    this.#write(stored);
-    this.#entries.set(entry.cookie, stored);
+    const createdAt = new Date().toISOString();
+    this.#append({ op: 'begin', cookie: entry.cookie, runKey: entry.runKey, taskDir: entry.taskDir, at: createdAt });
+    this.#entries.set(entry.cookie, { cookie: entry.cookie, runKey: entry.runKey, taskDir: entry.taskDir, owner: this.#ownerIdentity(), createdAt, groups: [] });
   }
 
   /**
@@ -116,30 +141,44 @@ export class CrashJournal {
    * directory), so its processes are still found after a crash.
    */
   noteProcessGroup(cookie: string, pgid: number): void {
-    const current = this.#entries.get(cookie) ?? this.#readOwn(cookie) ?? {
-      version: 1 as const,
-      cookie,
-      runKey: '(unknown)',
-      owner: this.#ownerIdentity(),
-      createdAt: new Date().toISOString(),
-      groups: [],
-    };
+    let current = this.#entries.get(cookie);
+    if (current === undefined) {
+      const createdAt = new Date().toISOString();
+      this.#append({ op: 'begin', cookie, runKey: '(unknown)', at: createdAt });
+      current = { cookie, runKey: '(unknown)', owner: this.#ownerIdentity(), createdAt, groups: [] };
+    }
     if (current.groups.some((g) => g.pgid === pgid)) return;
     const group: JournalGroup = { pgid, startTime: processStartTime(pgid) };
-    const next: JournalEntry = { ...current, groups: [...current.groups, group] };
-    this.#write(next);
-    this.#entries.set(cookie, next);
+    this.#append({ op: 'group', cookie, ...group });
+    this.#entries.set(cookie, { ...current, groups: [...current.groups, group] });
   }
 
-  /** Removes the run's entry once its cleanup succeeded. A missing entry is not an error. */
-  end(cookie: string): Promise<void> {
-    this.#entries.delete(cookie);
-    // Off the event loop: an unlink can take milliseconds. If it fails, the entry stays and the next
-    // worker to boot here finds nothing left to kill, removes the (gone) task directory and the entry.
-    return unlink(this.#path(cookie)).catch(() => {});
+  /** Ends the run's entry once its cleanup succeeded. An entry that is not open is not an error. */
+  end(cookie: string): void {
+    if (!this.#entries.delete(cookie)) return;
+    this.#append({ op: 'end', cookie });
+    if (this.#bytes > COMPACT_BYTES) this.#compact();
   }
 
-  /** The entries on disk (corrupt files skipped): for `drover` diagnostics and tests. */
+  /**
+   * Closes the file; with no entry open it is removed, else it stays for the
+   * next worker to reap. For a worker that stops; a later begin opens a new file.
+   */
+  close(): void {
+    if (this.#fd === undefined) return;
+    closeSync(this.#fd);
+    this.#fd = undefined;
+    this.#bytes = 0;
+    if (this.#entries.size === 0) {
+      try {
+        unlinkSync(this.path);
+      } catch {
+        // gone already
+      }
+    }
+  }
+
+  /** The open entries on disk, of every journal in the directory (corrupt files skipped): for gc, diagnostics and tests. */
   list(): JournalEntry[] {
     let names: string[];
     try {
@@ -149,10 +188,11 @@ export class CrashJournal {
     }
     const entries: JournalEntry[] = [];
     for (const name of names) {
-      if (!isEntryName(name)) continue;
+      const kind = fileKind(name);
+      if (kind === undefined) continue;
       try {
-        const entry = parseEntry(readFileSync(join(this.dir, name), 'utf8'));
-        if (entry !== undefined) entries.push(entry);
+        const parsed = parseFile(kind, readFileSync(join(this.dir, name), 'utf8'));
+        if (parsed !== undefined) entries.push(...parsed.entries);
       } catch {
         // vanished or unreadable: skip
       }
@@ -161,12 +201,13 @@ export class CrashJournal {
   }
 
   /**
-   * Cleans up after crashed owners: for every entry whose owner process is
-   * gone (dead, zombie, pid reused, or another boot), SIGKILLs every process
-   * that carries the cookie or belongs to a recorded process group, waits
-   * (bounded) until they are gone, removes the task directory and the
-   * entry. Entries of live owners are left alone: two workers may share a
-   * work directory. Corrupt entry files are logged and removed.
+   * Cleans up after crashed owners: for every open entry whose owner
+   * process is gone (dead, zombie, pid reused, or another boot), SIGKILLs
+   * every process that carries the cookie or belongs to a recorded process
+   * group, waits (bounded) until they are gone, and removes the task
+   * directory; a file whose entries are all handled is removed. Files of
+   * live owners are left alone: two workers may share a work directory.
+   * Corrupt files are logged and removed.
    *
    * It does not throw for one entry's trouble: that is logged, and the
    * entry is kept for the next worker to try again.
@@ -185,10 +226,11 @@ export class CrashJournal {
     for (const name of names.sort()) {
       const file = join(this.dir, name);
       if (name.includes(TMP_MARK)) {
-        await this.#removeStaleTemp(file, name);
+        await removeStaleTemp(file, name);
         continue;
       }
-      if (!isEntryName(name)) continue;
+      const kind = fileKind(name);
+      if (kind === undefined) continue;
       let text: string;
       try {
         text = await readFile(file, 'utf8');
@@ -197,58 +239,39 @@ export class CrashJournal {
         logger.warn('crash journal: cannot read entry', { file, error: errorMessage(error) });
         continue;
       }
-      const entry = parseEntry(text);
-      if (entry === undefined) {
+      const parsed = parseFile(kind, text);
+      if (parsed === undefined) {
         logger.warn('crash journal: removing corrupt entry', { file });
         await unlink(file).catch(() => {});
         continue;
       }
       // Without a boot id on either side, assume the same boot (the safe side: pids are checked).
-      const sameBoot = entry.owner.bootId === undefined || currentBoot === undefined || entry.owner.bootId === currentBoot;
-      if (sameBoot && isAlive(entry.owner.pid, entry.owner.startTime)) {
-        logger.debug('crash journal: entry of a live worker left alone', { runKey: entry.runKey, ownerPid: entry.owner.pid });
+      const { owner } = parsed;
+      const sameBoot = owner.bootId === undefined || currentBoot === undefined || owner.bootId === currentBoot;
+      if (sameBoot && isAlive(owner.pid, owner.startTime)) {
+        logger.debug('crash journal: entries of a live worker left alone', { file, ownerPid: owner.pid });
         continue;
       }
-      const log = logger.child({ runKey: entry.runKey, cookie: entry.cookie });
-      report.entries += 1;
-      // After a reboot no process of the entry can exist, and its pids mean nothing.
-      const { killed, left } = sameBoot ? await killRun(entry, timeoutMs) : { killed: 0, left: [] as number[] };
-      report.processesKilled += killed;
-      if (left.length > 0) {
-        log.error('crash journal: processes of a crashed run survived SIGKILL; entry kept', { pids: left.join(','), ownerPid: entry.owner.pid });
-        continue;
+      const kept: JournalEntry[] = [];
+      for (const entry of parsed.entries) {
+        report.entries += 1;
+        const outcome = await reapEntry(entry, sameBoot, timeoutMs, logger.child({ runKey: entry.runKey, cookie: entry.cookie }));
+        report.processesKilled += outcome.killed;
+        if (outcome.removed) report.directoriesRemoved += 1;
+        if (!outcome.done) kept.push(entry);
       }
-      let removed = false;
-      if (entry.taskDir !== undefined) {
-        if (!isSafeToRemove(entry.taskDir)) {
-          log.error('crash journal: refusing to remove task directory', { taskDir: entry.taskDir });
-        } else {
-          try {
-            const existed = await lstat(entry.taskDir).then(() => true, () => false);
-            await rm(entry.taskDir, { recursive: true, force: true });
-            removed = existed;
-          } catch (error) {
-            log.error('crash journal: cannot remove task directory; entry kept', { taskDir: entry.taskDir, error: errorMessage(error) });
-            continue;
-          }
-        }
+      try {
+        if (kept.length === 0) await unlink(file);
+        else writeWhole(file, owner, kept);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'ENOENT') logger.warn('crash journal: cannot update entry', { file, error: errorMessage(error) });
       }
-      if (removed) report.directoriesRemoved += 1;
-      await unlink(file).catch((error: NodeJS.ErrnoException) => {
-        if (error.code !== 'ENOENT') log.warn('crash journal: cannot remove entry', { file, error: errorMessage(error) });
-      });
-      log.info('crash journal: reaped run of a crashed worker', {
-        ownerPid: entry.owner.pid,
-        processesKilled: killed,
-        taskDir: entry.taskDir,
-        taskDirRemoved: removed,
-      });
     }
     if (report.entries > 0) logger.info('crash journal: reaped leftovers of crashed workers', { ...report });
     return report;
   }
 
-  #ownerIdentity(): JournalEntry['owner'] {
+  #ownerIdentity(): JournalOwner {
     if (this.#owner === undefined) {
       const startTime = processStartTime(process.pid);
       if (startTime === undefined) throw new Error('crash journal: cannot read /proc/self/stat');
@@ -258,83 +281,184 @@ export class CrashJournal {
     return this.#owner;
   }
 
-  #path(cookie: string): string {
-    return join(this.dir, entryName(cookie));
-  }
-
-  #readOwn(cookie: string): JournalEntry | undefined {
-    try {
-      const entry = parseEntry(readFileSync(this.#path(cookie), 'utf8'));
-      return entry?.cookie === cookie ? entry : undefined;
-    } catch {
-      return undefined;
-    }
-  }
-
-  #write(entry: JournalEntry): void {
-    if (!this.#dirReady) {
+  /** One line, one write; the file (and its header) is made on the first. */
+  #append(line: Line): void {
+    if (this.#fd === undefined) {
       mkdirSync(this.dir, { recursive: true });
-      this.#dirReady = true;
+      this.#fd = openSync(this.path, 'a', 0o600);
+      this.#bytes = 0;
+      this.#write(headerLine(this.#ownerIdentity()));
     }
-    const path = this.#path(entry.cookie);
-    const tmp = `${path}${TMP_MARK}${process.pid}`;
-    // Written whole under a temporary name, then renamed: an entry is never half-written. No
-    // fsync: the journal guards against crashes of the worker process (kill -9, OOM), which
-    // leave the page cache intact; after a power loss no process is left to reap, and an
-    // unwritten entry costs at most a task directory. fsync made up half a trivial task's time.
-    writeFileSync(tmp, JSON.stringify(entry) + '\n', { mode: 0o600 });
-    renameSync(tmp, path);
+    this.#write(JSON.stringify(line) + '\n');
   }
 
-  async #removeStaleTemp(file: string, name: string): Promise<void> {
-    const pid = Number(name.slice(name.lastIndexOf(TMP_MARK) + TMP_MARK.length));
-    if (Number.isInteger(pid) && isAlive(pid)) return; // maybe being written right now
-    await unlink(file).catch(() => {});
+  #write(text: string): void {
+    const bytes = Buffer.from(text);
+    const written = writeSync(this.#fd!, bytes);
+    if (written !== bytes.length) throw new Error(`crash journal: short write to ${this.path} (${written} of ${bytes.length} bytes)`);
+    this.#bytes += written;
+  }
+
+  /** Replaces the file with one holding only the open entries. */
+  #compact(): void {
+    const fd = writeWhole(this.path, this.#ownerIdentity(), [...this.#entries.values()], true);
+    closeSync(this.#fd!);
+    this.#fd = fd.fd;
+    this.#bytes = fd.bytes;
   }
 }
 
-function entryName(cookie: string): string {
-  const hash = createHash('sha256').update(cookie).digest('hex').slice(0, 32);
-  return `${ENTRY_PREFIX}${hash}${ENTRY_SUFFIX}`;
+function headerLine(owner: JournalOwner): string {
+  return JSON.stringify({ journal: FORMAT, owner, createdAt: new Date().toISOString() } satisfies Line) + '\n';
 }
 
-function isEntryName(name: string): boolean {
-  return name.startsWith(ENTRY_PREFIX) && name.endsWith(ENTRY_SUFFIX);
+/** The lines that bring a journal to these open entries. */
+function entryLines(entry: JournalEntry): string {
+  const begin: Line = { op: 'begin', cookie: entry.cookie, runKey: entry.runKey, ...(entry.taskDir === undefined ? {} : { taskDir: entry.taskDir }), at: entry.createdAt };
+  return [begin, ...entry.groups.map((group): Line => ({ op: 'group', cookie: entry.cookie, ...group }))].map((line) => JSON.stringify(line) + '\n').join('');
 }
 
-function parseEntry(text: string): JournalEntry | undefined {
-  let value: unknown;
+/**
+ * Writes a journal file with these open entries under a temporary name and
+ * renames it over `path`, so a reader sees the old file or the new one.
+ * With `keepOpen`, the new file stays open for appending.
+ */
+function writeWhole(path: string, owner: JournalOwner, entries: readonly JournalEntry[], keepOpen: true): { fd: number; bytes: number };
+function writeWhole(path: string, owner: JournalOwner, entries: readonly JournalEntry[]): void;
+function writeWhole(path: string, owner: JournalOwner, entries: readonly JournalEntry[], keepOpen = false): { fd: number; bytes: number } | void {
+  const tmp = `${path}${TMP_MARK}${process.pid}`;
+  const bytes = Buffer.from(headerLine(owner) + entries.map(entryLines).join(''));
+  const fd = openSync(tmp, 'w', 0o600);
   try {
-    value = JSON.parse(text);
+    writeSync(fd, bytes);
+    renameSync(tmp, path);
+  } catch (error) {
+    closeSync(fd);
+    throw error;
+  }
+  if (keepOpen) return { fd, bytes: bytes.length };
+  closeSync(fd);
+}
+
+async function removeStaleTemp(file: string, name: string): Promise<void> {
+  const pid = Number(name.slice(name.lastIndexOf(TMP_MARK) + TMP_MARK.length));
+  if (Number.isInteger(pid) && isAlive(pid)) return; // maybe being written right now
+  await unlink(file).catch(() => {});
+}
+
+/** Kills what is left of one entry's run and removes its task directory; `done` unless something must be tried again. */
+async function reapEntry(entry: JournalEntry, sameBoot: boolean, timeoutMs: number, log: Logger): Promise<{ done: boolean; killed: number; removed: boolean }> {
+  // After a reboot no process of the entry can exist, and its pids mean nothing.
+  const { killed, left } = sameBoot ? await killRun(entry, timeoutMs) : { killed: 0, left: [] as number[] };
+  if (left.length > 0) {
+    log.error('crash journal: processes of a crashed run survived SIGKILL; entry kept', { pids: left.join(','), ownerPid: entry.owner.pid });
+    return { done: false, killed, removed: false };
+  }
+  let removed = false;
+  if (entry.taskDir !== undefined) {
+    if (!isSafeToRemove(entry.taskDir)) {
+      log.error('crash journal: refusing to remove task directory', { taskDir: entry.taskDir });
+    } else {
+      try {
+        const existed = await lstat(entry.taskDir).then(() => true, () => false);
+        await rm(entry.taskDir, { recursive: true, force: true });
+        removed = existed;
+      } catch (error) {
+        log.error('crash journal: cannot remove task directory; entry kept', { taskDir: entry.taskDir, error: errorMessage(error) });
+        return { done: false, killed, removed: false };
+      }
+    }
+  }
+  log.info('crash journal: reaped run of a crashed worker', { ownerPid: entry.owner.pid, processesKilled: killed, taskDir: entry.taskDir, taskDirRemoved: removed });
+  return { done: true, killed, removed };
+}
+
+function fileKind(name: string): 'log' | 'legacy' | undefined {
+  if (name.includes(TMP_MARK)) return undefined;
+  if (name.startsWith(LOG_PREFIX) && name.endsWith(LOG_SUFFIX)) return 'log';
+  if (name.startsWith(LEGACY_PREFIX) && name.endsWith(LEGACY_SUFFIX)) return 'legacy';
+  return undefined;
+}
+
+/** A journal file's owner and open entries; undefined when the file is corrupt (no valid header or entry). */
+function parseFile(kind: 'log' | 'legacy', text: string): { owner: JournalOwner; entries: JournalEntry[] } | undefined {
+  if (kind === 'legacy') {
+    const entry = parseLegacyEntry(text);
+    return entry === undefined ? undefined : { owner: entry.owner, entries: [entry] };
+  }
+  const lines = text.split('\n');
+  const header = parseJson(lines[0] ?? '');
+  if (header?.journal !== FORMAT) return undefined;
+  const owner = parseOwner(header.owner);
+  if (owner === undefined) return undefined;
+  const open = new Map<string, JournalEntry>();
+  // A line that does not parse (the torn last one of a power loss) is skipped.
+  for (const text of lines.slice(1)) {
+    const line = parseJson(text);
+    if (line === undefined || typeof line.cookie !== 'string' || line.cookie.length === 0) continue;
+    const cookie = line.cookie;
+    if (line.op === 'begin' && typeof line.runKey === 'string') {
+      if (line.taskDir !== undefined && typeof line.taskDir !== 'string') continue;
+      open.set(cookie, {
+        cookie,
+        runKey: line.runKey,
+        ...(typeof line.taskDir === 'string' ? { taskDir: line.taskDir } : {}),
+        owner,
+        createdAt: typeof line.at === 'string' ? line.at : '',
+        groups: [],
+      });
+    } else if (line.op === 'group') {
+      const entry = open.get(cookie);
+      const group = parseGroup(line);
+      if (entry !== undefined && group !== undefined) open.set(cookie, { ...entry, groups: [...entry.groups, group] });
+    } else if (line.op === 'end') {
+      open.delete(cookie);
+    }
+  }
+  return { owner, entries: [...open.values()] };
+}
+
+function parseJson(text: string): Record<string, unknown> | undefined {
+  try {
+    const value: unknown = JSON.parse(text);
+    return typeof value === 'object' && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : undefined;
   } catch {
     return undefined;
   }
+}
+
+function parseOwner(value: unknown): JournalOwner | undefined {
   if (typeof value !== 'object' || value === null) return undefined;
-  const v = value as Record<string, unknown>;
-  const owner = v.owner as Record<string, unknown> | null | undefined;
-  if (v.version !== 1 || typeof v.cookie !== 'string' || v.cookie.length === 0 || typeof v.runKey !== 'string') return undefined;
-  if (v.taskDir !== undefined && typeof v.taskDir !== 'string') return undefined;
-  if (typeof owner !== 'object' || owner === null || !isPositiveInt(owner.pid) || !isNonNegativeInt(owner.startTime)) return undefined;
+  const owner = value as Record<string, unknown>;
+  if (!isPositiveInt(owner.pid) || !isNonNegativeInt(owner.startTime)) return undefined;
   if (owner.bootId !== undefined && typeof owner.bootId !== 'string') return undefined;
-  if (!Array.isArray(v.groups)) return undefined;
+  return { pid: owner.pid, startTime: owner.startTime, ...(typeof owner.bootId === 'string' ? { bootId: owner.bootId } : {}) };
+}
+
+function parseGroup(value: Record<string, unknown>): JournalGroup | undefined {
+  if (!isPositiveInt(value.pgid)) return undefined;
+  if (value.startTime !== undefined && !isNonNegativeInt(value.startTime)) return undefined;
+  return value.startTime === undefined ? { pgid: value.pgid } : { pgid: value.pgid, startTime: value.startTime as number };
+}
+
+/** A `run-*.json` file of the layout before: one whole entry. */
+function parseLegacyEntry(text: string): JournalEntry | undefined {
+  const v = parseJson(text);
+  if (v === undefined || v.version !== 1 || typeof v.cookie !== 'string' || v.cookie.length === 0 || typeof v.runKey !== 'string') return undefined;
+  if (v.taskDir !== undefined && typeof v.taskDir !== 'string') return undefined;
+  const owner = parseOwner(v.owner);
+  if (owner === undefined || !Array.isArray(v.groups)) return undefined;
   const groups: JournalGroup[] = [];
   for (const g of v.groups as unknown[]) {
-    if (typeof g !== 'object' || g === null) return undefined;
-    const group = g as Record<string, unknown>;
-    if (!isPositiveInt(group.pgid)) return undefined;
-    if (group.startTime !== undefined && !isNonNegativeInt(group.startTime)) return undefined;
-    groups.push(group.startTime === undefined ? { pgid: group.pgid } : { pgid: group.pgid, startTime: group.startTime as number });
+    const group = typeof g === 'object' && g !== null ? parseGroup(g as Record<string, unknown>) : undefined;
+    if (group === undefined) return undefined;
+    groups.push(group);
   }
   return {
-    version: 1,
     cookie: v.cookie,
     runKey: v.runKey,
     ...(typeof v.taskDir === 'string' ? { taskDir: v.taskDir } : {}),
-    owner: {
-      pid: owner.pid,
-      startTime: owner.startTime as number,
-      ...(typeof owner.bootId === 'string' ? { bootId: owner.bootId } : {}),
-    },
+    owner,
     createdAt: typeof v.createdAt === 'string' ? v.createdAt : '',
     groups,
   };

@@ -255,6 +255,7 @@ export class HardwareHost implements Host {
   async dispose(): Promise<void> {
     if (this.#disposed) return;
     this.#disposed = true;
-    // Nothing is held: tasks release their own processes and directories.
+    // Tasks release their own processes and directories; the journal's file goes when no entry is open.
+    this.#journal.close();
   }
 }

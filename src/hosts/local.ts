@@ -4,7 +4,8 @@
  *
  * Every command runs in a new session, so in a process group of its own
  * whose id is the main process's pid: `kill()` signals the whole group and
- * `waitGone()` watches it through /proc.
+ * `waitGone()` watches it through /proc. Commands are started by a small
+ * helper process, the spawner (spawner.ts), not by the worker itself.
  *
  * Limitation: a process stays in the command's group only as long as it
  * does not leave it itself (setsid(), setpgid(), e.g. `setsid cmd` or a
@@ -12,7 +13,6 @@
  * waited for by `waitGone()`; it still carries DROVER_RUN_COOKIE in its
  * environment, and the crash journal finds it by that when it reaps.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
 import { lstat, mkdir, open, readdir, realpath, rm, writeFile } from 'node:fs/promises';
 import { arch, availableParallelism, hostname, platform, totalmem } from 'node:os';
@@ -25,6 +25,7 @@ import { errorMessage } from '../model/errors.js';
 import type { Host, HostBootOptions, HostIdentity } from './host.js';
 import { CrashJournal } from './journal.js';
 import { groupExists, groupPids } from './proc.js';
+import { Spawner, type Spawned } from './spawner.js';
 import { fileType, type DirectoryEntry, type ExecOptions, type Execution, type ExitStatus, type FileStat, type Transport, type TransportCapabilities } from './transport.js';
 
 const POLL_MS = 20;
@@ -40,49 +41,42 @@ export class LocalTransport implements Transport {
   readonly capabilities: TransportCapabilities = { exec: true, files: true };
   readonly #journal: CrashJournal | undefined;
   readonly #logger: Logger | undefined;
+  readonly #spawner: Spawner;
 
   constructor(options: LocalTransportOptions = {}) {
     this.#journal = options.journal;
     this.#logger = options.logger;
+    this.#spawner = new Spawner({
+      onDeath: (why) => this.#logger?.error(`${why}: the commands it started are killed`),
+    });
   }
 
   async exec(argv: readonly string[], options: ExecOptions): Promise<LocalExecution> {
     const [file, ...args] = argv;
     if (file === undefined) return LocalExecution.failed(new Error('exec: empty argv'));
     const env = { ...options.env, DROVER_RUN_COOKIE: options.cookie };
-    let child: ChildProcess;
+    let spawned: Spawned;
     try {
-      child = spawn(file, args, { cwd: options.cwd, env, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+      spawned = await this.#spawner.spawn({ file, args, cwd: options.cwd, env });
     } catch (error) {
-      // Invalid arguments (a NUL byte in argv or env...) throw synchronously.
+      // ENOENT, EACCES, a bad cwd, a NUL byte in argv or env...
       return LocalExecution.failed(error instanceof Error ? error : new Error(String(error)));
     }
-    const pgid = child.pid;
-    // Synchronously, before anything else can run: the group is on disk
-    // before this process could crash and leave it behind.
-    if (pgid !== undefined && this.#journal !== undefined) {
+    // As soon as the pid is known. A crash before this line leaves the group unnoted, but every
+    // process of it carries the cookie, which the journal was given before (and reaps by).
+    if (this.#journal !== undefined) {
       try {
-        this.#journal.noteProcessGroup(options.cookie, pgid);
+        this.#journal.noteProcessGroup(options.cookie, spawned.pid);
       } catch (error) {
-        this.#logger?.warn('crash journal: cannot note process group', { pgid, error: errorMessage(error) });
+        this.#logger?.warn('crash journal: cannot note process group', { pgid: spawned.pid, error: errorMessage(error) });
       }
     }
-    let started!: () => void;
-    const startedOrFailed = new Promise<void>((resolve) => (started = resolve));
-    const exited = new Promise<ExitStatus & { readonly startError?: Error }>((resolve) => {
-      // 'exit', not 'close': a background grandchild may hold the pipes open.
-      child.once('exit', (code, signal) => resolve({ exitCode: signal === null ? code : null, signal }));
-      // A listener stays attached: an unhandled 'error' event would crash the worker.
-      child.on('error', (error) => {
-        // 'error' after a successful start comes from child.kill(), which is not used.
-        if (pgid === undefined) resolve({ exitCode: 127, signal: null, startError: error });
-        started();
-      });
-    });
-    child.once('spawn', () => started());
-    // Resolve once the command is started (or has failed to).
-    await startedOrFailed;
-    return new LocalExecution(child, pgid, exited);
+    return new LocalExecution(spawned);
+  }
+
+  /** Stops the spawner process; commands still running go on. For a host that is disposed. */
+  close(): void {
+    this.#spawner.close();
   }
 
   async mkdir(path: string): Promise<void> {
@@ -157,14 +151,14 @@ export class LocalExecution implements Execution {
 
   /** An execution that never started: exit code 127 with `startError`. */
   static failed(startError: Error): LocalExecution {
-    return new LocalExecution(undefined, undefined, Promise.resolve({ exitCode: 127, signal: null, startError }));
+    return new LocalExecution(undefined, startError);
   }
 
-  constructor(child: ChildProcess | undefined, pgid: number | undefined, exited: Execution['exited']) {
-    this.stdout = child?.stdout ?? emptyStream();
-    this.stderr = child?.stderr ?? emptyStream();
-    this.exited = exited;
-    this.pgid = pgid;
+  constructor(spawned: Spawned | undefined, startError?: Error) {
+    this.stdout = spawned?.stdout ?? emptyStream();
+    this.stderr = spawned?.stderr ?? emptyStream();
+    this.exited = spawned?.exited ?? Promise.resolve({ exitCode: 127, signal: null, startError: startError ?? new Error('not started') });
+    this.pgid = spawned?.pid;
   }
 
   async kill(signal: NodeJS.Signals): Promise<void> {
@@ -256,6 +250,7 @@ export class HardwareHost implements Host {
     if (this.#disposed) return;
     this.#disposed = true;
     // Tasks release their own processes and directories; the journal's file goes when no entry is open.
+    this.#transport?.close();
     this.#journal.close();
   }
 }

@@ -366,4 +366,20 @@ t.test('LocalTransport files', async (t) => {
   await transport.remove(transport.join(root, 'a'));
   await transport.remove(transport.join(root, 'a'));
   t.equal(await transport.stat(dir), undefined);
+  // remove: an empty directory, a file, a symlink to a directory (its target stays)
+  const empty = transport.join(root, 'empty');
+  await transport.mkdir(empty);
+  await transport.remove(empty);
+  t.equal(await transport.stat(empty), undefined, 'an empty directory');
+  const target = transport.join(root, 'target');
+  await transport.mkdir(target);
+  await transport.writeFile(transport.join(target, 'kept'), 'kept');
+  const plain = transport.join(root, 'plain.txt');
+  await transport.writeFile(plain, 'x');
+  await transport.remove(plain);
+  t.equal(await transport.stat(plain), undefined, 'a file');
+  symlinkSync(target, transport.join(root, 'dirlink'));
+  await transport.remove(transport.join(root, 'dirlink'));
+  t.equal(await transport.stat(transport.join(root, 'dirlink')), undefined, 'a symlink to a directory');
+  t.match(await transport.stat(transport.join(target, 'kept')), { type: 'file' }, 'whose target is left alone');
 });

@@ -4,8 +4,9 @@
  * peers in the same run, on the same machine, and writes bench/REPORT.md and
  * bench/results.json. `npm run bench` (full) or `npm run bench -- --quick`.
  * `--only local,ssh,queues,memory,artifacts` runs some of them, and
- * `--before DIR` measures the queues of another build (a checkout with
- * dist/ built) beside this one; both print the report without writing it.
+ * `--before DIR` measures the queues and local tasks of another build (a
+ * checkout with dist/ built) beside this one; both print the report
+ * without writing it.
  * The suite starts what it needs on loopback (PostgreSQL, sshd) and stops
  * it afterwards. bench/ANALYSIS.md says what bounds the missed targets.
  *
@@ -29,7 +30,7 @@ const quick = process.argv.includes('--quick');
 const settings = quick ? { tasks: 200, reps: 1 } : { tasks: 1000, reps: 3 };
 /** `--only a,b` runs only the named benchmarks (local, queues, memory, ...); the report then holds only those. */
 const only = option('--only')?.split(',');
-/** `--before DIR`: another build of drover (a checkout with dist/ built) whose queues are measured beside this one. */
+/** `--before DIR`: another build of drover (a checkout with dist/ built) whose queues and local tasks are measured beside this one. */
 const before = option('--before');
 const BENCHMARKS = { local: localTasks, ssh, queues, memory, artifacts };
 for (const name of only ?? []) if (!(name in BENCHMARKS)) throw new Error(`--only: no benchmark "${name}"; there are ${Object.keys(BENCHMARKS).join(', ')}`);

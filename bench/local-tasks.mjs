@@ -6,6 +6,7 @@
  */
 import { mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { summary, timed } from './lib.mjs';
 
 const COMMANDS = [
@@ -31,7 +32,7 @@ export async function localTasks({ root, scratch, tasks, reps, before }) {
     for (let i = 0; i < tasks; i++) await queue.submit({ payload: { command: argv }, deadline: Date.now() + 3_600_000, retries: 0 });
     await queue.close();
     const env = { ...process.env, DROVER_QUEUE_DIR: dir, DROVER_WORK_DIR: join(dir, 'work'), DROVER_LOG_LEVEL: 'warn', DROVER_BENCH_CPU_FILE: cpuFile };
-    await timed(process.execPath, ['-r', join(root, 'bench/cpu-usage.cjs'), join(build, 'bin/drover.js'), 'worker', '--once', '--capacity', String(capacity)], { env });
+    await timed(process.execPath, ['--import', pathToFileURL(join(root, 'bench/cpu-usage.mjs')).href, join(build, 'bin/drover.js'), 'worker', '--once', '--capacity', String(capacity)], { env });
     const { user, system } = JSON.parse(readFileSync(cpuFile, 'utf8'));
     return { seconds: (performance.now() - start) / 1000, cpuMsPerTask: (user + system) / 1000 / tasks };
   };

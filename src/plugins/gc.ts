@@ -175,6 +175,7 @@ export function gcPlugin(options: GcPluginOptions): GcPlugin {
         },
 
         async buildSandbox(_builder, { taskDir }: BuildSandboxContext): Promise<void> {
+          if (mounts.length === 0) return;
           const realTaskDir = await realpath(taskDir);
           for (const [i, mount] of mounts.entries()) {
             const target = join(taskDir, mount.directory);

@@ -166,7 +166,7 @@ export function createTaskActors(runtime: TaskRuntime) {
     await eachPlugin(state, 'started', (hooks) => hooks.started?.(sandbox));
     const result = await sandbox.wait();
     // A background process may hold the pipes open; its output is not worth a stuck task.
-    await Promise.race([state.output, sleep(OUTPUT_DRAIN_MS)]);
+    await atMost(state.output, OUTPUT_DRAIN_MS);
     state.log.line(describeResult(result));
     return result;
   }
@@ -359,6 +359,12 @@ class MaskedTaskLog extends TaskLog {
 
 function maskedResolution(resolution: Resolution, secrets: SecretMasker): Resolution {
   return resolution.message === undefined || secrets.empty ? resolution : { ...resolution, message: secrets.mask(resolution.message) };
+}
+
+/** Waits for `promise`, but at most `ms`; the timer goes as soon as the promise settles (one per task would pile up). */
+function atMost(promise: Promise<unknown>, ms: number): Promise<unknown> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([promise, new Promise((resolve) => (timer = setTimeout(resolve, ms)))]).finally(() => clearTimeout(timer));
 }
 
 /** Calls a hook so that a synchronous throw becomes a rejection, like an asynchronous one. */

@@ -38,7 +38,7 @@ const { createLogger } = await import(join(root, 'dist/runtime/logger.js'));
 const engine = config.engine === 'mock'
   ? new (await import(join(root, 'dist/engines/mock.js'))).MockEngine()
   : new (await import(join(root, 'dist/engines/process.js'))).ProcessEngine({ killSignal: 'SIGKILL', killGraceMs: 1000 });
-/** Runs started and not yet ended: the mock engine records its runs; the process engine's are our child processes. */
+/** Runs started and not yet ended: the mock engine records its runs; the process engine's are our descendants. */
 const inFlight = config.engine === 'mock'
   ? () => engine.runs.filter((run) => run.state === 'started').length
   : () => childProcesses();
@@ -124,18 +124,30 @@ async function waitFor(condition, what, status = () => '') {
   }
 }
 
-/** How many processes this one has as their parent (the process engine's commands). */
+/**
+ * How many `sleep` processes descend from this one: the process engine's
+ * commands, children of the local transport's spawner, itself a child of
+ * this process.
+ */
 function childProcesses() {
-  let count = 0;
+  const parents = new Map();
+  const names = new Map();
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
       // pid (comm) state ppid ...: comm may hold spaces, so read after its closing parenthesis.
-      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === process.pid) count++;
+      parents.set(Number(entry), Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]));
+      names.set(Number(entry), stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')));
     } catch {
       // gone meanwhile
     }
   }
-  return count;
+  const descends = (pid) => {
+    for (let up = parents.get(pid), hops = 0; up !== undefined && hops < 3; up = parents.get(up), hops++) {
+      if (up === process.pid) return true;
+    }
+    return false;
+  };
+  return [...names].filter(([pid, name]) => name === 'sleep' && descends(pid)).length;
 }

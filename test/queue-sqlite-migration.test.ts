@@ -1,8 +1,9 @@
 /**
- * The SQLite queue's migration 2: claims stop writing their task's row (a
+ * The SQLite queue's migrations. 2: claims stop writing their task's row (a
  * running task is 'pending' in the tasks table, running by its current
  * run). A queue written by migration 1, with a task in each state, opens,
- * is migrated, and reports, lists and resolves every task as before.
+ * is migrated, and reports, lists and resolves every task as before. 3: the
+ * (state, created) index goes; resolved tasks still list by state.
  */
 import t from 'tap';
 import { join } from 'node:path';
@@ -64,4 +65,30 @@ t.test('a passed deadline is swept from the open-task index', async (t) => {
   t.equal(await queue.sweep(), 2, 'the running and the pending task');
   for (const id of [running, pending]) t.match(await queue.task(id), { state: 'exception', runs: [{ reasonResolved: 'deadline-exceeded' }] });
   t.equal(await queue.sweep(), 0);
+});
+
+t.test('a version 2 queue is migrated to 3: the (state, created) index goes, resolved tasks still list by state', async (t) => {
+  const dir = t.testdir();
+  const db = new Database(join(dir, 'queue.db'));
+  db.exec(MIGRATIONS[0]!);
+  db.exec(MIGRATIONS[1]!);
+  db.pragma('user_version = 2');
+  const task = db.prepare(`INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES (?, '{}', ?, ?, ?, 0)`);
+  const run = db.prepare(`INSERT INTO runs (task_id, run_id, state, reason_created, scheduled, worker_id, started, resolved, reason_resolved)
+                          VALUES (?, 0, ?, 'scheduled', ?, 'A', ?, ?, ?)`);
+  for (const [i, state, reason] of [[0, 'failed', 'failed'], [1, 'exception', 'malformed-payload'], [2, 'completed', 'completed'], [3, 'failed', 'failed']] as const) {
+    task.run(`${state}${i}`, state, START + i, START + HOUR);
+    run.run(`${state}${i}`, state, START + i, START + i, START + i, reason);
+  }
+  db.close();
+
+  const queue = SqliteQueue.open({ dir, now: () => START + 10 });
+  t.teardown(() => queue.close());
+  const check = new Database(join(dir, 'queue.db'), { readonly: true });
+  t.teardown(() => check.close());
+  const indexes = (check.prepare(`SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'tasks' AND sql IS NOT NULL ORDER BY name`).pluck().all());
+  t.same(indexes, ['tasks_by_created', 'tasks_open_by_deadline', 'tasks_unsuccessful']);
+  t.same((await queue.listTasks({ state: 'failed' })).map((s) => s.taskId), ['failed3', 'failed0']);
+  t.same((await queue.listTasks({ state: 'exception' })).map((s) => s.taskId), ['exception1']);
+  t.same((await queue.listTasks({ state: 'completed' })).map((s) => s.taskId), ['completed2']);
 });

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { ClaimLostError, ConfigError, InternalError, TaskStateError } from '../src/model/errors.js';
 import type { RunRef } from '../src/model/task.js';
-import { DEFAULT_CLAIM_TIMEOUT_MS, SqliteQueue, type SqliteQueueOptions } from '../src/queues/sqlite.js';
+import { DEFAULT_CLAIM_TIMEOUT_MS, MIGRATIONS, SqliteQueue, type SqliteQueueOptions } from '../src/queues/sqlite.js';
 import type { CancelWatchers } from '../src/queues/wakers.js';
 
 const START = Date.parse('2026-01-01T00:00:00Z');
@@ -378,6 +378,45 @@ t.test('listTasks: newest first, by state, limited', async (t) => {
   t.same((await queue.listTasks({ limit: 2 })).map((s) => s.taskId), [ids[3], ids[2]]);
   t.same((await queue.listTasks({ state: 'running' })).map((s) => s.taskId), [ids[0]]);
   t.same(await queue.listTasks({ state: 'completed' }), []);
+
+  // One task ends in each resolved state; each state lists its own, newest first.
+  const [first, second, third] = [ids[0]!, ids[1]!, ids[2]!];
+  await queue.resolve({ taskId: first, runId: 0 }, 'A', { state: 'failed' });
+  for (const [id, resolution] of [[second, { state: 'exception', reason: 'malformed-payload' }], [third, { state: 'completed' }]] as const) {
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    t.equal(claim!.taskId, id);
+    await queue.resolve(claim!, 'A', resolution);
+  }
+  t.same((await queue.listTasks({ state: 'failed' })).map((s) => s.taskId), [first]);
+  t.same((await queue.listTasks({ state: 'exception' })).map((s) => s.taskId), [second]);
+  t.same((await queue.listTasks({ state: 'completed' })).map((s) => s.taskId), [third]);
+  t.same((await queue.listTasks({ state: 'pending' })).map((s) => s.taskId), [ids[3]]);
+});
+
+t.test('a claim and its resolution write few pages: what bounds throughput is pages written per transaction', async (t) => {
+  const { queue, dir, submit } = setup(t);
+  await submit();
+  await submit();
+  const wal = new Database(join(dir, 'queue.db'));
+  t.teardown(() => wal.close());
+  /** WAL frames (pages written) since the last call, which then checkpoints and empties the WAL. */
+  const pagesWritten = () => {
+    const [{ log }] = wal.pragma('wal_checkpoint(PASSIVE)') as [{ log: number }];
+    t.match(wal.pragma('wal_checkpoint(TRUNCATE)'), [{ busy: 0, log: 0 }], 'the WAL is emptied');
+    return log;
+  };
+  const claimAndResolve = async (resolution: Parameters<SqliteQueue['resolve']>[2]) => {
+    pagesWritten();
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    const claimed = pagesWritten();
+    await queue.resolve(claim!, 'A', resolution);
+    return { claimed, resolved: pagesWritten() };
+  };
+  // The claim: the run's row, out of the pending-runs index, into the running-runs index.
+  // A completion: the run's row, out of the running-runs index, the task's row, out of the open-deadline index; no state index.
+  t.same(await claimAndResolve({ state: 'completed' }), { claimed: 3, resolved: 4 });
+  // A failure also enters the index of unsuccessful tasks.
+  t.same(await claimAndResolve({ state: 'failed' }), { claimed: 3, resolved: 5 });
 });
 
 t.test('opening', async (t) => {
@@ -404,7 +443,7 @@ t.test('opening', async (t) => {
     await queue.close();
     const db = new Database(join(dir, 'queue.db'), { readonly: true });
     t.teardown(() => db.close());
-    t.equal(db.pragma('user_version', { simple: true }), 2);
+    t.equal(db.pragma('user_version', { simple: true }), MIGRATIONS.length);
     t.equal(db.pragma('journal_mode', { simple: true }), 'wal');
     t.ok(SqliteQueue.open({ dir }).close(), 'reopens an existing queue');
   });

@@ -88,6 +88,11 @@ export const MIGRATIONS: readonly string[] = [
   `UPDATE tasks SET state = 'pending' WHERE state = 'running';
    DROP INDEX tasks_by_state_deadline;
    CREATE INDEX tasks_open_by_deadline ON tasks (deadline) WHERE state = 'pending';`,
+  // A completed task writes no state index: its (state, created) entry moved across the index on every
+  // resolution, two pages of the nine a claim+resolve wrote. Failed and exception tasks (the ones users look
+  // for) keep an index, entered once; listing pending or completed tasks walks tasks_by_created.
+  `DROP INDEX tasks_by_state;
+   CREATE INDEX tasks_unsuccessful ON tasks (state, created) WHERE state IN ('failed', 'exception');`,
 ];
 
 /** Reasons only the queue gives (sweep, cancel): never a worker's own report. */
@@ -123,6 +128,8 @@ const SQL = {
   task: `SELECT * FROM tasks WHERE id = ?`,
   tasks: `SELECT * FROM tasks ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksIn: `SELECT * FROM tasks WHERE state = ? ORDER BY created DESC, rowid DESC LIMIT ?`,
+  // The literal IN lets SQLite use the partial index tasks_unsuccessful for a state bound as a parameter.
+  tasksUnsuccessful: `SELECT * FROM tasks WHERE state = ? AND state IN ('failed', 'exception') ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksPending: `SELECT * FROM tasks WHERE ${TASK_OPEN} AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = tasks.id AND r.state = 'running')
                  ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksRunning: `SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' ORDER BY t.created DESC, t.rowid DESC LIMIT ?`,
@@ -353,6 +360,7 @@ export class SqliteQueue implements Queue {
         case undefined: return this.s.tasks.all(max);
         case 'pending': return this.s.tasksPending.all(max);
         case 'running': return this.s.tasksRunning.all(max);
+        case 'failed': case 'exception': return this.s.tasksUnsuccessful.all(state, max);
         default: return this.s.tasksIn.all(state, max);
       }
     }) as TaskRow[];

@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap';
 import { fork } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -346,6 +346,30 @@ t.test('artifacts', async (t) => {
     t.same(await queue.listArtifacts(run), []);
     t.notOk(existsSync(queue.artifactPath(run, 'broken.log')));
     t.match(await queue.uploadArtifact(run, 'A', meta('broken.log'), Readable.from(['again'])), { size: 5 });
+  });
+
+  t.test('files go in a few shard directories: no directory per task, run or name part', async (t) => {
+    const { queue, dir, submit } = setup(t);
+    for (let i = 0; i < 6; i++) await submit();
+    const claims = await queue.claimWork({ workerId: 'A', count: 6, waitMs: 0 });
+    for (const claim of claims) {
+      await queue.uploadArtifact(claim, 'A', meta('public/logs/live.log'), Readable.from([claim.taskId]));
+      await queue.uploadArtifact(claim, 'A', meta('public/x.txt'), Readable.from(['x']));
+    }
+    const shards = readdirSync(join(dir, 'artifacts'));
+    t.same(shards.toSorted(), [...new Set(claims.map((claim) => claim.taskId[0]))].toSorted(), 'one directory per first character of a task id');
+    for (const shard of shards) {
+      for (const entry of readdirSync(join(dir, 'artifacts', shard), { withFileTypes: true })) t.ok(entry.isFile(), `${shard}/${entry.name} is a file`);
+    }
+    for (const claim of claims) t.equal(await text(await queue.readArtifact(claim, 'public/logs/live.log')), claim.taskId);
+  });
+
+  t.test('a name too long for one file name is stored and read', async (t) => {
+    const { queue, run } = await claimed(t);
+    const name = `public/${'ü'.repeat(100)}/${'long-'.repeat(60)}.log`;
+    t.match(await queue.uploadArtifact(run, 'A', meta(name), Readable.from(['long'])), { name, size: 4 });
+    t.equal(await text(await queue.readArtifact(run, name)), 'long');
+    t.ok(existsSync(queue.artifactPath(run, name)));
   });
 
   t.test('bad names are refused', async (t) => {

@@ -594,7 +594,6 @@ export function artifactNameProblem(name: string): string | undefined {
   return undefined;
 }
 
-
 /** Longest file name most filesystems take, in bytes. */
 const MAX_FILE_NAME = 255;
 

@@ -1,11 +1,16 @@
 /**
- * The SQLite queue's migration 2: claims stop writing their task's row (a
+ * The SQLite queue's migrations. 2: claims stop writing their task's row (a
  * running task is 'pending' in the tasks table, running by its current
  * run). A queue written by migration 1, with a task in each state, opens,
- * is migrated, and reports, lists and resolves every task as before.
+ * is migrated, and reports, lists and resolves every task as before. 3: the
+ * (state, created) index goes; resolved tasks still list by state. 4: each
+ * artifact's row records its file; artifacts stored by older drovers, in
+ * either of their layouts, stay readable.
  */
 import t from 'tap';
-import { join } from 'node:path';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { Readable } from 'node:stream';
 import Database from 'better-sqlite3';
 import { MIGRATIONS, SqliteQueue } from '../src/queues/sqlite.js';
 
@@ -65,3 +70,69 @@ t.test('a passed deadline is swept from the open-task index', async (t) => {
   for (const id of [running, pending]) t.match(await queue.task(id), { state: 'exception', runs: [{ reasonResolved: 'deadline-exceeded' }] });
   t.equal(await queue.sweep(), 0);
 });
+
+t.test('a version 2 queue is migrated to 3: the (state, created) index goes, resolved tasks still list by state', async (t) => {
+  const dir = t.testdir();
+  const db = new Database(join(dir, 'queue.db'));
+  db.exec(MIGRATIONS[0]!);
+  db.exec(MIGRATIONS[1]!);
+  db.pragma('user_version = 2');
+  const task = db.prepare(`INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES (?, '{}', ?, ?, ?, 0)`);
+  const run = db.prepare(`INSERT INTO runs (task_id, run_id, state, reason_created, scheduled, worker_id, started, resolved, reason_resolved)
+                          VALUES (?, 0, ?, 'scheduled', ?, 'A', ?, ?, ?)`);
+  for (const [i, state, reason] of [[0, 'failed', 'failed'], [1, 'exception', 'malformed-payload'], [2, 'completed', 'completed'], [3, 'failed', 'failed']] as const) {
+    task.run(`${state}${i}`, state, START + i, START + HOUR);
+    run.run(`${state}${i}`, state, START + i, START + i, START + i, reason);
+  }
+  db.close();
+
+  const queue = SqliteQueue.open({ dir, now: () => START + 10 });
+  t.teardown(() => queue.close());
+  const check = new Database(join(dir, 'queue.db'), { readonly: true });
+  t.teardown(() => check.close());
+  const indexes = (check.prepare(`SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'tasks' AND sql IS NOT NULL ORDER BY name`).pluck().all());
+  t.same(indexes, ['tasks_by_created', 'tasks_open_by_deadline', 'tasks_unsuccessful']);
+  t.same((await queue.listTasks({ state: 'failed' })).map((s) => s.taskId), ['failed3', 'failed0']);
+  t.same((await queue.listTasks({ state: 'exception' })).map((s) => s.taskId), ['exception1']);
+  t.same((await queue.listTasks({ state: 'completed' })).map((s) => s.taskId), ['completed2']);
+});
+
+t.test('a version 3 queue is migrated to 4: artifacts in both older layouts stay readable, new ones go in shards', async (t) => {
+  const dir = t.testdir();
+  const db = new Database(join(dir, 'queue.db'));
+  for (const sql of MIGRATIONS.slice(0, 3)) db.exec(sql);
+  db.pragma('user_version = 3');
+  db.prepare(`INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES ('task1', '{}', 'pending', ?, ?, 0)`).run(START, START + HOUR);
+  db.prepare(`INSERT INTO runs (task_id, run_id, state, reason_created, scheduled, worker_id, taken_until, started)
+              VALUES ('task1', 0, 'running', 'scheduled', ?, 'A', ?, ?)`).run(START, START + 30_000, START);
+  const artifact = db.prepare(`INSERT INTO artifacts (task_id, run_id, name, content_type, state, size, created) VALUES ('task1', 0, ?, 'text/plain', 'complete', ?, ?)`);
+  // The layout of drovers before the flat files: a directory per task, run and name part.
+  const nested = join(dir, 'artifacts', 'task1', '0', 'public', 'logs', 'live.log');
+  // And the flat one that followed: a directory per task, a file per run and name.
+  const flat = join(dir, 'artifacts', 'task1', `0-${encodeURIComponent('public/result.txt')}`);
+  for (const [file, name, content] of [[nested, 'public/logs/live.log', 'nested log'], [flat, 'public/result.txt', 'flat result']] as const) {
+    mkdirSync(dirname(file), { recursive: true });
+    writeFileSync(file, content);
+    artifact.run(name, content.length, START);
+  }
+  db.close();
+
+  const queue = SqliteQueue.open({ dir, now: () => START + 10 });
+  t.teardown(() => queue.close());
+  const run = { taskId: 'task1', runId: 0 };
+  t.same((await queue.listArtifacts(run)).map((a) => a.name), ['public/logs/live.log', 'public/result.txt']);
+  t.equal(await text(await queue.readArtifact(run, 'public/logs/live.log')), 'nested log');
+  t.equal(await text(await queue.readArtifact(run, 'public/result.txt', { follow: true })), 'flat result', 'followed too');
+
+  // The claim made before the migration uploads on; its new artifact goes in the new layout, and names still may not clash.
+  await queue.uploadArtifact(run, 'A', { name: 'public/new.txt', contentType: 'text/plain' }, Readable.from(['new']));
+  t.equal(queue.artifactPath(run, 'public/new.txt'), join(dir, 'artifacts', 't', `task1.0.${encodeURIComponent('public/new.txt')}`));
+  t.equal(await text(await queue.readArtifact(run, 'public/new.txt')), 'new');
+  await t.rejects(queue.uploadArtifact(run, 'A', { name: 'public/logs', contentType: 'text/plain' }, Readable.from(['x'])), { name: 'TaskStateError', message: /clashes with/ });
+});
+
+async function text(stream: Readable): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(Buffer.from(chunk as Buffer));
+  return Buffer.concat(chunks).toString();
+}

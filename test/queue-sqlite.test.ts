@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap';
 import { fork } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { ClaimLostError, ConfigError, InternalError, TaskStateError } from '../src/model/errors.js';
 import type { RunRef } from '../src/model/task.js';
-import { DEFAULT_CLAIM_TIMEOUT_MS, SqliteQueue, type SqliteQueueOptions } from '../src/queues/sqlite.js';
+import { DEFAULT_CLAIM_TIMEOUT_MS, MIGRATIONS, SqliteQueue, type SqliteQueueOptions } from '../src/queues/sqlite.js';
 import type { CancelWatchers } from '../src/queues/wakers.js';
 
 const START = Date.parse('2026-01-01T00:00:00Z');
@@ -348,6 +348,30 @@ t.test('artifacts', async (t) => {
     t.match(await queue.uploadArtifact(run, 'A', meta('broken.log'), Readable.from(['again'])), { size: 5 });
   });
 
+  t.test('files go in a few shard directories: no directory per task, run or name part', async (t) => {
+    const { queue, dir, submit } = setup(t);
+    for (let i = 0; i < 6; i++) await submit();
+    const claims = await queue.claimWork({ workerId: 'A', count: 6, waitMs: 0 });
+    for (const claim of claims) {
+      await queue.uploadArtifact(claim, 'A', meta('public/logs/live.log'), Readable.from([claim.taskId]));
+      await queue.uploadArtifact(claim, 'A', meta('public/x.txt'), Readable.from(['x']));
+    }
+    const shards = readdirSync(join(dir, 'artifacts'));
+    t.same(shards.toSorted(), [...new Set(claims.map((claim) => claim.taskId[0]))].toSorted(), 'one directory per first character of a task id');
+    for (const shard of shards) {
+      for (const entry of readdirSync(join(dir, 'artifacts', shard), { withFileTypes: true })) t.ok(entry.isFile(), `${shard}/${entry.name} is a file`);
+    }
+    for (const claim of claims) t.equal(await text(await queue.readArtifact(claim, 'public/logs/live.log')), claim.taskId);
+  });
+
+  t.test('a name too long for one file name is stored and read', async (t) => {
+    const { queue, run } = await claimed(t);
+    const name = `public/${'ü'.repeat(100)}/${'long-'.repeat(60)}.log`;
+    t.match(await queue.uploadArtifact(run, 'A', meta(name), Readable.from(['long'])), { name, size: 4 });
+    t.equal(await text(await queue.readArtifact(run, name)), 'long');
+    t.ok(existsSync(queue.artifactPath(run, name)));
+  });
+
   t.test('bad names are refused', async (t) => {
     const { queue, run } = await claimed(t);
     for (const name of ['', '/etc/passwd', '../up', 'a/../b', 'a//b', 'a/', '.', 'a/./b', 'a\\b']) {
@@ -378,6 +402,45 @@ t.test('listTasks: newest first, by state, limited', async (t) => {
   t.same((await queue.listTasks({ limit: 2 })).map((s) => s.taskId), [ids[3], ids[2]]);
   t.same((await queue.listTasks({ state: 'running' })).map((s) => s.taskId), [ids[0]]);
   t.same(await queue.listTasks({ state: 'completed' }), []);
+
+  // One task ends in each resolved state; each state lists its own, newest first.
+  const [first, second, third] = [ids[0]!, ids[1]!, ids[2]!];
+  await queue.resolve({ taskId: first, runId: 0 }, 'A', { state: 'failed' });
+  for (const [id, resolution] of [[second, { state: 'exception', reason: 'malformed-payload' }], [third, { state: 'completed' }]] as const) {
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    t.equal(claim!.taskId, id);
+    await queue.resolve(claim!, 'A', resolution);
+  }
+  t.same((await queue.listTasks({ state: 'failed' })).map((s) => s.taskId), [first]);
+  t.same((await queue.listTasks({ state: 'exception' })).map((s) => s.taskId), [second]);
+  t.same((await queue.listTasks({ state: 'completed' })).map((s) => s.taskId), [third]);
+  t.same((await queue.listTasks({ state: 'pending' })).map((s) => s.taskId), [ids[3]]);
+});
+
+t.test('a claim and its resolution write few pages: what bounds throughput is pages written per transaction', async (t) => {
+  const { queue, dir, submit } = setup(t);
+  await submit();
+  await submit();
+  const wal = new Database(join(dir, 'queue.db'));
+  t.teardown(() => wal.close());
+  /** WAL frames (pages written) since the last call, which then checkpoints and empties the WAL. */
+  const pagesWritten = () => {
+    const [{ log }] = wal.pragma('wal_checkpoint(PASSIVE)') as [{ log: number }];
+    t.match(wal.pragma('wal_checkpoint(TRUNCATE)'), [{ busy: 0, log: 0 }], 'the WAL is emptied');
+    return log;
+  };
+  const claimAndResolve = async (resolution: Parameters<SqliteQueue['resolve']>[2]) => {
+    pagesWritten();
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    const claimed = pagesWritten();
+    await queue.resolve(claim!, 'A', resolution);
+    return { claimed, resolved: pagesWritten() };
+  };
+  // The claim: the run's row, out of the pending-runs index, into the running-runs index.
+  // A completion: the run's row, out of the running-runs index, the task's row, out of the open-deadline index; no state index.
+  t.same(await claimAndResolve({ state: 'completed' }), { claimed: 3, resolved: 4 });
+  // A failure also enters the index of unsuccessful tasks.
+  t.same(await claimAndResolve({ state: 'failed' }), { claimed: 3, resolved: 5 });
 });
 
 t.test('opening', async (t) => {
@@ -404,7 +467,7 @@ t.test('opening', async (t) => {
     await queue.close();
     const db = new Database(join(dir, 'queue.db'), { readonly: true });
     t.teardown(() => db.close());
-    t.equal(db.pragma('user_version', { simple: true }), 2);
+    t.equal(db.pragma('user_version', { simple: true }), MIGRATIONS.length);
     t.equal(db.pragma('journal_mode', { simple: true }), 'wal');
     t.ok(SqliteQueue.open({ dir }).close(), 'reopens an existing queue');
   });

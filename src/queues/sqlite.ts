@@ -2,7 +2,9 @@
  * The embedded queue: one SQLite file that every worker process on a machine
  * shares, with artifacts as plain files beside it.
  *
- * Layout: `<dir>/queue.db` and `<dir>/artifacts/<taskId>/<runId>/<name>`.
+ * Layout: `<dir>/queue.db` and `<dir>/artifacts/<shard>/<file>`: one file per
+ * artifact, in one of a few shard directories (see artifactFile), and the
+ * artifact's row records its file.
  * Each write is one `BEGIN IMMEDIATE` transaction, so two processes never
  * interleave a read-then-write (claiming the same run twice, say); WAL lets
  * readers carry on while one process writes. Time-based rules (expired
@@ -14,8 +16,8 @@
  * whenever they find nothing to claim), and never hand out a run whose
  * deadline has passed; `sweep()` and `cancel` sweep at once.
  */
-import { randomBytes } from 'node:crypto';
-import { accessSync, closeSync, constants, createReadStream, createWriteStream, mkdirSync, openSync, rmSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { accessSync, closeSync, constants, createReadStream, createWriteStream, existsSync, mkdirSync, openSync, rmSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
 import { Readable } from 'node:stream';
@@ -88,6 +90,14 @@ export const MIGRATIONS: readonly string[] = [
   `UPDATE tasks SET state = 'pending' WHERE state = 'running';
    DROP INDEX tasks_by_state_deadline;
    CREATE INDEX tasks_open_by_deadline ON tasks (deadline) WHERE state = 'pending';`,
+  // A completed task writes no state index: its (state, created) entry moved across the index on every
+  // resolution, two pages of the nine a claim+resolve wrote. Failed and exception tasks (the ones users look
+  // for) keep an index, entered once; listing pending or completed tasks walks tasks_by_created.
+  `DROP INDEX tasks_by_state;
+   CREATE INDEX tasks_unsuccessful ON tasks (state, created) WHERE state IN ('failed', 'exception');`,
+  // Where each artifact's file is, under <dir>/artifacts (artifactFile). Rows from before have none: their
+  // files are where the drover of their time put them (legacyArtifactFiles).
+  `ALTER TABLE artifacts ADD COLUMN file TEXT;`,
 ];
 
 /** Reasons only the queue gives (sweep, cancel): never a worker's own report. */
@@ -123,6 +133,8 @@ const SQL = {
   task: `SELECT * FROM tasks WHERE id = ?`,
   tasks: `SELECT * FROM tasks ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksIn: `SELECT * FROM tasks WHERE state = ? ORDER BY created DESC, rowid DESC LIMIT ?`,
+  // The literal IN lets SQLite use the partial index tasks_unsuccessful for a state bound as a parameter.
+  tasksUnsuccessful: `SELECT * FROM tasks WHERE state = ? AND state IN ('failed', 'exception') ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksPending: `SELECT * FROM tasks WHERE ${TASK_OPEN} AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = tasks.id AND r.state = 'running')
                  ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksRunning: `SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' ORDER BY t.created DESC, t.rowid DESC LIMIT ?`,
@@ -137,7 +149,7 @@ const SQL = {
   // The same name, or one that would need the other to be a directory (`a` and `a/b`).
   artifactClash: `SELECT name FROM artifacts WHERE task_id = @taskId AND run_id = @runId AND (name = @name
                     OR substr(name, 1, length(@name) + 1) = @name || '/' OR substr(@name, 1, length(name) + 1) = name || '/')`,
-  insertArtifact: `INSERT INTO artifacts (task_id, run_id, name, content_type, expires, state, size, created) VALUES (?, ?, ?, ?, ?, 'streaming', 0, ?)`,
+  insertArtifact: `INSERT INTO artifacts (task_id, run_id, name, content_type, expires, state, size, created, file) VALUES (?, ?, ?, ?, ?, 'streaming', 0, ?, ?)`,
   completeArtifact: `UPDATE artifacts SET state = 'complete', size = ? WHERE task_id = ? AND run_id = ? AND name = ?`,
   deleteArtifact: `DELETE FROM artifacts WHERE task_id = ? AND run_id = ? AND name = ?`,
 } as const;
@@ -283,7 +295,8 @@ export class SqliteQueue implements Queue {
   async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
     const problem = artifactNameProblem(meta.name);
     if (problem) throw new TaskStateError(`artifact name ${JSON.stringify(meta.name)} ${problem}`);
-    const path = this.artifactPath(run, meta.name);
+    const file = artifactFile(run, meta.name);
+    const path = join(this.dir, 'artifacts', file);
     const key = [run.taskId, run.runId, meta.name] as const;
     const refusal = this.write(() => {
       const now = this.now();
@@ -294,11 +307,11 @@ export class SqliteQueue implements Queue {
           ? `run ${runKey(run)} already has an artifact named "${meta.name}"`
           : `artifact "${meta.name}" clashes with "${clash.name}" of run ${runKey(run)}: one would have to be a directory of the other`);
       }
-      this.s.insertArtifact.run(...key, meta.contentType, meta.expires ?? null, now);
+      this.s.insertArtifact.run(...key, meta.contentType, meta.expires ?? null, now, file);
       // The file exists before the row commits, so a reader that finds the row can always open the file.
+      // Its shard directory is made only when missing: once per shard and queue, not once per artifact.
       try {
-        mkdirSync(dirname(path), { recursive: true });
-        closeSync(openSync(path, 'w'));
+        closeSync(openFile(path, 'w'));
       } catch (error) {
         throw new QueueUnavailableError(`cannot create artifact file "${path}": ${errorMessage(error)}`, { cause: error });
       }
@@ -326,8 +339,7 @@ export class SqliteQueue implements Queue {
   }
 
   async readArtifact(run: RunRef, name: string, options: ReadArtifactOptions = {}): Promise<Readable> {
-    this.artifactRow(run, name);
-    const path = this.artifactPath(run, name);
+    const path = this.fileOf(this.artifactRow(run, name));
     if (!options.follow) return createReadStream(path);
     return Readable.from(this.follow(run, name, path, options.signal), { objectMode: false });
   }
@@ -353,6 +365,7 @@ export class SqliteQueue implements Queue {
         case undefined: return this.s.tasks.all(max);
         case 'pending': return this.s.tasksPending.all(max);
         case 'running': return this.s.tasksRunning.all(max);
+        case 'failed': case 'exception': return this.s.tasksUnsuccessful.all(state, max);
         default: return this.s.tasksIn.all(state, max);
       }
     }) as TaskRow[];
@@ -510,13 +523,16 @@ export class SqliteQueue implements Queue {
     return row;
   }
 
-  /**
-   * One directory per task, one file per artifact: `<taskId>/<runId>-<name, URL-encoded>`. Every
-   * directory is a mkdir a task pays for, on the event loop, and on some filesystems a mkdir costs
-   * milliseconds; names cannot clash on disk, the database refuses clashing names.
-   */
+  /** Where an artifact uploaded now is stored: `<dir>/artifacts/` and artifactFile(). */
   artifactPath(run: RunRef, name: string): string {
-    return join(this.dir, 'artifacts', run.taskId, `${run.runId}-${encodeURIComponent(name)}`);
+    return join(this.dir, 'artifacts', artifactFile(run, name));
+  }
+
+  /** The file of an artifact's row: the one it records, or for a row from before migration 4, the one its drover used. */
+  private fileOf(row: ArtifactRow & { file?: string | null }): string {
+    if (row.file) return join(this.dir, 'artifacts', row.file);
+    const candidates = legacyArtifactFiles({ taskId: row.task_id, runId: row.run_id }, row.name).map((file) => join(this.dir, 'artifacts', file));
+    return candidates.find((path) => existsSync(path)) ?? candidates[0]!;
   }
 
   private status(row: TaskRow): TaskStatus {
@@ -578,3 +594,36 @@ export function artifactNameProblem(name: string): string | undefined {
   return undefined;
 }
 
+/** Longest file name most filesystems take, in bytes. */
+const MAX_FILE_NAME = 255;
+
+/**
+ * An artifact's file under `<dir>/artifacts`: `<shard>/<taskId>.<runId>.<name, URL-encoded>`, the shard
+ * being the task id's first character (slugids: one of 32). Every directory is a mkdir some task pays
+ * for, on the event loop, and on some filesystems a mkdir costs milliseconds; so there are a few shard
+ * directories, made once, and no directory per task, run or name part. A slugid has no `.`, and an
+ * encoded name no `/`, so different artifacts never share a file; a name too long for one file name
+ * goes by its SHA-256 (`#`, which encoding never leaves, marks it).
+ */
+export function artifactFile(run: RunRef, name: string): string {
+  const prefix = `${run.taskId}.${run.runId}.`;
+  const encoded = encodeURIComponent(name);
+  const base = Buffer.byteLength(prefix + encoded) <= MAX_FILE_NAME ? prefix + encoded : `${prefix}#${createHash('sha256').update(name).digest('hex')}`;
+  return join(run.taskId.slice(0, 1), base);
+}
+
+/** Where drovers before schema version 4 put an artifact's file, newest layout first: `<taskId>/<runId>-<encoded name>`, then `<taskId>/<runId>/<name>`. */
+function legacyArtifactFiles(run: RunRef, name: string): string[] {
+  return [join(run.taskId, `${run.runId}-${encodeURIComponent(name)}`), join(run.taskId, String(run.runId), ...name.split('/'))];
+}
+
+/** Opens (creating) a file whose directory may not exist yet: then makes it, and opens again. */
+function openFile(path: string, flags: string): number {
+  try {
+    return openSync(path, flags);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+    mkdirSync(dirname(path), { recursive: true });
+    return openSync(path, flags);
+  }
+}

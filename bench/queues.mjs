@@ -265,13 +265,13 @@ async function claimLatency(queues) {
  * drover queue with `count` pending tasks (each with its pending run 0) in
  * one bulk INSERT per table, one transaction, far faster than `submit`.
  * It writes the columns of src/queues/sqlite.ts's MIGRATIONS (up to version 2,
- * `PRAGMA user_version`) and src/queues/postgres-migrations.ts's (version 1,
+ * `PRAGMA user_version`) and src/queues/postgres-migrations.ts's (up to version 2,
  * `schema_migrations`), and refuses any other schema version: when a
  * migration is added, check the INSERTs below and add its version to KNOWN_VERSIONS.
  */
 async function fillPendingTasks(target, count) {
-  // SQLite's migration 2 changed indexes and what a running task's row says, not the columns written here.
-  const KNOWN_VERSIONS = { sqlite: [1, 2], postgres: [1] }[target.kind];
+  // Both queues' migration 2 changed indexes and what a running task's row says, not the columns written here.
+  const KNOWN_VERSIONS = { sqlite: [1, 2], postgres: [1, 2] }[target.kind];
   const now = Date.now();
   const deadline = now + 24 * 3_600_000;
   const stale = (version) => new Error(`bench/queues.mjs fillPendingTasks knows queue schema versions ${KNOWN_VERSIONS.join(', ')}, this ${target.kind} queue is at ${version}: update it`);

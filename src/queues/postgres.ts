@@ -110,7 +110,7 @@ const RESOLVE_OPEN = `UPDATE runs SET state = $1, reason_resolved = $2, message 
  * connection, not per claim. After five runs PostgreSQL may switch to a generic plan, one that does not know the
  * parameters; a LIMIT given as a parameter then counted as unknown, and with a million pending runs such a plan
  * sorted them all (a claim took 200 ms, not 1). With the LIMIT in the text, the generic plan walks the pending index
- * in order and stops at `count` (test/queue-postgres.test.ts checks the generic plan). Larger counts, which a
+ * in order and stops at `count` (test/queue-postgres-migration.test.ts checks the generic plan). Larger counts, which a
  * worker of very large capacity could ask for, are planned each time.
  */
 const CLAIM_PREPARED_UP_TO = 64;

@@ -127,7 +127,7 @@ export async function artifacts({ root, scratch, reps, quick, pg: server }) {
         title: `Artifacts: a ${size / MiB} MiB file ${where === 'local' ? 'stored locally' : 'read over SSH'}`,
         description: `A ${size / MiB} MiB file of random bytes in a task directory ${where === 'local' ? 'on this machine' : `on the suite's loopback sshd (logged in as a throw-away user whose shell is /bin/sh)`}, moved once per case in a fresh process; MiB/s from start to finish. `
           + 'drover\'s rows are the pieces an artifacts plugin uses (the plugin itself is being written at the same time): the transport\'s `readFile()` — what a sandbox\'s `extractFile()` returns — piped into the queue\'s `uploadArtifact()`'
-          + (where === 'local' ? ', for the SQLite queue (a file beside the database) and PostgreSQL\'s chunk store (rows of 256 KiB; the suite\'s own server, default settings).' : ', for the SQLite queue.')
+          + (where === 'local' ? ', for the SQLite queue (a file beside the database) and PostgreSQL\'s chunk store (rows of 1 MiB, several to a transaction; the suite\'s own server, default settings).' : ', for the SQLite queue.')
           + ` Peak RSS is the uploading process's (ru_maxrss), with the ${SIZES[0] / MiB} MiB file and the ${size / MiB} MiB one.`
           + (quick ? ' Quick mode: no warm-up (the files were just written, so they are in the page cache).' : ' One warm-up per case.'),
         unit: 'MiB/s',

@@ -265,13 +265,14 @@ async function claimLatency(queues) {
  * drover queue with `count` pending tasks (each with its pending run 0) in
  * one bulk INSERT per table, one transaction, far faster than `submit`.
  * It writes the columns of src/queues/sqlite.ts's MIGRATIONS (up to version 4,
- * `PRAGMA user_version`) and src/queues/postgres-migrations.ts's (version 1,
+ * `PRAGMA user_version`) and src/queues/postgres-migrations.ts's (up to version 2,
  * `schema_migrations`), and refuses any other schema version: when a
  * migration is added, check the INSERTs below and add its version to KNOWN_VERSIONS.
  */
 async function fillPendingTasks(target, count) {
-  // SQLite's migrations 2-4 changed indexes, what a running task's row says and added artifacts.file, not the columns written here.
-  const KNOWN_VERSIONS = { sqlite: [1, 2, 3, 4], postgres: [1] }[target.kind];
+  // Later migrations changed indexes, what a running task's row says (both queues' 2) and added
+  // artifacts.file (SQLite's 4), not the columns written here.
+  const KNOWN_VERSIONS = { sqlite: [1, 2, 3, 4], postgres: [1, 2] }[target.kind];
   const now = Date.now();
   const deadline = now + 24 * 3_600_000;
   const stale = (version) => new Error(`bench/queues.mjs fillPendingTasks knows queue schema versions ${KNOWN_VERSIONS.join(', ')}, this ${target.kind} queue is at ${version}: update it`);

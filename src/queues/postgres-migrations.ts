@@ -70,6 +70,12 @@ export const MIGRATIONS: readonly string[] = [
    );
    -- Log chunks compress poorly in small pieces and are read back whole: skip compression.
    ALTER TABLE artifact_chunks ALTER COLUMN data SET STORAGE EXTERNAL;`,
+  // A claim writes only its run: a task that waits or runs is 'pending' in this table, and whether it runs is
+  // its current run's state (as in the SQLite queue's migration 2). A claim then changes one row, not two, and
+  // moves no task between the `state` indexes.
+  `UPDATE tasks SET state = 'pending' WHERE state = 'running';
+   DROP INDEX tasks_open_by_deadline;
+   CREATE INDEX tasks_open_by_deadline ON tasks (deadline) WHERE state = 'pending';`,
 ];
 
 /** A stable 64-bit key per schema for pg_advisory_lock: start-ups of different schemas do not wait for each other. */

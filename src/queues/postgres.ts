@@ -4,7 +4,8 @@
  * the embedded SqliteQueue does (the conformance suite runs both); what
  * differs is how:
  *
- *  - A claim is ONE statement: pending runs picked `FOR UPDATE SKIP LOCKED`,
+ *  - A claim is ONE statement, writing only the run (a task that runs is
+ *    pending in the tasks table): pending runs picked `FOR UPDATE SKIP LOCKED`,
  *    marked running and returned, so workers never wait on each other's
  *    rows and never get the same run.
  *  - Every report is a conditional update on task, run, worker, state and
@@ -83,6 +84,8 @@ interface RunRow extends SqlRunRow { resolved_by: 'worker' | 'queue' | null }
 interface ArtifactRow extends SqlArtifactRow { upload_id: string }
 
 const OPEN = `state IN ('pending', 'running')`;
+/** An open task (pending or running): the tasks table says 'pending' for both (migration 2); whether it runs is its run's state. */
+const TASK_OPEN = `state = 'pending'`;
 /** A report's condition on run ($task, $run) by worker $worker at $now: it holds the claim, and neither the claim nor the task's deadline has passed. */
 const held = (task: string, run: string, worker: string, now: string): string =>
   `task_id = ${task} AND run_id = ${run} AND state = 'running' AND worker_id = ${worker} AND taken_until > ${now}
@@ -101,32 +104,39 @@ const RESOLVE_OPEN = `UPDATE runs SET state = $1, reason_resolved = $2, message 
                       WHERE task_id = $5 AND run_id = $6 AND ${OPEN}`;
 /**
  * The claim: one statement, so a run is picked, marked and returned atomically, and contenders skip each other's rows.
- * Not a named (prepared) statement, nor is ANY_WORK: after five runs a prepared statement may get a generic plan, which
- * knows neither the LIMIT nor the time, and with a million pending runs a generic plan scanned them all (a claim took
- * 200 ms, not 1). Planned each time, both stay on their partial indexes.
+ * It writes the run only (migration 2): its task's row stays as it is.
+ *
+ * A named (prepared) statement per `count`, with the LIMIT written into its text: parsed and planned once per
+ * connection, not per claim. After five runs PostgreSQL may switch to a generic plan, one that does not know the
+ * parameters; a LIMIT given as a parameter then counted as unknown, and with a million pending runs such a plan
+ * sorted them all (a claim took 200 ms, not 1). With the LIMIT in the text, the generic plan walks the pending index
+ * in order and stops at `count` (test/queue-postgres-migration.test.ts checks the generic plan). Larger counts, which a
+ * worker of very large capacity could ask for, are planned each time.
  */
-const CLAIM = { text: `
+const CLAIM_PREPARED_UP_TO = 64;
+/** Exported for the test of its generic plan. */
+export const claimStatement = (count: number): { name?: string; text: string } => ({
+  ...(count <= CLAIM_PREPARED_UP_TO ? { name: `drover_claim_${count}` } : {}),
+  text: `
   WITH picked AS (
     SELECT r.task_id, r.run_id FROM runs r JOIN tasks t ON t.id = r.task_id
     WHERE r.state = 'pending' AND t.deadline > $2
     ORDER BY r.scheduled, r.seq
-    LIMIT $4
+    LIMIT ${count}
     FOR UPDATE OF r SKIP LOCKED
   ), started AS (
     UPDATE runs r SET state = 'running', worker_id = $1, started = $2, taken_until = $3
     FROM picked p WHERE r.task_id = p.task_id AND r.run_id = p.run_id AND r.state = 'pending'
     RETURNING r.task_id, r.run_id, r.scheduled, r.seq
-  ), marked AS (
-    UPDATE tasks t SET state = 'running' FROM started s WHERE t.id = s.task_id
-    RETURNING t.id, t.payload, t.deadline, t.retries_left
   )
-  SELECT s.task_id, s.run_id, m.payload, m.deadline, m.retries_left FROM started s JOIN marked m ON m.id = s.task_id
-  ORDER BY s.scheduled, s.seq` };
+  SELECT s.task_id, s.run_id, t.payload, t.deadline, t.retries_left FROM started s JOIN tasks t ON t.id = s.task_id
+  ORDER BY s.scheduled, s.seq`,
+});
 /** A cheap read that lets idle pollers skip the claim, and tells claims whether to sweep. */
 const ANY_WORK = { text: `
   SELECT EXISTS (SELECT 1 FROM runs WHERE state = 'pending') AS pending,
          EXISTS (SELECT 1 FROM runs WHERE state = 'running' AND taken_until <= $1)
-      OR EXISTS (SELECT 1 FROM tasks WHERE ${OPEN} AND deadline <= $1) AS due` };
+      OR EXISTS (SELECT 1 FROM tasks WHERE ${TASK_OPEN} AND deadline <= $1) AS due` };
 
 export class PostgresQueue implements Queue {
   /** Connects, applies missing migrations (under an advisory lock) and returns the queue. */
@@ -419,9 +429,26 @@ export class PostgresQueue implements Queue {
 
   async listTasks({ state, limit = 100 }: ListTasksOptions = {}): Promise<TaskStatus[]> {
     const max = Math.max(0, Math.floor(limit));
-    const rows = state
-      ? await this.query<TaskRow>(`SELECT * FROM tasks WHERE state = $1 ORDER BY created DESC, seq DESC LIMIT $2`, [state, max])
-      : await this.query<TaskRow>(`SELECT * FROM tasks ORDER BY created DESC, seq DESC LIMIT $1`, [max]);
+    let rows: TaskRow[];
+    switch (state) {
+      case undefined:
+        rows = await this.query<TaskRow>(`SELECT * FROM tasks ORDER BY created DESC, seq DESC LIMIT $1`, [max]);
+        break;
+      // The tasks table says 'pending' for a task that waits and for one that runs (migration 2): its run tells them apart.
+      case 'pending':
+        rows = await this.query<TaskRow>(
+          `SELECT * FROM tasks t WHERE t.${TASK_OPEN} AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.state = 'running')
+           ORDER BY created DESC, seq DESC LIMIT $1`, [max],
+        );
+        break;
+      case 'running':
+        rows = await this.query<TaskRow>(
+          `SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' ORDER BY t.created DESC, t.seq DESC LIMIT $1`, [max],
+        );
+        break;
+      default:
+        rows = await this.query<TaskRow>(`SELECT * FROM tasks WHERE state = $1 ORDER BY created DESC, seq DESC LIMIT $2`, [state, max]);
+    }
     return this.statuses(rows);
   }
 
@@ -461,7 +488,7 @@ export class PostgresQueue implements Queue {
     }
     const now = this.now();
     const { rows } = await this.run<{ task_id: string; run_id: number; payload: Claim['payload']; deadline: number; retries_left: number }>(
-      CLAIM, [workerId, now, now + this.claimTimeoutMs, Math.floor(count)],
+      claimStatement(Math.floor(count)), [workerId, now, now + this.claimTimeoutMs],
     );
     this.idle = rows.length === 0;
     return rows.map((row) => ({
@@ -486,7 +513,7 @@ export class PostgresQueue implements Queue {
     this.nextSweep = now + this.pollIntervalMs;
     const overdue = (await client.query<{ task_id: string; run_id: number; deadline: number }>(
       `SELECT r.task_id, r.run_id, t.deadline FROM runs r JOIN tasks t ON t.id = r.task_id
-       WHERE t.${OPEN} AND t.deadline <= $1 AND r.${OPEN} FOR UPDATE OF r SKIP LOCKED`, [now],
+       WHERE t.${TASK_OPEN} AND t.deadline <= $1 AND r.${OPEN} FOR UPDATE OF r SKIP LOCKED`, [now],
     )).rows;
     for (const row of overdue) {
       const message = `task deadline passed at ${iso(row.deadline)}`;
@@ -675,10 +702,11 @@ export class PostgresQueue implements Queue {
     const runs = await this.query<RunRow>(`SELECT * FROM runs WHERE task_id = ANY($1::text[]) ORDER BY task_id, run_id`, [tasks.map((task) => task.id)]);
     const byTask = new Map<string, RunStatus[]>();
     for (const row of runs) byTask.set(row.task_id, [...(byTask.get(row.task_id) ?? []), runStatus(row)]);
-    return tasks.map((row) => ({
-      taskId: row.id, state: row.state, payload: row.payload, created: row.created,
-      deadline: row.deadline, retriesLeft: row.retries_left, runs: byTask.get(row.id) ?? [],
-    }));
+    return tasks.map((row) => {
+      const runs = byTask.get(row.id) ?? [];
+      const state = row.state === 'pending' && runs.at(-1)?.state === 'running' ? 'running' : row.state;
+      return { taskId: row.id, state, payload: row.payload, created: row.created, deadline: row.deadline, retriesLeft: row.retries_left, runs };
+    });
   }
 
   private assertOpen(): void {

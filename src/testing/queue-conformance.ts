@@ -359,8 +359,8 @@ export function queueConformance(t: Test, makeQueue: MakeQueue): void {
       const reader = another ? await another() : queue;
       const source = new PassThrough();
       const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
-      await sleep(100);
-      t.match(await reader.listArtifacts(run), [{ name: 'live.log', state: 'streaming' }]);
+      // The upload has begun once its row is there: a queue on a server needs a round trip or two for that.
+      t.match(await listedWithin(5000, () => reader.listArtifacts(run)), [{ name: 'live.log', state: 'streaming' }]);
       let ended = false;
       const following = reader.readArtifact(run, 'live.log', { follow: true }).then(text).finally(() => void (ended = true));
       const lines = Array.from({ length: 8 }, (_, i) => `line ${i}\n`);
@@ -475,4 +475,14 @@ export function queueConformance(t: Test, makeQueue: MakeQueue): void {
     await t.rejects(queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 }), { name: 'InternalError' });
     t.throws(() => queue.watchCancellation({ taskId: 'x', runId: 0 }, () => {}), { name: 'InternalError' });
   });
+}
+
+/** The first non-empty listing, asked for every 20 ms; the last (empty) one once `ms` passed. */
+async function listedWithin<T>(ms: number, list: () => Promise<readonly T[]>): Promise<readonly T[]> {
+  const giveUpAt = Date.now() + ms;
+  for (;;) {
+    const listed = await list();
+    if (listed.length > 0 || Date.now() >= giveUpAt) return listed;
+    await sleep(20);
+  }
 }

@@ -3,13 +3,16 @@
  * jobs run over SSH and each job's output lands in the session directory;
  * one host's sshd is killed while it runs two jobs, and every job still
  * completes: the dead host is retired and its two jobs run again on the
- * others. Then --pre, --post and --overlay, and --strikes.
+ * others. Then --pre, --post and --overlay, and --strikes; SIGINT and
+ * --resume; how often the session is written, and what a crash leaves.
  */
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { chmodSync, existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
+import { runSession } from '../src/batch/run.js';
+import { jobsHash, SAVE_DELAY_MS, Session, type SessionParams } from '../src/batch/session.js';
 import { EXIT } from '../src/cli/exit-codes.js';
 import type { TestSshd } from '../src/testing/sshd.js';
 import { DROVER, drover, eventually, processesWith, userEnv } from './helpers/drover.js';
@@ -195,4 +198,38 @@ t.test('--timeout over SSH kills the remote job\'s whole process group', async (
   t.same(jobsLog(join(cwd, 'sessions', '1')).map((line) => [line.status, line.host]), [['timeout', servers[0]!.address]]);
   await eventually('no process of the timed-out job to be left', () => processesWith(`sleep\0${marker}`).length === 0, 10_000);
   t.pass('the background child went with the job');
+});
+
+t.test('a batch over SSH: jobs.json is rewritten a few times a second, not three times per job; no task directory is left on the host', async (t) => {
+  const cwd = t.testdir({});
+  const { servers, env } = await startHosts(t, cwd, 1);
+  const server = servers[0]!;
+  const lines = Array.from({ length: 60 }, (_, i) => String(i + 1));
+  const params: SessionParams = { command: ['true'], split: 4, retries: 0, hosts: [{ address: server.address }], created: new Date().toISOString(), jobsHash: jobsHash(lines) };
+  const session = Session.create(join(cwd, 'sessions'), params, lines.map((line, i) => ({ n: i + 1, line, command: `true ${line}`, status: 'pending', attempts: 0 })));
+  const saved = session.saves;
+  const outcome = await runSession(session, { ssh: { identityFiles: [env.DROVER_SSH_IDENTITY_FILE!], knownHostsFile: env.DROVER_SSH_KNOWN_HOSTS!, agent: false, workDir: env.DROVER_SSH_WORK_DIR! } });
+  t.same(outcome.counts, { pending: 0, running: 0, ok: 60, failed: 0, timeout: 0 });
+  const saves = session.saves - saved;
+  const bound = 2 + Math.ceil(outcome.elapsedMs / SAVE_DELAY_MS);
+  t.ok(saves <= bound, `${saves} writes of jobs.json for 60 jobs in ${outcome.elapsedMs} ms (at most ${bound}; it was 3 per job)`);
+  t.same(Session.open(join(cwd, 'sessions'), String(session.id)).counts(), outcome.counts, 'what was written at the end is the outcome');
+  const tasks = join(homeOf(server.user), env.DROVER_SSH_WORK_DIR!, 'tasks');
+  t.same(existsSync(tasks) ? readdirSync(tasks) : [], [], 'every task directory was removed, the last ones when the host was closed');
+});
+
+t.test('a crash between a job\'s end and the next rewrite of jobs.json: --resume does not run that job again', async (t) => {
+  const cwd = t.testdir({});
+  const lines = ['a', 'b', 'c'];
+  const params: SessionParams = { command: ['true'], split: 2, retries: 0, created: new Date().toISOString(), jobsHash: jobsHash(lines) };
+  const session = Session.create(join(cwd, 'sessions'), params, lines.map((line, i) => ({ n: i + 1, line, command: `true ${line}`, status: 'pending', attempts: 0 })));
+  // As the crashed batch left it: job 1 ended ok and job 2 failed (both logged), job 3 ran; jobs.json still says running.
+  for (const job of session.jobs) Object.assign(job, { status: 'running', attempts: 1, slot: job.n, host: 'localhost' });
+  session.save();
+  const logged = (n: number, status: string) => JSON.stringify({ job: n, attempt: 1, status, slot: n, host: 'localhost', start: '2026-01-01T00:00:00.000Z', durationMs: 12, exitCode: status === 'ok' ? 0 : 1, signal: null, line: lines[n - 1] });
+  writeFileSync(join(session.dir, 'jobs.jsonl'), `${logged(1, 'ok')}\n${logged(2, 'failed')}\n{"job":3,"attem`);
+  const reopened = Session.open(join(cwd, 'sessions'), String(session.id));
+  t.match(reopened.jobs[0], { status: 'ok', attempts: 1, exitCode: 0, durationMs: 12, host: 'localhost' }, 'the job logged ok is done');
+  t.equal(reopened.jobs[1]!.status, 'running', 'a failed attempt is left to the resume (it may be retried)');
+  t.equal(reopened.jobs[2]!.status, 'running', 'a line cut short by the crash is ignored');
 });

@@ -18,7 +18,7 @@ import { HostKeyError } from '../src/hosts/ssh-known-hosts.js';
 import { SshConnectionError, SshTransport, type SshTransportOptions } from '../src/hosts/ssh-transport.js';
 import type { Execution } from '../src/hosts/transport.js';
 import type { Claim } from '../src/model/task.js';
-import { silentLogger } from '../src/runtime/logger.js';
+import { createLogger, silentLogger } from '../src/runtime/logger.js';
 import type { TestSshd } from '../src/testing/sshd.js';
 import { requireSshd, sshd } from './helpers/sshd.js';
 
@@ -323,4 +323,165 @@ t.test('an unreachable host: a clear error, and reconnects back off', async (t) 
   t.ok(Date.now() - second >= 150, 'the second attempt waited for the backoff');
   await t.rejects(transport.exec(['true'], { cwd: '.', env: BASE_ENV, cookie: 'x' }), { message: /cannot connect to drover-ssh@127\.0\.0\.1/ });
   t.equal(liveProcesses().filter((p) => p.pid === gone.pid).length, 0, 'that sshd is really gone');
+});
+
+/** Waits for an asynchronous condition, bounded in time. */
+async function eventually(what: string, check: () => Promise<boolean>, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+t.test('a task costs one channel: its directory is cleared and made in the command\'s own channel, its removal goes with the next command', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  // Another client: it sees the host as it is, whatever `transport` still holds back.
+  const observer = transportFor(t, server);
+  const base = await remoteDir(t, observer);
+  const first = `${base}/tasks/a`;
+  // What a crashed run left: the runtime removes a task directory before it makes it.
+  await observer.mkdir(`${first}/left`);
+  await observer.writeFile(`${first}/left/over`, 'x');
+  await transport.connect();
+  const before = transport.stats.channelsOpened;
+  await transport.remove(first);
+  await transport.mkdir(first);
+  const execution = await transport.exec(['sh', '-c', 'ls -A; pwd'], { cwd: first, env: BASE_ENV, cookie: cookieFor(t) });
+  const ran = await runToEnd(execution);
+  t.equal(ran.stdout, `${first}\n`, 'the command ran in a fresh, empty task directory');
+  await execution.kill('SIGKILL');
+  t.ok(await execution.waitGone(5000), 'its group is gone');
+  t.equal(transport.stats.channelsOpened - before, 1, 'remove, mkdir, exec, kill and waitGone took one channel (no rm, no SFTP mkdir, no control command)');
+  await transport.remove(first);
+  t.equal((await observer.stat(first))?.type, 'directory', 'the removal waits');
+  const second = `${base}/tasks/b`;
+  await transport.remove(second);
+  await transport.mkdir(second);
+  const next = await runToEnd(await transport.exec(['true'], { cwd: second, env: BASE_ENV, cookie: cookieFor(t) }));
+  t.equal(next.status.exitCode, 0);
+  t.equal(transport.stats.channelsOpened - before, 2, 'the next task: one more channel');
+  t.equal(await observer.stat(first), undefined, 'the first task directory went with the second command');
+  t.equal((await observer.stat(second))?.type, 'directory');
+  await transport.remove(second);
+  // No command follows: a control command applies it soon.
+  await eventually('the last removal to be applied by itself', async () => (await observer.stat(second)) === undefined);
+  t.equal(transport.stats.changeFlushes, 1, 'by one control command');
+  t.equal(transport.stats.channelsOpened - before, 3);
+});
+
+t.test('deferred changes: every operation sees them, close() applies what is left, a lost connection keeps them for the next one', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const observer = transportFor(t, server);
+  const base = await remoteDir(t, observer);
+  const cookie = cookieFor(t);
+  await observer.mkdir(`${base}/x/sub`);
+  await observer.mkdir(`${base}/y`);
+  await transport.remove(`${base}/x`);
+  t.equal(await transport.stat(`${base}/x`), undefined, 'stat after remove: gone');
+  t.equal(await observer.stat(`${base}/x`), undefined, 'gone on the host too');
+  await transport.remove(`${base}/y`);
+  const seen = await runToEnd(await transport.exec(['sh', '-c', 'test -e "$0" && echo there || echo gone', `${base}/y`], { cwd: base, env: BASE_ENV, cookie }));
+  t.equal(seen.stdout, 'gone\n', 'a command started after remove() does not see the path, wherever it runs');
+  await transport.remove(`${base}/new`);
+  await transport.mkdir(`${base}/new/deep`);
+  t.same(await transport.list(`${base}/new`), [{ name: 'deep', type: 'directory' }], 'list after a deferred mkdir');
+  await transport.writeFile(`${base}/new/deep/f`, 'data');
+  t.equal(await collect(await transport.readFile(`${base}/new/deep/f`)), 'data');
+
+  // A lost connection: what is asked for meanwhile waits for the next connection.
+  transport.dropConnection();
+  await until('the connection to be gone', () => !transport.connected);
+  await observer.mkdir(`${base}/z`);
+  await transport.remove(`${base}/z`);
+  await eventually('the removal, over a new connection', async () => (await observer.stat(`${base}/z`)) === undefined);
+  t.equal(transport.stats.connectionsOpened, 2, 'it reconnected for it');
+
+  // close() (a host's dispose) applies what is left, before the delay would have.
+  await observer.mkdir(`${base}/w`);
+  await transport.remove(`${base}/w`);
+  await transport.close();
+  t.equal(await observer.stat(`${base}/w`), undefined, 'close() applied the removal');
+  await t.rejects(transport.remove(`${base}/w`), { message: /the transport is closed/ });
+});
+
+t.test('deferred changes whose command never started are applied later', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const observer = transportFor(t, server);
+  const base = await remoteDir(t, observer);
+  // Bounded: each round either applies the removal in the dropped command's channel or keeps it for the next one.
+  for (let round = 0; round < 5; round++) {
+    const path = `${base}/r${round}`;
+    await observer.mkdir(path);
+    await transport.connect();
+    await transport.remove(path);
+    const started = transport.exec(['true'], { cwd: base, env: BASE_ENV, cookie: cookieFor(t) }).then(
+      async (execution) => (await runToEnd(execution)).status,
+      (error: unknown) => error,
+    );
+    transport.dropConnection();
+    await started;
+    await eventually(`round ${round}: the removal`, async () => (await observer.stat(path)) === undefined);
+  }
+  t.pass('every removal was applied');
+});
+
+t.test('a removal that fails is logged; a working directory that cannot be cleared or made rejects the exec', async (t) => {
+  const server = await sshd(t);
+  const lines: string[] = [];
+  const logger = createLogger({ level: 'debug', write: (line) => lines.push(line) });
+  const transport = transportFor(t, server, { logger });
+  const observer = transportFor(t, server);
+  const base = await remoteDir(t, observer);
+  const cookie = cookieFor(t);
+  // A directory its owner cannot empty: a file in a read-only directory.
+  await observer.mkdir(`${base}/stuck/ro`);
+  await observer.writeFile(`${base}/stuck/ro/file`, 'x');
+  const chmod = async (mode: string) => t.equal((await observer.run(`chmod ${mode} '${base}/stuck/ro'`)).exitCode, 0);
+  await chmod('555');
+  t.teardown(() => observer.run(`chmod 755 '${base}/stuck/ro'`).then(() => {}));
+  await transport.remove(`${base}/stuck`);
+  const other = await runToEnd(await transport.exec(['echo', 'ran'], { cwd: base, env: BASE_ENV, cookie }));
+  t.equal(other.stdout, 'ran\n', 'another task\'s command runs all the same');
+  t.equal(transport.stats.failedRemovals, 1);
+  t.match(lines.join('\n'), new RegExp(`cannot remove a path.*${base}/stuck`), 'the failure is logged with the path');
+
+  await transport.remove(`${base}/stuck`);
+  await transport.mkdir(`${base}/stuck`);
+  await t.rejects(transport.exec(['true'], { cwd: `${base}/stuck`, env: BASE_ENV, cookie }), { code: 'EIO', message: /cannot clear the working directory .*stuck on drover-ssh@127\.0\.0\.1/ }, 'a task directory that cannot be cleared');
+
+  await observer.writeFile(`${base}/file`, 'not a directory');
+  await transport.remove(`${base}/file/task`);
+  await transport.mkdir(`${base}/file/task`);
+  await t.rejects(transport.exec(['true'], { cwd: `${base}/file/task`, env: BASE_ENV, cookie }), { code: 'EIO', message: /cannot make the working directory .*file\/task/ }, 'a task directory that cannot be made');
+  await chmod('755');
+});
+
+t.test('the watcher\'s report of the group is taken out of stderr, and saves the control command when the group is gone', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport);
+  const cookie = cookieFor(t);
+  await transport.flush();
+  const noNewline = await transport.exec(['sh', '-c', 'printf "no newline" >&2'], { cwd: dir, env: BASE_ENV, cookie });
+  t.equal((await runToEnd(noNewline)).stderr, 'no newline', 'output without a final newline comes through whole');
+  const before = transport.stats.channelsOpened;
+  await noNewline.kill('SIGKILL');
+  t.ok(await noNewline.waitGone(1000));
+  t.equal(transport.stats.channelsOpened, before, 'nothing was left of the group: no control command');
+  const late = await transport.exec(['sh', '-c', '(sleep 0.3; printf late >&2) & printf early >&2'], { cwd: dir, env: BASE_ENV, cookie });
+  t.equal((await runToEnd(late)).stderr, 'earlylate', 'output after the main process exited comes through whole');
+  t.ok(await late.waitGone(5000));
+  const held = await transport.exec(['sh', '-c', 'sleep 1000 >/dev/null 2>&1 & echo $! >&2'], { cwd: dir, env: BASE_ENV, cookie });
+  const shown = await runToEnd(held);
+  t.match(shown.stderr, /^\d+\n$/, 'just the command\'s stderr');
+  const channels = transport.stats.channelsOpened;
+  t.notOk(await held.waitGone(200), 'the background sleep is left: the group is not gone');
+  await held.kill('SIGKILL');
+  t.ok(await held.waitGone(5000));
+  t.ok(transport.stats.channelsOpened > channels, 'which control commands checked and killed');
+  t.same(pidsWithCookie(cookie), []);
 });

@@ -170,7 +170,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       hostOutput(host, `went away during job ${job.n}, which runs again on another host`);
       job.lost = (job.lost ?? 0) + 1;
       job.status = 'pending';
-      session.save();
+      session.saveSoon();
       if (!stopping) await submit(job);
       progress();
       return;
@@ -180,7 +180,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       stranded ??= `no host is left to run on (${job.message ?? 'all retired'})`;
       stopping = true;
       worker.shutdown({ kind: 'fatal', message: stranded });
-      session.save();
+      session.saveSoon();
       progress();
       return;
     }
@@ -200,12 +200,12 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     }
     if ((ended === 'failed' || ended === 'timeout') && job.attempts - (job.lost ?? 0) <= retries && !stopping) {
       job.status = 'pending';
-      session.save();
+      session.saveSoon();
       await submit(job);
       progress();
       return;
     }
-    session.save();
+    session.saveSoon();
     if (ended !== 'pending') remaining--;
     progress();
     if (remaining === 0) worker.shutdown({ kind: 'tasks-done' });
@@ -224,7 +224,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       job.attempts++;
       job.started = new Date(startedAt).toISOString();
       delete job.host;
-      session.save();
+      session.saveSoon();
       const slotLog = slotLogs[slot - 1]!;
       const output = createWriteStream(join(session.dir, 'output', `${job.n}.log`));
       let placed = false;
@@ -233,7 +233,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
         placed = true;
         job.host = batchHost?.hostOf(claim.taskId) ?? LOCALHOST;
         tally(job.host).running++;
-        session.save();
+        session.saveSoon();
         slotLog.write(`=== ${job.started} job ${job.n} (attempt ${job.attempts}) on ${job.host}: ${job.command}\n`);
         progress();
       };

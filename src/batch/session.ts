@@ -8,6 +8,12 @@
  *   output/N.log  the output of job N's last attempt
  *   jobs.jsonl    one JSON line per finished attempt: slot, host, start, duration, exit code, signal
  *                 (status `lost` when the attempt's host went away: the job ran again elsewhere)
+ *
+ * While jobs run, jobs.json is rewritten at most once per SAVE_DELAY_MS
+ * (saveSoon), not at every change: the whole list at every start and end
+ * of every job is quadratic in the number of jobs. jobs.jsonl is appended
+ * as each attempt ends, so open() takes from it the jobs that finished
+ * `ok` after the last rewrite (a crash then loses no finished job).
  *   queue/        the session's embedded SQLite queue
  *
  * Session ids are whole numbers, counted up per sessions directory.
@@ -19,6 +25,9 @@ import { join, resolve as resolvePath } from 'node:path';
 import type { SshHostEntry } from '../hosts/ssh-host.js';
 import { ConfigError } from '../model/errors.js';
 import type { ProviderLaunch } from './provider-hosts.js';
+
+/** How long saveSoon() gathers changes before it rewrites jobs.json. */
+export const SAVE_DELAY_MS = 100;
 
 export type JobStatus = 'pending' | 'running' | 'ok' | 'failed' | 'timeout';
 export const JOB_STATUSES: readonly JobStatus[] = ['pending', 'running', 'ok', 'failed', 'timeout'];
@@ -77,6 +86,10 @@ export function jobsHash(lines: readonly string[]): string {
 }
 
 export class Session {
+  #saveTimer: NodeJS.Timeout | undefined;
+  /** Times jobs.json was written: for tests. */
+  saves = 0;
+
   private constructor(
     readonly id: number,
     readonly dir: string,
@@ -112,6 +125,7 @@ export class Session {
     }
     const params = JSON.parse(readFileSync(join(dir, 'params.json'), 'utf8')) as SessionParams;
     const jobs = JSON.parse(readFileSync(join(dir, 'jobs.json'), 'utf8')) as JobRecord[];
+    takeFinishedJobs(jobs, join(dir, 'jobs.jsonl'));
     return new Session(Number(id), dir, params, jobs);
   }
 
@@ -125,15 +139,57 @@ export class Session {
     writeFileSync(join(this.dir, 'params.json'), JSON.stringify(this.params, null, 2) + '\n');
   }
 
-  /** Writes the job list atomically, so a reader (or a crash) never sees half of it. */
+  /** Writes the job list now, atomically, so a reader (or a crash) never sees half of it. */
   save(): void {
+    clearTimeout(this.#saveTimer);
+    this.#saveTimer = undefined;
+    this.saves++;
     const file = join(this.dir, 'jobs.json');
     writeFileSync(file + '.tmp', JSON.stringify(this.jobs, null, 1) + '\n');
     renameSync(file + '.tmp', file);
   }
 
+  /** Writes the job list within SAVE_DELAY_MS, with whatever changed until then; save() at the end writes what is left. */
+  saveSoon(): void {
+    this.#saveTimer ??= setTimeout(() => this.save(), SAVE_DELAY_MS);
+  }
+
   counts(): Record<JobStatus, number> {
     return countJobs(this.jobs);
+  }
+}
+
+/**
+ * Jobs that jobs.json still shows pending or running although jobs.jsonl
+ * says their attempt ended `ok` (the process stopped before its next
+ * rewrite of jobs.json): they are done, with that attempt's figures.
+ */
+function takeFinishedJobs(jobs: JobRecord[], jobsLog: string): void {
+  let text: string;
+  try {
+    text = readFileSync(jobsLog, 'utf8');
+  } catch {
+    return;
+  }
+  for (const line of text.split('\n')) {
+    let entry: { job?: unknown; attempt?: unknown; status?: unknown; slot?: unknown; host?: unknown; start?: unknown; durationMs?: unknown; exitCode?: unknown; signal?: unknown };
+    try {
+      entry = JSON.parse(line) as typeof entry;
+    } catch {
+      continue; // the last line may be cut short by the crash
+    }
+    if (entry.status !== 'ok' || typeof entry.job !== 'number' || typeof entry.attempt !== 'number') continue;
+    const job = jobs[entry.job - 1];
+    if (job === undefined || job.n !== entry.job || (job.status !== 'pending' && job.status !== 'running') || entry.attempt < job.attempts) continue;
+    job.status = 'ok';
+    job.attempts = entry.attempt;
+    if (typeof entry.slot === 'number') job.slot = entry.slot;
+    if (typeof entry.host === 'string') job.host = entry.host;
+    if (typeof entry.start === 'string') job.started = entry.start;
+    if (typeof entry.durationMs === 'number') job.durationMs = entry.durationMs;
+    job.exitCode = typeof entry.exitCode === 'number' ? entry.exitCode : null;
+    job.signal = typeof entry.signal === 'string' ? entry.signal : null;
+    delete job.message;
   }
 }
 

@@ -18,7 +18,19 @@
  *   group, and when the channel or the connection goes away the remote
  *   side stops the group by itself (signal, grace period, SIGKILL).
  * - Files go over SFTP: mkdir, stat, read and write streams, and upload()
- *   and download() of files and directory trees. remove() runs `rm -rf`.
+ *   and download() of files and directory trees. remove() is `rm -rf`.
+ * - remove(), and a mkdir() of a path that a pending removal covers (the
+ *   runtime's `remove(taskDir)` then `mkdir(taskDir)`), are deferred
+ *   (ssh-pending.ts) and applied in the channel of the next command,
+ *   before it starts, so a task costs one channel and not three. Every
+ *   other operation that could see them waits for them first (a control
+ *   command applies them when no command is on its way); a change that
+ *   nobody looks at is applied within FLUSH_DELAY_MS anyway, and close()
+ *   applies what is left. Changes whose command never ran (a lost
+ *   connection) stay pending and are applied on the next connection.
+ *   A removal that fails is logged (it can no longer reject its caller);
+ *   a working directory that cannot be cleared or made rejects the exec,
+ *   as the mkdir would have.
  * - Host keys are checked against known_hosts (ssh-known-hosts.ts);
  *   credentials are private key files and ssh-agent. Keys and passphrases
  *   never appear in logs or errors; file paths do.
@@ -37,7 +49,8 @@ import { DroverError, errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { formatSshAddress, parseSshAddress, type SshTarget } from './ssh-address.js';
 import { HostKeyError, knownKeyTypes, verifyHostKey, type HostKeyPolicy } from './ssh-known-hosts.js';
-import { groupControlLine, remoteCommandLine, signalName } from './ssh-remote.js';
+import { NO_CHANGES, PendingChanges, covers, normalizePath, type Changes } from './ssh-pending.js';
+import { changesCommandLine, groupControlLine, remoteCommandLine, signalName } from './ssh-remote.js';
 import { fileType, type DirectoryEntry, type ExecOptions, type Execution, type ExitStatus, type FileStat, type Transport, type TransportCapabilities } from './transport.js';
 
 /** The host could not be reached, refused us, or the connection broke. */
@@ -89,10 +102,20 @@ export interface SshTransportStats {
   readonly channelsOpened: number;
   /** Channels open now. */
   readonly channelsOpen: number;
+  /** Control commands that only applied deferred changes (the rest went with commands). */
+  readonly changeFlushes: number;
+  /** Deferred removals that failed (each is logged). */
+  readonly failedRemovals: number;
 }
 
 /** How often a refused channel open is retried (about 3 s in all). */
 const OPEN_RETRIES = 20;
+/** How long deferred changes wait for a command to take them before a control command applies them. */
+export const FLUSH_DELAY_MS = 100;
+/** How long close() tries to apply deferred changes. */
+const CLOSE_FLUSH_MS = 5000;
+/** How long kill() and waitGone() wait, after the main process exited, for the wrapper to say whether its group is gone. */
+const GROUP_REPORT_WAIT_MS = 2000;
 
 const DEFAULT_HOST_KEY_ALGORITHMS: Readonly<Record<string, readonly string[]>> = {
   'ssh-ed25519': ['ssh-ed25519'],
@@ -150,6 +173,12 @@ class ChannelSlots {
   }
 }
 
+/** Deferred changes on their way to the host, in a command's channel or a control command. */
+interface Application {
+  readonly changes: Changes;
+  readonly done: Promise<void>;
+}
+
 interface Connection {
   readonly client: Client;
   sftp?: Promise<SFTPWrapper>;
@@ -173,8 +202,15 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   #failures = 0;
   #nextAttemptAt = 0;
   #closed = false;
+  #closing: Promise<void> | undefined;
   #home: string | undefined;
-  #stats = { connectionsOpened: 0, channelsOpened: 0 };
+  #stats = { connectionsOpened: 0, channelsOpened: 0, changeFlushes: 0, failedRemovals: 0 };
+  readonly #pending = new PendingChanges();
+  /** At most one application is under way at a time, so they land in the order they were taken. */
+  #applying: Application | undefined;
+  #flushTimer: NodeJS.Timeout | undefined;
+  /** Deferred directories that could not be made, and why: an exec there rejects. */
+  readonly #unmade = new Map<string, string>();
 
   constructor(options: SshTransportOptions) {
     super();
@@ -212,12 +248,19 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
 
   async exec(argv: readonly string[], options: ExecOptions): Promise<Execution> {
     if (argv.length === 0) return SshExecution.failed(new Error('exec: empty argv'));
+    // The command must see every change asked for before it; those still pending go in its own channel.
+    const need = this.#pending.count;
     const release = await this.#slots.acquire('command');
     let execution: SshExecution;
     const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
-    let connection: Connection;
+    let carried: Carried | undefined;
     try {
-      connection = await this.#connect();
+      const connection = await this.#connect();
+      carried = await this.#carry(need);
+      const { changes } = carried;
+      const cwd = normalizePath(options.cwd);
+      const unmade = this.#unmade.get(cwd);
+      if (unmade !== undefined && !changes.dirs.includes(cwd)) throw workdirError(unmade, options.cwd);
       const command = remoteCommandLine({
         nonce,
         cwd: options.cwd,
@@ -225,48 +268,67 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
         argv,
         killSignal: this.#options.killSignal ?? 'SIGTERM',
         killGraceMs: this.#options.killGraceMs ?? 5000,
+        removals: changes.removals,
+        dirs: changes.dirs,
+        freshCwd: changes.removals.some((removal) => covers(removal, cwd)),
       });
+      const onChangeFailed = (kind: ChangeFailure, index: number) => this.#changeFailed(changes, kind, index);
       // Built in the callback: ssh2 may emit the channel's first events in the same tick.
-      execution = await this.#openExec(connection, command, (channel) => new SshExecution(this, connection, channel, nonce, release));
+      execution = await this.#openExec(connection, command, (channel) => new SshExecution(this, connection, channel, nonce, release, onChangeFailed));
     } catch (error) {
+      carried?.settle(false);
       release();
       throw error;
     }
     await execution.started;
+    // Without the header it is unknown what the wrapper did: the changes are applied again (they are idempotent).
+    carried.settle(execution.headerSeen);
+    if (execution.workdirError !== undefined) throw workdirError(execution.workdirError, options.cwd);
     return execution;
   }
 
-  /** Runs a short shell command line (a control channel); resolves with its exit code and output. */
+  /** Runs a short shell command line (a control channel) once the changes asked for so far are made; resolves with its exit code and output. */
   async run(commandLine: string): Promise<{ exitCode: number | null; stdout: string; stderr: string }> {
+    await this.#settle();
     const release = await this.#slots.acquire('control');
     try {
-      const connection = await this.#connect();
-      let stdout = '';
-      let stderr = '';
-      let exitCode: number | null = null;
-      const { closed } = await this.#openExec(connection, commandLine, (channel) => {
-        channel.on('data', (data: Buffer) => (stdout += data.toString()));
-        channel.stderr.on('data', (data: Buffer) => (stderr += data.toString()));
-        channel.on('exit', (code: number | null) => (exitCode = code));
-        // In an object: a bare promise would be adopted, and the open would wait for the close.
-        return { closed: once(channel, 'close') };
-      });
-      // A connection that breaks may take its channels with it silently.
-      const lost = connection.closedSignal.signal;
-      const done = new AbortController();
-      try {
-        await Promise.race([closed, lost.aborted ? undefined : once(lost, 'abort', { signal: done.signal })]);
-      } finally {
-        done.abort();
-      }
-      if (connection.closed && exitCode === null) throw new SshConnectionError(`${this.address}: the connection was lost while running a command`, { cause: connection.error });
-      return { exitCode, stdout, stderr };
+      return await this.#runOn(await this.#connect(), commandLine);
     } finally {
       release();
     }
   }
 
+  async #runOn(connection: Connection, commandLine: string): Promise<{ exitCode: number | null; stdout: string; stderr: string }> {
+    let stdout = '';
+    let stderr = '';
+    let exitCode: number | null = null;
+    const { closed } = await this.#openExec(connection, commandLine, (channel) => {
+      channel.on('data', (data: Buffer) => (stdout += data.toString()));
+      channel.stderr.on('data', (data: Buffer) => (stderr += data.toString()));
+      channel.on('exit', (code: number | null) => (exitCode = code));
+      // In an object: a bare promise would be adopted, and the open would wait for the close.
+      return { closed: once(channel, 'close') };
+    });
+    // A connection that breaks may take its channels with it silently.
+    const lost = connection.closedSignal.signal;
+    const done = new AbortController();
+    try {
+      await Promise.race([closed, lost.aborted ? undefined : once(lost, 'abort', { signal: done.signal })]);
+    } finally {
+      done.abort();
+    }
+    if (connection.closed && exitCode === null) throw new SshConnectionError(`${this.address}: the connection was lost while running a command`, { cause: connection.error });
+    return { exitCode, stdout, stderr };
+  }
+
   async mkdir(path: string): Promise<void> {
+    const normalized = normalizePath(path);
+    if (!this.#closing && this.#pending.mkdir(normalized)) {
+      this.#unmade.delete(normalized);
+      this.#scheduleFlush();
+      return;
+    }
+    await this.#settle();
     const sftp = await this.#sftp();
     const make = (dir: string) => new Promise<void>((resolve, reject) => sftp.mkdir(dir, (error) => (error ? reject(error) : resolve())));
     const ensure = async (dir: string): Promise<void> => {
@@ -287,12 +349,22 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     await ensure(posix.normalize(path));
   }
 
+  /** Deferred: see the top of this file. Rejects only when the transport is closed. */
   async remove(path: string): Promise<void> {
-    const { exitCode, stderr } = await this.run(`rm -rf -- ${quote(path)}`);
-    if (exitCode !== 0) throw new SshConnectionError(`${this.address}: cannot remove ${path}: ${stderr.trim() || `rm exited with ${exitCode}`}`);
+    if (this.#closing) throw new SshConnectionError(`${this.address}: the transport is closed`);
+    const normalized = normalizePath(path);
+    this.#pending.remove(normalized);
+    for (const dir of this.#unmade.keys()) if (covers(normalized, dir)) this.#unmade.delete(dir);
+    this.#scheduleFlush();
+  }
+
+  /** Applies every deferred change now; resolves once the host has them. */
+  async flush(): Promise<void> {
+    await this.#settle();
   }
 
   async stat(path: string): Promise<FileStat | undefined> {
+    await this.#settle();
     const sftp = await this.#sftp();
     return new Promise((resolve, reject) =>
       sftp.lstat(path, (error, stats) => {
@@ -307,6 +379,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   }
 
   async list(path: string): Promise<DirectoryEntry[]> {
+    await this.#settle();
     const sftp = await this.#sftp();
     // OpenSSH's server describes entries as lstat() does: a symlink is a symlink.
     const entries = await new Promise<FileEntry[]>((resolve, reject) => sftp.readdir(path, (error, list) => (error ? reject(this.#fileError(error, path)) : resolve(list))));
@@ -314,6 +387,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   }
 
   async realpath(path: string): Promise<string> {
+    await this.#settle();
     const sftp = await this.#sftp();
     const resolved = await new Promise<string>((resolve, reject) => sftp.realpath(path, (error, target) => (error ? reject(this.#fileError(error, path)) : resolve(target))));
     // SFTP servers may resolve a path whose last part is missing; the contract says ENOENT.
@@ -322,6 +396,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   }
 
   async readFile(path: string): Promise<Readable> {
+    await this.#settle();
     const sftp = await this.#sftp();
     const handle = await new Promise<Buffer>((resolve, reject) => sftp.open(path, 'r', (error, handle) => (error ? reject(this.#fileError(error, path)) : resolve(handle))));
     const isDirectory = await new Promise<boolean>((resolve) => sftp.fstat(handle, (error, stats) => resolve(!error && stats.isDirectory())));
@@ -333,6 +408,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   }
 
   async writeFile(path: string, data: Readable | Uint8Array | string): Promise<void> {
+    await this.#settle();
     const sftp = await this.#sftp();
     if (data instanceof Readable) {
       const stream = sftp.createWriteStream(path);
@@ -350,6 +426,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
 
   /** Copies a local file or directory tree to `remotePath`, keeping file modes (the executable bit). */
   async upload(localPath: string, remotePath: string): Promise<void> {
+    await this.#settle();
     const sftp = await this.#sftp();
     const stats = await statLocal(localPath);
     if (stats.isDirectory()) {
@@ -367,6 +444,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
 
   /** Copies a remote file or directory tree to `localPath`. */
   async download(remotePath: string, localPath: string): Promise<void> {
+    await this.#settle();
     const sftp = await this.#sftp();
     const stats = await this.stat(remotePath);
     if (stats === undefined) throw this.#fileError(Object.assign(new Error('no such file'), { code: 2 }), remotePath);
@@ -385,8 +463,33 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     return posix.join(...segments);
   }
 
-  /** Closes the connection; remote commands still running are stopped by their wrappers. Idempotent. */
-  async close(): Promise<void> {
+  /**
+   * Applies the deferred changes (reconnecting if need be, for at most
+   * CLOSE_FLUSH_MS; a host that cannot be reached keeps them, and the
+   * paths are logged), then closes the connection; remote commands still
+   * running are stopped by their wrappers. Idempotent.
+   */
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
+    clearTimeout(this.#flushTimer);
+    this.#flushTimer = undefined;
+    if (!this.#pending.empty || this.#applying !== undefined) {
+      const timer = new AbortController();
+      const settled = await Promise.race([
+        this.#settle().then(() => true, (error: unknown) => {
+          this.#logger?.warn('ssh: deferred changes could not be applied before closing', { error: errorMessage(error) });
+          return false;
+        }),
+        sleep(CLOSE_FLUSH_MS, false, { signal: timer.signal }).catch(() => false),
+      ]);
+      timer.abort();
+      const left = settled ? [] : [...(this.#applying?.changes.removals ?? []), ...this.#pending.take().removals];
+      if (left.length > 0) this.#logger?.warn('ssh: closing without removing these paths: the host cannot be reached', { paths: left });
+    }
     this.#closed = true;
     const connection = this.#connection;
     this.#connection = undefined;
@@ -403,6 +506,101 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     const connection = this.#connection;
     if (connection === undefined) return;
     (connection.client as unknown as { _sock?: { destroy(): void } })._sock?.destroy();
+  }
+
+  /**
+   * Waits for the changes numbered up to `need` that are on their way to
+   * the host; then, when no application is under way, takes every pending
+   * change for the caller to apply (settle() says whether it did).
+   */
+  async #carry(need: number): Promise<Carried> {
+    for (let applying = this.#applying; applying !== undefined; applying = this.#applying) {
+      // One under way with only newer changes took every older one: nothing the caller needs is pending.
+      if (applying.changes.oldest > need) return NOTHING_CARRIED;
+      await applying.done;
+    }
+    const changes = this.#pending.take();
+    if (changes === NO_CHANGES) return NOTHING_CARRIED;
+    let finish!: () => void;
+    const application: Application = { changes, done: new Promise<void>((resolve) => (finish = resolve)) };
+    this.#applying = application;
+    let settled = false;
+    return {
+      changes,
+      settle: (applied) => {
+        if (settled) return;
+        settled = true;
+        if (!applied) {
+          this.#pending.restore(changes);
+          this.#scheduleFlush();
+        }
+        if (this.#applying === application) this.#applying = undefined;
+        finish();
+      },
+    };
+  }
+
+  /** Waits until every change asked for so far has reached the host; applies pending ones with a control command. */
+  async #settle(): Promise<void> {
+    const need = this.#pending.count;
+    for (;;) {
+      const applying = this.#applying;
+      if (applying !== undefined && applying.changes.oldest <= need) {
+        await applying.done;
+        continue;
+      }
+      if (this.#pending.oldest > need) return;
+      await this.#flushNow();
+    }
+  }
+
+  /** One control command that applies every pending change. */
+  async #flushNow(): Promise<void> {
+    const release = await this.#slots.acquire('control');
+    let carried: Carried | undefined;
+    try {
+      carried = await this.#carry(Infinity);
+      const { changes } = carried;
+      if (changes === NO_CHANGES) return;
+      const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
+      const connection = await this.#connect();
+      this.#stats.changeFlushes++;
+      const { exitCode, stdout, stderr } = await this.#runOn(connection, changesCommandLine(nonce, changes));
+      for (const line of stdout.split('\n')) {
+        const [marker, kind, index] = line.split(' ');
+        if (marker === nonce && (kind === 'unremoved' || kind === 'unmade')) this.#changeFailed(changes, kind, Number(index));
+      }
+      if (exitCode !== 0) this.#logger?.error('ssh: applying deferred changes failed', { exitCode, stderr: stderr.trim() });
+      carried.settle(true);
+    } catch (error) {
+      carried?.settle(false);
+      throw error;
+    } finally {
+      release();
+    }
+  }
+
+  #scheduleFlush(): void {
+    if (this.#flushTimer !== undefined || this.#closing !== undefined || this.#pending.empty) return;
+    this.#flushTimer = setTimeout(() => {
+      this.#flushTimer = undefined;
+      if (this.#pending.empty || this.#closing !== undefined) return;
+      // A failure leaves them pending for the next command, or close(); a lost connection is reported by `lost`.
+      this.#flushNow().catch((error: unknown) => this.#logger?.debug('ssh: deferred changes wait for the connection', { error: errorMessage(error) }));
+    }, FLUSH_DELAY_MS);
+    this.#flushTimer.unref();
+  }
+
+  /** A deferred change the host could not make. */
+  #changeFailed(changes: Changes, kind: ChangeFailure, index: number): void {
+    const path = kind === 'unremoved' ? changes.removals[index] : changes.dirs[index];
+    if (path === undefined) return;
+    if (kind === 'unremoved') {
+      this.#stats.failedRemovals++;
+      this.#logger?.error('ssh: cannot remove a path', { path });
+    } else {
+      this.#unmade.set(path, `cannot make the directory ${path} on ${this.address}`);
+    }
   }
 
   async #connect(): Promise<Connection> {
@@ -569,8 +767,19 @@ function typeOfMode(mode: number): FileStat['type'] {
   }
 }
 
-function quote(word: string): string {
-  return `'${word.replace(/'/g, `'\\''`)}'`;
+type ChangeFailure = 'unremoved' | 'unmade';
+
+/** Deferred changes that an operation took to apply; settle(false) puts them back. */
+interface Carried {
+  readonly changes: Changes;
+  settle(applied: boolean): void;
+}
+
+const NOTHING_CARRIED: Carried = { changes: NO_CHANGES, settle: () => {} };
+
+/** A working directory the wrapper could not clear or make: the error its mkdir would have given. */
+function workdirError(why: string, path: string): Error {
+  return Object.assign(new Error(why), { code: 'EIO', path });
 }
 
 function describeConnectError(error: unknown): string {
@@ -616,6 +825,10 @@ class SshExecution implements Execution {
   readonly started: Promise<void>;
   /** The remote main process, also its process group. */
   pid: number | undefined;
+  /** The wrapper's last header line came: it applied the changes it carried. */
+  headerSeen = false;
+  /** Why the working directory could not be cleared or made (exec() rejects then). */
+  workdirError: string | undefined;
   readonly #transport: SshTransport | undefined;
   readonly #channel: ClientChannel | undefined;
   readonly #connection: Connection | undefined;
@@ -624,12 +837,22 @@ class SshExecution implements Execution {
   #gone = false;
   /** No process of the group is left: its id may be reused, so it is never signalled again. */
   #freed = false;
+  /** Settles with whether the wrapper said, once the main process exited, that nothing of its group is left. */
+  readonly #groupReport: Promise<boolean>;
 
   static failed(startError: Error): SshExecution {
-    return new SshExecution(undefined, undefined, undefined, '', () => {}, startError);
+    return new SshExecution(undefined, undefined, undefined, '', () => {}, () => {}, startError);
   }
 
-  constructor(transport: SshTransport | undefined, connection: Connection | undefined, channel: ClientChannel | undefined, nonce: string, release: () => void, startError?: Error) {
+  constructor(
+    transport: SshTransport | undefined,
+    connection: Connection | undefined,
+    channel: ClientChannel | undefined,
+    nonce: string,
+    release: () => void,
+    onChangeFailed: (kind: ChangeFailure, index: number) => void,
+    startError?: Error,
+  ) {
     this.#transport = transport;
     this.#connection = connection;
     this.#channel = channel;
@@ -644,8 +867,11 @@ class SshExecution implements Execution {
       this.#freed = true;
       this.exited = Promise.resolve({ exitCode: 127, signal: null, startError: startError ?? new Error('not started') });
       this.started = Promise.resolve();
+      this.#groupReport = Promise.resolve(true);
       return;
     }
+    let reportGroup!: (gone: boolean) => void;
+    this.#groupReport = new Promise((resolve) => (reportGroup = resolve));
     let resolveExit!: (status: ExitStatus & { readonly startError?: Error }) => void;
     this.exited = new Promise((resolve) => (resolveExit = resolve));
     let headerDone!: () => void;
@@ -659,28 +885,70 @@ class SshExecution implements Execution {
         stdout.once('drain', () => channel.resume());
       }
     });
+    // After the header, the command's stderr, out of which the watcher's one report line is taken.
+    const marker = Buffer.from(`${nonce} `);
+    let reported = false;
+    let held = Buffer.alloc(0);
+    const passOn = (data: Buffer) => {
+      if (reported) {
+        stderr.write(data);
+        return;
+      }
+      let rest = held.length > 0 ? Buffer.concat([held, data]) : data;
+      held = Buffer.alloc(0);
+      for (let at = rest.indexOf(marker); at >= 0; at = rest.indexOf(marker)) {
+        const newline = rest.indexOf(10, at);
+        if (newline < 0) break;
+        const word = rest.subarray(at + marker.length, newline).toString('latin1');
+        if (at > 0) stderr.write(rest.subarray(0, at));
+        rest = rest.subarray(newline + 1);
+        if (word === 'gone' || word === 'alive') {
+          reported = true;
+          if (word === 'gone') this.#freed = true;
+          reportGroup(word === 'gone');
+          if (rest.length > 0) stderr.write(rest);
+          return;
+        }
+      }
+      // The report comes after the exit; from then on, bytes that may begin it are held back until the rest
+      // of it comes (or the channel closes).
+      const start = rest.indexOf(marker);
+      const keep = !this.#exitSeen ? 0 : start >= 0 ? rest.length - start : partialMatch(rest, marker);
+      if (rest.length > keep) stderr.write(rest.subarray(0, rest.length - keep));
+      if (keep > 0) held = Buffer.from(rest.subarray(rest.length - keep));
+    };
     channel.stderr.on('data', (data: Buffer) => {
       if (!inHeader) {
-        stderr.write(data);
+        passOn(data);
         return;
       }
       pending = Buffer.concat([pending, data]);
       for (let newline = pending.indexOf(10); newline >= 0 && inHeader; newline = pending.indexOf(10)) {
         const line = pending.subarray(0, newline).toString('utf8');
         pending = pending.subarray(newline + 1);
-        if (line.startsWith(`${nonce} started `)) {
-          this.pid = Number(line.slice(nonce.length + 9));
-          inHeader = false;
-        } else if (line.startsWith(`${nonce} error `)) {
-          headerError = new Error(`${line.slice(nonce.length + 7)} (on ${transport.address})`);
-          inHeader = false;
+        const [word, argument] = line.startsWith(`${nonce} `) ? splitOnce(line.slice(nonce.length + 1)) : ['', ''];
+        if (word === 'started') {
+          this.pid = Number(argument);
+        } else if (word === 'error') {
+          headerError = new Error(`${argument} (on ${transport.address})`);
+        } else if (word === 'workdir') {
+          this.workdirError = `${argument} on ${transport.address}`;
+          headerError = new Error(this.workdirError);
+        } else if (word === 'unremoved' || word === 'unmade') {
+          onChangeFailed(word, Number(argument));
+          continue;
         } else {
           // Said before the wrapper ran (the login shell, sshd): the command's stderr all the same.
           stderr.write(`${line}\n`);
+          continue;
         }
+        inHeader = false;
+        this.headerSeen = true;
       }
       if (!inHeader) {
-        if (pending.length > 0) stderr.write(pending);
+        const rest = pending;
+        pending = Buffer.alloc(0);
+        if (rest.length > 0) passOn(rest);
         headerDone();
       }
     });
@@ -703,6 +971,8 @@ class SshExecution implements Execution {
           headerError ??= new Error(connection?.closed ? `the connection to ${transport.address} was lost before the command started` : `the command did not start on ${transport.address}`);
           headerDone();
         }
+        reportGroup(false);
+        if (held.length > 0) stderr.write(held);
         if (!this.#exitSeen) {
           const lost = connection?.closed === true;
           if (lost && headerError === undefined) stderr.write(`[drover] the connection to ${transport.address} was lost while the command ran\n`);
@@ -729,7 +999,9 @@ class SshExecution implements Execution {
       this.#channel.write(`${name}\n`);
       return;
     }
-    // The main process has exited (sshd closed the watcher's stdin); what is left of the group is signalled directly.
+    // The main process has exited (sshd closed the watcher's stdin): the watcher says whether anything is left,
+    // and what is left of the group is signalled directly.
+    if (await this.#groupEnded()) return;
     if (this.#connection?.closed) return;
     await this.#control(signal, 0);
   }
@@ -743,9 +1015,19 @@ class SshExecution implements Execution {
       timer.abort();
       if (!exited) return false;
     }
+    if (await this.#groupEnded()) return true;
     // Without a connection the remote watcher stops the group on its own; there is nobody to ask.
     if (this.#connection?.closed) return true;
     return this.#control(undefined, deadline - performance.now());
+  }
+
+  /** After the main process exited: whether the watcher said that nothing of the group was left (then it is never signalled again). */
+  async #groupEnded(): Promise<boolean> {
+    if (this.#freed) return true;
+    const timer = new AbortController();
+    await Promise.race([this.#groupReport, sleep(GROUP_REPORT_WAIT_MS, undefined, { signal: timer.signal, ref: false }).catch(() => {})]);
+    timer.abort();
+    return this.#freed;
   }
 
   /** Signals what is left of the group and/or waits for it; true once it is gone (and never signalled again). */
@@ -759,4 +1041,18 @@ class SshExecution implements Execution {
     }
     return this.#freed;
   }
+}
+
+/** How many bytes at the end of `data` are the first bytes of `marker`. */
+function partialMatch(data: Buffer, marker: Buffer): number {
+  for (let length = Math.min(marker.length - 1, data.length); length > 0; length--) {
+    if (data.subarray(data.length - length).equals(marker.subarray(0, length))) return length;
+  }
+  return 0;
+}
+
+/** `word rest of line` -> [word, rest]. */
+function splitOnce(text: string): [string, string] {
+  const space = text.indexOf(' ');
+  return space < 0 ? [text, ''] : [text.slice(0, space), text.slice(space + 1)];
 }

@@ -7,24 +7,13 @@
 import { createHash } from 'node:crypto';
 import { PassThrough, Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import pg from 'pg';
 import t from 'tap';
 import type { Claim } from '../src/model/task.js';
 import type { PostgresQueue } from '../src/queues/postgres.js';
-import { freshSchema, openQueue, PG_URL } from './helpers/postgres.js';
+import { freshSchema, openQueue, sql } from './helpers/postgres.js';
 
 const MiB = 1024 * 1024;
 const meta = (name: string) => ({ name, contentType: 'application/octet-stream' });
-
-async function sql<R extends pg.QueryResultRow>(text: string, values: unknown[] = []): Promise<R[]> {
-  const client = new pg.Client({ connectionString: PG_URL });
-  await client.connect();
-  try {
-    return (await client.query<R>(text, values)).rows;
-  } finally {
-    await client.end();
-  }
-}
 
 async function claimed(queue: PostgresQueue): Promise<Claim> {
   await queue.submit({ payload: {}, deadline: Date.now() + 600_000, retries: 0 });

@@ -71,18 +71,6 @@ t.test('a version 1 schema is migrated: running, pending and resolved tasks keep
   t.same((await queue.listTasks({ state: 'pending' })).map((s) => s.taskId), [], 'and not as pending');
 });
 
-t.test('a passed deadline is swept from the open-task index, running or pending', async (t) => {
-  const clock = { now: START };
-  const queue = await openQueue(t, { schema: freshSchema(t), now: () => clock.now });
-  const running = await queue.submit({ payload: {}, deadline: START + 1_000, retries: 2 });
-  await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
-  const pending = await queue.submit({ payload: {}, deadline: START + 1_000, retries: 0 });
-  clock.now += 1_000;
-  t.equal(await queue.sweep(), 2, 'the running and the pending task');
-  for (const id of [running, pending]) t.match(await queue.task(id), { state: 'exception', runs: [{ reasonResolved: 'deadline-exceeded' }] });
-  t.equal(await queue.sweep(), 0);
-});
-
 t.test("the claim's generic plan walks the pending index and stops at its count", async (t) => {
   // A prepared statement runs on a generic plan after five executions. With the LIMIT a parameter, that plan
   // knew no limit and sorted every pending run (200 ms a claim at 1M pending). 20k runs are enough to show it.

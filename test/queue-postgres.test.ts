@@ -3,23 +3,12 @@
  * conformance suite): migrations under an advisory lock, and connections
  * that break under it.
  */
-import pg from 'pg';
 import t from 'tap';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConfigError, QueueUnavailableError } from '../src/model/errors.js';
 import { PostgresQueue } from '../src/queues/postgres.js';
 import { MIGRATIONS } from '../src/queues/postgres-migrations.js';
-import { freshSchema, openQueue, PG_URL } from './helpers/postgres.js';
-
-async function sql<R extends pg.QueryResultRow>(text: string, values: unknown[] = []): Promise<R[]> {
-  const client = new pg.Client({ connectionString: PG_URL });
-  await client.connect();
-  try {
-    return (await client.query<R>(text, values)).rows;
-  } finally {
-    await client.end();
-  }
-}
+import { freshSchema, openQueue, PG_URL, sql } from './helpers/postgres.js';
 
 t.test('migrations', async (t) => {
   t.test('many workers starting at once apply each migration once', async (t) => {

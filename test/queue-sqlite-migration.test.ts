@@ -58,19 +58,6 @@ t.test('a version 1 queue is migrated: running, pending and resolved tasks keep 
   t.same((await queue.listTasks({ state: 'pending' })).map((s) => s.taskId), [], 'and not as pending');
 });
 
-t.test('a passed deadline is swept from the open-task index', async (t) => {
-  const clock = { now: START };
-  const queue = SqliteQueue.open({ dir: t.testdir(), now: () => clock.now });
-  t.teardown(() => queue.close());
-  const running = await queue.submit({ payload: {}, deadline: START + 1_000, retries: 2 });
-  await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
-  const pending = await queue.submit({ payload: {}, deadline: START + 1_000, retries: 0 });
-  clock.now += 1_000;
-  t.equal(await queue.sweep(), 2, 'the running and the pending task');
-  for (const id of [running, pending]) t.match(await queue.task(id), { state: 'exception', runs: [{ reasonResolved: 'deadline-exceeded' }] });
-  t.equal(await queue.sweep(), 0);
-});
-
 t.test('a version 2 queue is migrated to 3: the (state, created) index goes, resolved tasks still list by state', async (t) => {
   const dir = t.testdir();
   const db = new Database(join(dir, 'queue.db'));

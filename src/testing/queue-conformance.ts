@@ -270,6 +270,18 @@ export function queueConformance(t: Test, makeQueue: MakeQueue): void {
     });
   });
 
+  t.test('a passed deadline is swept, for a running task whose claim still holds and for a pending one', async (t) => {
+    const { queue, submit, claimOne, advance, now } = await setup(t);
+    if (!advance) return void t.plan(0, 'no injected clock');
+    const running = await submit({ deadline: now() + 1_000, retries: 2 });
+    await claimOne();
+    const pending = await submit({ deadline: now() + 1_000 });
+    advance(1_000);
+    t.equal(await queue.sweep(), 2, 'the running and the pending task');
+    for (const id of [running, pending]) t.match(await queue.task(id), { state: 'exception', runs: [{ reasonResolved: 'deadline-exceeded' }] });
+    t.equal(await queue.sweep(), 0, 'nothing twice');
+  });
+
   t.test('cancel', async (t) => {
     t.test('a pending task: never claimed, not retried', async (t) => {
       const { queue, submit } = await setup(t);

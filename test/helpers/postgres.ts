@@ -124,3 +124,14 @@ export async function startThrowawayServer(t: Test): Promise<ThrowawayServer> {
     stop,
   };
 }
+
+/** One query on a connection of its own: for tests that look at the tables or the server directly. */
+export async function sql<R extends pg.QueryResultRow>(text: string, values: unknown[] = [], url = PG_URL): Promise<R[]> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    return (await client.query<R>(text, values)).rows;
+  } finally {
+    await client.end();
+  }
+}

@@ -11,6 +11,7 @@ import t from 'tap';
 import { claimStatement } from '../src/queues/postgres.js';
 import { MIGRATIONS } from '../src/queues/postgres-migrations.js';
 import { freshSchema, openQueue, PG_URL } from './helpers/postgres.js';
+import { seededTasksReadAsBefore } from './helpers/migrated-tasks.js';
 
 const START = Date.parse('2026-01-01T00:00:00Z');
 const HOUR = 3_600_000;
@@ -52,12 +53,7 @@ t.test('a version 1 schema is migrated: running, pending and resolved tasks keep
   });
   t.same((await taskRows()).filter((row) => row.state === 'running'), [], "no task row says 'running' any more");
 
-  t.match(await queue.task('running1'), { state: 'running', runs: [{ state: 'running', workerId: 'A' }] });
-  t.match(await queue.task('pending2'), { state: 'pending' });
-  t.match(await queue.task('complete3'), { state: 'completed' });
-  t.same((await queue.listTasks({ state: 'running' })).map((s) => s.taskId), ['running1']);
-  t.same((await queue.listTasks({ state: 'pending' })).map((s) => s.taskId), ['pending2']);
-  t.same((await queue.listTasks({ state: 'completed' })).map((s) => s.taskId), ['complete3']);
+  await seededTasksReadAsBefore(t, queue);
   t.same((await queue.listTasks()).map((s) => [s.taskId, s.state]), [['complete3', 'completed'], ['pending2', 'pending'], ['running1', 'running']]);
 
   // The claim made before the migration is still held, and resolves as before.

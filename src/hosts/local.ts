@@ -74,7 +74,7 @@ export class LocalTransport implements Transport {
     return new LocalExecution(spawned);
   }
 
-  /** Stops the spawner process; commands still running go on. For a host that is disposed. */
+  /** Stops the spawner process (commands still running are killed, see Spawner.close). For a host that is disposed. */
   close(): void {
     this.#spawner.close();
   }

@@ -85,7 +85,10 @@ export class Spawner {
     });
   }
 
-  /** Stops the spawner process (commands it started go on); the next spawn starts another. */
+  /**
+   * Stops the spawner process; the next spawn starts another. Commands that
+   * have not exited are killed as when it dies: nobody could report their exit.
+   */
   close(): void {
     const child = this.#child;
     this.#child = undefined;

@@ -8,8 +8,11 @@
  * Kinds:
  *   drover-sqlite    SqliteQueue: claimWork({ count: 1, waitMs: 0 }) -> resolve(completed)
  *   drover-postgres  PostgresQueue: the same
- *   floor-sqlite     raw better-sqlite3: ONE `BEGIN IMMEDIATE` transaction per claim+resolve
- *                    on a minimal table (select the oldest pending row, mark it running, mark it done)
+ *   floor-sqlite     raw better-sqlite3 on a minimal table: ONE `BEGIN IMMEDIATE` transaction per
+ *                    claim (select the oldest pending row, mark it running), then one per resolve
+ *                    (one UPDATE: mark it done), as the PostgreSQL floor does
+ *   onetx-sqlite     the same statements, claim and resolve in ONE transaction (no work between
+ *                    them: not what a worker can do, shown for comparison)
  *   floor-postgres   raw pg: one `UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING id` per claim,
  *                    one UPDATE per resolve
  *
@@ -56,7 +59,8 @@ async function open({ kind, root, dir, url, schema, workerId }) {
         close: () => queue.close(),
       };
     }
-    case 'floor-sqlite': {
+    case 'floor-sqlite':
+    case 'onetx-sqlite': {
       const { default: Database } = await import('better-sqlite3');
       const db = new Database(join(dir, 'floor.db'));
       // The embedded queue's own settings, so the floor pays for the same durability and locking.
@@ -65,14 +69,32 @@ async function open({ kind, root, dir, url, schema, workerId }) {
       db.pragma('synchronous = NORMAL');
       const oldest = db.prepare(`SELECT id FROM t WHERE state = 'pending' ORDER BY id LIMIT 1`).pluck();
       const mark = db.prepare(`UPDATE t SET state = ? WHERE id = ?`);
-      const claimAndResolve = db.transaction(() => {
+      const claim = db.transaction(() => {
         const id = oldest.get();
-        if (id === undefined) return false;
-        mark.run('running', id);
-        mark.run('done', id);
-        return true;
+        if (id !== undefined) mark.run('running', id);
+        return id;
       });
-      return { once: async () => claimAndResolve.immediate(), close: async () => db.close() };
+      if (kind === 'onetx-sqlite') {
+        const claimAndResolve = db.transaction(() => {
+          const id = claim();
+          if (id === undefined) return false;
+          mark.run('done', id);
+          return true;
+        });
+        return { once: async () => claimAndResolve.immediate(), close: async () => db.close() };
+      }
+      // Its own IMMEDIATE transaction, as drover's are: an autocommit UPDATE that found its snapshot stale
+      // would fail with SQLITE_BUSY_SNAPSHOT rather than wait.
+      const resolve = db.transaction((id) => mark.run('done', id));
+      return {
+        async once() {
+          const id = claim.immediate();
+          if (id === undefined) return false;
+          resolve.immediate(id);
+          return true;
+        },
+        close: async () => db.close(),
+      };
     }
     case 'floor-postgres': {
       const { default: pg } = await import('pg');

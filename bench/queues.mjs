@@ -5,10 +5,12 @@
  * Throughput: N worker processes (bench/queue-worker.mjs) each loop
  * claimWork({ count: 1, waitMs: 0 }) -> resolve(completed) until the queue
  * is empty; N = 1, 4, 8. The floor runs in the same number of processes on
- * the same storage: for SQLite, ONE `BEGIN IMMEDIATE` transaction per
- * claim+resolve on a minimal table (with the queue's own pragmas); for
- * PostgreSQL, one `UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING id` per
- * claim plus one UPDATE per resolve. Every run starts on a fresh database
+ * the same storage, with one write per claim and one per resolve, as a worker
+ * must (the run happens between them): for SQLite, one `BEGIN IMMEDIATE`
+ * transaction per claim and one per resolve on a minimal table (with the
+ * queue's own pragmas), and for comparison the same statements with claim
+ * and resolve in ONE transaction; for PostgreSQL, one `UPDATE ... FOR UPDATE
+ * SKIP LOCKED ... RETURNING id` per claim plus one UPDATE per resolve. Every run starts on a fresh database
  * (a new SQLite directory, a new PostgreSQL schema dropped afterwards), and
  * only the drain is timed: the processes have started and connected before
  * the clock starts.
@@ -47,7 +49,9 @@ const FILL_PAYLOAD = JSON.stringify({ command: ['true'] });
  */
 export async function queues({ root, scratch, reps, quick, before, pg: server }) {
   const PG_URL = server.url;
-  const KINDS = before ? ['floor', 'drover', 'before'] : ['floor', 'drover'];
+  /** What runs in each round, in turn; `onetx` (SQLite only) is the floor's claim and resolve in one transaction. */
+  const kindsOf = (name) => [...(name === 'sqlite' ? ['floor', 'onetx'] : ['floor']), 'drover', ...(before ? ['before'] : [])];
+  const isFloor = (kind) => kind === 'floor' || kind === 'onetx';
   const rootOf = (kind) => (kind === 'before' ? before : root);
   started = performance.now();
   const { SqliteQueue } = await import(join(root, 'dist/queues/sqlite.js'));
@@ -64,7 +68,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
   // 2 cores: the floors are several times faster, so they get more. Per-claim cost does not depend on the
   // queue's length (the latency cases check that), so rates from different counts compare.
   const claims = {
-    sqlite: { floor: quick ? 8000 : 20000, drover: quick ? 1500 : 4000 },
+    sqlite: { floor: quick ? 8000 : 20000, onetx: quick ? 8000 : 20000, drover: quick ? 1500 : 4000 },
     postgres: { floor: quick ? 1200 : 3000, drover: quick ? 400 : 1000 },
   };
   const sizes = quick ? [1_000, 100_000] : [1_000, 100_000, 1_000_000];
@@ -74,7 +78,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
       label: 'SQLite',
       setUp: async (kind, count) => {
         const dir = mkdtempSync(join(scratch, 'queue-'));
-        if (kind !== 'floor') {
+        if (!isFloor(kind)) {
           await (await queuesOf(kind)).SqliteQueue.open({ dir }).close();
           await fillPendingTasks({ kind: 'sqlite', dir }, count);
         } else {
@@ -113,6 +117,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
     const targets = [];
     try {
       if (problem) throw new Error(`PostgreSQL unreachable at ${pgDisplay}: ${problem}`);
+      const KINDS = kindsOf(name);
       for (const workers of CONCURRENCY) {
         const once = async (kind) => {
           const as = kind === 'before' ? 'drover' : kind;
@@ -135,7 +140,8 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
         const processes = `${workers} process${workers === 1 ? '' : 'es'}`;
         for (const kind of KINDS) {
           const s = measured[kind];
-          rows.push({ name: `${kind === 'before' ? `drover before (${before})` : kind}, ${processes}`, ...s, ratio: s.median / measured.floor.median, extra: `${(1000 / s.median).toFixed(3)} ms` });
+          const label = { before: `drover before (${before})`, onetx: 'floor in one transaction' }[kind] ?? kind;
+          rows.push({ name: `${label}, ${processes}`, ...s, ratio: s.median / measured.floor.median, extra: `${(1000 / s.median).toFixed(3)} ms` });
         }
         targets.push({ text: `within 2x of the raw floor with ${processes} (at least 0.5 of its claims/s)`, met: ratio >= 0.5, measured: `${ratio.toFixed(2)} of the floor` });
       }
@@ -147,7 +153,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
       title: `Queues: ${backend.label} claim+resolve throughput`,
       description: `${claims[name].drover} pending runs (the floor: ${claims[name].floor}) drained by 1, 4 and 8 worker processes, each looping \`claimWork({ count: 1, waitMs: 0 })\` -> \`resolve(completed)\` on drover's ${backend.label} queue until it is empty; no engine, no machine. `
         + (name === 'sqlite'
-          ? 'Floor: raw better-sqlite3 in as many processes, ONE `BEGIN IMMEDIATE` transaction per claim+resolve (select the oldest pending row, mark it running, mark it done) on a minimal table with a partial index on pending rows, with the queue\'s pragmas (WAL, synchronous=NORMAL, busy_timeout).'
+          ? 'Floor: raw better-sqlite3 in as many processes, on a minimal table with a partial index on pending rows, with the queue\'s pragmas (WAL, synchronous=NORMAL, busy_timeout): one `BEGIN IMMEDIATE` transaction per claim (select the oldest pending row, mark it running) and one per resolve (mark it done), as a worker must write them (its run happens in between) and as the PostgreSQL floor does. "Floor in one transaction" runs the same statements with claim and resolve in ONE transaction, which no worker can do; it is shown for comparison (reports before 2026-12-02 used it as the floor).'
           : `Floor: raw \`pg\` in as many processes, one \`UPDATE t SET state='running' WHERE id = (SELECT id FROM t WHERE state='pending' ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id\` per claim plus one UPDATE per resolve, on a minimal table with a partial index on pending rows. Server: ${server.about}; each run in a fresh schema, analyzed after the fill, dropped afterwards.`)
         + ` Processes start and connect before the clock starts; floor and drover runs alternate, after a warm-up of each${quick ? ' (quick mode: only before the first concurrency)' : ''}. Last column: wall time per claim+resolve at that rate.`,
       unit: 'claims/s',
@@ -212,7 +218,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
 }
 
 /** Forks `workers` queue-worker.mjs processes, starts them together once all are ready, and resolves with the seconds until the last finished. */
-async function drain({ kind, root, config, workers, count }) {
+export async function drain({ kind, root, config, workers, count }) {
   const children = [];
   try {
     const ready = [];
@@ -264,15 +270,15 @@ async function claimLatency(queues) {
  * THE ONE PLACE COUPLED TO THE QUEUES' SCHEMAS: fills a freshly migrated
  * drover queue with `count` pending tasks (each with its pending run 0) in
  * one bulk INSERT per table, one transaction, far faster than `submit`.
- * It writes the columns of src/queues/sqlite.ts's MIGRATIONS (up to version 4,
+ * It writes the columns of src/queues/sqlite.ts's MIGRATIONS (up to version 5,
  * `PRAGMA user_version`) and src/queues/postgres-migrations.ts's (up to version 2,
  * `schema_migrations`), and refuses any other schema version: when a
  * migration is added, check the INSERTs below and add its version to KNOWN_VERSIONS.
  */
-async function fillPendingTasks(target, count) {
+export async function fillPendingTasks(target, count) {
   // Later migrations changed indexes, what a running task's row says (both queues' 2) and added
-  // artifacts.file (SQLite's 4), not the columns written here.
-  const KNOWN_VERSIONS = { sqlite: [1, 2, 3, 4], postgres: [1, 2] }[target.kind];
+  // artifacts.file (SQLite's 4) and when a completed task's row is written (SQLite's 5), not how a pending task is written.
+  const KNOWN_VERSIONS = { sqlite: [1, 2, 3, 4, 5], postgres: [1, 2] }[target.kind];
   const now = Date.now();
   const deadline = now + 24 * 3_600_000;
   const stale = (version) => new Error(`bench/queues.mjs fillPendingTasks knows queue schema versions ${KNOWN_VERSIONS.join(', ')}, this ${target.kind} queue is at ${version}: update it`);
@@ -309,7 +315,7 @@ async function fillPendingTasks(target, count) {
 }
 
 /** The SQLite floor's minimal table, with `count` pending rows. */
-function fillSqliteFloor(dir, count) {
+export function fillSqliteFloor(dir, count) {
   const db = new Database(join(dir, 'floor.db'));
   try {
     db.pragma('journal_mode = WAL');

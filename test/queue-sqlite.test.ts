@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { ClaimLostError, ConfigError, InternalError, TaskStateError } from '../src/model/errors.js';
 import type { RunRef } from '../src/model/task.js';
-import { DEFAULT_CLAIM_TIMEOUT_MS, MIGRATIONS, SqliteQueue, type SqliteQueueOptions } from '../src/queues/sqlite.js';
+import { DEFAULT_CLAIM_TIMEOUT_MS, MIGRATIONS, SqliteQueue, SWEEP_BATCH, type SqliteQueueOptions } from '../src/queues/sqlite.js';
 import type { CancelWatchers } from '../src/queues/wakers.js';
 
 const START = Date.parse('2026-01-01T00:00:00Z');
@@ -217,6 +217,57 @@ t.test('deadlines', async (t) => {
     name: 'ClaimLostError', reason: 'deadline-exceeded', message: /deadline passed at 2026-01-01T00:00:01\.000Z; the run was resolved exception\/deadline-exceeded/,
   });
   t.same(await queue.claimWork({ workerId: 'A', count: 5, waitMs: 0 }), []);
+});
+
+t.test('a completed task\'s row is written by the deadline sweep; until then its last run says it is completed', async (t) => {
+  const { queue, dir, submit, advance } = setup(t);
+  const rowState = (id: string) => {
+    const db = new Database(join(dir, 'queue.db'), { readonly: true });
+    try {
+      return (db.prepare('SELECT state FROM tasks WHERE id = ?').get(id) as { state: string }).state;
+    } finally {
+      db.close();
+    }
+  };
+  const done = await submit({ deadline: START + 1_000 });
+  const open = await submit({ deadline: START + 1_000 });
+  const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  await queue.resolve(claim!, 'A', { state: 'completed' });
+  t.equal(rowState(done), 'pending', 'the completion wrote only the run');
+  t.match(await queue.task(done), { state: 'completed', runs: [{ state: 'completed' }] });
+  t.same((await queue.listTasks({ state: 'completed' })).map((s) => s.taskId), [done]);
+  t.same((await queue.listTasks({ state: 'pending' })).map((s) => s.taskId), [open]);
+  await t.rejects(queue.cancel(done), { name: 'TaskStateError', message: /already resolved completed/ });
+
+  // Past the deadline the sweep ends the open task, and only writes down the completed one.
+  advance(2_000);
+  t.equal(await queue.sweep(), 1, 'one run ended: the open task\'s');
+  t.equal(rowState(done), 'completed');
+  t.match(await queue.task(done), { state: 'completed', runs: [{ state: 'completed' }] });
+  t.match(await queue.task(open), { state: 'exception', runs: [{ state: 'exception', reasonResolved: 'deadline-exceeded' }] });
+  t.same((await queue.listTasks({ state: 'completed' })).map((s) => s.taskId), [done]);
+  t.same(await queue.listTasks({ state: 'pending' }), []);
+});
+
+t.test('one sweep writes at most SWEEP_BATCH completed rows, so it holds the write lock briefly', async (t) => {
+  const { queue, dir, submit, advance } = setup(t);
+  const count = SWEEP_BATCH + 10;
+  for (let i = 0; i < count; i++) await submit({ deadline: START + 1_000 });
+  for (;;) {
+    const claims = await queue.claimWork({ workerId: 'A', count: 100, waitMs: 0 });
+    if (claims.length === 0) break;
+    for (const claim of claims) await queue.resolve(claim, 'A', { state: 'completed' });
+  }
+  const db = new Database(join(dir, 'queue.db'), { readonly: true });
+  t.teardown(() => db.close());
+  const unswept = () => (db.prepare(`SELECT count(*) AS n FROM tasks WHERE state = 'pending'`).get() as { n: number }).n;
+  t.equal(unswept(), count);
+  advance(2_000);
+  t.equal(await queue.sweep(), 0);
+  t.equal(unswept(), 10);
+  t.equal(await queue.sweep(), 0);
+  t.equal(unswept(), 0);
+  t.equal((await queue.listTasks({ state: 'completed', limit: count })).length, count);
 });
 
 t.test('cancel', async (t) => {
@@ -437,9 +488,9 @@ t.test('a claim and its resolution write few pages: what bounds throughput is pa
     return { claimed, resolved: pagesWritten() };
   };
   // The claim: the run's row, out of the pending-runs index, into the running-runs index.
-  // A completion: the run's row, out of the running-runs index, the task's row, out of the open-deadline index; no state index.
-  t.same(await claimAndResolve({ state: 'completed' }), { claimed: 3, resolved: 4 });
-  // A failure also enters the index of unsuccessful tasks.
+  // A completion: the run's row, out of the running-runs index; the task's row waits for the deadline sweep.
+  t.same(await claimAndResolve({ state: 'completed' }), { claimed: 3, resolved: 2 });
+  // A failure writes the task's row at once: out of the open-deadline index, into the index of unsuccessful tasks.
   t.same(await claimAndResolve({ state: 'failed' }), { claimed: 3, resolved: 5 });
 });
 

@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap';
 import { fork } from 'node:child_process';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -385,6 +385,24 @@ t.test('artifacts', async (t) => {
     t.equal(Buffer.concat(chunks).toString(), 'partial');
     source.end();
     await uploading;
+  });
+
+  t.test('a streaming artifact\'s file follows its row: until it exists a reader reads nothing and a follower waits', async (t) => {
+    const { queue, run } = await claimed(t);
+    const source = new PassThrough();
+    const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+    t.match(await queue.listArtifacts(run), [{ name: 'live.log', state: 'streaming' }], 'the row is there as soon as the upload is called');
+    // The state just after that call, held still: the row, and no file yet.
+    const path = queue.artifactPath(run, 'live.log');
+    for (let i = 0; i < 200 && !existsSync(path); i++) await sleep(5);
+    rmSync(path);
+    t.equal(await text(await queue.readArtifact(run, 'live.log')), '');
+    const following = text(await queue.readArtifact(run, 'live.log', { follow: true }));
+    await sleep(250);
+    writeFileSync(path, 'made');
+    source.end();
+    await uploading;
+    t.equal(await following, 'made', 'the follower opened the file once it was made');
   });
 
   t.test('a failed source leaves no artifact behind', async (t) => {

@@ -17,8 +17,8 @@
  * deadline has passed; `sweep()` and `cancel` sweep at once.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { accessSync, closeSync, constants, createReadStream, createWriteStream, existsSync, mkdirSync, openSync, rmSync } from 'node:fs';
-import { open } from 'node:fs/promises';
+import { accessSync, constants, createReadStream, createWriteStream, existsSync, mkdirSync, rmSync } from 'node:fs';
+import { mkdir, open, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -324,20 +324,19 @@ export class SqliteQueue implements Queue {
           : `artifact "${meta.name}" clashes with "${clash.name}" of run ${runKey(run)}: one would have to be a directory of the other`);
       }
       this.s.insertArtifact.run(...key, meta.contentType, meta.expires ?? null, now, file);
-      // The file exists before the row commits, so a reader that finds the row can always open the file.
-      // Its shard directory is made only when missing: once per shard and queue, not once per artifact.
-      try {
-        closeSync(openFile(path, 'w'));
-      } catch (error) {
-        throw new QueueUnavailableError(`cannot create artifact file "${path}": ${errorMessage(error)}`, { cause: error });
-      }
       return undefined;
     });
     if (refusal) throw refusal;
     let size: number;
     try {
-      // Our own fd, opened now: a stream left to open the file itself could re-create it after a failed upload removed it.
-      const sink = createWriteStream(path, { fd: openSync(path, 'r+') });
+      // The row comes first, so the artifact is there as soon as this is called; its file follows, made off
+      // the event loop and outside the write lock (a file's creation is a metadata transaction, costly on
+      // some filesystems). Until it exists, a reader of the streaming row reads nothing yet.
+      // Our own handle, opened now: a stream left to open the file itself could re-create it after a failed
+      // upload removed it.
+      // The source may fail while the file is being made: pipeline() then reports the error it keeps.
+      source.on('error', ignore);
+      const sink = createWriteStream(path, { fd: await createFile(path) });
       await pipeline(source, sink);
       size = sink.bytesWritten;
     } catch (error) {
@@ -349,15 +348,20 @@ export class SqliteQueue implements Queue {
         // the source's error says more than a failed clean-up would
       }
       throw error;
+    } finally {
+      source.off('error', ignore);
     }
     this.write(() => this.s.completeArtifact.run(size, ...key));
     return artifactInfo(this.artifactRow(run, meta.name));
   }
 
   async readArtifact(run: RunRef, name: string, options: ReadArtifactOptions = {}): Promise<Readable> {
-    const path = this.fileOf(this.artifactRow(run, name));
-    if (!options.follow) return createReadStream(path);
-    return Readable.from(this.follow(run, name, path, options.signal), { objectMode: false });
+    const row = this.artifactRow(run, name);
+    const path = this.fileOf(row);
+    if (options.follow) return Readable.from(this.follow(run, name, path, options.signal), { objectMode: false });
+    // A streaming artifact's file is made just after its row (uploadArtifact): not there yet, nothing is written yet.
+    if (row.state === 'streaming' && !existsSync(path)) return Readable.from([]);
+    return createReadStream(path);
   }
 
   async listArtifacts(run: RunRef): Promise<ArtifactInfo[]> {
@@ -520,7 +524,18 @@ export class SqliteQueue implements Queue {
 
   private async *follow(run: RunRef, name: string, path: string, signal?: AbortSignal): AsyncGenerator<Buffer> {
     const stop = signal ? AbortSignal.any([signal, this.closing.signal]) : this.closing.signal;
-    const file = await open(path, 'r');
+    let file: FileHandle | undefined;
+    // A streaming artifact's file is made just after its row (uploadArtifact): wait for it while the row says streaming.
+    while (file === undefined) {
+      try {
+        file = await open(path, 'r');
+      } catch (error) {
+        const row = (error as NodeJS.ErrnoException).code === 'ENOENT' ? this.artifactRow(run, name, 'was removed while being read: its upload failed') : undefined;
+        if (row?.state !== 'streaming' || signal?.aborted) throw error;
+        await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
+        if (signal?.aborted) return;
+      }
+    }
     try {
       let position = 0;
       while (!signal?.aborted) {
@@ -649,13 +664,22 @@ function legacyArtifactFiles(run: RunRef, name: string): string[] {
   return [join(run.taskId, `${run.runId}-${encodeURIComponent(name)}`), join(run.taskId, String(run.runId), ...name.split('/'))];
 }
 
-/** Opens (creating) a file whose directory may not exist yet: then makes it, and opens again. */
-function openFile(path: string, flags: string): number {
+function ignore(): void {}
+
+/**
+ * Creates (or empties) an artifact's file for writing. Its shard directory is made only when missing: once
+ * per shard and queue, not once per artifact.
+ */
+async function createFile(path: string): Promise<FileHandle> {
   try {
-    return openSync(path, flags);
+    try {
+      return await open(path, 'w');
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+      await mkdir(dirname(path), { recursive: true });
+      return await open(path, 'w');
+    }
   } catch (error) {
-    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
-    mkdirSync(dirname(path), { recursive: true });
-    return openSync(path, flags);
+    throw new QueueUnavailableError(`cannot create artifact file "${path}": ${errorMessage(error)}`, { cause: error });
   }
 }

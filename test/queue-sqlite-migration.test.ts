@@ -5,7 +5,11 @@
  * is migrated, and reports, lists and resolves every task as before. 3: the
  * (state, created) index goes; resolved tasks still list by state. 4: each
  * artifact's row records its file; artifacts stored by older drovers, in
- * either of their layouts, stay readable.
+ * either of their layouts, stay readable. 5: a completion leaves its task's
+ * row to the deadline sweep (no rows change). 6: one index of open runs
+ * replaces the pending and running ones; the claim made before it is still
+ * held and the pending run is claimed through it (the version 1 test runs
+ * every migration).
  */
 import t from 'tap';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -42,6 +46,7 @@ t.test('a version 1 queue is migrated: running, pending and resolved tasks keep 
   t.teardown(() => check.close());
   t.equal(check.pragma('user_version', { simple: true }), MIGRATIONS.length, 'migrated to the latest version');
   t.same(check.prepare(`SELECT id FROM tasks WHERE state = 'running'`).all(), [], "no task row says 'running' any more");
+  t.same(check.prepare(`SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'runs' AND sql IS NOT NULL`).pluck().all(), ['runs_open']);
 
   await seededTasksReadAsBefore(t, queue);
 

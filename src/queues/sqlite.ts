@@ -17,13 +17,13 @@
  * deadline has passed; `sweep()` and `cancel` sweep at once.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { accessSync, constants, createReadStream, createWriteStream, existsSync, mkdirSync, rmSync } from 'node:fs';
+import { accessSync, constants, createReadStream, existsSync, mkdirSync, rmSync } from 'node:fs';
 import { mkdir, open, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
 import { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
+import { writeArtifactFile } from './artifact-store.js';
 import { CancelWatchers, Wakers } from './wakers.js';
 import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
 import { ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
@@ -345,12 +345,10 @@ export class SqliteQueue implements Queue {
       // the event loop and outside the write lock (a file's creation is a metadata transaction, costly on
       // some filesystems). Until it exists, a reader of the streaming row reads nothing yet.
       // Our own handle, opened now: a stream left to open the file itself could re-create it after a failed
-      // upload removed it.
-      // The source may fail while the file is being made: pipeline() then reports the error it keeps.
+      // upload removed it. writeArtifactFile copies a local file nobody has read from, and streams the rest.
+      // The source may fail while the file is being made: writeArtifactFile then reports the error it keeps.
       source.on('error', ignore);
-      const sink = createWriteStream(path, { fd: await createFile(path) });
-      await pipeline(source, sink);
-      size = sink.bytesWritten;
+      size = await writeArtifactFile(path, await createFile(path), source);
     } catch (error) {
       // A half-written artifact would pass for a whole one; drop it so the caller can upload again.
       try {

@@ -12,6 +12,8 @@
  *   stream-copy       Node: fs.createReadStream(FILE) -> fs.createWriteStream(DEST)
  *   local-sqlite      drover: LocalTransport.readFile(FILE) -> SqliteQueue.uploadArtifact
  *   local-postgres    drover: LocalTransport.readFile(FILE) -> PostgresQueue.uploadArtifact (chunks in PostgreSQL)
+ *   pg-raw            raw pg: FILE read 1 MiB at a time, each piece one bytea row of a plain table, 8 rows to a
+ *                     transaction (the plain way to keep a file in PostgreSQL; the chunk store's floor)
  *   sftp-fastget      raw ssh2: sftp.fastGet(FILE, DEST) over the loopback sshd
  *   sftp-stream       raw ssh2: sftp.createReadStream(FILE) -> fs.createWriteStream(DEST)
  *   ssh-sqlite        drover: SshTransport.readFile(FILE) -> SqliteQueue.uploadArtifact
@@ -25,6 +27,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createReadStream, createWriteStream, readFileSync, statSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 
@@ -87,6 +90,38 @@ async function prepare({ kind, root, file, dest, pgUrl, pgSchema, queueDir, ssh 
           return statSync(dest).size;
         },
         close: async () => client.end(),
+      };
+    }
+    case 'pg-raw': {
+      const pg = (await import('pg')).default;
+      const client = new pg.Client({ connectionString: pgUrl });
+      await client.connect();
+      await client.query(`CREATE SCHEMA "${pgSchema}"`);
+      await client.query(`CREATE TABLE "${pgSchema}".blobs (id integer PRIMARY KEY, data bytea NOT NULL)`);
+      return {
+        run: async () => {
+          const source = await open(file, 'r');
+          let bytes = 0;
+          try {
+            for (let id = 0, more = true; more; ) {
+              await client.query('BEGIN');
+              for (let row = 0; row < 8; row++, id++) {
+                const { bytesRead, buffer } = await source.read(Buffer.allocUnsafe(1024 * 1024), 0, 1024 * 1024, null);
+                if (bytesRead === 0) {
+                  more = false;
+                  break;
+                }
+                await client.query(`INSERT INTO "${pgSchema}".blobs (id, data) VALUES ($1, $2)`, [id, buffer.subarray(0, bytesRead)]);
+                bytes += bytesRead;
+              }
+              await client.query('COMMIT');
+            }
+          } finally {
+            await source.close();
+          }
+          return bytes;
+        },
+        close: () => client.end(),
       };
     }
     case 'local-sqlite':

@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { chmodSync, createReadStream, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync, type ReadStream } from 'node:fs';
 import { join } from 'node:path';
-import { Readable } from 'node:stream';
+import { PassThrough, Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { LocalTransport } from '../src/hosts/local.js';
 import type { RunRef } from '../src/model/task.js';
@@ -140,7 +140,11 @@ t.test('a missing source file fails as the stream would, on either path, and lea
   const { queue, dir, run } = await claimed(t);
   const missing = join(scratch(t, 'task'), 'missing.bin');
   const direct = queue.uploadArtifact(run, 'A', meta('a.bin'), createReadStream(missing));
-  const wrapped = queue.uploadArtifact(run, 'A', meta('b.bin'), Readable.from(createReadStream(missing)));
+  // Behind a PassThrough, the same stream can only be streamed; its error is passed on as it is.
+  const inner = createReadStream(missing);
+  const outer = new PassThrough();
+  inner.on('error', (error) => outer.destroy(error)).pipe(outer);
+  const wrapped = queue.uploadArtifact(run, 'A', meta('b.bin'), outer);
   const [directError, wrappedError] = await Promise.all([direct.then(() => undefined, (e: Error) => e), wrapped.then(() => undefined, (e: Error) => e)]);
   t.match(directError, { code: 'ENOENT', message: `ENOENT: no such file or directory, open '${missing}'` });
   t.equal(directError?.message, wrappedError?.message);

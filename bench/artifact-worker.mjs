@@ -3,9 +3,10 @@
  * One case of the artifacts benchmark, in a process of its own so that its
  * peak RSS is its own (bench/artifacts.mjs forks it with an IPC channel).
  * It sets up (queue, claim, connection), says `ready`, waits for `go`, moves
- * the file once, and reports `{ done, seconds, bytes, rssBefore, maxRss }`:
+ * the file once, and reports `{ done, seconds, bytes, rssBefore, maxRss, cpuSeconds }`:
  * the RSS when the move started and the process's peak RSS (the kernel's
- * ru_maxrss), both in bytes.
+ * ru_maxrss), both in bytes, and the process's CPU time (user + system, all
+ * its threads) during the move (not its children's: `cat` runs in one).
  *
  * Kinds (FILE is the source, DEST a local path):
  *   cat               `cat FILE > DEST` (a raw local copy)
@@ -41,13 +42,15 @@ const move = await prepare(config);
 process.send({ ready: true });
 await new Promise((resolve) => process.once('message', resolve));
 const rssBefore = process.memoryUsage.rss();
+const cpuBefore = process.cpuUsage();
 const start = performance.now();
 let bytes;
 try {
   bytes = await move.run();
   const seconds = (performance.now() - start) / 1000;
   if (bytes !== config.size) throw new Error(`${config.kind} moved ${bytes} bytes, not ${config.size}`);
-  process.send({ done: true, seconds, bytes, rssBefore, maxRss: process.resourceUsage().maxRSS * 1024 });
+  const cpu = process.cpuUsage(cpuBefore);
+  process.send({ done: true, seconds, bytes, rssBefore, maxRss: process.resourceUsage().maxRSS * 1024, cpuSeconds: (cpu.user + cpu.system) / 1e6 });
 } finally {
   await move.close();
 }

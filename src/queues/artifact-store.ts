@@ -13,9 +13,8 @@
  * any number of `read`s (also while `write` is under way: live logs), and
  * `remove` when an upload failed half-way.
  */
-import { once } from 'node:events';
-import { closeSync, constants, createWriteStream, existsSync, mkdirSync, openSync, ReadStream } from 'node:fs';
-import { access, copyFile, open, readlink, rm, stat, type FileHandle } from 'node:fs/promises';
+import { closeSync, createWriteStream, mkdirSync, openSync } from 'node:fs';
+import { open, rm, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -101,9 +100,6 @@ export class DirectoryArtifactStore implements ArtifactStore {
 
 /** Chunk size of the streamed writes: fewer, larger writes (writev) than a 64 KiB stream default. */
 const WRITE_CHUNK = 1024 * 1024;
-/** Where an open file can be opened again by path (Linux): the fast path copies the very file the source opened. */
-const PROC_FD = '/proc/self/fd';
-const procFd = existsSync(PROC_FD);
 
 /**
  * Stores everything `source` gives in the artifact file at `path`, through
@@ -113,80 +109,19 @@ const procFd = existsSync(PROC_FD);
  * `file`. Rejects with the source's error, or the destination's; the caller
  * removes the file.
  *
- * Fast path: when `source` is an fs.ReadStream over a whole regular file
- * that nothing has read from yet (what LocalTransport.readFile returns), the
- * kernel copies the file it opened (fs.copyFile: a reflink where the
- * filesystem has them, else copy_file_range), and the stream is closed
- * unread. A stream copy moves every byte through JavaScript at a fraction of
- * that speed (bench/ANALYSIS.md, Artifacts). Anything else (a live log, an
- * SSH read, a file already read from, a range of one) is streamed. The file
- * ends with the same bytes either way, with the mode it was made with.
- *
- * Limitation of the fast path (libuv 1.46, Node 20): copyFile copies the
- * size the source had when the copy began, and if the source is truncated
- * below it during the copy, the copy never ends and keeps a libuv thread at
- * 100% CPU. A task's artifacts are uploaded after its main process exited,
- * but processes it left in the background are killed only at cleanup
- * (ProcessSandbox.dispose), after the uploads: one that truncates a file in
- * the moment it is copied hangs that upload. Streaming has no such case.
+ * Every source is streamed, a local file too. The kernel's copy
+ * (fs.copyFile: copy_file_range) is several times faster for a whole local
+ * file, but in Node 20's libuv it copies the size the source had when it
+ * began and never returns if the source shrinks meanwhile, with a thread at
+ * 100% CPU; a process a task left in the background (they live until
+ * cleanup, after the uploads) can truncate a file at that moment. A worker
+ * that can hang on what a task does is worse than a slower copy
+ * (bench/ANALYSIS.md, Artifacts).
  */
 export async function writeArtifactFile(path: string, file: FileHandle, source: Readable): Promise<number> {
-  holdSourceErrors(source);
-  let streaming = false;
-  try {
-    const fd = await unreadLocalFile(source);
-    if (fd !== undefined) return await copyLocalFile(source, fd, path, file);
-    streaming = true; // the stream closes `file`
-    const sink = createWriteStream(path, { fd: file, highWaterMark: WRITE_CHUNK });
-    await pipeline(source, sink);
-    return sink.bytesWritten;
-  } catch (error) {
-    source.destroy(); // a source that was not consumed still holds its file open
-    throw error;
-  } finally {
-    if (!streaming) await file.close().catch(() => undefined);
-  }
-}
-
-/** The file descriptor of `source` when the fast path may copy its file (see writeArtifactFile); undefined when it must be streamed. */
-async function unreadLocalFile(source: Readable): Promise<number | undefined> {
-  if (!procFd || !(source instanceof ReadStream)) return undefined;
-  const untouched = !source.destroyed && !source.readableDidRead && source.readableLength === 0 && source.readableFlowing !== true
-    && source.listenerCount('data') === 0 && source.listenerCount('readable') === 0;
-  // fs.ReadStream keeps its range as `start` (undefined: from the current position, 0 for an unread fd) and `end`.
-  const range = source as unknown as { start?: number; end?: number };
-  if (!untouched || (range.start ?? 0) !== 0 || range.end !== Infinity) return undefined;
-  // A stream given a path opens it now: a missing file rejects here, with the stream's own error.
-  if (source.pending) await once(source, 'ready');
-  const fd = (source as unknown as { fd?: unknown }).fd;
-  if (typeof fd !== 'number') return undefined;
-  const from = join(PROC_FD, String(fd));
-  try {
-    if (!(await stat(from)).isFile()) return undefined; // a FIFO or device has no size to copy
-    await access(from, constants.R_OK); // opened when it was readable; copyFile opens it again
-  } catch {
-    return undefined;
-  }
-  return fd;
-}
-
-async function copyLocalFile(source: Readable, fd: number, path: string, file: FileHandle): Promise<number> {
-  const from = join(PROC_FD, String(fd));
-  const { mode } = await file.stat();
-  try {
-    await copyFile(from, path, constants.COPYFILE_FICLONE);
-  } catch (error) {
-    const name = source instanceof ReadStream && typeof source.path === 'string' ? source.path : await readlink(from).catch(() => from);
-    throw Object.assign(new Error(`cannot copy "${name}" to "${path}": ${errorMessage(error)}`, { cause: error }), {
-      code: (error as NodeJS.ErrnoException).code,
-    });
-  }
-  const copied = await file.stat(); // the same file: copyFile empties and fills it, it does not replace it
-  // copyFile gives the copy its source's mode; the artifact keeps the one it was made with.
-  if (copied.mode !== mode) await file.chmod(mode & 0o7777);
-  if (source.destroyed) throw source.errored ?? new Error(`the source of "${path}" was closed while it was being copied`);
-  source.destroy();
-  return copied.size;
+  const sink = createWriteStream(path, { fd: file, highWaterMark: WRITE_CHUNK }); // it closes `file`
+  await pipeline(source, sink); // on a failure it destroys both, so a source's file is closed too
+  return sink.bytesWritten;
 }
 
 /**

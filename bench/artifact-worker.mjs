@@ -3,15 +3,18 @@
  * One case of the artifacts benchmark, in a process of its own so that its
  * peak RSS is its own (bench/artifacts.mjs forks it with an IPC channel).
  * It sets up (queue, claim, connection), says `ready`, waits for `go`, moves
- * the file once, and reports `{ done, seconds, bytes, rssBefore, maxRss }`:
+ * the file once, and reports `{ done, seconds, bytes, rssBefore, maxRss, cpuSeconds }`:
  * the RSS when the move started and the process's peak RSS (the kernel's
- * ru_maxrss), both in bytes.
+ * ru_maxrss), both in bytes, and the process's CPU time (user + system, all
+ * its threads) during the move (not its children's: `cat` runs in one).
  *
  * Kinds (FILE is the source, DEST a local path):
  *   cat               `cat FILE > DEST` (a raw local copy)
  *   stream-copy       Node: fs.createReadStream(FILE) -> fs.createWriteStream(DEST)
  *   local-sqlite      drover: LocalTransport.readFile(FILE) -> SqliteQueue.uploadArtifact
  *   local-postgres    drover: LocalTransport.readFile(FILE) -> PostgresQueue.uploadArtifact (chunks in PostgreSQL)
+ *   pg-raw            raw pg: FILE read 1 MiB at a time, each piece one bytea row of a plain table, 8 rows to a
+ *                     transaction (the plain way to keep a file in PostgreSQL; the chunk store's floor)
  *   sftp-fastget      raw ssh2: sftp.fastGet(FILE, DEST) over the loopback sshd
  *   sftp-stream       raw ssh2: sftp.createReadStream(FILE) -> fs.createWriteStream(DEST)
  *   ssh-sqlite        drover: SshTransport.readFile(FILE) -> SqliteQueue.uploadArtifact
@@ -25,6 +28,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createReadStream, createWriteStream, readFileSync, statSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 
@@ -38,13 +42,15 @@ const move = await prepare(config);
 process.send({ ready: true });
 await new Promise((resolve) => process.once('message', resolve));
 const rssBefore = process.memoryUsage.rss();
+const cpuBefore = process.cpuUsage();
 const start = performance.now();
 let bytes;
 try {
   bytes = await move.run();
   const seconds = (performance.now() - start) / 1000;
   if (bytes !== config.size) throw new Error(`${config.kind} moved ${bytes} bytes, not ${config.size}`);
-  process.send({ done: true, seconds, bytes, rssBefore, maxRss: process.resourceUsage().maxRSS * 1024 });
+  const cpu = process.cpuUsage(cpuBefore);
+  process.send({ done: true, seconds, bytes, rssBefore, maxRss: process.resourceUsage().maxRSS * 1024, cpuSeconds: (cpu.user + cpu.system) / 1e6 });
 } finally {
   await move.close();
 }
@@ -87,6 +93,38 @@ async function prepare({ kind, root, file, dest, pgUrl, pgSchema, queueDir, ssh 
           return statSync(dest).size;
         },
         close: async () => client.end(),
+      };
+    }
+    case 'pg-raw': {
+      const pg = (await import('pg')).default;
+      const client = new pg.Client({ connectionString: pgUrl });
+      await client.connect();
+      await client.query(`CREATE SCHEMA "${pgSchema}"`);
+      await client.query(`CREATE TABLE "${pgSchema}".blobs (id integer PRIMARY KEY, data bytea NOT NULL)`);
+      return {
+        run: async () => {
+          const source = await open(file, 'r');
+          let bytes = 0;
+          try {
+            for (let id = 0, more = true; more; ) {
+              await client.query('BEGIN');
+              for (let row = 0; row < 8; row++, id++) {
+                const { bytesRead, buffer } = await source.read(Buffer.allocUnsafe(1024 * 1024), 0, 1024 * 1024, null);
+                if (bytesRead === 0) {
+                  more = false;
+                  break;
+                }
+                await client.query(`INSERT INTO "${pgSchema}".blobs (id, data) VALUES ($1, $2)`, [id, buffer.subarray(0, bytesRead)]);
+                bytes += bytesRead;
+              }
+              await client.query('COMMIT');
+            }
+          } finally {
+            await source.close();
+          }
+          return bytes;
+        },
+        close: () => client.end(),
       };
     }
     case 'local-sqlite':

@@ -5,9 +5,12 @@
  * a transaction lost with its connection is replayed on a new one.
  */
 import { createHash } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import t from 'tap';
+import { LocalTransport } from '../src/hosts/local.js';
 import type { Claim } from '../src/model/task.js';
 import type { PostgresQueue } from '../src/queues/postgres.js';
 import { freshSchema, openQueue, sql } from './helpers/postgres.js';
@@ -59,6 +62,38 @@ t.test('a live log is visible as soon as it waits, and holds no transaction open
   t.same(await openTransactions(schema), [], 'the waiting upload holds no transaction open');
   source.end('last line\n');
   t.match(await upload, { state: 'complete', size: expected.length + 10 });
+});
+
+t.test('a file read a row at a time is stored several rows to a transaction', async (t) => {
+  // Regression: with a source that gives whole rows (LocalTransport.readFile reads 1 MiB at a time), the writer
+  // saw nothing waiting after each insert and committed every row alone: a WAL flush per MiB.
+  const schema = freshSchema(t);
+  const queue = await openQueue(t, { schema });
+  const run = await claimed(queue);
+  const file = join(t.testdir(), 'big.bin');
+  const content = Buffer.concat(Array.from({ length: 16 }, (_, i) => piece(i, MiB)));
+  writeFileSync(file, content);
+  const transport = new LocalTransport();
+  t.teardown(() => transport.close());
+  t.match(await queue.uploadArtifact(run, 'A', meta('public/big.bin'), await transport.readFile(file)), { size: content.length });
+  t.ok((await bytes(await queue.readArtifact(run, 'public/big.bin'))).equals(content), 'stored whole');
+  // Rows inserted by one transaction share its id (xmin).
+  const [counts] = await sql<{ rows: number; transactions: number }>(
+    `SELECT count(*)::int AS rows, count(DISTINCT xmin::text)::int AS transactions FROM "${schema}".artifact_chunks`,
+  );
+  t.equal(counts!.rows, 16, 'a row per MiB');
+  t.ok(counts!.transactions <= 8, `several rows to a transaction (${counts!.transactions} transactions for 16 rows)`);
+});
+
+t.test('small pieces that come together make one row, not a row each', async (t) => {
+  const schema = freshSchema(t);
+  const queue = await openQueue(t, { schema });
+  const run = await claimed(queue);
+  const pieces = Array.from({ length: 256 }, (_, i) => piece(i, 4096));
+  t.match(await queue.uploadArtifact(run, 'A', meta('public/logs/live.log'), Readable.from(pieces, { objectMode: false })), { size: MiB });
+  t.ok((await bytes(await queue.readArtifact(run, 'public/logs/live.log'))).equals(Buffer.concat(pieces)));
+  const [counts] = await sql<{ rows: number }>(`SELECT count(*)::int AS rows FROM "${schema}".artifact_chunks`);
+  t.ok(counts!.rows <= 4, `256 pieces of 4 KiB in ${counts!.rows} rows`);
 });
 
 t.test('a failed upload leaves nothing: neither its committed chunks nor its open transaction', async (t) => {

@@ -14,7 +14,7 @@
  * `remove` when an upload failed half-way.
  */
 import { closeSync, createWriteStream, mkdirSync, openSync } from 'node:fs';
-import { open, rm } from 'node:fs/promises';
+import { open, rm, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -68,10 +68,8 @@ export class DirectoryArtifactStore implements ArtifactStore {
   }
 
   async write(key: ArtifactKey, source: Readable): Promise<number> {
-    // Our own fd on the file `create` made: a stream left to open it could re-create a file a failed upload removed.
-    const sink = createWriteStream(this.path(key), { fd: openSync(this.path(key), 'r+') });
-    await pipeline(source, sink);
-    return sink.bytesWritten;
+    // Our own handle on the file `create` made: a stream left to open it could re-create a file a failed upload removed.
+    return writeArtifactFile(this.path(key), await open(this.path(key), 'r+'), source);
   }
 
   async *read(key: ArtifactKey, position: number): AsyncIterable<Buffer> {
@@ -98,6 +96,32 @@ export class DirectoryArtifactStore implements ArtifactStore {
   private path(key: ArtifactKey): string {
     return join(this.dir, key.taskId, String(key.runId), ...key.name.split('/'));
   }
+}
+
+/** Chunk size of the streamed writes: fewer, larger writes (writev) than a 64 KiB stream default. */
+const WRITE_CHUNK = 1024 * 1024;
+
+/**
+ * Stores everything `source` gives in the artifact file at `path`, through
+ * `file`, the caller's handle on it (opened for writing when the caller made
+ * the file: its own, so that a file a failed upload removed is never made
+ * again by a stream opening it), and resolves with the file's size. Closes
+ * `file`. Rejects with the source's error, or the destination's; the caller
+ * removes the file.
+ *
+ * Every source is streamed, a local file too. The kernel's copy
+ * (fs.copyFile: copy_file_range) is several times faster for a whole local
+ * file, but in Node 20's libuv it copies the size the source had when it
+ * began and never returns if the source shrinks meanwhile, with a thread at
+ * 100% CPU; a process a task left in the background (they live until
+ * cleanup, after the uploads) can truncate a file at that moment. A worker
+ * that can hang on what a task does is worse than a slower copy
+ * (bench/ANALYSIS.md, Artifacts).
+ */
+export async function writeArtifactFile(path: string, file: FileHandle, source: Readable): Promise<number> {
+  const sink = createWriteStream(path, { fd: file, highWaterMark: WRITE_CHUNK }); // it closes `file`
+  await pipeline(source, sink); // on a failure it destroys both, so a source's file is closed too
+  return sink.bytesWritten;
 }
 
 /**

@@ -61,17 +61,31 @@ export class PostgresArtifactStore implements ArtifactStore {
   async write(key: ArtifactKey, source: Readable): Promise<number> {
     const batch = new ChunkBatch(this.pool, key, (fn) => this.retrying(fn));
     let offset = 0;
+    let writing = false;
+    const commitIfIdle = (): void => {
+      if (!writing && !sink.destroyed) batch.commit().catch((error: Error) => sink.destroy(error));
+    };
     const sink = new Writable({
       highWaterMark: CHUNK_BYTES,
       writev: (entries, done) => {
+        writing = true;
         const data = entries.length === 1 ? (entries[0]!.chunk as Buffer) : Buffer.concat(entries.map((entry) => entry.chunk as Buffer));
         (async () => {
           for (let at = 0; at < data.length; at += CHUNK_BYTES) await batch.add({ offset: offset + at, data: data.subarray(at, at + CHUNK_BYTES) });
           offset += data.length;
-          // Commit unless more is already waiting (the buffer holds more than what this call was given), and the
-          // transaction is still small, young, and nobody waits for a connection.
-          if (sink.writableLength <= data.length || batch.bytes >= BATCH_BYTES || batch.age >= BATCH_MS || this.pool.waitingCount > 0) await batch.commit();
-        })().then(() => done(), done);
+          if (batch.bytes >= BATCH_BYTES || batch.age >= BATCH_MS || this.pool.waitingCount > 0) await batch.commit();
+        })().then(() => {
+          writing = false;
+          done(); // starts the next write at once when more is buffered
+          // Whether the source has more is known once it had a moment to give it: a source paused by this
+          // buffer (a file read a row at a time fills it) resumes on the 'drain' that done() emits. If no write
+          // started by then, the source is waiting (a live log between lines): commit, so what it wrote is
+          // visible now and no transaction stays open. (Deciding before done() committed every such row alone.)
+          setImmediate(commitIfIdle);
+        }, (error: Error) => {
+          writing = false;
+          done(error);
+        });
       },
       final: (done) => void batch.commit().then(() => done(), done),
       destroy: (error, done) => void batch.abandon().then(() => done(error), () => done(error)),

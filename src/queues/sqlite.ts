@@ -17,13 +17,13 @@
  * deadline has passed; `sweep()` and `cancel` sweep at once.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { accessSync, constants, createReadStream, createWriteStream, existsSync, mkdirSync, rmSync } from 'node:fs';
+import { accessSync, constants, createReadStream, existsSync, mkdirSync, rmSync } from 'node:fs';
 import { mkdir, open, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
 import { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
+import { holdSourceErrors, writeArtifactFile } from './artifact-store.js';
 import { CancelWatchers, Wakers } from './wakers.js';
 import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
 import { ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
@@ -321,6 +321,7 @@ export class SqliteQueue implements Queue {
   }
 
   async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
+    holdSourceErrors(source);
     const problem = artifactNameProblem(meta.name);
     if (problem) throw new TaskStateError(`artifact name ${JSON.stringify(meta.name)} ${problem}`);
     const file = artifactFile(run, meta.name);
@@ -346,11 +347,7 @@ export class SqliteQueue implements Queue {
       // some filesystems). Until it exists, a reader of the streaming row reads nothing yet.
       // Our own handle, opened now: a stream left to open the file itself could re-create it after a failed
       // upload removed it.
-      // The source may fail while the file is being made: pipeline() then reports the error it keeps.
-      source.on('error', ignore);
-      const sink = createWriteStream(path, { fd: await createFile(path) });
-      await pipeline(source, sink);
-      size = sink.bytesWritten;
+      size = await writeArtifactFile(path, await createFile(path), source);
     } catch (error) {
       // A half-written artifact would pass for a whole one; drop it so the caller can upload again.
       try {
@@ -360,8 +357,6 @@ export class SqliteQueue implements Queue {
         // the source's error says more than a failed clean-up would
       }
       throw error;
-    } finally {
-      source.off('error', ignore);
     }
     this.write(() => this.s.completeArtifact.run(size, ...key));
     return artifactInfo(this.artifactRow(run, meta.name));
@@ -675,8 +670,6 @@ export function artifactFile(run: RunRef, name: string): string {
 function legacyArtifactFiles(run: RunRef, name: string): string[] {
   return [join(run.taskId, `${run.runId}-${encodeURIComponent(name)}`), join(run.taskId, String(run.runId), ...name.split('/'))];
 }
-
-function ignore(): void {}
 
 /**
  * Creates (or empties) an artifact's file for writing. Its shard directory is made only when missing: once

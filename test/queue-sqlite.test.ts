@@ -270,6 +270,50 @@ t.test('one sweep writes at most SWEEP_BATCH completed rows, so it holds the wri
   t.equal((await queue.listTasks({ state: 'completed', limit: count })).length, count);
 });
 
+t.test('a full batch of completed rows to write down does not change how a passed deadline ends a task', async (t) => {
+  // SWEEP_BATCH completed tasks whose deadline passed first: a sweep's batch holds them all, and the task
+  // under test (a later deadline, also passed) is left for the next sweep.
+  const behindBacklog = async (t: Test) => {
+    const fixture = setup(t);
+    for (let i = 0; i < SWEEP_BATCH; i++) await fixture.submit({ deadline: START + 1_000 });
+    for (let claims; (claims = await fixture.queue.claimWork({ workerId: 'A', count: 100, waitMs: 0 })).length > 0;) {
+      for (const claim of claims) await fixture.queue.resolve(claim, 'A', { state: 'completed' });
+    }
+    return fixture;
+  };
+
+  t.test('a report refused after the deadline says deadline-exceeded, and the task is ended so', async (t) => {
+    const { queue, submit, advance } = await behindBacklog(t);
+    const id = await submit({ deadline: START + 2_000, retries: 1 });
+    const [claim] = await queue.claimWork({ workerId: 'B', count: 1, waitMs: 0 });
+    advance(3_000); // the deadline has passed; the claim holds for 27 s more
+    await t.rejects(queue.resolve(claim!, 'B', { state: 'completed' }), { name: 'ClaimLostError', reason: 'deadline-exceeded' });
+    const status = await queue.task(id);
+    t.match(status, { state: 'exception', runs: [{ state: 'exception', reasonResolved: 'deadline-exceeded' }] });
+    t.equal(status.runs.length, 1, 'no retry after a deadline');
+  });
+
+  t.test('a claim that expired after the deadline is not retried: the deadline wins', async (t) => {
+    const { queue, submit, advance } = await behindBacklog(t);
+    const id = await submit({ deadline: START + 2_000, retries: 1 });
+    await queue.claimWork({ workerId: 'B', count: 1, waitMs: 0 });
+    advance(TIMEOUT + 3_000);
+    await queue.sweep();
+    await queue.sweep();
+    const status = await queue.task(id);
+    t.match(status, { state: 'exception', retriesLeft: 1, runs: [{ state: 'exception', reasonResolved: 'deadline-exceeded' }] });
+    t.equal(status.runs.length, 1, 'no retry after a deadline');
+  });
+
+  t.test('cancel after the deadline finds the task ended by it', async (t) => {
+    const { queue, submit, advance } = await behindBacklog(t);
+    const id = await submit({ deadline: START + 2_000 });
+    advance(3_000);
+    await t.rejects(queue.cancel(id), { name: 'TaskStateError', message: /already resolved exception\/deadline-exceeded/ });
+    t.match(await queue.task(id), { state: 'exception', runs: [{ reasonResolved: 'deadline-exceeded' }] });
+  });
+});
+
 t.test('cancel', async (t) => {
   t.test('a pending task', async (t) => {
     const { queue, submit } = setup(t);

@@ -1,6 +1,8 @@
 import t, { type Test } from 'tap';
 import { fork } from 'node:child_process';
 import { existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import fsPromises from 'node:fs/promises';
+import { syncBuiltinESMExports } from 'node:module';
 import { join } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -447,6 +449,52 @@ t.test('artifacts', async (t) => {
     source.end();
     await uploading;
     t.equal(await following, 'made', 'the follower opened the file once it was made');
+  });
+
+  t.test('a follower that found no file yet reads the artifact its upload completed meanwhile', async (t) => {
+    const { queue, run } = await claimed(t);
+    const path = queue.artifactPath(run, 'live.log');
+    // The race, held still: the follower's open finds no file; before it looks at the row again, the upload makes
+    // its file, writes it and completes (another process can do all that in between).
+    const realOpen = fsPromises.open;
+    t.teardown(() => {
+      fsPromises.open = realOpen;
+      syncBuiltinESMExports();
+    });
+    let followerLooked!: () => void;
+    const looked = new Promise<void>((resolve) => (followerLooked = resolve));
+    let uploading: Promise<unknown> | undefined;
+    const source = new PassThrough();
+    fsPromises.open = (async (file: string, flags: string, ...rest: []) => {
+      if (file === path && flags === 'w') await looked;
+      if (file !== path || flags !== 'r' || uploading === undefined) return realOpen(file, flags, ...rest);
+      try {
+        return await realOpen(file, flags, ...rest);
+      } catch (error) {
+        followerLooked();
+        source.end('done');
+        await uploading;
+        uploading = undefined;
+        throw error;
+      }
+    }) as typeof fsPromises.open;
+    syncBuiltinESMExports();
+    uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+    t.equal(await text(await queue.readArtifact(run, 'live.log', { follow: true })), 'done');
+    t.match(await queue.listArtifacts(run), [{ name: 'live.log', state: 'complete', size: 4 }]);
+  });
+
+  t.test('a follower whose signal has aborted before the file was made ends, with nothing read', async (t) => {
+    const { queue, run } = await claimed(t);
+    const source = new PassThrough();
+    const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+    // The state just after the call, held still: the row, and no file yet.
+    const path = queue.artifactPath(run, 'live.log');
+    for (let i = 0; i < 200 && !existsSync(path); i++) await sleep(5);
+    rmSync(path);
+    t.equal(await text(await queue.readArtifact(run, 'live.log', { follow: true, signal: AbortSignal.abort() })), '');
+    source.end();
+    await uploading;
   });
 
   t.test('a failed source leaves no artifact behind', async (t) => {

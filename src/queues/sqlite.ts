@@ -560,10 +560,11 @@ export class SqliteQueue implements Queue {
       try {
         file = await open(path, 'r');
       } catch (error) {
-        const row = (error as NodeJS.ErrnoException).code === 'ENOENT' ? this.artifactRow(run, name, 'was removed while being read: its upload failed') : undefined;
-        if (row?.state !== 'streaming' || signal?.aborted) throw error;
-        await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
+        if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
         if (signal?.aborted) return;
+        // A row says complete only once its file is there: then the upload finished after that open, so open again.
+        if (this.artifactRow(run, name, 'was removed while being read: its upload failed').state !== 'streaming') file = await open(path, 'r');
+        else await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
       }
     }
     try {

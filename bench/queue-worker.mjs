@@ -69,14 +69,16 @@ async function open({ kind, root, dir, url, schema, workerId }) {
       db.pragma('synchronous = NORMAL');
       const oldest = db.prepare(`SELECT id FROM t WHERE state = 'pending' ORDER BY id LIMIT 1`).pluck();
       const mark = db.prepare(`UPDATE t SET state = ? WHERE id = ?`);
-      const claim = db.transaction(() => {
+      const takeOldest = () => {
         const id = oldest.get();
         if (id !== undefined) mark.run('running', id);
         return id;
-      });
+      };
+      const claim = db.transaction(takeOldest);
       if (kind === 'onetx-sqlite') {
+        // takeOldest itself, not the claim transaction: nested in this one, that would add a SAVEPOINT and its RELEASE.
         const claimAndResolve = db.transaction(() => {
-          const id = claim();
+          const id = takeOldest();
           if (id === undefined) return false;
           mark.run('done', id);
           return true;

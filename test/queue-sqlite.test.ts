@@ -1,6 +1,8 @@
 import t, { type Test } from 'tap';
 import { fork } from 'node:child_process';
 import { existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import fsPromises from 'node:fs/promises';
+import { syncBuiltinESMExports } from 'node:module';
 import { join } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -270,6 +272,50 @@ t.test('one sweep writes at most SWEEP_BATCH completed rows, so it holds the wri
   t.equal((await queue.listTasks({ state: 'completed', limit: count })).length, count);
 });
 
+t.test('a full batch of completed rows to write down does not change how a passed deadline ends a task', async (t) => {
+  // SWEEP_BATCH completed tasks whose deadline passed first: a sweep's batch holds them all, and the task
+  // under test (a later deadline, also passed) is left for the next sweep.
+  const behindBacklog = async (t: Test) => {
+    const fixture = setup(t);
+    for (let i = 0; i < SWEEP_BATCH; i++) await fixture.submit({ deadline: START + 1_000 });
+    for (let claims; (claims = await fixture.queue.claimWork({ workerId: 'A', count: 100, waitMs: 0 })).length > 0;) {
+      for (const claim of claims) await fixture.queue.resolve(claim, 'A', { state: 'completed' });
+    }
+    return fixture;
+  };
+
+  t.test('a report refused after the deadline says deadline-exceeded, and the task is ended so', async (t) => {
+    const { queue, submit, advance } = await behindBacklog(t);
+    const id = await submit({ deadline: START + 2_000, retries: 1 });
+    const [claim] = await queue.claimWork({ workerId: 'B', count: 1, waitMs: 0 });
+    advance(3_000); // the deadline has passed; the claim holds for 27 s more
+    await t.rejects(queue.resolve(claim!, 'B', { state: 'completed' }), { name: 'ClaimLostError', reason: 'deadline-exceeded' });
+    const status = await queue.task(id);
+    t.match(status, { state: 'exception', runs: [{ state: 'exception', reasonResolved: 'deadline-exceeded' }] });
+    t.equal(status.runs.length, 1, 'no retry after a deadline');
+  });
+
+  t.test('a claim that expired after the deadline is not retried: the deadline wins', async (t) => {
+    const { queue, submit, advance } = await behindBacklog(t);
+    const id = await submit({ deadline: START + 2_000, retries: 1 });
+    await queue.claimWork({ workerId: 'B', count: 1, waitMs: 0 });
+    advance(TIMEOUT + 3_000);
+    await queue.sweep();
+    await queue.sweep();
+    const status = await queue.task(id);
+    t.match(status, { state: 'exception', retriesLeft: 1, runs: [{ state: 'exception', reasonResolved: 'deadline-exceeded' }] });
+    t.equal(status.runs.length, 1, 'no retry after a deadline');
+  });
+
+  t.test('cancel after the deadline finds the task ended by it', async (t) => {
+    const { queue, submit, advance } = await behindBacklog(t);
+    const id = await submit({ deadline: START + 2_000 });
+    advance(3_000);
+    await t.rejects(queue.cancel(id), { name: 'TaskStateError', message: /already resolved exception\/deadline-exceeded/ });
+    t.match(await queue.task(id), { state: 'exception', runs: [{ reasonResolved: 'deadline-exceeded' }] });
+  });
+});
+
 t.test('cancel', async (t) => {
   t.test('a pending task', async (t) => {
     const { queue, submit } = setup(t);
@@ -403,6 +449,52 @@ t.test('artifacts', async (t) => {
     source.end();
     await uploading;
     t.equal(await following, 'made', 'the follower opened the file once it was made');
+  });
+
+  t.test('a follower that found no file yet reads the artifact its upload completed meanwhile', async (t) => {
+    const { queue, run } = await claimed(t);
+    const path = queue.artifactPath(run, 'live.log');
+    // The race, held still: the follower's open finds no file; before it looks at the row again, the upload makes
+    // its file, writes it and completes (another process can do all that in between).
+    const realOpen = fsPromises.open;
+    t.teardown(() => {
+      fsPromises.open = realOpen;
+      syncBuiltinESMExports();
+    });
+    let followerLooked!: () => void;
+    const looked = new Promise<void>((resolve) => (followerLooked = resolve));
+    let uploading: Promise<unknown> | undefined;
+    const source = new PassThrough();
+    fsPromises.open = (async (file: string, flags: string, ...rest: []) => {
+      if (file === path && flags === 'w') await looked;
+      if (file !== path || flags !== 'r' || uploading === undefined) return realOpen(file, flags, ...rest);
+      try {
+        return await realOpen(file, flags, ...rest);
+      } catch (error) {
+        followerLooked();
+        source.end('done');
+        await uploading;
+        uploading = undefined;
+        throw error;
+      }
+    }) as typeof fsPromises.open;
+    syncBuiltinESMExports();
+    uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+    t.equal(await text(await queue.readArtifact(run, 'live.log', { follow: true })), 'done');
+    t.match(await queue.listArtifacts(run), [{ name: 'live.log', state: 'complete', size: 4 }]);
+  });
+
+  t.test('a follower whose signal has aborted before the file was made ends, with nothing read', async (t) => {
+    const { queue, run } = await claimed(t);
+    const source = new PassThrough();
+    const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+    // The state just after the call, held still: the row, and no file yet.
+    const path = queue.artifactPath(run, 'live.log');
+    for (let i = 0; i < 200 && !existsSync(path); i++) await sleep(5);
+    rmSync(path);
+    t.equal(await text(await queue.readArtifact(run, 'live.log', { follow: true, signal: AbortSignal.abort() })), '');
+    source.end();
+    await uploading;
   });
 
   t.test('a failed source leaves no artifact behind', async (t) => {

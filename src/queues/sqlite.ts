@@ -132,6 +132,10 @@ const RUN_OPEN = `state IN ('pending', 'running')`;
 /** A report's condition: the worker holds the run's claim, and neither the claim nor the task's deadline has passed. */
 const HELD = `state = 'running' AND worker_id = @workerId AND taken_until > @now
               AND (SELECT deadline FROM tasks WHERE id = @taskId) > @now`;
+/** Tasks whose row is not final and whose deadline passed, with their last run (overdueTasks). */
+const OVERDUE = `SELECT t.id AS taskId, t.deadline, r.run_id AS runId, r.state
+                 FROM tasks t JOIN runs r ON r.task_id = t.id AND r.run_id = (SELECT max(run_id) FROM runs WHERE task_id = t.id)
+                 WHERE t.${TASK_OPEN} AND t.deadline <= @now`;
 const SQL = {
   insertTask: `INSERT INTO tasks (id, payload, state, created, deadline, retries_left) VALUES (?, ?, 'pending', ?, ?, ?)`,
   insertRun: `INSERT INTO runs (task_id, run_id, state, reason_created, scheduled) VALUES (?, ?, 'pending', ?, ?)`,
@@ -153,10 +157,12 @@ const SQL = {
                 WHERE task_id = @taskId AND run_id = @runId AND ${OPEN}`,
   // Tasks whose row is not final and whose deadline passed, with their last run: an open one is overdue,
   // a completed one is only now written down.
-  overdueTasks: `SELECT t.id AS taskId, t.deadline, r.run_id AS runId, r.state
-                 FROM tasks t JOIN runs r ON r.task_id = t.id AND r.run_id = (SELECT max(run_id) FROM runs WHERE task_id = t.id)
-                 WHERE t.${TASK_OPEN} AND t.deadline <= ? LIMIT ${SWEEP_BATCH}`,
-  expiredClaims: `SELECT task_id AS taskId, run_id AS runId, worker_id, taken_until FROM runs WHERE state = 'running' AND ${RUN_OPEN} AND taken_until <= ?`,
+  overdueTasks: `${OVERDUE} LIMIT ${SWEEP_BATCH}`,
+  // One of them, whether or not a batch would hold it: the task a report or a cancel is about.
+  overdueTask: `${OVERDUE} AND t.id = @taskId`,
+  // A claim that expired after its task's deadline is left to the deadline sweep: the deadline wins.
+  expiredClaims: `SELECT task_id AS taskId, run_id AS runId, worker_id, taken_until FROM runs
+                  WHERE state = 'running' AND ${RUN_OPEN} AND taken_until <= @now AND (SELECT deadline FROM tasks WHERE id = runs.task_id) > @now`,
   task: `SELECT * FROM tasks WHERE id = ?`,
   tasks: `SELECT * FROM tasks ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksCompleted: `SELECT * FROM tasks t WHERE t.state = 'completed' OR (t.${TASK_OPEN} AND ${LAST_RUN_STATE} = 'completed')
@@ -182,6 +188,8 @@ const SQL = {
 } as const;
 
 interface TaskRow { id: string; payload: string; state: TaskState; created: number; deadline: number; retries_left: number }
+/** A task of OVERDUE, with its last run. */
+interface OverdueRow { taskId: string; runId: number; deadline: number; state: TaskState }
 
 export class SqliteQueue implements Queue {
   static open(options: SqliteQueueOptions): SqliteQueue {
@@ -299,7 +307,7 @@ export class SqliteQueue implements Queue {
 
   async cancel(taskId: TaskId): Promise<void> {
     const refusal = this.write(() => {
-      const now = this.sweepNow();
+      const now = this.sweepNow(taskId);
       const task = this.s.task.get(taskId) as TaskRow | undefined;
       if (!task) return new TaskStateError(`cannot cancel task ${taskId}: there is no such task`);
       const current = this.s.currentRun.get(taskId) as RunRow;
@@ -441,21 +449,36 @@ export class SqliteQueue implements Queue {
     return claims;
   }
 
-  private sweepNow(): number {
+  private sweepNow(taskId: TaskId): number {
     const now = this.now();
-    this.sweepAt(now);
+    this.sweepAt(now, taskId);
     return now;
   }
 
   /**
    * Resolves runs the clock has overtaken. Deadlines go first: a run past its
    * task's deadline ends `deadline-exceeded`, not `claim-expired` plus a retry
-   * that could never run. Call inside a write transaction.
+   * that could never run. Passed deadlines are taken SWEEP_BATCH at a time,
+   * and `taskId`'s first, whatever the batch holds: a report or a cancel on
+   * it is answered as if every sweep had run. Call inside a write transaction.
    */
-  private sweepAt(now: number): number {
+  private sweepAt(now: number, taskId?: TaskId): number {
     this.nextSweep = now + this.pollIntervalMs;
+    // The task's own first: the batch, read after it, then no longer holds it.
+    let ended = taskId === undefined ? 0 : this.endOverdue(this.s.overdueTask.all({ now, taskId }) as OverdueRow[], now);
+    ended += this.endOverdue(this.s.overdueTasks.all({ now }) as OverdueRow[], now);
+    const expired = this.s.expiredClaims.all({ now }) as { taskId: string; runId: number; worker_id: string; taken_until: number }[];
+    for (const run of expired) {
+      const message = `claim expired at ${iso(run.taken_until)}: worker ${run.worker_id} did not reclaim the run in time`;
+      this.end(run, { state: 'exception', reason: 'claim-expired', message }, now);
+    }
+    return ended + expired.length;
+  }
+
+  /** Ends the open tasks among `overdue` `deadline-exceeded` and writes the completed ones' rows; returns how many runs it ended. */
+  private endOverdue(overdue: OverdueRow[], now: number): number {
     let ended = 0;
-    for (const run of this.s.overdueTasks.all(now) as { taskId: string; runId: number; deadline: number; state: TaskState }[]) {
+    for (const run of overdue) {
       if (run.state === 'pending' || run.state === 'running') {
         this.end(run, { state: 'exception', reason: 'deadline-exceeded', message: `task deadline passed at ${iso(run.deadline)}` }, now);
         ended++;
@@ -463,12 +486,7 @@ export class SqliteQueue implements Queue {
         this.s.setTaskState.run(run.state, run.taskId);
       }
     }
-    const expired = this.s.expiredClaims.all(now) as { taskId: string; runId: number; worker_id: string; taken_until: number }[];
-    for (const run of expired) {
-      const message = `claim expired at ${iso(run.taken_until)}: worker ${run.worker_id} did not reclaim the run in time`;
-      this.end(run, { state: 'exception', reason: 'claim-expired', message }, now);
-    }
-    return ended + expired.length;
+    return ended;
   }
 
   /** Resolves a pending or running run that no worker is reporting on: swept or canceled. */
@@ -506,7 +524,7 @@ export class SqliteQueue implements Queue {
    * passed unswept is resolved now and named as the reason.
    */
   private refusal(run: RunRef, workerId: string, now: number): Error {
-    this.sweepAt(now);
+    this.sweepAt(now, run.taskId);
     return this.lostClaim(run, workerId);
   }
 
@@ -537,10 +555,11 @@ export class SqliteQueue implements Queue {
       try {
         file = await open(path, 'r');
       } catch (error) {
-        const row = (error as NodeJS.ErrnoException).code === 'ENOENT' ? this.artifactRow(run, name, 'was removed while being read: its upload failed') : undefined;
-        if (row?.state !== 'streaming' || signal?.aborted) throw error;
-        await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
+        if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
         if (signal?.aborted) return;
+        // A row says complete only once its file is there: then the upload finished after that open, so open again.
+        if (this.artifactRow(run, name, 'was removed while being read: its upload failed').state !== 'streaming') file = await open(path, 'r');
+        else await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
       }
     }
     try {

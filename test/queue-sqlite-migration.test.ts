@@ -124,3 +124,28 @@ async function text(stream: Readable): Promise<string> {
   for await (const chunk of stream) chunks.push(Buffer.from(chunk as Buffer));
   return Buffer.concat(chunks).toString();
 }
+
+t.test('migration 5: a drover of an older version that still has the queue open cannot end a completed task again', async (t) => {
+  const dir = t.testdir();
+  const clock = { now: START };
+  const queue = SqliteQueue.open({ dir, now: () => clock.now });
+  t.teardown(() => queue.close());
+  const done = await queue.submit({ payload: {}, deadline: START + 1_000, retries: 0 });
+  const failing = await queue.submit({ payload: {}, deadline: START + 1_000, retries: 0 });
+  for (const resolution of [{ state: 'completed' }, { state: 'failed' }] as const) {
+    const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+    await queue.resolve(claim!, 'A', resolution);
+  }
+  // What a version 4 drover's deadline sweep or cancel writes for a task whose row still says 'pending'.
+  const old = new Database(join(dir, 'queue.db'));
+  t.teardown(() => old.close());
+  const setTaskState = old.prepare(`UPDATE tasks SET state = ? WHERE id = ?`);
+  setTaskState.run('exception', done);
+  t.equal((old.prepare(`SELECT state FROM tasks WHERE id = ?`).get(done) as { state: string }).state, 'pending', 'the write was ignored');
+  t.match(await queue.task(done), { state: 'completed' });
+  // The trigger lets every other write through: the sweep's 'completed', a failure's own state.
+  clock.now += 2_000;
+  await queue.sweep();
+  t.equal((old.prepare(`SELECT state FROM tasks WHERE id = ?`).get(done) as { state: string }).state, 'completed');
+  t.match(await queue.task(failing), { state: 'failed' });
+});

@@ -101,8 +101,13 @@ export const MIGRATIONS: readonly string[] = [
   // A completion writes only its run: the task's row keeps saying 'pending' (and stays in
   // tasks_open_by_deadline) until the deadline sweep writes 'completed', in batches, after its deadline;
   // until then the task's state is its last run's (taskState). Two fewer pages per resolution. No rows
-  // change; the version tells older drovers, which would take such a task for an open one, to stop.
-  `-- completed tasks: the row says 'pending' until swept after its deadline`,
+  // change; the version stops older drovers from opening the queue. One that had it open before the
+  // migration would take such a task for an open one, and its sweep or cancel would write 'exception' over
+  // it: the trigger ignores a write of any other final state over a task whose last run completed.
+  `CREATE TRIGGER tasks_keep_completed BEFORE UPDATE OF state ON tasks
+   WHEN OLD.state = 'pending' AND NEW.state NOT IN ('pending', 'completed')
+     AND (SELECT state FROM runs WHERE task_id = OLD.id ORDER BY run_id DESC LIMIT 1) = 'completed'
+   BEGIN SELECT RAISE(IGNORE); END;`,
   // One index of open runs instead of one of pending and one of running runs: running entries first (by
   // claim expiry), then pending ones (by schedule). A claim takes the first pending entry and puts its run
   // at the end of the running ones, which is the same place: one index page where two were written.

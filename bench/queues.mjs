@@ -218,7 +218,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
 }
 
 /** Forks `workers` queue-worker.mjs processes, starts them together once all are ready, and resolves with the seconds until the last finished. */
-export async function drain({ kind, root, config, workers, count }) {
+async function drain({ kind, root, config, workers, count }) {
   const children = [];
   try {
     const ready = [];
@@ -275,7 +275,7 @@ async function claimLatency(queues) {
  * `schema_migrations`), and refuses any other schema version: when a
  * migration is added, check the INSERTs below and add its version to KNOWN_VERSIONS.
  */
-export async function fillPendingTasks(target, count) {
+async function fillPendingTasks(target, count) {
   // Later migrations changed indexes, what a running task's row says (both queues' 2) and added
   // artifacts.file (SQLite's 4), when a completed task's row is written (SQLite's 5) and the runs' indexes (SQLite's 6),
   // not how a pending task is written.
@@ -316,7 +316,7 @@ export async function fillPendingTasks(target, count) {
 }
 
 /** The SQLite floor's minimal table, with `count` pending rows. */
-export function fillSqliteFloor(dir, count) {
+function fillSqliteFloor(dir, count) {
   const db = new Database(join(dir, 'floor.db'));
   try {
     db.pragma('journal_mode = WAL');

@@ -3,6 +3,10 @@
  * their environment and exit status, the process engine running over SSH,
  * abort and dropped connections leaving no remote process, SFTP, connection
  * pooling, host keys, credentials and unreachable hosts.
+ *
+ * Commands go through the remote agent; test/ssh-transport-wrapper.test.ts
+ * runs this very file with DROVER_SSH_TEST_PATH=wrapper, where they go
+ * through the shell wrapper (the path of hosts without perl).
  */
 import t, { type Test } from 'tap';
 import { spawn, execFileSync } from 'node:child_process';
@@ -25,9 +29,11 @@ import { requireSshd, sshd } from './helpers/sshd.js';
 if (!requireSshd(t)) process.exit(0);
 
 const BASE_ENV = { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: 'C.UTF-8' };
+/** How commands reach the host in this run: through the remote agent, or the shell wrapper. */
+const AGENT = process.env['DROVER_SSH_TEST_PATH'] !== 'wrapper';
 
 function transportFor(t: Test, server: TestSshd, options: Partial<SshTransportOptions> = {}): SshTransport {
-  const transport = new SshTransport({ address: server.address, identityFiles: [server.identityFile], knownHostsFile: server.knownHostsFile, agent: false, ...options });
+  const transport = new SshTransport({ address: server.address, identityFiles: [server.identityFile], knownHostsFile: server.knownHostsFile, agent: false, remoteAgent: AGENT, ...options });
   t.teardown(() => transport.close());
   return transport;
 }
@@ -217,6 +223,8 @@ t.test('100 commands share one TCP connection; channels stay within the limit', 
   const transport = transportFor(t, server, { maxChannels: 8 });
   const dir = await remoteDir(t, transport);
   let most = 0;
+  let running = 0;
+  let mostRunning = 0;
   const sample = () => (most = Math.max(most, transport.stats.channelsOpen));
   const sampler = setInterval(sample, 2);
   const started = performance.now();
@@ -224,7 +232,9 @@ t.test('100 commands share one TCP connection; channels stay within the limit', 
     Array.from({ length: 100 }, async (_, i) => {
       const execution = await transport.exec(['sh', '-c', `echo ${i}; sleep 0.05`], { cwd: dir, env: BASE_ENV, cookie: 'pool' });
       sample();
+      mostRunning = Math.max(mostRunning, ++running);
       const { status, stdout } = await runToEnd(execution);
+      running--;
       await execution.waitGone(5000);
       return status.exitCode === 0 && stdout === `${i}\n`;
     }),
@@ -234,7 +244,12 @@ t.test('100 commands share one TCP connection; channels stay within the limit', 
   t.ok(results.every(Boolean), 'every command ran with its own output');
   t.equal(transport.stats.connectionsOpened, 1, 'one TCP connection opened by the client');
   t.equal(server.logins(), 1, 'and one login seen by sshd');
-  t.ok(most <= 8 && most >= 6, `as many channels as allowed, never more than maxChannels (at most ${most} open)`);
+  if (AGENT) {
+    t.ok(most <= 2, `commands take no channel: the agent's and SFTP (at most ${most} open)`);
+    t.ok(mostRunning >= 50, `and are not limited by channels (${mostRunning} ran at once)`);
+  } else {
+    t.ok(most <= 8 && most >= 6, `as many channels as allowed, never more than maxChannels (at most ${most} open)`);
+  }
   // Regression: channels that close and reopen quickly can outrun the server's own count
   // (MaxSessions); a refused open is retried instead of failing the command.
   const burst = await Promise.all(Array.from({ length: 200 }, async () => (await runToEnd(await transport.exec(['true'], { cwd: dir, env: BASE_ENV, cookie: 'pool' }))).status.exitCode));
@@ -334,7 +349,9 @@ async function eventually(what: string, check: () => Promise<boolean>, timeoutMs
   }
 }
 
-t.test('a task costs one channel: its directory is cleared and made in the command\'s own channel, its removal goes with the next command', async (t) => {
+t.test('a task costs one channel (none with the agent): its directory is cleared and made with its command, its removal goes with the next command', async (t) => {
+  // With the agent, commands and deferred changes take no channel at all.
+  const perTask = AGENT ? 0 : 1;
   const server = await sshd(t);
   const transport = transportFor(t, server);
   // Another client: it sees the host as it is, whatever `transport` still holds back.
@@ -353,7 +370,7 @@ t.test('a task costs one channel: its directory is cleared and made in the comma
   t.equal(ran.stdout, `${first}\n`, 'the command ran in a fresh, empty task directory');
   await execution.kill('SIGKILL');
   t.ok(await execution.waitGone(5000), 'its group is gone');
-  t.equal(transport.stats.channelsOpened - before, 1, 'remove, mkdir, exec, kill and waitGone took one channel (no rm, no SFTP mkdir, no control command)');
+  t.equal(transport.stats.channelsOpened - before, perTask, `remove, mkdir, exec, kill and waitGone took ${perTask} channel (no rm, no SFTP mkdir, no control command)`);
   await transport.remove(first);
   t.equal((await observer.stat(first))?.type, 'directory', 'the removal waits');
   const second = `${base}/tasks/b`;
@@ -361,14 +378,14 @@ t.test('a task costs one channel: its directory is cleared and made in the comma
   await transport.mkdir(second);
   const next = await runToEnd(await transport.exec(['true'], { cwd: second, env: BASE_ENV, cookie: cookieFor(t) }));
   t.equal(next.status.exitCode, 0);
-  t.equal(transport.stats.channelsOpened - before, 2, 'the next task: one more channel');
+  t.equal(transport.stats.channelsOpened - before, 2 * perTask, 'the next task: as many more');
   t.equal(await observer.stat(first), undefined, 'the first task directory went with the second command');
   t.equal((await observer.stat(second))?.type, 'directory');
   await transport.remove(second);
   // No command follows: a control command applies it soon.
   await eventually('the last removal to be applied by itself', async () => (await observer.stat(second)) === undefined);
-  t.equal(transport.stats.changeFlushes, 1, 'by one control command');
-  t.equal(transport.stats.channelsOpened - before, 3);
+  t.equal(transport.stats.changeFlushes, 1, AGENT ? 'by one request to the agent' : 'by one control command');
+  t.equal(transport.stats.channelsOpened - before, 3 * perTask);
 });
 
 t.test('deferred changes: every operation sees them, close() applies what is left, a lost connection keeps them for the next one', async (t) => {
@@ -482,6 +499,7 @@ t.test('the watcher\'s report of the group is taken out of stderr, and saves the
   t.notOk(await held.waitGone(200), 'the background sleep is left: the group is not gone');
   await held.kill('SIGKILL');
   t.ok(await held.waitGone(5000));
-  t.ok(transport.stats.channelsOpened > channels, 'which control commands checked and killed');
+  if (AGENT) t.equal(transport.stats.channelsOpened, channels, 'which the agent checked and killed, without a channel');
+  else t.ok(transport.stats.channelsOpened > channels, 'which control commands checked and killed');
   t.same(pidsWithCookie(cookie), []);
 });

@@ -49,6 +49,7 @@ import { DroverError, errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { formatSshAddress, parseSshAddress, type SshTarget } from './ssh-address.js';
 import { HostKeyError, knownKeyTypes, verifyHostKey, type HostKeyPolicy } from './ssh-known-hosts.js';
+import { RemoteAgent, splitOnce, type AgentExecution, type ChangeFailure } from './ssh-agent.js';
 import { NO_CHANGES, PendingChanges, covers, normalizePath, type Changes } from './ssh-pending.js';
 import { changesCommandLine, groupControlLine, remoteCommandLine, signalName } from './ssh-remote.js';
 import { fileType, type DirectoryEntry, type ExecOptions, type Execution, type ExitStatus, type FileStat, type Transport, type TransportCapabilities } from './transport.js';
@@ -87,6 +88,13 @@ export interface SshConnectionOptions extends SshAuthOptions {
   /** How the remote side stops a command whose connection is gone: this signal, then SIGKILL after killGraceMs (SIGTERM, 5000). */
   readonly killSignal?: NodeJS.Signals;
   readonly killGraceMs?: number;
+  /**
+   * Run commands through one remote agent per connection (a Perl program,
+   * ssh-agent-program.ts) when the host has perl: default true. False, or a
+   * host without perl: every command through the shell wrapper in a channel
+   * of its own (ssh-remote.ts).
+   */
+  readonly remoteAgent?: boolean;
   readonly logger?: Logger;
 }
 
@@ -106,6 +114,8 @@ export interface SshTransportStats {
   readonly changeFlushes: number;
   /** Deferred removals that failed (each is logged). */
   readonly failedRemovals: number;
+  /** Remote agents started (one per connection, unless the host has no perl). */
+  readonly agentsStarted: number;
 }
 
 /** How often a refused channel open is retried (about 3 s in all). */
@@ -138,6 +148,18 @@ class ChannelSlots {
 
   #fits(kind: 'command' | 'control'): boolean {
     return this.#inUse < (kind === 'command' ? this.limit - 1 : this.limit);
+  }
+
+  /** Takes a channel for good, whatever is free (the agent's, opened with the connection); returns its idempotent release. */
+  take(): () => void {
+    this.#inUse++;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.#inUse--;
+      this.#grant();
+    };
   }
 
   /** Resolves with an idempotent release function once a channel may be opened. */
@@ -187,6 +209,10 @@ interface Connection {
   /** Why it closed, when it broke. */
   error?: Error;
   readonly closedSignal: AbortController;
+  /** The remote agent; undefined in it when commands go through the wrapper. */
+  agent?: Promise<RemoteAgent | undefined>;
+  /** The host has no perl, or the agent would not start: no more attempts on this connection. */
+  noAgent?: boolean;
 }
 
 export class SshTransport extends EventEmitter<{ lost: [error: Error] }> implements Transport {
@@ -204,7 +230,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   #closed = false;
   #closing: Promise<void> | undefined;
   #home: string | undefined;
-  #stats = { connectionsOpened: 0, channelsOpened: 0, changeFlushes: 0, failedRemovals: 0 };
+  #stats = { connectionsOpened: 0, channelsOpened: 0, changeFlushes: 0, failedRemovals: 0, agentsStarted: 0 };
   readonly #pending = new PendingChanges();
   /** At most one application is under way at a time, so they land in the order they were taken. */
   #applying: Application | undefined;
@@ -248,8 +274,10 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
 
   async exec(argv: readonly string[], options: ExecOptions): Promise<Execution> {
     if (argv.length === 0) return SshExecution.failed(new Error('exec: empty argv'));
-    // The command must see every change asked for before it; those still pending go in its own channel.
+    // The command must see every change asked for before it; those still pending go with it.
     const need = this.#pending.count;
+    const agent = await this.#agentFor(await this.#connect());
+    if (agent !== undefined) return this.#execByAgent(agent, argv, options, need);
     const release = await this.#slots.acquire('command');
     let execution: SshExecution;
     const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
@@ -285,6 +313,68 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     carried.settle(execution.headerSeen);
     if (execution.workdirError !== undefined) throw workdirError(execution.workdirError, options.cwd);
     return execution;
+  }
+
+  /** exec() through the remote agent: no channel of its own. */
+  async #execByAgent(agent: RemoteAgent, argv: readonly string[], options: ExecOptions, need: number): Promise<Execution> {
+    const carried = await this.#carry(need);
+    let execution: AgentExecution;
+    try {
+      const { changes } = carried;
+      const cwd = normalizePath(options.cwd);
+      const unmade = this.#unmade.get(cwd);
+      if (unmade !== undefined && !changes.dirs.includes(cwd)) throw workdirError(unmade, options.cwd);
+      execution = agent.exec(
+        { cwd: options.cwd, env: { ...options.env, DROVER_RUN_COOKIE: options.cookie }, argv, changes, freshCwd: changes.removals.some((removal) => covers(removal, cwd)) },
+        (kind, index) => this.#changeFailed(changes, kind, index),
+      );
+    } catch (error) {
+      carried.settle(false);
+      throw error;
+    }
+    await execution.started;
+    // Without the agent's answer it is unknown what it did: the changes are applied again (they are idempotent).
+    carried.settle(execution.headerSeen);
+    if (execution.workdirError !== undefined) throw workdirError(execution.workdirError, options.cwd);
+    return execution;
+  }
+
+  /** The connection's agent, started on first use; undefined when commands go through the wrapper. */
+  #agentFor(connection: Connection): Promise<RemoteAgent | undefined> {
+    if (this.#options.remoteAgent === false || connection.noAgent === true || connection.closed) return Promise.resolve(undefined);
+    connection.agent ??= this.#startAgent(connection);
+    return connection.agent;
+  }
+
+  async #startAgent(connection: Connection): Promise<RemoteAgent | undefined> {
+    const release = this.#slots.take();
+    const started = await RemoteAgent.start({
+      address: this.address,
+      killSignal: signalName(this.#options.killSignal ?? 'SIGTERM'),
+      killGraceMs: this.#options.killGraceMs ?? 5000,
+      timeoutMs: this.#options.connectTimeoutMs ?? 10_000,
+      connectionClosed: connection.closedSignal.signal,
+      logger: this.#logger,
+      open: (command, onChannel) => this.#openExec(connection, command, onChannel),
+    });
+    if (!(started instanceof RemoteAgent)) {
+      release();
+      connection.noAgent = true;
+      connection.agent = undefined;
+      if (started.noPerl) this.#logger?.info('ssh: the host has no perl; commands go through the shell wrapper, a channel each');
+      else if (!connection.closed) this.#logger?.warn('ssh: the remote agent did not start; commands go through the shell wrapper, a channel each', { reason: started.reason });
+      return undefined;
+    }
+    this.#stats.agentsStarted++;
+    started.onClosed(() => {
+      release();
+      // An agent that stopped (the connection lives on) is started again by the next command.
+      if (connection.agent !== undefined && !connection.closed) {
+        this.#logger?.warn('ssh: the remote agent stopped; the next command starts another');
+        connection.agent = undefined;
+      }
+    });
+    return started;
   }
 
   /** Runs a short shell command line (a control channel) once the changes asked for so far are made; resolves with its exit code and output. */
@@ -501,6 +591,13 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
   }
 
+  /** Closes the remote agent's channel (the agent then stops every group it started): for tests. */
+  async stopAgent(): Promise<void> {
+    const connection = this.#connection;
+    const agent = connection === undefined ? undefined : await connection.agent;
+    agent?.close();
+  }
+
   /** Cuts the TCP connection as a network failure would: for tests. */
   dropConnection(): void {
     const connection = this.#connection;
@@ -562,9 +659,22 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
       carried = await this.#carry(Infinity);
       const { changes } = carried;
       if (changes === NO_CHANGES) return;
-      const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
       const connection = await this.#connect();
       this.#stats.changeFlushes++;
+      const agent = await this.#agentFor(connection);
+      if (agent !== undefined) {
+        let failed: { unremoved: number[]; unmade: number[] };
+        try {
+          failed = await agent.applyChanges(changes);
+        } catch (error) {
+          throw new SshConnectionError(`${this.address}: cannot apply deferred changes: ${errorMessage(error)}`, { cause: error });
+        }
+        for (const index of failed.unremoved) this.#changeFailed(changes, 'unremoved', index);
+        for (const index of failed.unmade) this.#changeFailed(changes, 'unmade', index);
+        carried.settle(true);
+        return;
+      }
+      const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
       const { exitCode, stdout, stderr } = await this.#runOn(connection, changesCommandLine(nonce, changes));
       for (const line of stdout.split('\n')) {
         const [marker, kind, index] = line.split(' ');
@@ -690,6 +800,8 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
     this.#connection = connection;
     this.#logger?.debug('ssh connected');
+    // The agent starts with the connection, so that the first command does not wait for it.
+    await this.#agentFor(connection);
     return connection;
   }
 
@@ -766,8 +878,6 @@ function typeOfMode(mode: number): FileStat['type'] {
     default: return 'other';
   }
 }
-
-type ChangeFailure = 'unremoved' | 'unmade';
 
 /** Deferred changes that an operation took to apply; settle(false) puts them back. */
 interface Carried {
@@ -1049,10 +1159,4 @@ function partialMatch(data: Buffer, marker: Buffer): number {
     if (data.subarray(data.length - length).equals(marker.subarray(0, length))) return length;
   }
   return 0;
-}
-
-/** `word rest of line` -> [word, rest]. */
-function splitOnce(text: string): [string, string] {
-  const space = text.indexOf(' ');
-  return space < 0 ? [text, ''] : [text.slice(0, space), text.slice(space + 1)];
 }

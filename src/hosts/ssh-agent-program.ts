@@ -22,7 +22,7 @@ const BOOTSTRAP = 'my ($s, $n) = ("", -1); while ($n < 0 || length($s) < 10 + $n
 
 /** The command line of the agent's channel: perl if the host has it, else exit 127 saying NO_PERL. */
 export function agentCommandLine(killSignal: string, killGraceMs: number): string {
-  const perl = `exec perl -e ${shellQuote(BOOTSTRAP)} drover-agent ${shellQuote(killSignal)} ${Math.max(0, Math.round(killGraceMs))}`;
+  const perl = `exec perl -e ${shellQuote(BOOTSTRAP)} ${shellQuote(killSignal)} ${Math.max(0, Math.round(killGraceMs))}`;
   return `if command -v perl >/dev/null 2>&1; then ${perl}; else echo ${shellQuote(NO_PERL)} >&2; exit 127; fi`;
 }
 
@@ -35,7 +35,7 @@ export function agentProgramMessage(): Buffer {
 export const AGENT_PROGRAM = String.raw`
 # drover-agent: runs commands for one SSH connection of drover.
 #
-# Started as  perl -e BOOTSTRAP drover-agent KILL_SIGNAL KILL_GRACE_MS
+# Started as  perl -e BOOTSTRAP KILL_SIGNAL KILL_GRACE_MS
 # in an exec channel; stdin and stdout carry frames, stderr only the
 # agent's own complaints (the client logs them).
 #

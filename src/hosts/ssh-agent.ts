@@ -116,7 +116,10 @@ export class RemoteAgent {
     const started = await Promise.race([said, sleep(options.timeoutMs, false, { signal: timer.signal }).catch(() => false)]);
     timer.abort();
     if (started && agent !== undefined) return agent;
-    agent?.close();
+    if (agent !== undefined) {
+      agent.close();
+      agent.#channel.close();
+    }
     const noPerl = exitCode === 127 && stderr.includes(NO_PERL);
     const reason = noPerl ? NO_PERL : `the agent did not start (exit code ${exitCode ?? 'none'}${stderr.trim() ? `: ${stderr.trim()}` : ''})`;
     return { noPerl, reason };
@@ -221,9 +224,13 @@ export class RemoteAgent {
     this.#executions.delete(id);
   }
 
-  /** Closes the agent's channel: the agent stops every group it started, as when the connection breaks. */
+  /**
+   * Ends the agent's stdin: it stops every group it started, as when the
+   * connection breaks, and exits; then its channel closes. (sshd keeps a
+   * channel that the client closes open until its command exits, stdin too.)
+   */
   close(): void {
-    this.#channel.close();
+    this.#channel.end();
   }
 
   #id(): number {

@@ -591,7 +591,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
   }
 
-  /** Closes the remote agent's channel (the agent then stops every group it started): for tests. */
+  /** Ends the remote agent (it stops every group it started, as when its channel is lost): for tests. */
   async stopAgent(): Promise<void> {
     const connection = this.#connection;
     const agent = connection === undefined ? undefined : await connection.agent;

@@ -47,11 +47,14 @@ export const AGENT_PROGRAM = String.raw`
 #   C  start a command. Payload: FRESH CWD LOOKUP N_REMOVALS REMOVAL...
 #      N_DIRS DIR... N_ENV NAME=VALUE... ARGV... where FRESH is 1 when a
 #      removal covers CWD, and LOOKUP the PATH argv[0] is looked up in.
-#      The agent forks; the child makes a session of its own (its pid is
-#      the process group), applies the removals (rm -rf) and then the
-#      directories (mkdir -p), enters CWD, sets exactly the environment
-#      given, stdin /dev/null, stdout and stderr to pipes, and execs.
-#   F  apply changes only: N_REMOVALS REMOVAL... N_DIRS DIR... (in a child).
+#      The agent applies the removals (rm -rf) and then the directories
+#      (mkdir -p) itself, in the order the frames come (so the client may
+#      send a command that needs the changes an earlier one carries); then
+#      it forks. The child makes a session of its own (its pid is the
+#      process group), enters CWD, sets exactly the environment given,
+#      stdin /dev/null, stdout and stderr to pipes, and execs. (A huge tree
+#      to remove holds the agent up meanwhile; task directories are small.)
+#   F  apply changes only: N_REMOVALS REMOVAL... N_DIRS DIR...
 #   K  signal the command's process group: payload TERM, KILL, ... (unless
 #      the group is known to be gone: its id may be reused).
 #   Q  is the group gone? Payload: milliseconds to wait for it.
@@ -110,7 +113,7 @@ binmode STDOUT;
 my $select = IO::Select->new(\*STDIN);
 my %reader;     # fileno -> [handler, target, stream]
 my %commands;   # id -> command
-my %children;   # pid -> command or flush
+my %children;   # pid -> command
 my $inbox = '';
 my $outbox = '';
 
@@ -189,21 +192,21 @@ sub make_path {
   mkdir $path;
 }
 
-# rm -rf of each path, then a look: reports those still there on $report ("U i").
+# rm -rf of each path, then a look: says which are still there (frames U).
 sub apply_removals {
-  my ($report, $removals) = @_;
+  my ($id, $removals) = @_;
   for my $i (0 .. $#$removals) {
     remove_path($removals->[$i]) if path_exists($removals->[$i]);
-    syswrite($report, "U $i\n") if path_exists($removals->[$i]);
+    frame('U', $id, $i) if path_exists($removals->[$i]);
   }
 }
 
-# mkdir -p of each directory; reports those that are not directories then ("M i").
+# mkdir -p of each directory; says which are not directories then (frames M).
 sub apply_dirs {
-  my ($report, $dirs) = @_;
+  my ($id, $dirs) = @_;
   for my $i (0 .. $#$dirs) {
     make_path($dirs->[$i]);
-    syswrite($report, "M $i\n") unless -d $dirs->[$i];
+    frame('M', $id, $i) unless -d $dirs->[$i];
   }
 }
 
@@ -213,17 +216,14 @@ sub take_list {
   return [splice @$fields, 0, $count || 0];
 }
 
-# The child of a command, up to its exec: reports failures on $status ("N why", "W why").
+# The child of a command, up to its exec: says why it failed on $status ("N why", "W why").
 sub run_child {
   my ($status, $out, $err, $spec) = @_;
   my $fail = sub { syswrite($status, "$_[0]\n"); POSIX::_exit(127) };
   POSIX::setsid();
   $SIG{$_} = 'DEFAULT' for qw(PIPE CHLD TERM HUP INT);
   POSIX::sigprocmask(POSIX::SIG_SETMASK(), POSIX::SigSet->new);
-  apply_removals($status, $spec->{removals});
   my $cwd = $spec->{cwd};
-  $fail->("W cannot clear the working directory $cwd") if $spec->{fresh} && path_exists($cwd);
-  apply_dirs($status, $spec->{dirs});
   unless (chdir $cwd) {
     $fail->(@{$spec->{dirs}} ? "W cannot make the working directory $cwd" : "N cannot enter the working directory $cwd");
   }
@@ -267,6 +267,12 @@ sub start_command {
     frame('N', $id, 'error no command given');
     return;
   }
+  apply_removals($id, $spec{removals});
+  if ($spec{fresh} && path_exists($spec{cwd})) {
+    frame('N', $id, "workdir cannot clear the working directory $spec{cwd}");
+    return;
+  }
+  apply_dirs($id, $spec{dirs});
   my ($out_r, $out_w, $err_r, $err_w, $status_r, $status_w);
   unless (pipe($out_r, $out_w) && pipe($err_r, $err_w) && pipe($status_r, $status_w)) {
     frame('N', $id, "error cannot make a pipe: $!");
@@ -296,86 +302,64 @@ sub start_flush {
   my ($id, $payload) = @_;
   my @fields = split /\0/, $payload, -1;
   my ($removals, $dirs) = (take_list(\@fields), take_list(\@fields));
-  my ($status_r, $status_w);
-  my $pid = pipe($status_r, $status_w) ? fork : undef;
-  unless (defined $pid) {
-    warn "drover-agent: cannot apply changes: $!\n";
-    frame('U', $id, $_) for 0 .. $#$removals;
-    frame('M', $id, $_) for 0 .. $#$dirs;
-    frame('D', $id);
-    return;
-  }
-  if ($pid == 0) {
-    close $status_r;
-    apply_removals($status_w, $removals);
-    apply_dirs($status_w, $dirs);
-    POSIX::_exit(0);
-  }
-  close $status_w;
-  my $flush = { id => $id, status => $status_r, said => '', flush => 1 };
-  $children{$pid} = $flush;
-  nonblocking($status_r);
-  watch($status_r, \&on_status, $flush);
+  apply_removals($id, $removals);
+  apply_dirs($id, $dirs);
+  frame('D', $id);
 }
 
 # Reads a child's status pipe; at its end, says what it says.
 sub on_status {
-  my ($target) = @_;
-  my $read = sysread($target->{status}, my $data, 4096);
+  my ($command) = @_;
+  my $read = sysread($command->{status}, my $data, 4096);
   return if !defined $read && ($! == EAGAIN || $! == EINTR);
   if ($read) {
-    $target->{said} .= $data;
+    $command->{said} .= $data;
     return;
   }
-  status_ended($target);
+  status_ended($command);
 }
 
 # The whole status of a child that exec'd or exited (its end of the pipe is closed).
 sub finish_status {
-  my ($target) = @_;
-  return unless $target->{status};
-  my $fh = $target->{status};
+  my ($command) = @_;
+  return unless $command->{status};
+  my $fh = $command->{status};
   fcntl($fh, F_SETFL, fcntl($fh, F_GETFL, 0) & ~O_NONBLOCK);
   while (1) {
     my $read = sysread($fh, my $data, 4096);
     next if !defined $read && $! == EINTR;
     last unless $read;
-    $target->{said} .= $data;
+    $command->{said} .= $data;
   }
-  status_ended($target);
+  status_ended($command);
 }
 
 sub status_ended {
-  my ($target) = @_;
-  my $fh = delete $target->{status} or return;
+  my ($command) = @_;
+  my $fh = delete $command->{status} or return;
   unwatch($fh);
   close $fh;
-  my $id = $target->{id};
+  my $id = $command->{id};
   my $failure;
-  for my $line (split /\n/, $target->{said}) {
+  for my $line (split /\n/, $command->{said}) {
     my ($kind, $text) = split / /, $line, 2;
-    if ($kind eq 'U' || $kind eq 'M') { frame($kind, $id, $text) }
-    elsif ($kind eq 'N') { $failure = "error $text" }
+    if ($kind eq 'N') { $failure = "error $text" }
     elsif ($kind eq 'W') { $failure = "workdir $text" }
-  }
-  if ($target->{flush}) {
-    frame('D', $id);
-    return;
   }
   if (defined $failure) {
     frame('N', $id, $failure);
-    $target->{failed} = 1;
-    for my $fh (values %{$target->{out}}) {
+    $command->{failed} = 1;
+    for my $fh (values %{$command->{out}}) {
       unwatch($fh);
       close $fh;
     }
-    $target->{out} = {};
-    $target->{gone} = 1;
+    $command->{out} = {};
+    $command->{gone} = 1;
     delete $commands{$id};
     return;
   }
-  $target->{started} = 1;
-  frame('S', $id, $target->{pid});
+  $command->{started} = 1;
+  frame('S', $id, $command->{pid});
 }
 
 sub on_output {
@@ -418,22 +402,22 @@ sub forget_if_done {
 sub reap {
   while ((my $pid = waitpid(-1, POSIX::WNOHANG())) > 0) {
     my $status = $?;
-    my $target = delete $children{$pid} or next;
-    finish_status($target);
-    next if $target->{flush} || $target->{failed};
+    my $command = delete $children{$pid} or next;
+    finish_status($command);
+    next if $command->{failed};
     # What the main process wrote before it ended goes before its exit, as far as the window allows.
     for my $stream ('O', 'E') {
       for (1 .. 4) {
-        last unless $target->{out}{$stream} && !$target->{paused}{$stream};
-        on_output($target, $stream);
+        last unless $command->{out}{$stream} && !$command->{paused}{$stream};
+        on_output($command, $stream);
       }
     }
     my $signal = $status & 127;
-    frame('X', $target->{id}, $signal ? 'signal SIG' . ($SIGNAL_NAME{$signal} || $signal) : 'code ' . ($status >> 8));
-    $target->{exited} = 1;
-    $target->{gone} = !group_alive($target->{pid});
-    frame('G', $target->{id}, $target->{gone} ? 'gone' : 'alive');
-    forget_if_done($target);
+    frame('X', $command->{id}, $signal ? 'signal SIG' . ($SIGNAL_NAME{$signal} || $signal) : 'code ' . ($status >> 8));
+    $command->{exited} = 1;
+    $command->{gone} = !group_alive($command->{pid});
+    frame('G', $command->{id}, $command->{gone} ? 'gone' : 'alive');
+    forget_if_done($command);
   }
 }
 
@@ -461,11 +445,13 @@ sub time_ms { return POSIX::floor(1000 * Time::HiRes::time()) }
 sub on_frame {
   my ($type, $id, $payload) = @_;
   if ($type eq 'C') {
-    if ($commands{$id}) { warn "drover-agent: command id $id is in use\n"; return }
     start_command($id, $payload);
     return;
   }
-  if ($type eq 'F') { start_flush($id, $payload); return }
+  if ($type eq 'F') {
+    start_flush($id, $payload);
+    return;
+  }
   my $command = $commands{$id};
   if ($type eq 'K') {
     kill "-$payload", $command->{pid} if $command && !$command->{gone} && $payload =~ /^[A-Z0-9]+$/;

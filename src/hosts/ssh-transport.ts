@@ -195,10 +195,15 @@ class ChannelSlots {
   }
 }
 
-/** Deferred changes on their way to the host, in a command's channel or a control command. */
+/** Deferred changes on their way to the host, with a command or in a control command (or a request to the agent). */
 interface Application {
   readonly changes: Changes;
+  /** Resolves once it is off the list of applications under way (applied, or back in the pending set). */
   readonly done: Promise<void>;
+  readonly finish: () => void;
+  /** The agent it went to, which applies what it gets in order. */
+  readonly agent: RemoteAgent | undefined;
+  outcome?: 'applied' | 'failed';
 }
 
 interface Connection {
@@ -232,8 +237,12 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   #home: string | undefined;
   #stats = { connectionsOpened: 0, channelsOpened: 0, changeFlushes: 0, failedRemovals: 0, agentsStarted: 0 };
   readonly #pending = new PendingChanges();
-  /** At most one application is under way at a time, so they land in the order they were taken. */
-  #applying: Application | undefined;
+  /**
+   * Applications under way, oldest first. Through the agent, which applies
+   * them in the order it gets them, several may be; otherwise one at a time,
+   * so that they land in the order they were taken.
+   */
+  readonly #applying: Application[] = [];
   #flushTimer: NodeJS.Timeout | undefined;
   /** Deferred directories that could not be made, and why: an exec there rejects. */
   readonly #unmade = new Map<string, string>();
@@ -284,7 +293,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     let carried: Carried | undefined;
     try {
       const connection = await this.#connect();
-      carried = await this.#carry(need);
+      carried = await this.#carry(need, undefined);
       const { changes } = carried;
       const cwd = normalizePath(options.cwd);
       const unmade = this.#unmade.get(cwd);
@@ -317,7 +326,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
 
   /** exec() through the remote agent: no channel of its own. */
   async #execByAgent(agent: RemoteAgent, argv: readonly string[], options: ExecOptions, need: number): Promise<Execution> {
-    const carried = await this.#carry(need);
+    const carried = await this.#carry(need, agent);
     let execution: AgentExecution;
     try {
       const { changes } = carried;
@@ -567,7 +576,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   async #close(): Promise<void> {
     clearTimeout(this.#flushTimer);
     this.#flushTimer = undefined;
-    if (!this.#pending.empty || this.#applying !== undefined) {
+    if (!this.#pending.empty || this.#applying.length > 0) {
       const timer = new AbortController();
       const settled = await Promise.race([
         this.#settle().then(() => true, (error: unknown) => {
@@ -577,7 +586,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
         sleep(CLOSE_FLUSH_MS, false, { signal: timer.signal }).catch(() => false),
       ]);
       timer.abort();
-      const left = settled ? [] : [...(this.#applying?.changes.removals ?? []), ...this.#pending.take().removals];
+      const left = settled ? [] : [...this.#applying.flatMap((application) => application.changes.removals), ...this.#pending.take().removals];
       if (left.length > 0) this.#logger?.warn('ssh: closing without removing these paths: the host cannot be reached', { paths: left });
     }
     this.#closed = true;
@@ -606,12 +615,14 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   }
 
   /**
-   * Waits for the changes numbered up to `need` that are on their way to
-   * the host; then, when no application is under way, takes every pending
-   * change for the caller to apply (settle() says whether it did).
+   * Takes every pending change for the caller to apply (settle() says
+   * whether it did). First waits for the applications under way, the
+   * changes numbered up to `need` among them, but for those sent to
+   * `agent`, the caller's: it applies what it gets in order, and starts a
+   * command only after the changes sent before it.
    */
-  async #carry(need: number): Promise<Carried> {
-    for (let applying = this.#applying; applying !== undefined; applying = this.#applying) {
+  async #carry(need: number, agent: RemoteAgent | undefined): Promise<Carried> {
+    for (let applying = this.#waitedFor(agent); applying !== undefined; applying = this.#waitedFor(agent)) {
       // One under way with only newer changes took every older one: nothing the caller needs is pending.
       if (applying.changes.oldest > need) return NOTHING_CARRIED;
       await applying.done;
@@ -619,30 +630,51 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     const changes = this.#pending.take();
     if (changes === NO_CHANGES) return NOTHING_CARRIED;
     let finish!: () => void;
-    const application: Application = { changes, done: new Promise<void>((resolve) => (finish = resolve)) };
-    this.#applying = application;
-    let settled = false;
+    const done = new Promise<void>((resolve) => (finish = resolve));
+    const application: Application = { changes, done, finish, agent };
+    this.#applying.push(application);
     return {
       changes,
       settle: (applied) => {
-        if (settled) return;
-        settled = true;
-        if (!applied) {
-          this.#pending.restore(changes);
-          this.#scheduleFlush();
-        }
-        if (this.#applying === application) this.#applying = undefined;
-        finish();
+        if (application.outcome !== undefined) return;
+        application.outcome = applied ? 'applied' : 'failed';
+        this.#retire();
       },
     };
+  }
+
+  /** The oldest application under way that a caller through `agent` (or none) must wait for. */
+  #waitedFor(agent: RemoteAgent | undefined): Application | undefined {
+    return this.#applying.find((application) => agent === undefined || application.agent !== agent);
+  }
+
+  /**
+   * Takes settled applications off the list: applied ones from its front;
+   * and from its end, newest first, applied or failed ones. A failed one goes
+   * back to the pending set before every change after it (restore()), so it
+   * waits for the newer ones to settle first: the calls' order is kept.
+   */
+  #retire(): void {
+    for (let first = this.#applying[0]; first?.outcome === 'applied'; first = this.#applying[0]) {
+      this.#applying.shift();
+      first.finish();
+    }
+    for (let last = this.#applying.at(-1); last?.outcome !== undefined; last = this.#applying.at(-1)) {
+      this.#applying.pop();
+      if (last.outcome === 'failed') {
+        this.#pending.restore(last.changes);
+        this.#scheduleFlush();
+      }
+      last.finish();
+    }
   }
 
   /** Waits until every change asked for so far has reached the host; applies pending ones with a control command. */
   async #settle(): Promise<void> {
     const need = this.#pending.count;
     for (;;) {
-      const applying = this.#applying;
-      if (applying !== undefined && applying.changes.oldest <= need) {
+      const applying = this.#applying.find((application) => application.changes.oldest <= need);
+      if (applying !== undefined) {
         await applying.done;
         continue;
       }
@@ -651,29 +683,21 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
   }
 
-  /** One control command that applies every pending change. */
+  /** Applies every pending change: through the agent, or with one control command. */
   async #flushNow(): Promise<void> {
+    const agent = await this.#agentFor(await this.#connect());
+    if (agent !== undefined) {
+      await this.#flushByAgent(agent);
+      return;
+    }
     const release = await this.#slots.acquire('control');
     let carried: Carried | undefined;
     try {
-      carried = await this.#carry(Infinity);
+      carried = await this.#carry(Infinity, undefined);
       const { changes } = carried;
       if (changes === NO_CHANGES) return;
       const connection = await this.#connect();
       this.#stats.changeFlushes++;
-      const agent = await this.#agentFor(connection);
-      if (agent !== undefined) {
-        let failed: { unremoved: number[]; unmade: number[] };
-        try {
-          failed = await agent.applyChanges(changes);
-        } catch (error) {
-          throw new SshConnectionError(`${this.address}: cannot apply deferred changes: ${errorMessage(error)}`, { cause: error });
-        }
-        for (const index of failed.unremoved) this.#changeFailed(changes, 'unremoved', index);
-        for (const index of failed.unmade) this.#changeFailed(changes, 'unmade', index);
-        carried.settle(true);
-        return;
-      }
       const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
       const { exitCode, stdout, stderr } = await this.#runOn(connection, changesCommandLine(nonce, changes));
       for (const line of stdout.split('\n')) {
@@ -688,6 +712,23 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     } finally {
       release();
     }
+  }
+
+  async #flushByAgent(agent: RemoteAgent): Promise<void> {
+    const carried = await this.#carry(Infinity, agent);
+    const { changes } = carried;
+    if (changes === NO_CHANGES) return;
+    this.#stats.changeFlushes++;
+    let failed: { unremoved: number[]; unmade: number[] };
+    try {
+      failed = await agent.applyChanges(changes);
+    } catch (error) {
+      carried.settle(false);
+      throw new SshConnectionError(`${this.address}: cannot apply deferred changes: ${errorMessage(error)}`, { cause: error });
+    }
+    for (const index of failed.unremoved) this.#changeFailed(changes, 'unremoved', index);
+    for (const index of failed.unmade) this.#changeFailed(changes, 'unmade', index);
+    carried.settle(true);
   }
 
   #scheduleFlush(): void {

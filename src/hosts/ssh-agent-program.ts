@@ -60,6 +60,9 @@ export const AGENT_PROGRAM = String.raw`
 #   Q  is the group gone? Payload: milliseconds to wait for it.
 #   A  B  credit: the client consumed that many (decimal) bytes of stdout
 #      (A) or stderr (B) of the command.
+#   P  nothing: the client sends it when frames came, so that its TCP ACK
+#      goes at once (sshd's Nagle's algorithm would hold the next frames
+#      until then, and the client's kernel may delay a bare ACK by 40 ms).
 #
 # Agent -> client:
 #   H  hello, id 0: "drover-agent 1" (the protocol version).
@@ -452,6 +455,7 @@ sub on_frame {
     start_flush($id, $payload);
     return;
   }
+  return if $type eq 'P';
   my $command = $commands{$id};
   if ($type eq 'K') {
     kill "-$payload", $command->{pid} if $command && !$command->{gone} && $payload =~ /^[A-Z0-9]+$/;

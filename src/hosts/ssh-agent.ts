@@ -76,6 +76,9 @@ function changeFields(changes: Pick<Changes, 'removals' | 'dirs'>): string[] {
   return [String(changes.removals.length), ...changes.removals, String(changes.dirs.length), ...changes.dirs];
 }
 
+/** The no-op frame, P: see the channel's data handler. */
+const NOTHING = encode('P', 0);
+
 export class RemoteAgent {
   readonly #channel: ClientChannel;
   readonly #address: string;
@@ -155,6 +158,9 @@ export class RemoteAgent {
         }
       }
       buffer = at === buffer.length ? Buffer.alloc(0) : buffer.subarray(at);
+      // sshd leaves Nagle's algorithm on in sessions without a terminal: its next frames wait for the TCP ACK
+      // of these, which Linux may delay up to 40 ms. A frame back carries the ACK at once.
+      if (this.#started && !this.#closed) this.#channel.write(NOTHING);
     });
     const onLost = () => {
       this.#lostConnection = true;

@@ -3,28 +3,36 @@
  * pooled SSH connection (the `ssh2` package).
  *
  * - One connection per host, opened on first use, with TCP_NODELAY and
- *   SSH keepalives; many commands share it through channels, at most
- *   `maxChannels` at once (default 8, below OpenSSH's MaxSessions of 10);
- *   beyond that, callers queue. One channel is the SFTP session, and one
- *   is always kept free for short control commands (kill, rm), so at most
- *   `maxChannels - 2` commands run at once.
+ *   SSH keepalives; at most `maxChannels` channels at once on it (default
+ *   8, below OpenSSH's MaxSessions of 10); beyond that, callers queue. One
+ *   channel is the SFTP session, and one is always kept free for short
+ *   control commands (`run()`; kill, rm without the agent).
+ * - With the connection starts the remote agent (ssh-agent.ts, and the
+ *   program it runs, ssh-agent-program.ts), in a channel of its own: every
+ *   command goes through it, as frames on that channel, and takes no
+ *   channel; as many run at once as callers start. On a host without perl
+ *   (or with `remoteAgent: false`) each command takes a channel through
+ *   the remote wrapper instead, so at most `maxChannels - 2` run at once.
  * - A connection that drops is reopened on next use, after a backoff that
  *   doubles with each failed attempt (reconnectDelayMs .. maxReconnectDelayMs).
  *   A drop emits `lost` (with the error) and ends the commands that ran on
  *   it: their `exited` resolves with exit code 255.
- * - Commands run through a small remote wrapper (ssh-remote.ts): the
- *   environment is set on the command line (`env -i`, shell-quoted), the
- *   command is the leader of its own process group, kill() signals that
- *   group, and when the channel or the connection goes away the remote
- *   side stops the group by itself (signal, grace period, SIGKILL).
+ * - Through the agent or the wrapper (ssh-remote.ts), a command gets
+ *   exactly its environment, is the leader of its own process group,
+ *   kill() signals that group, and when the connection (or the agent's
+ *   channel) goes away the remote side stops the group by itself (signal,
+ *   grace period, SIGKILL).
  * - Files go over SFTP: mkdir, stat, read and write streams, and upload()
  *   and download() of files and directory trees. remove() is `rm -rf`.
  * - remove(), and a mkdir() of a path that a pending removal covers (the
  *   runtime's `remove(taskDir)` then `mkdir(taskDir)`), are deferred
- *   (ssh-pending.ts) and applied in the channel of the next command,
- *   before it starts, so a task costs one channel and not three. Every
- *   other operation that could see them waits for them first (a control
- *   command applies them when no command is on its way); a change that
+ *   (ssh-pending.ts) and go with the next command, applied before it
+ *   starts, so a task costs no round trip of its own for them. Through the
+ *   agent, which applies them in the order it gets them, commands may
+ *   carry changes while earlier ones are still on their way; through the
+ *   wrapper, one application is under way at a time. Every other operation
+ *   that could see them waits for them first (a request to the agent, or
+ *   a control command, applies them when no command is on its way); a change that
  *   nobody looks at is applied within FLUSH_DELAY_MS anyway, and close()
  *   applies what is left. Changes whose command never ran (a lost
  *   connection) stay pending and are applied on the next connection.

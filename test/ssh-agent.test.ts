@@ -18,7 +18,7 @@ import { SshTransport, type SshTransportOptions } from '../src/hosts/ssh-transpo
 import type { Execution } from '../src/hosts/transport.js';
 import { createLogger } from '../src/runtime/logger.js';
 import type { TestSshd } from '../src/testing/sshd.js';
-import { requireSshd, sshd } from './helpers/sshd.js';
+import { cookieFor, requireSshd, sshd, until } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
 
@@ -37,21 +37,6 @@ async function remoteDir(t: Test, transport: SshTransport): Promise<string> {
   return dir;
 }
 
-/** A cookie whose processes are SIGKILLed at teardown, whatever the test did. */
-function cookieFor(t: Test): string {
-  const cookie = `ssh-agent-test-${randomUUID()}`;
-  t.teardown(() => {
-    for (const pid of pidsWithCookie(cookie)) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        // gone
-      }
-    }
-  });
-  return cookie;
-}
-
 function collect(stream: Readable): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
@@ -64,14 +49,6 @@ function collect(stream: Readable): Promise<Buffer> {
 async function runToEnd(execution: Execution) {
   const [status, stdout, stderr] = await Promise.all([execution.exited, collect(execution.stdout), collect(execution.stderr)]);
   return { status, stdout, stderr };
-}
-
-async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
 }
 
 const sha256 = (data: Buffer) => createHash('sha256').update(data).digest('hex');

@@ -24,7 +24,7 @@ import type { Execution } from '../src/hosts/transport.js';
 import type { Claim } from '../src/model/task.js';
 import { createLogger, silentLogger } from '../src/runtime/logger.js';
 import type { TestSshd } from '../src/testing/sshd.js';
-import { requireSshd, sshd } from './helpers/sshd.js';
+import { cookieFor, requireSshd, sshd, until } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
 
@@ -46,21 +46,6 @@ async function remoteDir(t: Test, transport: SshTransport): Promise<string> {
   return dir;
 }
 
-/** A cookie whose processes are SIGKILLed at teardown, whatever the test did. */
-function cookieFor(t: Test): string {
-  const cookie = `ssh-test-${randomUUID()}`;
-  t.teardown(() => {
-    for (const pid of pidsWithCookie(cookie)) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        // gone
-      }
-    }
-  });
-  return cookie;
-}
-
 function collect(stream: Readable): Promise<string> {
   return new Promise((resolve, reject) => {
     let text = '';
@@ -73,14 +58,6 @@ function collect(stream: Readable): Promise<string> {
 async function runToEnd(execution: Execution) {
   const [status, stdout, stderr] = await Promise.all([execution.exited, collect(execution.stdout), collect(execution.stderr)]);
   return { status, stdout, stderr };
-}
-
-async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
 }
 
 t.test('exec: exact environment, quoting, cwd, stdout, stderr, exit code, stdin closed', async (t) => {

@@ -398,12 +398,7 @@ export class AgentExecution implements Execution {
   async waitGone(timeoutMs: number): Promise<boolean> {
     if (this.#freed || this.pid === undefined) return true;
     const deadline = performance.now() + Math.max(0, timeoutMs);
-    if (!this.#exitSeen && !this.#over) {
-      const timer = new AbortController();
-      const exited = await Promise.race([this.exited.then(() => true), sleep(Math.max(0, timeoutMs), false, { signal: timer.signal }).catch(() => false)]);
-      timer.abort();
-      if (!exited) return false;
-    }
+    if (!this.#exitSeen && !this.#over && !(await exitsWithin(this.exited, timeoutMs))) return false;
     if (await this.#groupEnded()) return true;
     // Without its channel the agent stops the group on its own; there is nobody to ask.
     if (this.#over) return true;
@@ -464,6 +459,14 @@ export class AgentExecution implements Execution {
       this.#agent.forget(this.#id);
     }
   }
+}
+
+/** Whether `exited` settles within `timeoutMs`. */
+export async function exitsWithin(exited: Promise<unknown>, timeoutMs: number): Promise<boolean> {
+  const timer = new AbortController();
+  const settled = await Promise.race([exited.then(() => true), sleep(Math.max(0, timeoutMs), false, { signal: timer.signal }).catch(() => false)]);
+  timer.abort();
+  return settled;
 }
 
 /** `word rest of line` -> [word, rest]. */

@@ -57,7 +57,7 @@ import { DroverError, errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { formatSshAddress, parseSshAddress, type SshTarget } from './ssh-address.js';
 import { HostKeyError, knownKeyTypes, verifyHostKey, type HostKeyPolicy } from './ssh-known-hosts.js';
-import { RemoteAgent, splitOnce, type AgentExecution, type ChangeFailure } from './ssh-agent.js';
+import { RemoteAgent, exitsWithin, splitOnce, type AgentExecution, type ChangeFailure } from './ssh-agent.js';
 import { NO_CHANGES, PendingChanges, covers, normalizePath, type Changes } from './ssh-pending.js';
 import { changesCommandLine, groupControlLine, remoteCommandLine, signalName } from './ssh-remote.js';
 import { fileType, type DirectoryEntry, type ExecOptions, type Execution, type ExitStatus, type FileStat, type Transport, type TransportCapabilities } from './transport.js';
@@ -161,13 +161,7 @@ class ChannelSlots {
   /** Takes a channel for good, whatever is free (the agent's, opened with the connection); returns its idempotent release. */
   take(): () => void {
     this.#inUse++;
-    let released = false;
-    return () => {
-      if (released) return;
-      released = true;
-      this.#inUse--;
-      this.#grant();
-    };
+    return this.#release();
   }
 
   /** Resolves with an idempotent release function once a channel may be opened. */
@@ -177,6 +171,11 @@ class ChannelSlots {
     } else {
       await new Promise<void>((grant) => this.#waiters.push({ kind, grant }));
     }
+    return this.#release();
+  }
+
+  /** An idempotent release of one channel in use. */
+  #release(): () => void {
     let released = false;
     return () => {
       if (released) return;
@@ -1168,12 +1167,7 @@ class SshExecution implements Execution {
   async waitGone(timeoutMs: number): Promise<boolean> {
     if (this.#freed || this.pid === undefined) return true;
     const deadline = performance.now() + Math.max(0, timeoutMs);
-    if (!this.#exitSeen && !this.#gone) {
-      const timer = new AbortController();
-      const exited = await Promise.race([this.exited.then(() => true), sleep(Math.max(0, timeoutMs), false, { signal: timer.signal }).catch(() => false)]);
-      timer.abort();
-      if (!exited) return false;
-    }
+    if (!this.#exitSeen && !this.#gone && !(await exitsWithin(this.exited, timeoutMs))) return false;
     if (await this.#groupEnded()) return true;
     // Without a connection the remote watcher stops the group on its own; there is nobody to ask.
     if (this.#connection?.closed) return true;

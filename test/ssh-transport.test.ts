@@ -424,6 +424,24 @@ t.test('deferred changes whose command never started are applied later', async (
     await eventually(`round ${round}: the removal`, async () => (await observer.stat(path)) === undefined);
   }
   t.pass('every removal was applied');
+  // Two commands on their way with changes when the connection drops: a task directory made for the first, removed
+  // with the second. What either did not apply is applied later, in the order it was asked for: the directory is gone.
+  const statusOf = (started: Promise<Execution>) => started.then(async (execution) => (await runToEnd(execution)).status, (error: unknown) => error);
+  for (let round = 0; round < 5; round++) {
+    const path = `${base}/s${round}`;
+    await transport.connect();
+    await transport.remove(path);
+    await transport.mkdir(path);
+    const first = statusOf(transport.exec(['true'], { cwd: path, env: BASE_ENV, cookie: cookieFor(t) }));
+    await new Promise((resolve) => setImmediate(resolve));
+    await transport.remove(path);
+    const second = statusOf(transport.exec(['true'], { cwd: base, env: BASE_ENV, cookie: cookieFor(t) }));
+    transport.dropConnection();
+    await Promise.all([first, second]);
+    await eventually(`round ${round}: the directory made, then removed`, async () => (await observer.stat(path)) === undefined);
+    await transport.flush();
+    t.equal(await observer.stat(path), undefined, `round ${round}: and it stays removed once every change is applied`);
+  }
 });
 
 t.test('a removal that fails is logged; a working directory that cannot be cleared or made rejects the exec', async (t) => {

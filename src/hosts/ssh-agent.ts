@@ -86,6 +86,8 @@ export class RemoteAgent {
   #nextId = 1;
   readonly #executions = new Map<number, AgentExecution>();
   readonly #flushes = new Map<number, { unremoved: number[]; unmade: number[]; done: () => void; failed: (error: Error) => void }>();
+  /** The agent said hello: it runs the program and speaks the protocol. */
+  #started = false;
   #closed = false;
   #lostConnection = false;
   readonly #closedListeners: (() => void)[] = [];
@@ -127,8 +129,6 @@ export class RemoteAgent {
     const reason = noPerl ? NO_PERL : `the agent did not start (exit code ${exitCode ?? 'none'}${stderr.trim() ? `: ${stderr.trim()}` : ''})`;
     return { noPerl, reason };
   }
-
-  #started = false;
 
   private constructor(channel: ClientChannel, options: AgentStartOptions, onHello: () => void) {
     this.#channel = channel;

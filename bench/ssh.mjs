@@ -6,10 +6,13 @@
  *   TCP_NODELAY on (bench/ssh-floor.mjs); and the same with Nagle's
  *   algorithm left on, to show what a client without TCP_NODELAY pays.
  * - GNU parallel `-S` with `-j8`, with and without ControlMaster (`-M`).
+ * - drover's SSH transport alone, in this process: per job what the
+ *   runtime asks of it (remove and mkdir of a task directory, exec through
+ *   the remote agent, kill, waitGone, remove), 8 at a time.
  * - drover worker over SSH: the jobs submitted to the embedded queue, then
  *   `drover worker --once --capacity 8` with the sshd as its SSH host
  *   (SshHost + process engine: a task directory, the command through the
- *   remote wrapper, live log, cleanup, per job).
+ *   remote agent, live log, cleanup, per job).
  * - drover batch --hosts: `seq N | drover batch --hosts ... --split 8 -- true`
  *   (a drover without batch over SSH exits 2, and the row says so).
  *
@@ -27,6 +30,7 @@ export async function ssh({ root, scratch, reps, quick }) {
   const jobs = quick ? 200 : 500;
   const { startSshd } = await import(join(root, 'dist/testing/sshd.js'));
   const { SqliteQueue } = await import(join(root, 'dist/queues/sqlite.js'));
+  const { SshTransport } = await import(join(root, 'dist/hosts/ssh-transport.js'));
   // Room for 8 command channels plus drover's SFTP and control channels, and sessions sshd is still closing.
   const sshd = await startSshd({ maxSessions: 4 * SLOTS });
   try {
@@ -39,7 +43,7 @@ export async function ssh({ root, scratch, reps, quick }) {
       DROVER_SSH_IDENTITY_FILE: sshd.identityFile,
       DROVER_SSH_KNOWN_HOSTS: sshd.knownHostsFile,
       DROVER_SSH_CAPACITY: String(SLOTS),
-      // 8 commands, the SFTP session and the control channel.
+      // The remote agent's channel (or, on a host without perl, 8 command channels), the SFTP session and the control channel.
       DROVER_SSH_MAX_CHANNELS: String(SLOTS + 2),
       DROVER_LOG_LEVEL: 'warn',
     };
@@ -52,6 +56,35 @@ export async function ssh({ root, scratch, reps, quick }) {
       // A fresh SSH login per job: a quarter of the jobs, so the case stays within minutes; rates compare.
       'GNU parallel -S -j8': () => timed('sh', ['-c', `seq ${jobs / 4} | parallel -j${SLOTS} -N0 -S "$1" true`, 'sh', sshlogin]).then((s) => s * 4),
       'GNU parallel -S -j8 -M (ControlMaster)': () => timed('sh', ['-c', `seq ${jobs / 4} | parallel -M -j${SLOTS} -N0 -S "$1" true`, 'sh', sshlogin]).then((s) => s * 4),
+      'drover\'s SSH transport alone (remove, mkdir, exec, kill, waitGone, remove)': async () => {
+        const start = performance.now();
+        const transport = new SshTransport({ address: sshd.address, identityFiles: [sshd.identityFile], knownHostsFile: sshd.knownHostsFile, agent: false, maxChannels: SLOTS + 2 });
+        try {
+          const base = `${await transport.home()}/bench-transport`;
+          let next = 0;
+          const lane = async (slot) => {
+            const dir = `${base}/${slot}`;
+            while (next < jobs) {
+              next++;
+              await transport.remove(dir);
+              await transport.mkdir(dir);
+              const execution = await transport.exec(['true'], { cwd: dir, env: { PATH: '/usr/bin:/bin' }, cookie: 'bench-transport' });
+              execution.stdout.resume();
+              execution.stderr.resume();
+              const { exitCode } = await execution.exited;
+              if (exitCode !== 0) throw new Error(`true exited ${exitCode}`);
+              await execution.kill('SIGKILL');
+              await execution.waitGone(5000);
+              await transport.remove(dir);
+            }
+          };
+          await Promise.all(Array.from({ length: SLOTS }, (_, slot) => lane(slot)));
+          await transport.remove(base);
+        } finally {
+          await transport.close();
+        }
+        return (performance.now() - start) / 1000;
+      },
       'drover worker over SSH (SshHost + process engine)': async () => {
         const dir = join(scratch, 'ssh-queue');
         rmSync(dir, { recursive: true, force: true });
@@ -103,7 +136,8 @@ export async function ssh({ root, scratch, reps, quick }) {
       description: `${jobs} runs of \`true\` on the suite's own sshd on 127.0.0.1 (OpenSSH, a throw-away user whose login shell is /bin/sh), 8 at a time. Every case's time includes starting its program and connecting. `
         + 'Floor: raw ssh2 in a minimal Node program (bench/ssh-floor.mjs), one persistent connection, 8 concurrent exec channels, TCP_NODELAY on; then the same with Nagle\'s algorithm on. '
         + `GNU parallel: \`seq ${jobs / 4} | parallel -j8 -N0 -S "8/ssh -p PORT -i KEY ... user@127.0.0.1" true\`, with and without \`-M\` (ControlMaster): a quarter of the jobs, as each is a new SSH login (or channel, with -M), so that the case stays within minutes. `
-        + `drover worker over SSH: the jobs submitted to the embedded queue, then \`drover worker --once --capacity 8\` with the sshd as its one SSH host (${SLOTS} command channels), through the process engine (task directory, remote wrapper, live log, cleanup). `
+        + 'drover\'s SSH transport alone: in the benchmark\'s own process, per job what the runtime asks of it (remove and mkdir of a task directory, exec of `true` through the remote agent, kill, waitGone, remove), 8 at a time. '
+        + `drover worker over SSH: the jobs submitted to the embedded queue, then \`drover worker --once --capacity 8\` with the sshd as its one SSH host (${SLOTS} slots), through the process engine (task directory, remote agent, live log, cleanup). `
         + 'drover batch --hosts: `seq N | drover batch --hosts user@127.0.0.1:PORT --split 8 -- true`, with the same SSH settings in the environment.',
       unit: 'jobs/s',
       extraHeader: 'per job; against GNU parallel',

@@ -3,6 +3,10 @@
  * their environment and exit status, the process engine running over SSH,
  * abort and dropped connections leaving no remote process, SFTP, connection
  * pooling, host keys, credentials and unreachable hosts.
+ *
+ * Commands go through the remote agent; test/ssh-transport-wrapper.test.ts
+ * runs this very file with DROVER_SSH_TEST_PATH=wrapper, where they go
+ * through the shell wrapper (the path of hosts without perl).
  */
 import t, { type Test } from 'tap';
 import { spawn, execFileSync } from 'node:child_process';
@@ -20,14 +24,16 @@ import type { Execution } from '../src/hosts/transport.js';
 import type { Claim } from '../src/model/task.js';
 import { createLogger, silentLogger } from '../src/runtime/logger.js';
 import type { TestSshd } from '../src/testing/sshd.js';
-import { requireSshd, sshd } from './helpers/sshd.js';
+import { cookieFor, requireSshd, sshd, until } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
 
 const BASE_ENV = { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: 'C.UTF-8' };
+/** How commands reach the host in this run: through the remote agent, or the shell wrapper. */
+const AGENT = process.env['DROVER_SSH_TEST_PATH'] !== 'wrapper';
 
 function transportFor(t: Test, server: TestSshd, options: Partial<SshTransportOptions> = {}): SshTransport {
-  const transport = new SshTransport({ address: server.address, identityFiles: [server.identityFile], knownHostsFile: server.knownHostsFile, agent: false, ...options });
+  const transport = new SshTransport({ address: server.address, identityFiles: [server.identityFile], knownHostsFile: server.knownHostsFile, agent: false, remoteAgent: AGENT, ...options });
   t.teardown(() => transport.close());
   return transport;
 }
@@ -38,21 +44,6 @@ async function remoteDir(t: Test, transport: SshTransport): Promise<string> {
   await transport.mkdir(dir);
   t.teardown(() => transport.remove(dir).catch(() => {}));
   return dir;
-}
-
-/** A cookie whose processes are SIGKILLed at teardown, whatever the test did. */
-function cookieFor(t: Test): string {
-  const cookie = `ssh-test-${randomUUID()}`;
-  t.teardown(() => {
-    for (const pid of pidsWithCookie(cookie)) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        // gone
-      }
-    }
-  });
-  return cookie;
 }
 
 function collect(stream: Readable): Promise<string> {
@@ -67,14 +58,6 @@ function collect(stream: Readable): Promise<string> {
 async function runToEnd(execution: Execution) {
   const [status, stdout, stderr] = await Promise.all([execution.exited, collect(execution.stdout), collect(execution.stderr)]);
   return { status, stdout, stderr };
-}
-
-async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
 }
 
 t.test('exec: exact environment, quoting, cwd, stdout, stderr, exit code, stdin closed', async (t) => {
@@ -234,7 +217,19 @@ t.test('100 commands share one TCP connection; channels stay within the limit', 
   t.ok(results.every(Boolean), 'every command ran with its own output');
   t.equal(transport.stats.connectionsOpened, 1, 'one TCP connection opened by the client');
   t.equal(server.logins(), 1, 'and one login seen by sshd');
-  t.ok(most <= 8 && most >= 6, `as many channels as allowed, never more than maxChannels (at most ${most} open)`);
+  if (AGENT) {
+    t.ok(most <= 2, `commands take no channel: the agent's and SFTP (at most ${most} open)`);
+    // So they are not limited by channels: 20 run at once, each until a file appears (10 s at most).
+    const gate = `${dir}/go`;
+    const waiting = await Promise.all(
+      Array.from({ length: 20 }, () => transport.exec(['sh', '-c', 'i=0; while [ ! -e "$0" ] && [ $i -lt 500 ]; do sleep 0.02; i=$((i + 1)); done; test -e "$0"', gate], { cwd: dir, env: BASE_ENV, cookie: 'pool' })),
+    );
+    t.ok(transport.stats.channelsOpen <= 2, '20 commands started at once, more than maxChannels, and still no channel of their own');
+    await transport.writeFile(gate, '');
+    t.same(await Promise.all(waiting.map(async (execution) => (await runToEnd(execution)).status.exitCode)), Array(20).fill(0), 'and they all saw the file');
+  } else {
+    t.ok(most <= 8 && most >= 6, `as many channels as allowed, never more than maxChannels (at most ${most} open)`);
+  }
   // Regression: channels that close and reopen quickly can outrun the server's own count
   // (MaxSessions); a refused open is retried instead of failing the command.
   const burst = await Promise.all(Array.from({ length: 200 }, async () => (await runToEnd(await transport.exec(['true'], { cwd: dir, env: BASE_ENV, cookie: 'pool' }))).status.exitCode));
@@ -334,7 +329,9 @@ async function eventually(what: string, check: () => Promise<boolean>, timeoutMs
   }
 }
 
-t.test('a task costs one channel: its directory is cleared and made in the command\'s own channel, its removal goes with the next command', async (t) => {
+t.test('a task costs one channel (none with the agent): its directory is cleared and made with its command, its removal goes with the next command', async (t) => {
+  // With the agent, commands and deferred changes take no channel at all.
+  const perTask = AGENT ? 0 : 1;
   const server = await sshd(t);
   const transport = transportFor(t, server);
   // Another client: it sees the host as it is, whatever `transport` still holds back.
@@ -353,7 +350,7 @@ t.test('a task costs one channel: its directory is cleared and made in the comma
   t.equal(ran.stdout, `${first}\n`, 'the command ran in a fresh, empty task directory');
   await execution.kill('SIGKILL');
   t.ok(await execution.waitGone(5000), 'its group is gone');
-  t.equal(transport.stats.channelsOpened - before, 1, 'remove, mkdir, exec, kill and waitGone took one channel (no rm, no SFTP mkdir, no control command)');
+  t.equal(transport.stats.channelsOpened - before, perTask, `remove, mkdir, exec, kill and waitGone took ${perTask} channel (no rm, no SFTP mkdir, no control command)`);
   await transport.remove(first);
   t.equal((await observer.stat(first))?.type, 'directory', 'the removal waits');
   const second = `${base}/tasks/b`;
@@ -361,14 +358,14 @@ t.test('a task costs one channel: its directory is cleared and made in the comma
   await transport.mkdir(second);
   const next = await runToEnd(await transport.exec(['true'], { cwd: second, env: BASE_ENV, cookie: cookieFor(t) }));
   t.equal(next.status.exitCode, 0);
-  t.equal(transport.stats.channelsOpened - before, 2, 'the next task: one more channel');
+  t.equal(transport.stats.channelsOpened - before, 2 * perTask, 'the next task: as many more');
   t.equal(await observer.stat(first), undefined, 'the first task directory went with the second command');
   t.equal((await observer.stat(second))?.type, 'directory');
   await transport.remove(second);
   // No command follows: a control command applies it soon.
   await eventually('the last removal to be applied by itself', async () => (await observer.stat(second)) === undefined);
-  t.equal(transport.stats.changeFlushes, 1, 'by one control command');
-  t.equal(transport.stats.channelsOpened - before, 3);
+  t.equal(transport.stats.changeFlushes, 1, AGENT ? 'by one request to the agent' : 'by one control command');
+  t.equal(transport.stats.channelsOpened - before, 3 * perTask);
 });
 
 t.test('deferred changes: every operation sees them, close() applies what is left, a lost connection keeps them for the next one', async (t) => {
@@ -427,6 +424,24 @@ t.test('deferred changes whose command never started are applied later', async (
     await eventually(`round ${round}: the removal`, async () => (await observer.stat(path)) === undefined);
   }
   t.pass('every removal was applied');
+  // Two commands on their way with changes when the connection drops: a task directory made for the first, removed
+  // with the second. What either did not apply is applied later, in the order it was asked for: the directory is gone.
+  const statusOf = (started: Promise<Execution>) => started.then(async (execution) => (await runToEnd(execution)).status, (error: unknown) => error);
+  for (let round = 0; round < 5; round++) {
+    const path = `${base}/s${round}`;
+    await transport.connect();
+    await transport.remove(path);
+    await transport.mkdir(path);
+    const first = statusOf(transport.exec(['true'], { cwd: path, env: BASE_ENV, cookie: cookieFor(t) }));
+    await new Promise((resolve) => setImmediate(resolve));
+    await transport.remove(path);
+    const second = statusOf(transport.exec(['true'], { cwd: base, env: BASE_ENV, cookie: cookieFor(t) }));
+    transport.dropConnection();
+    await Promise.all([first, second]);
+    await eventually(`round ${round}: the directory made, then removed`, async () => (await observer.stat(path)) === undefined);
+    await transport.flush();
+    t.equal(await observer.stat(path), undefined, `round ${round}: and it stays removed once every change is applied`);
+  }
 });
 
 t.test('a removal that fails is logged; a working directory that cannot be cleared or made rejects the exec', async (t) => {
@@ -482,6 +497,7 @@ t.test('the watcher\'s report of the group is taken out of stderr, and saves the
   t.notOk(await held.waitGone(200), 'the background sleep is left: the group is not gone');
   await held.kill('SIGKILL');
   t.ok(await held.waitGone(5000));
-  t.ok(transport.stats.channelsOpened > channels, 'which control commands checked and killed');
+  if (AGENT) t.equal(transport.stats.channelsOpened, channels, 'which the agent checked and killed, without a channel');
+  else t.ok(transport.stats.channelsOpened > channels, 'which control commands checked and killed');
   t.same(pidsWithCookie(cookie), []);
 });

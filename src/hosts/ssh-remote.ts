@@ -1,7 +1,9 @@
 /**
- * The shell scripts the SSH transport runs on the remote host, and the
- * command line that starts them. POSIX sh, plus `setsid` (util-linux) and
- * `env` there; nothing is installed on the remote host.
+ * The shell scripts the SSH transport runs on the remote host when it has
+ * no remote agent there (no perl, or `remoteAgent: false`; see
+ * ssh-agent.ts), and the command line that starts them. POSIX sh, plus
+ * `setsid` (util-linux) and `env` there; nothing is installed on the
+ * remote host.
  *
  * OpenSSH runs every exec channel's command in a new session (setsid), so
  * the login shell's pid P is also the id of a fresh process group. The

@@ -3,28 +3,36 @@
  * pooled SSH connection (the `ssh2` package).
  *
  * - One connection per host, opened on first use, with TCP_NODELAY and
- *   SSH keepalives; many commands share it through channels, at most
- *   `maxChannels` at once (default 8, below OpenSSH's MaxSessions of 10);
- *   beyond that, callers queue. One channel is the SFTP session, and one
- *   is always kept free for short control commands (kill, rm), so at most
- *   `maxChannels - 2` commands run at once.
+ *   SSH keepalives; at most `maxChannels` channels at once on it (default
+ *   8, below OpenSSH's MaxSessions of 10); beyond that, callers queue. One
+ *   channel is the SFTP session, and one is always kept free for short
+ *   control commands (`run()`; kill, rm without the agent).
+ * - With the connection starts the remote agent (ssh-agent.ts, and the
+ *   program it runs, ssh-agent-program.ts), in a channel of its own: every
+ *   command goes through it, as frames on that channel, and takes no
+ *   channel; as many run at once as callers start. On a host without perl
+ *   (or with `remoteAgent: false`) each command takes a channel through
+ *   the remote wrapper instead, so at most `maxChannels - 2` run at once.
  * - A connection that drops is reopened on next use, after a backoff that
  *   doubles with each failed attempt (reconnectDelayMs .. maxReconnectDelayMs).
  *   A drop emits `lost` (with the error) and ends the commands that ran on
  *   it: their `exited` resolves with exit code 255.
- * - Commands run through a small remote wrapper (ssh-remote.ts): the
- *   environment is set on the command line (`env -i`, shell-quoted), the
- *   command is the leader of its own process group, kill() signals that
- *   group, and when the channel or the connection goes away the remote
- *   side stops the group by itself (signal, grace period, SIGKILL).
+ * - Through the agent or the wrapper (ssh-remote.ts), a command gets
+ *   exactly its environment, is the leader of its own process group,
+ *   kill() signals that group, and when the connection (or the agent's
+ *   channel) goes away the remote side stops the group by itself (signal,
+ *   grace period, SIGKILL).
  * - Files go over SFTP: mkdir, stat, read and write streams, and upload()
  *   and download() of files and directory trees. remove() is `rm -rf`.
  * - remove(), and a mkdir() of a path that a pending removal covers (the
  *   runtime's `remove(taskDir)` then `mkdir(taskDir)`), are deferred
- *   (ssh-pending.ts) and applied in the channel of the next command,
- *   before it starts, so a task costs one channel and not three. Every
- *   other operation that could see them waits for them first (a control
- *   command applies them when no command is on its way); a change that
+ *   (ssh-pending.ts) and go with the next command, applied before it
+ *   starts, so a task costs no round trip of its own for them. Through the
+ *   agent, which applies them in the order it gets them, commands may
+ *   carry changes while earlier ones are still on their way; through the
+ *   wrapper, one application is under way at a time. Every other operation
+ *   that could see them waits for them first (a request to the agent, or
+ *   a control command, applies them when no command is on its way); a change that
  *   nobody looks at is applied within FLUSH_DELAY_MS anyway, and close()
  *   applies what is left. Changes whose command never ran (a lost
  *   connection) stay pending and are applied on the next connection.
@@ -49,6 +57,7 @@ import { DroverError, errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { formatSshAddress, parseSshAddress, type SshTarget } from './ssh-address.js';
 import { HostKeyError, knownKeyTypes, verifyHostKey, type HostKeyPolicy } from './ssh-known-hosts.js';
+import { RemoteAgent, exitsWithin, splitOnce, type AgentExecution, type ChangeFailure } from './ssh-agent.js';
 import { NO_CHANGES, PendingChanges, covers, normalizePath, type Changes } from './ssh-pending.js';
 import { changesCommandLine, groupControlLine, remoteCommandLine, signalName } from './ssh-remote.js';
 import { fileType, type DirectoryEntry, type ExecOptions, type Execution, type ExitStatus, type FileStat, type Transport, type TransportCapabilities } from './transport.js';
@@ -87,6 +96,13 @@ export interface SshConnectionOptions extends SshAuthOptions {
   /** How the remote side stops a command whose connection is gone: this signal, then SIGKILL after killGraceMs (SIGTERM, 5000). */
   readonly killSignal?: NodeJS.Signals;
   readonly killGraceMs?: number;
+  /**
+   * Run commands through one remote agent per connection (a Perl program,
+   * ssh-agent-program.ts) when the host has perl: default true. False, or a
+   * host without perl: every command through the shell wrapper in a channel
+   * of its own (ssh-remote.ts).
+   */
+  readonly remoteAgent?: boolean;
   readonly logger?: Logger;
 }
 
@@ -106,6 +122,8 @@ export interface SshTransportStats {
   readonly changeFlushes: number;
   /** Deferred removals that failed (each is logged). */
   readonly failedRemovals: number;
+  /** Remote agents started (one per connection, unless the host has no perl). */
+  readonly agentsStarted: number;
 }
 
 /** How often a refused channel open is retried (about 3 s in all). */
@@ -140,6 +158,12 @@ class ChannelSlots {
     return this.#inUse < (kind === 'command' ? this.limit - 1 : this.limit);
   }
 
+  /** Takes a channel for good, whatever is free (the agent's, opened with the connection); returns its idempotent release. */
+  take(): () => void {
+    this.#inUse++;
+    return this.#release();
+  }
+
   /** Resolves with an idempotent release function once a channel may be opened. */
   async acquire(kind: 'command' | 'control'): Promise<() => void> {
     if (this.#waiters.length === 0 && this.#fits(kind)) {
@@ -147,6 +171,11 @@ class ChannelSlots {
     } else {
       await new Promise<void>((grant) => this.#waiters.push({ kind, grant }));
     }
+    return this.#release();
+  }
+
+  /** An idempotent release of one channel in use. */
+  #release(): () => void {
     let released = false;
     return () => {
       if (released) return;
@@ -173,10 +202,15 @@ class ChannelSlots {
   }
 }
 
-/** Deferred changes on their way to the host, in a command's channel or a control command. */
+/** Deferred changes on their way to the host, with a command or in a control command (or a request to the agent). */
 interface Application {
   readonly changes: Changes;
+  /** Resolves once it is off the list of applications under way (applied, or back in the pending set). */
   readonly done: Promise<void>;
+  readonly finish: () => void;
+  /** The agent it went to, which applies what it gets in order. */
+  readonly agent: RemoteAgent | undefined;
+  outcome?: 'applied' | 'failed';
 }
 
 interface Connection {
@@ -187,6 +221,10 @@ interface Connection {
   /** Why it closed, when it broke. */
   error?: Error;
   readonly closedSignal: AbortController;
+  /** The remote agent; undefined in it when commands go through the wrapper. */
+  agent?: Promise<RemoteAgent | undefined>;
+  /** The host has no perl, or the agent would not start: no more attempts on this connection. */
+  noAgent?: boolean;
 }
 
 export class SshTransport extends EventEmitter<{ lost: [error: Error] }> implements Transport {
@@ -204,10 +242,14 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   #closed = false;
   #closing: Promise<void> | undefined;
   #home: string | undefined;
-  #stats = { connectionsOpened: 0, channelsOpened: 0, changeFlushes: 0, failedRemovals: 0 };
+  #stats = { connectionsOpened: 0, channelsOpened: 0, changeFlushes: 0, failedRemovals: 0, agentsStarted: 0 };
   readonly #pending = new PendingChanges();
-  /** At most one application is under way at a time, so they land in the order they were taken. */
-  #applying: Application | undefined;
+  /**
+   * Applications under way, oldest first. Through the agent, which applies
+   * them in the order it gets them, several may be; otherwise one at a time,
+   * so that they land in the order they were taken.
+   */
+  readonly #applying: Application[] = [];
   #flushTimer: NodeJS.Timeout | undefined;
   /** Deferred directories that could not be made, and why: an exec there rejects. */
   readonly #unmade = new Map<string, string>();
@@ -248,15 +290,17 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
 
   async exec(argv: readonly string[], options: ExecOptions): Promise<Execution> {
     if (argv.length === 0) return SshExecution.failed(new Error('exec: empty argv'));
-    // The command must see every change asked for before it; those still pending go in its own channel.
+    // The command must see every change asked for before it; those still pending go with it.
     const need = this.#pending.count;
+    const agent = await this.#agentFor(await this.#connect());
+    if (agent !== undefined) return this.#execByAgent(agent, argv, options, need);
     const release = await this.#slots.acquire('command');
     let execution: SshExecution;
     const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
     let carried: Carried | undefined;
     try {
       const connection = await this.#connect();
-      carried = await this.#carry(need);
+      carried = await this.#carry(need, undefined);
       const { changes } = carried;
       const cwd = normalizePath(options.cwd);
       const unmade = this.#unmade.get(cwd);
@@ -285,6 +329,68 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     carried.settle(execution.headerSeen);
     if (execution.workdirError !== undefined) throw workdirError(execution.workdirError, options.cwd);
     return execution;
+  }
+
+  /** exec() through the remote agent: no channel of its own. */
+  async #execByAgent(agent: RemoteAgent, argv: readonly string[], options: ExecOptions, need: number): Promise<Execution> {
+    const carried = await this.#carry(need, agent);
+    let execution: AgentExecution;
+    try {
+      const { changes } = carried;
+      const cwd = normalizePath(options.cwd);
+      const unmade = this.#unmade.get(cwd);
+      if (unmade !== undefined && !changes.dirs.includes(cwd)) throw workdirError(unmade, options.cwd);
+      execution = agent.exec(
+        { cwd: options.cwd, env: { ...options.env, DROVER_RUN_COOKIE: options.cookie }, argv, changes, freshCwd: changes.removals.some((removal) => covers(removal, cwd)) },
+        (kind, index) => this.#changeFailed(changes, kind, index),
+      );
+    } catch (error) {
+      carried.settle(false);
+      throw error;
+    }
+    await execution.started;
+    // Without the agent's answer it is unknown what it did: the changes are applied again (they are idempotent).
+    carried.settle(execution.headerSeen);
+    if (execution.workdirError !== undefined) throw workdirError(execution.workdirError, options.cwd);
+    return execution;
+  }
+
+  /** The connection's agent, started on first use; undefined when commands go through the wrapper. */
+  #agentFor(connection: Connection): Promise<RemoteAgent | undefined> {
+    if (this.#options.remoteAgent === false || connection.noAgent === true || connection.closed) return Promise.resolve(undefined);
+    connection.agent ??= this.#startAgent(connection);
+    return connection.agent;
+  }
+
+  async #startAgent(connection: Connection): Promise<RemoteAgent | undefined> {
+    const release = this.#slots.take();
+    const started = await RemoteAgent.start({
+      address: this.address,
+      killSignal: signalName(this.#options.killSignal ?? 'SIGTERM'),
+      killGraceMs: this.#options.killGraceMs ?? 5000,
+      timeoutMs: this.#options.connectTimeoutMs ?? 10_000,
+      connectionClosed: connection.closedSignal.signal,
+      logger: this.#logger,
+      open: (command, onChannel) => this.#openExec(connection, command, onChannel),
+    });
+    if (!(started instanceof RemoteAgent)) {
+      release();
+      connection.noAgent = true;
+      connection.agent = undefined;
+      if (started.noPerl) this.#logger?.info('ssh: the host has no perl; commands go through the shell wrapper, a channel each');
+      else if (!connection.closed) this.#logger?.warn('ssh: the remote agent did not start; commands go through the shell wrapper, a channel each', { reason: started.reason });
+      return undefined;
+    }
+    this.#stats.agentsStarted++;
+    started.onClosed(() => {
+      release();
+      // An agent that stopped (the connection lives on) is started again by the next command.
+      if (connection.agent !== undefined && !connection.closed) {
+        this.#logger?.warn('ssh: the remote agent stopped; the next command starts another');
+        connection.agent = undefined;
+      }
+    });
+    return started;
   }
 
   /** Runs a short shell command line (a control channel) once the changes asked for so far are made; resolves with its exit code and output. */
@@ -477,7 +583,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   async #close(): Promise<void> {
     clearTimeout(this.#flushTimer);
     this.#flushTimer = undefined;
-    if (!this.#pending.empty || this.#applying !== undefined) {
+    if (!this.#pending.empty || this.#applying.length > 0) {
       const timer = new AbortController();
       const settled = await Promise.race([
         this.#settle().then(() => true, (error: unknown) => {
@@ -487,7 +593,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
         sleep(CLOSE_FLUSH_MS, false, { signal: timer.signal }).catch(() => false),
       ]);
       timer.abort();
-      const left = settled ? [] : [...(this.#applying?.changes.removals ?? []), ...this.#pending.take().removals];
+      const left = settled ? [] : [...this.#applying.flatMap((application) => application.changes.removals), ...this.#pending.take().removals];
       if (left.length > 0) this.#logger?.warn('ssh: closing without removing these paths: the host cannot be reached', { paths: left });
     }
     this.#closed = true;
@@ -501,6 +607,13 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
   }
 
+  /** Ends the remote agent (it stops every group it started, as when its channel is lost): for tests. */
+  async stopAgent(): Promise<void> {
+    const connection = this.#connection;
+    const agent = connection === undefined ? undefined : await connection.agent;
+    agent?.close();
+  }
+
   /** Cuts the TCP connection as a network failure would: for tests. */
   dropConnection(): void {
     const connection = this.#connection;
@@ -509,12 +622,14 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   }
 
   /**
-   * Waits for the changes numbered up to `need` that are on their way to
-   * the host; then, when no application is under way, takes every pending
-   * change for the caller to apply (settle() says whether it did).
+   * Takes every pending change for the caller to apply (settle() says
+   * whether it did). First waits for the applications under way, the
+   * changes numbered up to `need` among them, but for those sent to
+   * `agent`, the caller's: it applies what it gets in order, and starts a
+   * command only after the changes sent before it.
    */
-  async #carry(need: number): Promise<Carried> {
-    for (let applying = this.#applying; applying !== undefined; applying = this.#applying) {
+  async #carry(need: number, agent: RemoteAgent | undefined): Promise<Carried> {
+    for (let applying = this.#waitedFor(agent); applying !== undefined; applying = this.#waitedFor(agent)) {
       // One under way with only newer changes took every older one: nothing the caller needs is pending.
       if (applying.changes.oldest > need) return NOTHING_CARRIED;
       await applying.done;
@@ -522,30 +637,51 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     const changes = this.#pending.take();
     if (changes === NO_CHANGES) return NOTHING_CARRIED;
     let finish!: () => void;
-    const application: Application = { changes, done: new Promise<void>((resolve) => (finish = resolve)) };
-    this.#applying = application;
-    let settled = false;
+    const done = new Promise<void>((resolve) => (finish = resolve));
+    const application: Application = { changes, done, finish, agent };
+    this.#applying.push(application);
     return {
       changes,
       settle: (applied) => {
-        if (settled) return;
-        settled = true;
-        if (!applied) {
-          this.#pending.restore(changes);
-          this.#scheduleFlush();
-        }
-        if (this.#applying === application) this.#applying = undefined;
-        finish();
+        if (application.outcome !== undefined) return;
+        application.outcome = applied ? 'applied' : 'failed';
+        this.#retire();
       },
     };
+  }
+
+  /** The oldest application under way that a caller through `agent` (or none) must wait for. */
+  #waitedFor(agent: RemoteAgent | undefined): Application | undefined {
+    return this.#applying.find((application) => agent === undefined || application.agent !== agent);
+  }
+
+  /**
+   * Takes settled applications off the list: applied ones from its front;
+   * and from its end, newest first, applied or failed ones. A failed one goes
+   * back to the pending set before every change after it (restore()), so it
+   * waits for the newer ones to settle first: the calls' order is kept.
+   */
+  #retire(): void {
+    for (let first = this.#applying[0]; first?.outcome === 'applied'; first = this.#applying[0]) {
+      this.#applying.shift();
+      first.finish();
+    }
+    for (let last = this.#applying.at(-1); last?.outcome !== undefined; last = this.#applying.at(-1)) {
+      this.#applying.pop();
+      if (last.outcome === 'failed') {
+        this.#pending.restore(last.changes);
+        this.#scheduleFlush();
+      }
+      last.finish();
+    }
   }
 
   /** Waits until every change asked for so far has reached the host; applies pending ones with a control command. */
   async #settle(): Promise<void> {
     const need = this.#pending.count;
     for (;;) {
-      const applying = this.#applying;
-      if (applying !== undefined && applying.changes.oldest <= need) {
+      const applying = this.#applying.find((application) => application.changes.oldest <= need);
+      if (applying !== undefined) {
         await applying.done;
         continue;
       }
@@ -554,17 +690,22 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
   }
 
-  /** One control command that applies every pending change. */
+  /** Applies every pending change: through the agent, or with one control command. */
   async #flushNow(): Promise<void> {
+    const agent = await this.#agentFor(await this.#connect());
+    if (agent !== undefined) {
+      await this.#flushByAgent(agent);
+      return;
+    }
     const release = await this.#slots.acquire('control');
     let carried: Carried | undefined;
     try {
-      carried = await this.#carry(Infinity);
+      carried = await this.#carry(Infinity, undefined);
       const { changes } = carried;
       if (changes === NO_CHANGES) return;
-      const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
       const connection = await this.#connect();
       this.#stats.changeFlushes++;
+      const nonce = `DROVER-${randomBytes(9).toString('hex')}`;
       const { exitCode, stdout, stderr } = await this.#runOn(connection, changesCommandLine(nonce, changes));
       for (const line of stdout.split('\n')) {
         const [marker, kind, index] = line.split(' ');
@@ -578,6 +719,23 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     } finally {
       release();
     }
+  }
+
+  async #flushByAgent(agent: RemoteAgent): Promise<void> {
+    const carried = await this.#carry(Infinity, agent);
+    const { changes } = carried;
+    if (changes === NO_CHANGES) return;
+    this.#stats.changeFlushes++;
+    let failed: { unremoved: number[]; unmade: number[] };
+    try {
+      failed = await agent.applyChanges(changes);
+    } catch (error) {
+      carried.settle(false);
+      throw new SshConnectionError(`${this.address}: cannot apply deferred changes: ${errorMessage(error)}`, { cause: error });
+    }
+    for (const index of failed.unremoved) this.#changeFailed(changes, 'unremoved', index);
+    for (const index of failed.unmade) this.#changeFailed(changes, 'unmade', index);
+    carried.settle(true);
   }
 
   #scheduleFlush(): void {
@@ -690,6 +848,8 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
     this.#connection = connection;
     this.#logger?.debug('ssh connected');
+    // The agent starts with the connection, so that the first command does not wait for it.
+    await this.#agentFor(connection);
     return connection;
   }
 
@@ -766,8 +926,6 @@ function typeOfMode(mode: number): FileStat['type'] {
     default: return 'other';
   }
 }
-
-type ChangeFailure = 'unremoved' | 'unmade';
 
 /** Deferred changes that an operation took to apply; settle(false) puts them back. */
 interface Carried {
@@ -1009,12 +1167,7 @@ class SshExecution implements Execution {
   async waitGone(timeoutMs: number): Promise<boolean> {
     if (this.#freed || this.pid === undefined) return true;
     const deadline = performance.now() + Math.max(0, timeoutMs);
-    if (!this.#exitSeen && !this.#gone) {
-      const timer = new AbortController();
-      const exited = await Promise.race([this.exited.then(() => true), sleep(Math.max(0, timeoutMs), false, { signal: timer.signal }).catch(() => false)]);
-      timer.abort();
-      if (!exited) return false;
-    }
+    if (!this.#exitSeen && !this.#gone && !(await exitsWithin(this.exited, timeoutMs))) return false;
     if (await this.#groupEnded()) return true;
     // Without a connection the remote watcher stops the group on its own; there is nobody to ask.
     if (this.#connection?.closed) return true;
@@ -1049,10 +1202,4 @@ function partialMatch(data: Buffer, marker: Buffer): number {
     if (data.subarray(data.length - length).equals(marker.subarray(0, length))) return length;
   }
   return 0;
-}
-
-/** `word rest of line` -> [word, rest]. */
-function splitOnce(text: string): [string, string] {
-  const space = text.indexOf(' ');
-  return space < 0 ? [text, ''] : [text.slice(0, space), text.slice(space + 1)];
 }

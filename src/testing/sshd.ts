@@ -57,6 +57,8 @@ export interface StartSshdOptions {
   readonly identityFile?: string;
   /** sshd's MaxSessions; default 10, OpenSSH's own. */
   readonly maxSessions?: number;
+  /** Variables sshd sets in every session (SetEnv), over its own (PATH among them): e.g. a PATH without some program. */
+  readonly sessionEnv?: Readonly<Record<string, string>>;
 }
 
 let userReady: Promise<void> | undefined;
@@ -159,6 +161,7 @@ export async function startSshd(options: StartSshdOptions = {}): Promise<TestSsh
       'KbdInteractiveAuthentication no',
       'PermitRootLogin no',
       `MaxSessions ${options.maxSessions ?? 10}`,
+      ...Object.entries(options.sessionEnv ?? {}).map(([name, value]) => `SetEnv ${JSON.stringify(`${name}=${value}`)}`),
       'MaxStartups 100:30:200',
       'UseDNS no',
       'PrintMotd no',

@@ -7,7 +7,9 @@ import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { chmodSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Test } from 'tap';
+import { pidsWithCookie } from '../../src/hosts/proc.js';
 import { findSshd, startSshd, type StartSshdOptions, type TestSshd } from '../../src/testing/sshd.js';
 
 /** Why SSH tests cannot run here, or undefined when they can. */
@@ -53,4 +55,28 @@ export function sharedHomeDir(t: Test, user: string, prefix: string): { readonly
   chmodSync(dir, 0o777);
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   return { name, dir };
+}
+
+/** A run cookie (DROVER_RUN_COOKIE) whose processes are SIGKILLed when `t` ends, whatever the test did. */
+export function cookieFor(t: Test): string {
+  const cookie = `ssh-test-${randomUUID()}`;
+  t.teardown(() => {
+    for (const pid of pidsWithCookie(cookie)) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone
+      }
+    }
+  });
+  return cookie;
+}
+
+/** Waits for `check` to hold, looking every 20 ms; throws after `timeoutMs`. */
+export async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
 }

@@ -251,24 +251,27 @@ t.test('a completed task\'s row is written by the deadline sweep; until then its
   t.same(await queue.listTasks({ state: 'pending' }), []);
 });
 
-t.test('one sweep writes at most SWEEP_BATCH completed rows, so it holds the write lock briefly', async (t) => {
+t.test('a claim\'s sweep writes at most SWEEP_BATCH rows of passed deadlines; sweep() goes on until none is left', async (t) => {
   const { queue, dir, submit, advance } = setup(t);
-  const count = SWEEP_BATCH + 10;
+  const count = 2 * SWEEP_BATCH + 10;
   for (let i = 0; i < count; i++) await submit({ deadline: START + 1_000 });
   for (;;) {
     const claims = await queue.claimWork({ workerId: 'A', count: 100, waitMs: 0 });
     if (claims.length === 0) break;
     for (const claim of claims) await queue.resolve(claim, 'A', { state: 'completed' });
   }
+  const open = await submit({ deadline: START + 1_000 });
   const db = new Database(join(dir, 'queue.db'), { readonly: true });
   t.teardown(() => db.close());
   const unswept = () => (db.prepare(`SELECT count(*) AS n FROM tasks WHERE state = 'pending'`).get() as { n: number }).n;
-  t.equal(unswept(), count);
+  t.equal(unswept(), count + 1);
   advance(2_000);
-  t.equal(await queue.sweep(), 0);
-  t.equal(unswept(), 10);
-  t.equal(await queue.sweep(), 0);
+  // A claim sweeps once, one batch, inside its own transaction: the write lock is held briefly.
+  t.same(await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 }), []);
+  t.equal(unswept(), SWEEP_BATCH + 11, 'one batch written');
+  t.equal(await queue.sweep(), 1, 'sweep() went on, batch by batch, to the open task behind them, and ended it');
   t.equal(unswept(), 0);
+  t.match(await queue.task(open), { state: 'exception', runs: [{ reasonResolved: 'deadline-exceeded' }] });
   t.equal((await queue.listTasks({ state: 'completed', limit: count })).length, count);
 });
 

@@ -244,6 +244,8 @@ export class SqliteQueue implements Queue {
   private readonly transaction: Database.Transaction<(fn: () => unknown) => unknown>;
   /** Queue-clock time before which claims need not sweep (one sweep per poll interval). */
   private nextSweep = -Infinity;
+  /** Whether the last sweep's batch of passed deadlines was full (SWEEP_BATCH): more may be waiting. */
+  private overdueLeft = false;
   /** Whether this instance's last claim found nothing: then the next looks (a read) before it takes the write lock. */
   private idle = true;
   private readonly watchers: CancelWatchers;
@@ -413,7 +415,11 @@ export class SqliteQueue implements Queue {
   }
 
   async sweep(): Promise<number> {
-    return this.write(() => this.sweepAt(this.now()));
+    // Batch after batch, each its own transaction, until passed deadlines are all taken (sweepAt).
+    let ended = 0;
+    do ended += this.write(() => this.sweepAt(this.now()));
+    while (this.overdueLeft);
+    return ended;
   }
 
   async close(): Promise<void> {
@@ -471,7 +477,9 @@ export class SqliteQueue implements Queue {
     this.nextSweep = now + this.pollIntervalMs;
     // The task's own first: the batch, read after it, then no longer holds it.
     let ended = taskId === undefined ? 0 : this.endOverdue(this.s.overdueTask.all({ now, taskId }) as OverdueRow[], now);
-    ended += this.endOverdue(this.s.overdueTasks.all({ now }) as OverdueRow[], now);
+    const batch = this.s.overdueTasks.all({ now }) as OverdueRow[];
+    this.overdueLeft = batch.length === SWEEP_BATCH;
+    ended += this.endOverdue(batch, now);
     const expired = this.s.expiredClaims.all({ now }) as { taskId: string; runId: number; worker_id: string; taken_until: number }[];
     for (const run of expired) {
       const message = `claim expired at ${iso(run.taken_until)}: worker ${run.worker_id} did not reclaim the run in time`;

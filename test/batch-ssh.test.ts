@@ -103,6 +103,28 @@ t.test('200 jobs on 3 SSH hosts; one sshd killed mid-batch: every job completes,
   for (const n of onVictim) t.match(stdout, `[${victim.address}] went away during job ${n}, which runs again on another host`, 'the user hears of it as it happens');
 });
 
+t.test('ssh.remoteAgent: jobs start from the remote agent by default, and through the shell wrapper when it is false', async (t) => {
+  const cwd = t.testdir({});
+  const { servers, env } = await startHosts(t, cwd, 1);
+  // The job's ancestors, nearest first: the agent names itself drover-agent; the wrapper has no such process.
+  const parent = `p=$PPID; for i in 1 2 3 4; do printf 'ancestor: '; tr '\\0' ' ' < /proc/$p/cmdline; echo; p=$(cut -d' ' -f4 /proc/$p/stat); done`;
+  for (const [setting, expected] of [[undefined, true], ['false', false], ['true', true]] as const) {
+    const sessions = `sessions-${setting ?? 'default'}`;
+    const result = await drover(['batch', '--hosts', servers[0]!.address, '--split', '2', '--sessions', sessions, '--', 'sh', '-c', parent], {
+      cwd, env: { ...env, ...(setting === undefined ? {} : { DROVER_SSH_REMOTE_AGENT: setting }) }, input: '1\n2\n', timeoutMs: 60_000,
+    });
+    t.equal(result.code, EXIT.OK, result.stderr);
+    for (const n of [1, 2]) {
+      const ancestors = readFileSync(join(cwd, sessions, '1', 'output', `${n}.log`), 'utf8').split('\n').filter((line) => line.startsWith('ancestor: '));
+      t.equal(ancestors.length, 4, `job ${n} listed its ancestors`);
+      t.equal(ancestors.some((line) => line.startsWith('ancestor: drover-agent')), expected, `DROVER_SSH_REMOTE_AGENT=${setting ?? '(unset)'}: job ${n}'s ancestors ${JSON.stringify(ancestors)}`);
+    }
+  }
+  const refused = await drover(['batch', '--hosts', servers[0]!.address, '--', 'true'], { cwd, env: { ...env, DROVER_SSH_REMOTE_AGENT: 'maybe' }, input: '1\n', timeoutMs: 60_000 });
+  t.equal(refused.code, EXIT.CONFIG);
+  t.match(refused.stderr, 'environment variable DROVER_SSH_REMOTE_AGENT: must be true or false, not "maybe"');
+});
+
 t.test('--overlay, --pre and --post on SSH hosts: set-up before a host\'s first job, clean-up after its last; a failed --pre retires the host', async (t) => {
   const uniq = `overlay-${randomUUID().slice(0, 8)}`;
   const cwd = t.testdir({ overlay: { [uniq]: { 'tool.sh': `#!/bin/sh\necho "job $1" >> "$HOME/${uniq}/events"\necho "tool says $1"\n` } } });

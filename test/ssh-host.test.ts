@@ -147,11 +147,13 @@ t.test('a worker on three SSH hosts: one unreachable, one killed mid-task; every
   t.match(worker.state(), /^claiming/, 'the worker keeps running');
 });
 
-t.test('drover worker over SSH: --ssh-hosts-file, --engine script, a task submitted with drover submit', async (t) => {
+t.test('drover worker over SSH: --ssh-hosts-file, --engine script, a task submitted with drover submit; ssh.remoteAgent', async (t) => {
   const server = await sshd(t);
+  // The script's ancestors, nearest first: the remote agent names itself drover-agent.
+  const ancestors = `p=$PPID; for i in 1 2 3 4; do printf "ancestor: "; tr "\\000" " " < /proc/$p/cmdline; echo; p=$(cut -d" " -f4 /proc/$p/stat); done`;
   const cwd = t.testdir({
     'hosts': `# build machines\n${server.address} capacity=2 labels=linux\n`,
-    'job.yaml': `name: hello\nscript:\n  - '#!/bin/sh'\n  - 'echo "hello from $(pwd | sed s,.*/tasks/.*,task-dir,) $WHO"'\nenv:\n  WHO: ssh\nhostLabels: [linux]\n`,
+    'job.yaml': `name: hello\nscript:\n  - '#!/bin/sh'\n  - 'echo "hello from $(pwd | sed s,.*/tasks/.*,task-dir,) $WHO"'\n  - '${ancestors}'\nenv:\n  WHO: ssh\nhostLabels: [linux]\n`,
   });
   const { drover, resolved, runOutcomes: outcomes, startWorker: startWorkerProcess } = await import('./helpers/drover.js');
   const id = (await drover(['submit', '--payload', 'job.yaml'], { cwd })).stdout.trim();
@@ -170,7 +172,17 @@ t.test('drover worker over SSH: --ssh-hosts-file, --engine script, a task submit
   const logs = await drover(['logs', id], { cwd });
   t.match(logs.stdout, `[drover] running on ${server.address}`);
   t.match(logs.stdout, 'hello from task-dir ssh\n');
+  t.match(logs.stdout, /\nancestor: drover-agent/, 'the remote agent started it');
   t.match(worker.log(), /ssh host up .*capacity=2/);
+
+  // ssh.remoteAgent false: the same task through the shell wrapper.
+  const again = (await drover(['submit', '--payload', 'job.yaml'], { cwd })).stdout.trim();
+  const wrapped = startWorkerProcess(['--once'], { cwd, env: { ...env, DROVER_SSH_REMOTE_AGENT: 'false' } });
+  t.equal(await wrapped.exited, 0, 'the worker ran it through the wrapper', { log: wrapped.log() });
+  const wrappedLogs = (await drover(['logs', again], { cwd })).stdout;
+  t.match(wrappedLogs, 'hello from task-dir ssh\n');
+  t.equal(wrappedLogs.split('\n').filter((line) => line.startsWith('ancestor: ')).length, 4, 'its ancestors were listed');
+  t.notMatch(wrappedLogs, /ancestor: drover-agent/, 'and no agent was among them');
 
   const unknownKey = await drover(['worker', '--once'], { cwd, env: { ...env, DROVER_SSH_KNOWN_HOSTS: join(cwd, 'empty_known_hosts') } });
   t.not(unknownKey.code, 0, 'no host can be trusted: the worker stops');

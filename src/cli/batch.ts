@@ -350,6 +350,7 @@ async function sshSettings(flags: Record<string, string | undefined>) {
       ...(ssh.knownHosts ? { knownHostsFile: ssh.knownHosts } : {}),
       hostKeyPolicy: ssh.hostKeyPolicy,
       maxChannels: ssh.maxChannels,
+      remoteAgent: ssh.remoteAgent,
       keepaliveIntervalMs: ssh.keepalive * 1000,
       killSignal: config.engine.killSignal,
       workDir: ssh.workDir,

@@ -153,6 +153,7 @@ async function hostFor(config: Config, workDir: string, logger: Logger): Promise
     ...(ssh.knownHosts ? { knownHostsFile: ssh.knownHosts } : {}),
     hostKeyPolicy: ssh.hostKeyPolicy,
     maxChannels: ssh.maxChannels,
+    remoteAgent: ssh.remoteAgent,
     strikes: ssh.strikes,
     probationMs: ssh.probation * 1000,
     keepaliveIntervalMs: ssh.keepalive * 1000,

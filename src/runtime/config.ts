@@ -13,7 +13,7 @@ import { parseSshAddress } from '../hosts/ssh-address.js';
 import type { InstanceConfig } from '../hosts/metadata.js';
 import { EXTENSION_KEYS, extensionSettings, type ExtensionSettings } from './extensions.js';
 
-type Kind = 'integer' | 'seconds' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap' | 'hostType' | 'url' | 'provider';
+type Kind = 'integer' | 'seconds' | 'boolean' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap' | 'hostType' | 'url' | 'provider';
 
 /** One SSH host of `ssh.hosts`. */
 export interface SshHostSetting {
@@ -28,7 +28,7 @@ export interface Setting {
   readonly env: string;
   readonly kind: Kind;
   readonly min?: number;
-  readonly default: string | number;
+  readonly default: string | number | boolean;
   readonly description: string;
   /** The command-line flag, when it is not the last part of the path (`queue.url` is `--queue`). */
   readonly flag?: string;
@@ -63,6 +63,7 @@ export const SETTINGS: readonly Setting[] = [
   { path: 'ssh.knownHosts', env: 'DROVER_SSH_KNOWN_HOSTS', kind: 'string', flag: 'known-hosts', default: '', description: 'known_hosts file; default `~/.ssh/known_hosts`.' },
   { path: 'ssh.hostKeyPolicy', env: 'DROVER_SSH_HOST_KEY_POLICY', kind: 'hostKeyPolicy', flag: 'host-key-policy', default: 'strict', description: '`strict`: hosts must be in known_hosts; `accept-new`: unknown hosts\' keys are recorded; `off`: no check. A changed key is always refused.' },
   { path: 'ssh.maxChannels', env: 'DROVER_SSH_MAX_CHANNELS', kind: 'integer', min: 3, flag: 'max-channels', default: 8, description: 'Channels of an SSH connection, below the server\'s MaxSessions (10); one is SFTP, one is kept for control, the rest run commands.' },
+  { path: 'ssh.remoteAgent', env: 'DROVER_SSH_REMOTE_AGENT', kind: 'boolean', flag: 'ssh-remote-agent', default: true, description: 'Start each SSH connection\'s commands through one remote agent (Perl) when the host has perl; `false`: each through the shell wrapper, in a channel of its own.' },
   { path: 'ssh.strikes', env: 'DROVER_SSH_STRIKES', kind: 'integer', min: 1, flag: 'strikes', default: 3, description: 'Failures in a row (lost connection, failed connect or probe) that retire an SSH host until the worker stops.' },
   { path: 'ssh.probation', env: 'DROVER_SSH_PROBATION', kind: 'seconds', min: 0, flag: 'probation', default: 30, description: 'How long a down SSH host rests before it is probed again.' },
   { path: 'ssh.keepalive', env: 'DROVER_SSH_KEEPALIVE', kind: 'seconds', min: 0.1, flag: 'keepalive', default: 5, description: 'SSH keepalive interval; three unanswered ones mark the host down.' },
@@ -119,6 +120,7 @@ export interface Config {
     readonly knownHosts: string;
     readonly hostKeyPolicy: 'strict' | 'accept-new' | 'off';
     readonly maxChannels: number;
+    readonly remoteAgent: boolean;
     readonly strikes: number;
     readonly probation: number;
     readonly keepalive: number;
@@ -255,6 +257,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
       knownHosts: get<string>('ssh.knownHosts'),
       hostKeyPolicy: get<Config['ssh']['hostKeyPolicy']>('ssh.hostKeyPolicy'),
       maxChannels: get<number>('ssh.maxChannels'),
+      remoteAgent: get<boolean>('ssh.remoteAgent'),
       strikes: get<number>('ssh.strikes'),
       probation: get<number>('ssh.probation'),
       keepalive: get<number>('ssh.keepalive'),
@@ -344,6 +347,12 @@ function coerce(setting: Setting, raw: unknown): { value: unknown } | { problem:
       if (!Number.isFinite(value) || (setting.kind === 'integer' && !Number.isInteger(value))) return { problem: `must be ${unit}, not ${JSON.stringify(raw)}` };
       if (setting.min !== undefined && value < setting.min) return { problem: `must be at least ${setting.min}, not ${value}` };
       return { value };
+    }
+    case 'boolean': {
+      const word = typeof text === 'string' ? text.toLowerCase() : text;
+      if (word === true || ['true', 'yes', 'on', '1'].includes(String(word))) return { value: true };
+      if (word === false || ['false', 'no', 'off', '0'].includes(String(word))) return { value: false };
+      return { problem: `must be true or false, not ${JSON.stringify(raw)}` };
     }
     case 'string':
       return typeof text === 'string' && text !== '' ? { value: text } : { problem: `must be a non-empty string, not ${JSON.stringify(raw)}` };

@@ -6,36 +6,21 @@
  * on a host without perl. The rest of the transport's behaviour, through
  * the agent and through the wrapper, is in ssh-transport.test.ts.
  */
-import t, { type Test } from 'tap';
-import { createHash, randomUUID } from 'node:crypto';
+import t from 'tap';
+import { createHash } from 'node:crypto';
 import { chmodSync, mkdtempSync, readdirSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pidsWithCookie, readProcStat } from '../src/hosts/proc.js';
-import { SshTransport, type SshTransportOptions } from '../src/hosts/ssh-transport.js';
 import type { Execution } from '../src/hosts/transport.js';
 import { createLogger } from '../src/runtime/logger.js';
-import type { TestSshd } from '../src/testing/sshd.js';
-import { cookieFor, requireSshd, sshd, until } from './helpers/sshd.js';
+import { cookieFor, remoteDir, requireSshd, sshd, sshTransport as transportFor, until } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
 
 const BASE_ENV = { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: 'C.UTF-8' };
-
-function transportFor(t: Test, server: TestSshd, options: Partial<SshTransportOptions> = {}): SshTransport {
-  const transport = new SshTransport({ address: server.address, identityFiles: [server.identityFile], knownHostsFile: server.knownHostsFile, agent: false, ...options });
-  t.teardown(() => transport.close());
-  return transport;
-}
-
-async function remoteDir(t: Test, transport: SshTransport): Promise<string> {
-  const dir = transport.join(await transport.home(), `a-${randomUUID().slice(0, 8)}`);
-  await transport.mkdir(dir);
-  t.teardown(() => transport.remove(dir).catch(() => {}));
-  return dir;
-}
 
 function collect(stream: Readable): Promise<Buffer> {
   return new Promise((resolve, reject) => {
@@ -56,7 +41,7 @@ const sha256 = (data: Buffer) => createHash('sha256').update(data).digest('hex')
 t.test('large binary output on both streams comes through byte for byte, framed', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 'a');
   // Random bytes (frame headers, NULs, newlines among them), both streams at once, of sizes that straddle chunks.
   const script = 'head -c 3000001 /dev/urandom > out.bin; head -c 1500007 /dev/urandom > err.bin; cat out.bin & cat err.bin >&2; wait; sha256sum out.bin err.bin';
   const ran = await runToEnd(await transport.exec(['sh', '-c', script], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
@@ -73,7 +58,7 @@ t.test('large binary output on both streams comes through byte for byte, framed'
 t.test('flow control: unread output stops its command at a bounded buffer; other commands go on', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 'a');
   const cookie = cookieFor(t);
   const size = 20 * 1024 * 1024;
   const chatty = await transport.exec(['sh', '-c', `head -c ${size} /dev/zero; echo done >&2`], { cwd: dir, env: BASE_ENV, cookie });
@@ -94,7 +79,7 @@ t.test('flow control: unread output stops its command at a bounded buffer; other
 t.test('300 commands at once over one agent, each with its own output and exit code', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 'a');
   const cookie = cookieFor(t);
   const results = await Promise.all(
     Array.from({ length: 300 }, async (_, i) => {
@@ -113,7 +98,7 @@ t.test('300 commands at once over one agent, each with its own output and exit c
 t.test('kill signals the whole group, grandchildren included; waitGone sees it gone', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 'a');
   const cookie = cookieFor(t);
   const execution = await transport.exec(['sh', '-c', 'sh -c "sleep 1000 & sleep 1000; wait" & sleep 1000 & wait'], { cwd: dir, env: BASE_ENV, cookie });
   execution.stdout.resume();
@@ -140,7 +125,7 @@ t.test('kill signals the whole group, grandchildren included; waitGone sees it g
 t.test('the agent\'s channel dropped: it stops every group it started; the next command starts another agent', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server, { killGraceMs: 300 });
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 'a');
   const cookie = cookieFor(t);
   const stubborn = await transport.exec(['sh', '-c', 'trap "" TERM; sleep 1000 & sleep 1000; wait'], { cwd: dir, env: BASE_ENV, cookie });
   const leftover = await transport.exec(['sh', '-c', 'sleep 1000 >/dev/null 2>&1 &'], { cwd: dir, env: BASE_ENV, cookie });
@@ -171,7 +156,7 @@ t.test('a host without perl: the shell wrapper is chosen by itself, and does the
   const server = await sshd(t, { sessionEnv: { PATH: bin } });
   const lines: string[] = [];
   const transport = transportFor(t, server, { logger: createLogger({ level: 'info', write: (line) => lines.push(line) }) });
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 'a');
   const cookie = cookieFor(t);
   t.equal((await transport.run('command -v perl || echo none')).stdout, 'none\n', 'the host has no perl');
   const before = transport.stats.channelsOpened;

@@ -10,7 +10,6 @@
  */
 import t, { type Test } from 'tap';
 import { spawn, execFileSync } from 'node:child_process';
-import { randomUUID } from 'node:crypto';
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,7 +23,7 @@ import type { Execution } from '../src/hosts/transport.js';
 import type { Claim } from '../src/model/task.js';
 import { createLogger, silentLogger } from '../src/runtime/logger.js';
 import type { TestSshd } from '../src/testing/sshd.js';
-import { cookieFor, requireSshd, sshd, until } from './helpers/sshd.js';
+import { cookieFor, remoteDir, requireSshd, sshd, sshTransport, until } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
 
@@ -33,17 +32,7 @@ const BASE_ENV = { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: 'C.UTF-8' };
 const AGENT = process.env['DROVER_SSH_TEST_PATH'] !== 'wrapper';
 
 function transportFor(t: Test, server: TestSshd, options: Partial<SshTransportOptions> = {}): SshTransport {
-  const transport = new SshTransport({ address: server.address, identityFiles: [server.identityFile], knownHostsFile: server.knownHostsFile, agent: false, remoteAgent: AGENT, ...options });
-  t.teardown(() => transport.close());
-  return transport;
-}
-
-/** A fresh remote directory (the test user's home is shared by the test files), removed afterwards. */
-async function remoteDir(t: Test, transport: SshTransport): Promise<string> {
-  const dir = transport.join(await transport.home(), `t-${randomUUID().slice(0, 8)}`);
-  await transport.mkdir(dir);
-  t.teardown(() => transport.remove(dir).catch(() => {}));
-  return dir;
+  return sshTransport(t, server, { remoteAgent: AGENT, ...options });
 }
 
 function collect(stream: Readable): Promise<string> {
@@ -63,7 +52,7 @@ async function runToEnd(execution: Execution) {
 t.test('exec: exact environment, quoting, cwd, stdout, stderr, exit code, stdin closed', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 't');
   const cookie = cookieFor(t);
   const tricky = `it's "quoted" $HOME \`x\` \\ ; | & * \n second line`;
   const env = { ...BASE_ENV, TRICKY: tricky, 'WITH SPACE': 'x y', EMPTY: '' };
@@ -79,7 +68,7 @@ t.test('exec: exact environment, quoting, cwd, stdout, stderr, exit code, stdin 
 t.test('exec: a signal ends the command; a missing command is a start error', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 't');
   const killed = await runToEnd(await transport.exec(['sh', '-c', 'kill -KILL $$'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
   t.same(killed.status, { exitCode: null, signal: 'SIGKILL' }, 'the signal, as OpenSSH reports it');
   const missing = await runToEnd(await transport.exec(['drover-no-such-command'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
@@ -100,7 +89,7 @@ function engineContext(t: Test, transport: SshTransport, taskDir: string, cookie
 t.test('the process engine over SSH: abort stops the whole remote tree, SIGKILL after the grace period', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 't');
   const cookie = cookieFor(t);
   const engine = new ProcessEngine({ killGraceMs: 400, env: BASE_ENV });
   const builder = await engine.prepare({ command: `sh -c 'trap "" TERM; sleep 1000' & sleep 1000 & wait` }, engineContext(t, transport, dir, cookie));
@@ -122,7 +111,7 @@ t.test('the process engine over SSH: abort stops the whole remote tree, SIGKILL 
 t.test('the process engine over SSH: dispose kills what the command left running after it exited', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 't');
   const cookie = cookieFor(t);
   const engine = new ProcessEngine({ killGraceMs: 1000, env: BASE_ENV });
   const builder = await engine.prepare({ command: 'sleep 1000 >/dev/null 2>&1 & echo started' }, engineContext(t, transport, dir, cookie));
@@ -140,7 +129,7 @@ t.test('the process engine over SSH: dispose kills what the command left running
 t.test('a dropped connection ends the remote command (the wrapper notices its session is gone)', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server, { killGraceMs: 300 });
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 't');
   const cookie = cookieFor(t);
   const lost: Error[] = [];
   transport.on('lost', (error) => lost.push(error));
@@ -166,7 +155,7 @@ t.test('a dropped connection ends the remote command (the wrapper notices its se
 t.test('SFTP: mkdir -p, write, read, stat, errors, upload and download of trees with modes', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 't');
   await transport.mkdir(`${dir}/a/b/c`);
   await transport.mkdir(`${dir}/a/b/c`);
   t.same(await transport.stat(`${dir}/a/b`), { type: 'directory', size: (await transport.stat(`${dir}/a/b`))!.size });
@@ -198,7 +187,7 @@ t.test('SFTP: mkdir -p, write, read, stat, errors, upload and download of trees 
 t.test('100 commands share one TCP connection; channels stay within the limit', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server, { maxChannels: 8 });
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 't');
   let most = 0;
   const sample = () => (most = Math.max(most, transport.stats.channelsOpen));
   const sampler = setInterval(sample, 2);
@@ -336,7 +325,7 @@ t.test('a task costs one channel (none with the agent): its directory is cleared
   const transport = transportFor(t, server);
   // Another client: it sees the host as it is, whatever `transport` still holds back.
   const observer = transportFor(t, server);
-  const base = await remoteDir(t, observer);
+  const base = await remoteDir(t, observer, 't');
   const first = `${base}/tasks/a`;
   // What a crashed run left: the runtime removes a task directory before it makes it.
   await observer.mkdir(`${first}/left`);
@@ -372,7 +361,7 @@ t.test('deferred changes: every operation sees them, close() applies what is lef
   const server = await sshd(t);
   const transport = transportFor(t, server);
   const observer = transportFor(t, server);
-  const base = await remoteDir(t, observer);
+  const base = await remoteDir(t, observer, 't');
   const cookie = cookieFor(t);
   await observer.mkdir(`${base}/x/sub`);
   await observer.mkdir(`${base}/y`);
@@ -408,7 +397,7 @@ t.test('deferred changes whose command never started are applied later', async (
   const server = await sshd(t);
   const transport = transportFor(t, server);
   const observer = transportFor(t, server);
-  const base = await remoteDir(t, observer);
+  const base = await remoteDir(t, observer, 't');
   // Bounded: each round either applies the removal in the dropped command's channel or keeps it for the next one.
   for (let round = 0; round < 5; round++) {
     const path = `${base}/r${round}`;
@@ -450,7 +439,7 @@ t.test('a removal that fails is logged; a working directory that cannot be clear
   const logger = createLogger({ level: 'debug', write: (line) => lines.push(line) });
   const transport = transportFor(t, server, { logger });
   const observer = transportFor(t, server);
-  const base = await remoteDir(t, observer);
+  const base = await remoteDir(t, observer, 't');
   const cookie = cookieFor(t);
   // A directory its owner cannot empty: a file in a read-only directory.
   await observer.mkdir(`${base}/stuck/ro`);
@@ -478,7 +467,7 @@ t.test('a removal that fails is logged; a working directory that cannot be clear
 t.test('the watcher\'s report of the group is taken out of stderr, and saves the control command when the group is gone', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport);
+  const dir = await remoteDir(t, transport, 't');
   const cookie = cookieFor(t);
   await transport.flush();
   const noNewline = await transport.exec(['sh', '-c', 'printf "no newline" >&2'], { cwd: dir, env: BASE_ENV, cookie });

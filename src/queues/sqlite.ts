@@ -119,6 +119,10 @@ export const MIGRATIONS: readonly string[] = [
 
 /** Reasons only the queue gives (sweep, cancel): never a worker's own report. */
 const QUEUE_REASONS: ReadonlySet<string> = new Set(['canceled', 'claim-expired', 'deadline-exceeded']);
+/**
+ * An open run. Also what lets a query on runs use the index of open runs (migration 6): SQLite uses a
+ * partial index only for a query whose WHERE contains the index's own condition.
+ */
 const OPEN = `state IN ('pending', 'running')`;
 /**
  * A task whose row is not final: open (pending or running, migration 2), or completed and not yet swept
@@ -129,11 +133,6 @@ const TASK_OPEN = `state = 'pending'`;
 const LAST_RUN_STATE = `(SELECT state FROM runs WHERE task_id = t.id ORDER BY run_id DESC LIMIT 1)`;
 /** Most task rows one sweep makes final, so that a sweep after a burst of completions holds the lock briefly. */
 export const SWEEP_BATCH = 1000;
-/**
- * Lets a query on runs use the index of open runs (migration 6): SQLite uses a partial index only for a
- * query whose WHERE contains the index's own condition.
- */
-const RUN_OPEN = `state IN ('pending', 'running')`;
 /** A report's condition: the worker holds the run's claim, and neither the claim nor the task's deadline has passed. */
 const HELD = `state = 'running' AND worker_id = @workerId AND taken_until > @now
               AND (SELECT deadline FROM tasks WHERE id = @taskId) > @now`;
@@ -147,12 +146,12 @@ const SQL = {
   setTaskState: `UPDATE tasks SET state = ? WHERE id = ?`,
   useRetry: `UPDATE tasks SET retries_left = retries_left - 1, state = 'pending' WHERE id = ? AND retries_left > 0`,
   // A cheap read that lets idle pollers skip taking the write lock.
-  anyWork: `SELECT EXISTS (SELECT 1 FROM runs WHERE state = 'pending' AND ${RUN_OPEN})
-              OR EXISTS (SELECT 1 FROM runs WHERE state = 'running' AND ${RUN_OPEN} AND taken_until <= @now)
+  anyWork: `SELECT EXISTS (SELECT 1 FROM runs WHERE state = 'pending' AND ${OPEN})
+              OR EXISTS (SELECT 1 FROM runs WHERE state = 'running' AND ${OPEN} AND taken_until <= @now)
               OR EXISTS (SELECT 1 FROM tasks WHERE ${TASK_OPEN} AND deadline <= @now) AS yes`,
   // Scheduling order; rowid breaks ties between runs scheduled in the same millisecond.
   pendingRuns: `SELECT r.task_id, r.run_id, t.payload, t.deadline, t.retries_left FROM runs r JOIN tasks t ON t.id = r.task_id
-                WHERE r.state = 'pending' AND r.${RUN_OPEN} AND r.taken_until IS NULL AND t.deadline > ? ORDER BY r.scheduled, r.rowid LIMIT ?`,
+                WHERE r.state = 'pending' AND r.${OPEN} AND r.taken_until IS NULL AND t.deadline > ? ORDER BY r.scheduled, r.rowid LIMIT ?`,
   startRun: `UPDATE runs SET state = 'running', worker_id = ?, started = ?, taken_until = ? WHERE task_id = ? AND run_id = ?`,
   holds: `SELECT 1 FROM runs WHERE task_id = @taskId AND run_id = @runId AND ${HELD}`,
   extendClaim: `UPDATE runs SET taken_until = @takenUntil WHERE task_id = @taskId AND run_id = @runId AND ${HELD}`,
@@ -167,7 +166,7 @@ const SQL = {
   overdueTask: `${OVERDUE} AND t.id = @taskId`,
   // A claim that expired after its task's deadline is left to the deadline sweep: the deadline wins.
   expiredClaims: `SELECT task_id AS taskId, run_id AS runId, worker_id, taken_until FROM runs
-                  WHERE state = 'running' AND ${RUN_OPEN} AND taken_until <= @now AND (SELECT deadline FROM tasks WHERE id = runs.task_id) > @now`,
+                  WHERE state = 'running' AND ${OPEN} AND taken_until <= @now AND (SELECT deadline FROM tasks WHERE id = runs.task_id) > @now`,
   task: `SELECT * FROM tasks WHERE id = ?`,
   tasks: `SELECT * FROM tasks ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksCompleted: `SELECT * FROM tasks t WHERE t.state = 'completed' OR (t.${TASK_OPEN} AND ${LAST_RUN_STATE} = 'completed')
@@ -175,7 +174,7 @@ const SQL = {
   // The literal IN lets SQLite use the partial index tasks_unsuccessful for a state bound as a parameter.
   tasksUnsuccessful: `SELECT * FROM tasks WHERE state = ? AND state IN ('failed', 'exception') ORDER BY created DESC, rowid DESC LIMIT ?`,
   tasksPending: `SELECT * FROM tasks t WHERE t.${TASK_OPEN} AND ${LAST_RUN_STATE} = 'pending' ORDER BY created DESC, rowid DESC LIMIT ?`,
-  tasksRunning: `SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' AND r.${RUN_OPEN} ORDER BY t.created DESC, t.rowid DESC LIMIT ?`,
+  tasksRunning: `SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' AND r.${OPEN} ORDER BY t.created DESC, t.rowid DESC LIMIT ?`,
   run: `SELECT r.*, t.deadline FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.task_id = ? AND r.run_id = ?`,
   runs: `SELECT * FROM runs WHERE task_id = ? ORDER BY run_id`,
   currentRun: `SELECT * FROM runs WHERE task_id = ? ORDER BY run_id DESC LIMIT 1`,

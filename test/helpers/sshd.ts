@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Test } from 'tap';
 import { pidsWithCookie } from '../../src/hosts/proc.js';
+import { SshTransport, type SshTransportOptions } from '../../src/hosts/ssh-transport.js';
 import { findSshd, startSshd, type StartSshdOptions, type TestSshd } from '../../src/testing/sshd.js';
 
 /** Why SSH tests cannot run here, or undefined when they can. */
@@ -40,6 +41,21 @@ export async function sshd(t: Test, options?: StartSshdOptions): Promise<TestSsh
   const server = await startSshd(options);
   t.teardown(() => server.stop());
   return server;
+}
+
+/** A transport to `server` with its throw-away key and host key (no ssh-agent), closed when `t` ends. */
+export function sshTransport(t: Test, server: TestSshd, options: Partial<SshTransportOptions> = {}): SshTransport {
+  const transport = new SshTransport({ address: server.address, identityFiles: [server.identityFile], knownHostsFile: server.knownHostsFile, agent: false, ...options });
+  t.teardown(() => transport.close());
+  return transport;
+}
+
+/** A fresh directory `~/<prefix>-XXXXXXXX` on the transport's host (the test user's home is shared by the test files), removed when `t` ends. */
+export async function remoteDir(t: Test, transport: SshTransport, prefix: string): Promise<string> {
+  const dir = transport.join(await transport.home(), `${prefix}-${randomUUID().slice(0, 8)}`);
+  await transport.mkdir(dir);
+  t.teardown(() => transport.remove(dir).catch(() => {}));
+  return dir;
 }
 
 /** The test user's home directory (the test sshd logs everyone in as one user, on this machine). */

@@ -32,7 +32,7 @@ export function agentProgramMessage(): Buffer {
   return Buffer.concat([Buffer.from(String(source.length).padStart(10, '0')), source]);
 }
 
-export const AGENT_PROGRAM = String.raw`
+const AGENT_PROGRAM = String.raw`
 # drover-agent: runs commands for one SSH connection of drover.
 #
 # Started as  perl -e BOOTSTRAP KILL_SIGNAL KILL_GRACE_MS

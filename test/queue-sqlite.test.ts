@@ -1,5 +1,6 @@
 import t, { type Test } from 'tap';
-import { fork } from 'node:child_process';
+import { fork, spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import fsPromises from 'node:fs/promises';
 import { syncBuiltinESMExports } from 'node:module';
@@ -37,6 +38,27 @@ async function text(stream: Readable): Promise<string> {
   for await (const chunk of stream) chunks.push(Buffer.from(chunk as Buffer));
   return Buffer.concat(chunks).toString();
 }
+
+t.test('opening a new queue while another process holds its write lock waits for it, as busy_timeout does', async (t) => {
+  // A worker and a submit that open a new queue at once: the first is half way through its switch to
+  // WAL, holding the write lock, when the second reads the header and wants the write lock too. SQLite
+  // answers that second one SQLITE_BUSY at once, busy handler or not.
+  const dir = t.testdir();
+  const file = join(dir, 'queue.db');
+  const holder = spawn(process.execPath, ['-e', `const db = new (require('better-sqlite3'))(${JSON.stringify(file)});
+    db.exec('BEGIN IMMEDIATE; CREATE TABLE early (a)'); console.log('held');
+    setTimeout(() => { db.exec('COMMIT'); db.close(); }, 300);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const exited = new Promise((resolve) => holder.once('exit', resolve));
+  await once(holder.stdout, 'data');
+  const queue = SqliteQueue.open({ dir });
+  t.teardown(() => queue.close());
+  t.equal(await exited, 0, 'the holder committed and let go');
+  const taskId = await queue.submit({ payload: {}, deadline: Date.now() + HOUR, retries: 0 });
+  t.equal((await queue.task(taskId)).state, 'pending');
+  const check = new Database(file, { readonly: true });
+  t.equal(check.pragma('journal_mode', { simple: true }), 'wal');
+  check.close();
+});
 
 t.test('submit gives slugid-style ids and claims run FIFO, at most count at a time', async (t) => {
   const { queue, submit } = setup(t);

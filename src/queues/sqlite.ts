@@ -34,6 +34,8 @@ import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Qu
 export const DEFAULT_CLAIM_TIMEOUT_MS = 30_000;
 export const DEFAULT_POLL_INTERVAL_MS = 200;
 const FOLLOW_POLL_MS = 100;
+/** How long a statement, or opening the queue, waits for another process's lock. */
+const BUSY_TIMEOUT_MS = 10_000;
 const MIN_WATCH_INTERVAL_MS = 100;
 
 export interface SqliteQueueOptions {
@@ -217,9 +219,8 @@ export class SqliteQueue implements Queue {
     let db: Database.Database | undefined;
     try {
       db = new Database(file);
-      // busy_timeout first: switching to WAL needs a lock another process may hold.
-      db.pragma('busy_timeout = 10000');
-      db.pragma('journal_mode = WAL');
+      db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+      useWal(db);
       db.pragma('synchronous = NORMAL');
       db.pragma('foreign_keys = ON');
       migrate(db, file);
@@ -649,6 +650,27 @@ export class SqliteQueue implements Queue {
  */
 function taskState(row: TaskRow, last: RunRow | undefined): TaskState {
   return row.state === 'pending' && (last?.state === 'running' || last?.state === 'completed') ? last.state : row.state;
+}
+
+/**
+ * Switches the database to WAL, waiting for other processes as busy_timeout would. SQLite's busy
+ * handler does not cover this switch: the pragma reads the header under a read lock, then takes the
+ * write lock, and a reader that wants to become a writer gets SQLITE_BUSY at once (waiting could
+ * deadlock). Two processes that open a new queue at the same moment, a worker and a submit, meet
+ * exactly there; so the pragma is tried again, with its read lock let go in between.
+ */
+function useWal(db: Database.Database): void {
+  const giveUpAt = performance.now() + BUSY_TIMEOUT_MS;
+  for (let pauseMs = 1; ; pauseMs = Math.min(2 * pauseMs, 50)) {
+    try {
+      db.pragma('journal_mode = WAL');
+      return;
+    } catch (error) {
+      const busy = error instanceof Database.SqliteError && error.code.startsWith('SQLITE_BUSY');
+      if (!busy || performance.now() >= giveUpAt) throw error;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, pauseMs);
+    }
+  }
 }
 
 function migrate(db: Database.Database, file: string): void {

@@ -9,13 +9,13 @@ import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { chmodSync, createReadStream, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync, type ReadStream } from 'node:fs';
+import { chmodSync, createReadStream, existsSync, mkdirSync, readdirSync, readFileSync, statSync, truncateSync, writeFileSync, type ReadStream } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { LocalTransport } from '../src/hosts/local.js';
 import type { RunRef } from '../src/model/task.js';
-import { DirectoryArtifactStore, type ArtifactKey } from '../src/queues/artifact-store.js';
+import { DirectoryArtifactStore, KERNEL_COPY_MIN, type ArtifactKey } from '../src/queues/artifact-store.js';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 
 const MiB = 1024 * 1024;
@@ -68,13 +68,14 @@ function filesUnder(dir: string): string[] {
 }
 
 t.test('a local file is stored whole, with the artifact\'s mode, not its own', async (t) => {
-  for (const size of [0, 5, 3 * MiB + 7]) {
+  for (const size of [0, 5, 3 * MiB + 7, KERNEL_COPY_MIN + 7]) {
     t.test(`SQLite queue, ${size} bytes`, async (t) => {
       const { file, bytes } = randomFile(t, size);
       const { queue, run } = await claimed(t);
       const source = await transport(t).readFile(file) as ReadStream;
       const info = await queue.uploadArtifact(run, 'A', meta('public/big.bin'), source);
       t.ok(source.destroyed, 'the source is closed');
+      t.equal(source.bytesRead, size < KERNEL_COPY_MIN ? size : 0, size < KERNEL_COPY_MIN ? 'streamed' : 'copied by cat, not streamed');
       t.match(info, { ...run, name: 'public/big.bin', state: 'complete', size: bytes.length });
       t.same(await queue.listArtifacts(run), [info]);
       const stored = queue.artifactPath(run, 'public/big.bin');
@@ -108,6 +109,36 @@ t.test('a stream that was read from, or covers a range, is streamed from where i
   t.ok(readFileSync(queue.artifactPath(run, 'range.bin')).equals(bytes.subarray(5, 105)));
 });
 
+t.test('a large file that shrinks while cat copies it is stored as far as it went, and the upload ends', { timeout: 30_000 }, async (t) => {
+  // fs.copyFile would copy the size the file had when it began, and never end (Node 20's libuv).
+  const { file, bytes } = randomFile(t, 2 * KERNEL_COPY_MIN);
+  const { queue, run } = await claimed(t);
+  const source = await transport(t).readFile(file) as ReadStream;
+  const upload = queue.uploadArtifact(run, 'A', meta('shrunk.bin'), source);
+  // As soon as cat has begun to write, the file shrinks to 1 MiB (polled; bounded by the upload's end).
+  const stored = queue.artifactPath(run, 'shrunk.bin');
+  let ended = false;
+  void upload.finally(() => (ended = true)).catch(() => {});
+  while (!ended && !(existsSync(stored) && statSync(stored).size > 0)) await new Promise(setImmediate);
+  truncateSync(file, MiB);
+  const info = await upload;
+  t.equal(source.bytesRead, 0, 'copied by cat');
+  t.ok(info.size >= MiB && info.size <= bytes.length, `the size is what there was to copy (${info.size})`);
+  t.ok(readFileSync(stored).equals(bytes.subarray(0, info.size)), 'the bytes are the file\'s, in order');
+});
+
+t.test('without cat on the PATH a large file is streamed', async (t) => {
+  const { file, bytes } = randomFile(t, KERNEL_COPY_MIN);
+  const { queue, run } = await claimed(t);
+  const path = process.env.PATH;
+  process.env.PATH = scratch(t, 'empty-bin');
+  t.teardown(() => void (process.env.PATH = path));
+  const source = await transport(t).readFile(file) as ReadStream;
+  t.match(await queue.uploadArtifact(run, 'A', meta('a.bin'), source), { size: bytes.length });
+  t.equal(source.bytesRead, bytes.length, 'streamed');
+  t.ok(readFileSync(queue.artifactPath(run, 'a.bin')).equals(bytes));
+});
+
 t.test('a missing source file fails as the stream does, and leaves nothing', async (t) => {
   const { queue, dir, run } = await claimed(t);
   const missing = join(scratch(t, 'task'), 'missing.bin');
@@ -130,17 +161,22 @@ t.test('a destination that fails part-way fails the upload and leaves nothing', 
   const fixture = fileURLToPath(new URL('./fixtures/artifact-file-limit.mjs', import.meta.url));
   const built = fileURLToPath(new URL('../dist/queues/artifact-store.js', import.meta.url));
   if (!existsSync(built)) return t.fail(`${built} is missing: run \`npm run build\` first`);
-  const { file } = randomFile(t, 4 * MiB);
-  // A file size limit of 1024 blocks (at most 1 MiB): writing the artifact fails with EFBIG.
-  const child = spawn('sh', ['-c', 'ulimit -f 1024 && exec "$0" "$@"', process.execPath, fixture, scratch(t, 'queue'), file], { stdio: ['ignore', 'pipe', 'inherit'] });
-  let out = '';
-  child.stdout.on('data', (chunk: Buffer) => (out += chunk));
-  const [code, signal] = await once(child, 'exit') as [number | null, string | null];
-  t.same([code, signal], [0, null], 'the process ran to its end');
-  const left = JSON.parse(out) as { error?: { code: string; message: string }; rows: unknown[]; files: string[]; bytesRead: number; closed: boolean };
-  t.match(left.error, { code: 'EFBIG' }, 'the upload failed with the destination\'s error');
-  t.same(left.rows, [], 'no row');
-  t.same(left.files, [], 'no file');
-  t.ok(left.closed, 'the source is closed');
-  t.ok(left.bytesRead > 0, 'the stream was read');
+  for (const [size, how] of [[4 * MiB, 'streamed'], [KERNEL_COPY_MIN + MiB, 'copied by cat']] as const) {
+    t.test(how, async (t) => {
+      const { file } = randomFile(t, size);
+      // A file size limit of 1024 blocks (at most 1 MiB): writing the artifact fails with EFBIG.
+      const child = spawn('sh', ['-c', 'ulimit -f 1024 && exec "$0" "$@"', process.execPath, fixture, scratch(t, 'queue'), file], { stdio: ['ignore', 'pipe', 'inherit'] });
+      let out = '';
+      child.stdout.on('data', (chunk: Buffer) => (out += chunk));
+      const [code, signal] = await once(child, 'exit') as [number | null, string | null];
+      t.same([code, signal], [0, null], 'the process ran to its end');
+      const left = JSON.parse(out) as { error?: { code: string; message: string }; rows: unknown[]; files: string[]; bytesRead: number; closed: boolean };
+      t.match(left.error, { code: 'EFBIG' }, 'the upload failed with the destination\'s error');
+      t.same(left.rows, [], 'no row');
+      t.same(left.files, [], 'no file');
+      t.ok(left.closed, 'the source is closed');
+      if (how === 'streamed') t.ok(left.bytesRead > 0, 'the stream was read');
+      else t.equal(left.bytesRead, 0, 'the stream was not read');
+    });
+  }
 });

@@ -13,12 +13,16 @@
  * any number of `read`s (also while `write` is under way: live logs), and
  * `remove` when an upload failed half-way.
  */
-import { closeSync, createWriteStream, mkdirSync, openSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { closeSync, createWriteStream, fstat as fstatCallback, mkdirSync, openSync, ReadStream } from 'node:fs';
 import { open, rm, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
+import { promisify } from 'node:util';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ConfigError, QueueUnavailableError, errorMessage } from '../model/errors.js';
+
+const fstat = promisify(fstatCallback);
 
 export interface ArtifactKey {
   readonly taskId: string;
@@ -100,36 +104,104 @@ export class DirectoryArtifactStore implements ArtifactStore {
 
 /** Chunk size of the streamed writes: fewer, larger writes (writev) than a 64 KiB stream default. */
 const WRITE_CHUNK = 1024 * 1024;
+/**
+ * From this size on, a whole local file is copied by `cat` rather than streamed: the kernel's copy runs at
+ * nearly twice a stream's speed (bench/ANALYSIS.md, Artifacts), and above this it saves more than starting `cat` costs (a few ms).
+ */
+export const KERNEL_COPY_MIN = 32 * 1024 * 1024;
 
 /**
  * Stores everything `source` gives in the artifact file at `path`, through
  * `file`, the caller's handle on it (opened for writing when the caller made
  * the file: its own, so that a file a failed upload removed is never made
  * again by a stream opening it), and resolves with the file's size. Closes
- * `file`. Rejects with the source's error, or the destination's; the caller
- * removes the file.
+ * `file` and `source`. Rejects with the source's error, or the destination's;
+ * the caller removes the file.
  *
- * Every source is streamed, a local file too. The kernel's copy
- * (fs.copyFile: copy_file_range) is several times faster for a whole local
- * file, but in Node 20's libuv it copies the size the source had when it
- * began and never returns if the source shrinks meanwhile, with a thread at
- * 100% CPU; a process a task left in the background (they live until
- * cleanup, after the uploads) can truncate a file at that moment. A worker
- * that can hang on what a task does is worse than a slower copy
- * (bench/ANALYSIS.md, Artifacts).
+ * A whole regular file of KERNEL_COPY_MIN or more that nothing has read from
+ * (what LocalTransport.readFile returns) is copied by `cat`, with the file
+ * the stream opened as its stdin and `file` as its stdout: coreutils' cat
+ * copies in the kernel (copy_file_range). Not fs.copyFile, though it would
+ * save the spawn: Node 20's libuv copies the size the source had when it
+ * began and spins without end if the source shrinks meanwhile, and a process
+ * a task left in the background (they live until cleanup, after the uploads)
+ * can truncate a file at that moment. `cat` stops at the end of the file,
+ * whatever it is by then. Everything else is streamed, 1 MiB at a time, as is
+ * any file when `cat` cannot be started.
  */
 export async function writeArtifactFile(path: string, file: FileHandle, source: Readable): Promise<number> {
+  const from = await wholeLargeFile(source);
+  if (from !== undefined) {
+    const done = async () => {
+      source.destroy();
+      await file.close();
+    };
+    const copied = await catCopy(from, file.fd, path).catch(async (error: unknown) => {
+      await done();
+      throw error;
+    });
+    if (copied !== undefined) {
+      await done();
+      return copied;
+    }
+  }
   const sink = createWriteStream(path, { fd: file, highWaterMark: WRITE_CHUNK }); // it closes `file`
   await pipeline(source, sink); // on a failure it destroys both, so a source's file is closed too
   return sink.bytesWritten;
 }
 
+/** The file descriptor under `source` when writeArtifactFile may copy it with `cat`; undefined when it must be streamed. */
+async function wholeLargeFile(source: Readable): Promise<number | undefined> {
+  if (!(source instanceof ReadStream) || source.pending) return undefined;
+  const untouched = !source.destroyed && !source.readableDidRead && source.readableLength === 0 && source.readableFlowing !== true;
+  // fs.ReadStream keeps its range as `start` (undefined: from where the fd stands, 0 when unread) and `end`.
+  const { fd, start, end } = source as unknown as { fd: unknown; start?: number; end?: number };
+  if (!untouched || typeof fd !== 'number' || (start ?? 0) !== 0 || end !== Infinity) return undefined;
+  try {
+    const stats = await fstat(fd);
+    return stats.isFile() && stats.size >= KERNEL_COPY_MIN ? fd : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /**
- * Call first thing in uploadArtifact, before any await: a source that fails
- * while the upload is still checking the claim would otherwise emit 'error'
- * with no listener, an uncaught exception. The error stays on the stream
- * (`readable.errored`), and the pipeline that consumes it later rejects with it.
+ * Copies from `from` to `to` (at its offset 0) with `cat`; resolves with the size of `to` afterwards,
+ * or undefined when `cat` could not be started (then nothing was copied).
  */
-export function holdSourceErrors(source: Readable): void {
+async function catCopy(from: number, to: number, path: string): Promise<number | undefined> {
+  const child = spawn('cat', [], { stdio: [from, to, 'pipe'] });
+  let stderr = '';
+  child.stderr!.setEncoding('utf8').on('data', (text: string) => (stderr += text.slice(0, 4096 - stderr.length)));
+  const ended = await new Promise<[number | null, NodeJS.Signals | null] | undefined>((resolve) => {
+    child.once('error', () => resolve(undefined));
+    child.once('close', (code, signal) => resolve([code, signal]));
+  });
+  if (ended === undefined) return undefined;
+  const [code, signal] = ended;
+  if (code !== 0) {
+    // cat ends by SIGXFSZ where a write of ours would fail with EFBIG: the file size limit (ulimit -f).
+    const said = stderr.trim() || (signal ? `ended by ${signal}` : `exit code ${code}`);
+    throw Object.assign(new Error(`cannot write artifact file "${path}": cat: ${said.replace(/^cat: /, '')}`), signal === 'SIGXFSZ' ? { code: 'EFBIG' } : {});
+  }
+  return (await fstat(to)).size;
+}
+
+/**
+ * An upload that takes `source` over: every queue's uploadArtifact runs its
+ * work through this. Its errors are listened for at once, before any await:
+ * a source that fails while the upload still checks the claim would
+ * otherwise emit 'error' with no listener, an uncaught exception (the error
+ * stays on the stream, `readable.errored`, and the pipeline that consumes it
+ * later rejects with it). And a refused or failed upload destroys it, so a
+ * file under it is closed now, not whenever the garbage collector finds it.
+ */
+export async function takeOver<T>(source: Readable, upload: () => Promise<T>): Promise<T> {
   source.on('error', () => {});
+  try {
+    return await upload();
+  } catch (error) {
+    source.destroy();
+    throw error;
+  }
 }

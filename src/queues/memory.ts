@@ -22,7 +22,7 @@ import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
 import { runKey, type Claim, type Payload, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
 import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
 import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS } from './sqlite.js';
-import { holdSourceErrors } from './artifact-store.js';
+import { takeOver } from './artifact-store.js';
 import { describeRun, iso, lostClaim } from './sql-rows.js';
 import { Wakers } from './wakers.js';
 
@@ -190,8 +190,11 @@ export class MemoryQueue implements Queue {
     return () => void this.store.watchers.delete(watcher);
   }
 
-  async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
-    holdSourceErrors(source);
+  uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
+    return takeOver(source, () => this.#upload(run, workerId, meta, source));
+  }
+
+  async #upload(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
     this.#assertOpen();
     const problem = artifactNameProblem(meta.name);
     if (problem) throw new TaskStateError(`artifact name ${JSON.stringify(meta.name)} ${problem}`);

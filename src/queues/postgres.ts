@@ -40,7 +40,7 @@ import { ConfigError, InternalError, QueueUnavailableError, TaskStateError, erro
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
 import { runKey, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
 import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow as SqlArtifactRow, type RunRow as SqlRunRow } from './sql-rows.js';
-import { DirectoryArtifactStore, holdSourceErrors, type ArtifactKey, type ArtifactStore } from './artifact-store.js';
+import { DirectoryArtifactStore, takeOver, type ArtifactKey, type ArtifactStore } from './artifact-store.js';
 import { PostgresArtifactStore } from './postgres-artifact-store.js';
 import {
   DEFAULT_SCHEMA, asQueueError, checkSchemaName, isConfigProblem, isTransient, parseQueueUrl, pgTypes, retryTransient, type QueueUrl,
@@ -347,8 +347,11 @@ export class PostgresQueue implements Queue {
     return unwatch;
   }
 
-  async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
-    holdSourceErrors(source);
+  uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
+    return takeOver(source, () => this.upload(run, workerId, meta, source));
+  }
+
+  private async upload(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
     const problem = artifactNameProblem(meta.name);
     if (problem) throw new TaskStateError(`artifact name ${JSON.stringify(meta.name)} ${problem}`);
     const key: ArtifactKey = { taskId: run.taskId, runId: run.runId, name: meta.name };

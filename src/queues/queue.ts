@@ -102,7 +102,8 @@ export interface Queue {
   watchCancellation(run: RunRef, onCanceled: () => void): () => void;
   /**
    * Streams `source` into the artifact; needs the current claim to start.
-   * Listen for the source's errors before the first await (holdSourceErrors).
+   * Takes `source` over: a refused or failed upload destroys it. An
+   * implementation runs its upload through takeOver (artifact-store.ts).
    */
   uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo>;
   readArtifact(run: RunRef, name: string, options?: ReadArtifactOptions): Promise<Readable>;

@@ -23,7 +23,7 @@ import { dirname, join, resolve as resolvePath } from 'node:path';
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
-import { holdSourceErrors, writeArtifactFile } from './artifact-store.js';
+import { takeOver, writeArtifactFile } from './artifact-store.js';
 import { CancelWatchers, Wakers } from './wakers.js';
 import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
 import { ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
@@ -335,8 +335,11 @@ export class SqliteQueue implements Queue {
     return this.watchers.watch(run, onCanceled);
   }
 
-  async uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
-    holdSourceErrors(source);
+  uploadArtifact(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
+    return takeOver(source, () => this.upload(run, workerId, meta, source));
+  }
+
+  private async upload(run: RunRef, workerId: string, meta: ArtifactMeta, source: Readable): Promise<ArtifactInfo> {
     const problem = artifactNameProblem(meta.name);
     if (problem) throw new TaskStateError(`artifact name ${JSON.stringify(meta.name)} ${problem}`);
     const file = artifactFile(run, meta.name);

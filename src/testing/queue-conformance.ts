@@ -423,14 +423,18 @@ export function queueConformance(t: Test, makeQueue: MakeQueue): void {
     t.test('bad names are refused', async (t) => {
       const { queue, run } = await claimed(t);
       for (const name of ['', '/etc/passwd', '../up', 'a/../b', 'a//b', 'a/', '.', 'a/./b', 'a\\b']) {
-        await t.rejects(queue.uploadArtifact(run, 'A', meta(name), Readable.from(['x'])), { name: 'TaskStateError' }, JSON.stringify(name));
+        const source = Readable.from(['x']);
+        await t.rejects(queue.uploadArtifact(run, 'A', meta(name), source), { name: 'TaskStateError' }, JSON.stringify(name));
+        t.ok(source.destroyed, `the source of ${JSON.stringify(name)} is destroyed`);
       }
       t.same(await queue.listArtifacts(run), []);
     });
 
-    t.test('an upload needs the current claim when it starts', async (t) => {
+    t.test('an upload needs the current claim when it starts; a refused one destroys its source', async (t) => {
       const { queue, run, submit, advance, claimTimeoutMs } = await claimed(t);
-      await t.rejects(queue.uploadArtifact(run, 'B', meta('x.log'), Readable.from(['x'])), { name: 'ClaimLostError', message: /held by worker A, not B/ });
+      const source = Readable.from(['x']);
+      await t.rejects(queue.uploadArtifact(run, 'B', meta('x.log'), source), { name: 'ClaimLostError', message: /held by worker A, not B/ });
+      t.ok(source.destroyed, 'the source is destroyed: a file under it is closed now');
       const other = await submit();
       await t.rejects(queue.uploadArtifact({ taskId: other, runId: 0 }, 'A', meta('x.log'), Readable.from(['x'])), { name: 'ClaimLostError', message: /pending/ });
       if (!advance) return;

@@ -79,6 +79,20 @@ t.test('submit gives slugid-style ids and claims run FIFO, at most count at a ti
   await t.rejects(queue.task('nosuchtask'), TaskStateError);
 });
 
+t.test('claims of many different counts (each its own statement, a bounded number kept) take every run once, in order', async (t) => {
+  const { queue, submit } = setup(t);
+  const ids = [];
+  for (let i = 0; i < 300; i++) ids.push(await submit());
+  const claimed = [];
+  for (let count = 1; count <= 100; count++) {
+    const claims = await queue.claimWork({ workerId: 'A', count: count % 7 === 0 ? count + 0.5 : count, waitMs: 0 });
+    t.ok(claims.length <= count, `at most ${count}`);
+    claimed.push(...claims.map((c) => c.taskId));
+  }
+  t.same(claimed, ids);
+  t.same(await queue.claimWork({ workerId: 'A', count: 5, waitMs: 0 }), []);
+});
+
 t.test('long poll', async (t) => {
   t.test('wakes as soon as a task is submitted on the same instance', async (t) => {
     const { queue, submit } = setup(t, { pollIntervalMs: 60_000 });

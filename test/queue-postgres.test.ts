@@ -46,6 +46,51 @@ t.test('migrations', async (t) => {
   });
 });
 
+t.test('task() and listTasks() read a task\'s row and its runs as of one moment', async (t) => {
+  const schema = freshSchema(t);
+  const queue = await openQueue(t, { schema });
+  const other = await openQueue(t, { schema });
+  const taskId = await queue.submit({ payload: {}, deadline: Date.now() + 60_000, retries: 0 });
+  const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  // Another worker ends the run between the read of the task's row and that of its runs, whether those
+  // are read on the pool or on a client of it.
+  type Query = (...args: unknown[]) => Promise<unknown>;
+  const pool = (queue as unknown as { pool: { query: Query; connect: (...args: unknown[]) => Promise<{ query: Query }> } }).pool;
+  let between: (() => Promise<void>) | undefined;
+  const hooked = (query: Query): Query => async (...args) => {
+    const text = typeof args[0] === 'string' ? args[0] : (args[0] as { text?: string } | undefined)?.text;
+    const hook = text?.startsWith('SELECT * FROM runs') ? between : undefined;
+    if (hook) between = undefined;
+    await hook?.();
+    return query(...args);
+  };
+  const { query, connect } = pool;
+  pool.query = hooked(query.bind(pool));
+  const wrapped = new WeakSet<object>();
+  pool.connect = async (...args: unknown[]) => {
+    if (args.length > 0) return connect.apply(pool, args); // pool.query's own callback-style connect
+    const client = await connect.call(pool);
+    if (!wrapped.has(client)) {
+      wrapped.add(client);
+      client.query = hooked(client.query.bind(client));
+    }
+    return client;
+  };
+  t.teardown(() => void Object.assign(pool, { query, connect }));
+
+  between = () => other.resolve(claim!, 'A', { state: 'failed' });
+  const status = await queue.task(taskId);
+  t.equal(status.state, 'running', 'as the row was read');
+  t.same(status.runs.map((run) => run.state), ['running'], 'and its runs with it');
+  t.equal((await queue.task(taskId)).state, 'failed', 'the next read sees the end');
+
+  const second = await queue.submit({ payload: {}, deadline: Date.now() + 60_000, retries: 0 });
+  const [secondClaim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  between = () => other.resolve(secondClaim!, 'A', { state: 'completed' });
+  const [listed] = await queue.listTasks({ state: 'running' });
+  t.match(listed, { taskId: second, state: 'running', runs: [{ state: 'running' }] });
+});
+
 t.test('connections cut by the server', async (t) => {
   const schema = freshSchema(t);
   const queue = await openQueue(t, { schema, pollIntervalMs: 60_000 });

@@ -93,6 +93,31 @@ t.test('claims of many different counts (each its own statement, a bounded numbe
   t.same(await queue.claimWork({ workerId: 'A', count: 5, waitMs: 0 }), []);
 });
 
+t.test('task() and listTasks() read a task\'s row and its runs as of one moment', async (t) => {
+  const { queue, open, submit } = setup(t);
+  const taskId = await submit();
+  const [claim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  // Another process ends the run between the read of the task's row and that of its runs.
+  const other = open();
+  const statements = (queue as unknown as { s: Record<string, { all: (...args: unknown[]) => unknown[] }> }).s;
+  const runs = statements.runs!;
+  let between: (() => void) | undefined;
+  statements.runs = { all: (...args) => (between?.(), between = undefined, runs.all(...args)) };
+  t.teardown(() => void (statements.runs = runs));
+
+  between = () => void other.resolve(claim!, 'A', { state: 'failed' });
+  const status = await queue.task(taskId);
+  t.equal(status.state, 'running', 'as the row was read');
+  t.same(status.runs.map((run) => run.state), ['running'], 'and its runs with it');
+  t.equal((await queue.task(taskId)).state, 'failed', 'the next read sees the end');
+
+  const second = await submit();
+  const [secondClaim] = await queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
+  between = () => void other.resolve(secondClaim!, 'A', { state: 'completed' });
+  const [listed] = await queue.listTasks({ state: 'running' });
+  t.match(listed, { taskId: second, state: 'running', runs: [{ state: 'running' }] });
+});
+
 t.test('long poll', async (t) => {
   t.test('wakes as soon as a task is submitted on the same instance', async (t) => {
     const { queue, submit } = setup(t, { pollIntervalMs: 60_000 });

@@ -425,34 +425,31 @@ export class PostgresQueue implements Queue {
   }
 
   async task(taskId: TaskId): Promise<TaskStatus> {
-    const rows = await this.query<TaskRow>(`SELECT * FROM tasks WHERE id = $1`, [taskId]);
-    if (rows.length === 0) throw new TaskStateError(`there is no task ${taskId}`);
-    return (await this.statuses(rows))[0]!;
+    const [status] = await this.snapshot(async (client) => {
+      const { rows } = await client.query<TaskRow>(`SELECT * FROM tasks WHERE id = $1`, [taskId]);
+      return this.statuses(client, rows);
+    });
+    if (!status) throw new TaskStateError(`there is no task ${taskId}`);
+    return status;
   }
 
   async listTasks({ state, limit = 100 }: ListTasksOptions = {}): Promise<TaskStatus[]> {
     const max = Math.max(0, Math.floor(limit));
-    let rows: TaskRow[];
-    switch (state) {
-      case undefined:
-        rows = await this.query<TaskRow>(`SELECT * FROM tasks ORDER BY created DESC, seq DESC LIMIT $1`, [max]);
-        break;
-      // The tasks table says 'pending' for a task that waits and for one that runs (migration 2): its run tells them apart.
-      case 'pending':
-        rows = await this.query<TaskRow>(
-          `SELECT * FROM tasks t WHERE t.${TASK_OPEN} AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.state = 'running')
-           ORDER BY created DESC, seq DESC LIMIT $1`, [max],
-        );
-        break;
-      case 'running':
-        rows = await this.query<TaskRow>(
-          `SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' ORDER BY t.created DESC, t.seq DESC LIMIT $1`, [max],
-        );
-        break;
-      default:
-        rows = await this.query<TaskRow>(`SELECT * FROM tasks WHERE state = $1 ORDER BY created DESC, seq DESC LIMIT $2`, [state, max]);
-    }
-    return this.statuses(rows);
+    const [sql, values]: [string, unknown[]] = (() => {
+      switch (state) {
+        case undefined:
+          return [`SELECT * FROM tasks ORDER BY created DESC, seq DESC LIMIT $1`, [max]];
+        // The tasks table says 'pending' for a task that waits and for one that runs (migration 2): its run tells them apart.
+        case 'pending':
+          return [`SELECT * FROM tasks t WHERE t.${TASK_OPEN} AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.state = 'running')
+                   ORDER BY created DESC, seq DESC LIMIT $1`, [max]];
+        case 'running':
+          return [`SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' ORDER BY t.created DESC, t.seq DESC LIMIT $1`, [max]];
+        default:
+          return [`SELECT * FROM tasks WHERE state = $1 ORDER BY created DESC, seq DESC LIMIT $2`, [state, max]];
+      }
+    })();
+    return this.snapshot(async (client) => this.statuses(client, (await client.query<TaskRow>(sql, values)).rows));
   }
 
   async sweep(): Promise<number> {
@@ -568,7 +565,12 @@ export class PostgresQueue implements Queue {
    * deadlock or serialization race runs it again; a broken connection is
    * discarded and reported as QueueUnavailableError.
    */
-  private async transaction<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+  /** Reads that see the queue as of one moment: a read-only REPEATABLE READ transaction. */
+  private snapshot<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    return this.transaction(fn, 'BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+  }
+
+  private async transaction<T>(fn: (client: pg.PoolClient) => Promise<T>, begin = 'BEGIN'): Promise<T> {
     for (let attempt = 0; ; attempt++) {
       this.assertOpen();
       let client: pg.PoolClient;
@@ -579,7 +581,7 @@ export class PostgresQueue implements Queue {
       }
       let broken: Error | undefined;
       try {
-        await client.query('BEGIN');
+        await client.query(begin);
         const result = await fn(client);
         await client.query('COMMIT');
         return result;
@@ -700,9 +702,10 @@ export class PostgresQueue implements Queue {
     return rows[0]!;
   }
 
-  private async statuses(tasks: TaskRow[]): Promise<TaskStatus[]> {
+  /** The statuses of `tasks`, their runs read on `client`: inside `snapshot`, as of the tasks' rows. */
+  private async statuses(client: pg.ClientBase, tasks: TaskRow[]): Promise<TaskStatus[]> {
     if (tasks.length === 0) return [];
-    const runs = await this.query<RunRow>(`SELECT * FROM runs WHERE task_id = ANY($1::text[]) ORDER BY task_id, run_id`, [tasks.map((task) => task.id)]);
+    const { rows: runs } = await client.query<RunRow>(`SELECT * FROM runs WHERE task_id = ANY($1::text[]) ORDER BY task_id, run_id`, [tasks.map((task) => task.id)]);
     const byTask = new Map<string, RunStatus[]>();
     for (const row of runs) byTask.set(row.task_id, [...(byTask.get(row.task_id) ?? []), runStatus(row)]);
     return tasks.map((row) => {

@@ -409,23 +409,28 @@ export class SqliteQueue implements Queue {
   }
 
   async task(taskId: TaskId): Promise<TaskStatus> {
-    const row = this.read(() => this.s.task.get(taskId) as TaskRow | undefined);
-    if (!row) throw new TaskStateError(`there is no task ${taskId}`);
-    return this.status(row);
+    const status = this.snapshot(() => {
+      const row = this.s.task.get(taskId) as TaskRow | undefined;
+      return row && this.status(row);
+    });
+    if (!status) throw new TaskStateError(`there is no task ${taskId}`);
+    return status;
   }
 
   async listTasks({ state, limit = 100 }: ListTasksOptions = {}): Promise<TaskStatus[]> {
     const max = Math.max(0, Math.floor(limit));
-    const rows = this.read(() => {
-      switch (state) {
-        case undefined: return this.s.tasks.all(max);
-        case 'pending': return this.s.tasksPending.all(max);
-        case 'running': return this.s.tasksRunning.all(max);
-        case 'completed': return this.s.tasksCompleted.all(max);
-        case 'failed': case 'exception': return this.s.tasksUnsuccessful.all(state, max);
-      }
-    }) as TaskRow[];
-    return rows.map((row) => this.status(row));
+    return this.snapshot(() => {
+      const rows = (() => {
+        switch (state) {
+          case undefined: return this.s.tasks.all(max);
+          case 'pending': return this.s.tasksPending.all(max);
+          case 'running': return this.s.tasksRunning.all(max);
+          case 'completed': return this.s.tasksCompleted.all(max);
+          case 'failed': case 'exception': return this.s.tasksUnsuccessful.all(state, max);
+        }
+      })() as TaskRow[];
+      return rows.map((row) => this.status(row));
+    });
   }
 
   async sweep(): Promise<number> {
@@ -638,8 +643,9 @@ export class SqliteQueue implements Queue {
     return candidates.find((path) => existsSync(path)) ?? candidates[0]!;
   }
 
+  /** A task's status from its row; call inside `snapshot`, so that its runs are read as of the row. */
   private status(row: TaskRow): TaskStatus {
-    const runs = this.read(() => this.s.runs.all(row.id) as RunRow[]);
+    const runs = this.s.runs.all(row.id) as RunRow[];
     const state = taskState(row, runs.at(-1));
     return {
       taskId: row.id, state, payload: JSON.parse(row.payload) as TaskStatus['payload'],
@@ -666,6 +672,11 @@ export class SqliteQueue implements Queue {
 
   private write<T>(fn: () => T): T {
     return this.read(() => this.transaction.immediate(fn) as T);
+  }
+
+  /** Runs `fn`'s reads in one read transaction: all of them see the queue as of one moment (WAL). */
+  private snapshot<T>(fn: () => T): T {
+    return this.read(() => this.transaction.deferred(fn) as T);
   }
 }
 

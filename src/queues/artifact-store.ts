@@ -131,19 +131,12 @@ export const KERNEL_COPY_MIN = 32 * 1024 * 1024;
  */
 export async function writeArtifactFile(path: string, file: FileHandle, source: Readable): Promise<number> {
   const from = await wholeLargeFile(source);
-  if (from !== undefined) {
-    const done = async () => {
-      source.destroy();
-      await file.close();
-    };
-    const copied = await catCopy(from, file.fd, path).catch(async (error: unknown) => {
-      await done();
-      throw error;
-    });
-    if (copied !== undefined) {
-      await done();
-      return copied;
-    }
+  const copied = from === undefined ? undefined : await catCopy(from, file.fd, path).catch((error: unknown) => error as Error);
+  if (copied !== undefined) {
+    source.destroy();
+    await file.close();
+    if (copied instanceof Error) throw copied;
+    return copied;
   }
   const sink = createWriteStream(path, { fd: file, highWaterMark: WRITE_CHUNK }); // it closes `file`
   await pipeline(source, sink); // on a failure it destroys both, so a source's file is closed too

@@ -435,20 +435,7 @@ export class PostgresQueue implements Queue {
 
   async listTasks({ state, limit = 100 }: ListTasksOptions = {}): Promise<TaskStatus[]> {
     const max = Math.max(0, Math.floor(limit));
-    const [sql, values]: [string, unknown[]] = (() => {
-      switch (state) {
-        case undefined:
-          return [`SELECT * FROM tasks ORDER BY created DESC, seq DESC LIMIT $1`, [max]];
-        // The tasks table says 'pending' for a task that waits and for one that runs (migration 2): its run tells them apart.
-        case 'pending':
-          return [`SELECT * FROM tasks t WHERE t.${TASK_OPEN} AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.state = 'running')
-                   ORDER BY created DESC, seq DESC LIMIT $1`, [max]];
-        case 'running':
-          return [`SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' ORDER BY t.created DESC, t.seq DESC LIMIT $1`, [max]];
-        default:
-          return [`SELECT * FROM tasks WHERE state = $1 ORDER BY created DESC, seq DESC LIMIT $2`, [state, max]];
-      }
-    })();
+    const [sql, values] = listingQuery(state, max);
     return this.snapshot(async (client) => this.statuses(client, (await client.query<TaskRow>(sql, values)).rows));
   }
 
@@ -560,16 +547,12 @@ export class PostgresQueue implements Queue {
   }
 
   /**
-   * Runs `fn` in a transaction on one pooled connection. A refusal is
+   * Runs `fn` in a transaction on one pooled connection, opened by `begin`
+   * (snapshot's is read-only, REPEATABLE READ). A refusal is
    * returned by `fn` (not thrown), so the sweep it did still commits; a lost
    * deadlock or serialization race runs it again; a broken connection is
    * discarded and reported as QueueUnavailableError.
    */
-  /** Reads that see the queue as of one moment: a read-only REPEATABLE READ transaction. */
-  private snapshot<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
-    return this.transaction(fn, 'BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
-  }
-
   private async transaction<T>(fn: (client: pg.PoolClient) => Promise<T>, begin = 'BEGIN'): Promise<T> {
     for (let attempt = 0; ; attempt++) {
       this.assertOpen();
@@ -594,6 +577,11 @@ export class PostgresQueue implements Queue {
         client.release(broken);
       }
     }
+  }
+
+  /** Reads that see the queue as of one moment: a read-only REPEATABLE READ transaction. */
+  private snapshot<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    return this.transaction(fn, 'BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
   }
 
   private async query<R extends pg.QueryResultRow>(sql: string, values: unknown[]): Promise<R[]> {
@@ -717,6 +705,22 @@ export class PostgresQueue implements Queue {
 
   private assertOpen(): void {
     if (this.closing.signal.aborted) throw new InternalError(`queue ${this.url.display} (schema ${this.schema}) is closed`);
+  }
+}
+
+/** The query of listTasks for `state`, newest first, at most `max` rows. */
+function listingQuery(state: TaskState | undefined, max: number): [string, unknown[]] {
+  switch (state) {
+    case undefined:
+      return [`SELECT * FROM tasks ORDER BY created DESC, seq DESC LIMIT $1`, [max]];
+    // The tasks table says 'pending' for a task that waits and for one that runs (migration 2): its run tells them apart.
+    case 'pending':
+      return [`SELECT * FROM tasks t WHERE t.${TASK_OPEN} AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.state = 'running')
+               ORDER BY created DESC, seq DESC LIMIT $1`, [max]];
+    case 'running':
+      return [`SELECT t.* FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.state = 'running' ORDER BY t.created DESC, t.seq DESC LIMIT $1`, [max]];
+    default:
+      return [`SELECT * FROM tasks WHERE state = $1 ORDER BY created DESC, seq DESC LIMIT $2`, [state, max]];
   }
 }
 

@@ -419,18 +419,18 @@ export class SqliteQueue implements Queue {
 
   async listTasks({ state, limit = 100 }: ListTasksOptions = {}): Promise<TaskStatus[]> {
     const max = Math.max(0, Math.floor(limit));
-    return this.snapshot(() => {
-      const rows = (() => {
-        switch (state) {
-          case undefined: return this.s.tasks.all(max);
-          case 'pending': return this.s.tasksPending.all(max);
-          case 'running': return this.s.tasksRunning.all(max);
-          case 'completed': return this.s.tasksCompleted.all(max);
-          case 'failed': case 'exception': return this.s.tasksUnsuccessful.all(state, max);
-        }
-      })() as TaskRow[];
-      return rows.map((row) => this.status(row));
-    });
+    return this.snapshot(() => this.listed(state, max).map((row) => this.status(row)));
+  }
+
+  /** The rows of listTasks for `state`, newest first, at most `max`. */
+  private listed(state: TaskState | undefined, max: number): TaskRow[] {
+    switch (state) {
+      case undefined: return this.s.tasks.all(max) as TaskRow[];
+      case 'pending': return this.s.tasksPending.all(max) as TaskRow[];
+      case 'running': return this.s.tasksRunning.all(max) as TaskRow[];
+      case 'completed': return this.s.tasksCompleted.all(max) as TaskRow[];
+      case 'failed': case 'exception': return this.s.tasksUnsuccessful.all(state, max) as TaskRow[];
+    }
   }
 
   async sweep(): Promise<number> {

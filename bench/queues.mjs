@@ -64,13 +64,11 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
   const pgDisplay = parseQueueUrl(PG_URL).display;
   const pgProblem = await unreachable(PG_URL);
   if (pgProblem) progress(`PostgreSQL at ${pgDisplay} is unreachable (${pgProblem}): its rows will say so`);
-  // Runs drained per case, so that each lasts about a second or more (less in quick mode) at the rates seen on
-  // 2 cores: the floors are several times faster, so they get more. Per-claim cost does not depend on the
-  // queue's length (the latency cases check that), so rates from different counts compare.
-  const claims = {
-    sqlite: { floor: quick ? 8000 : 20000, onetx: quick ? 8000 : 20000, drover: quick ? 1500 : 4000 },
-    postgres: { floor: quick ? 1200 : 3000, drover: quick ? 400 : 1000 },
-  };
+  // Runs drained per case, so that each case lasts about a second or more (less in quick mode) at the rates
+  // seen on 2 cores. Every kind of a backend drains as many: a drain's rate depends on its length (code
+  // warming up, processes starting and ending out of step), so rates of different lengths do not compare.
+  // Until 2026-12-02 drover drained a fifth of the floor's runs (bench/ANALYSIS.md has the measurements).
+  const claims = { sqlite: quick ? 8000 : 20000, postgres: quick ? 600 : 2000 };
   const sizes = quick ? [1_000, 100_000] : [1_000, 100_000, 1_000_000];
 
   const backends = {
@@ -121,7 +119,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
       for (const workers of CONCURRENCY) {
         const once = async (kind) => {
           const as = kind === 'before' ? 'drover' : kind;
-          const count = claims[name][as];
+          const count = claims[name];
           const { config, tearDown } = await backend.setUp(kind, count);
           try {
             return count / (await drain({ kind: `${as}-${name}`, root: rootOf(kind), config, workers, count }));
@@ -129,7 +127,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
             await tearDown();
           }
         };
-        progress(`${backend.label}, ${workers} worker process${workers === 1 ? '' : 'es'}: floor ${claims[name].floor} claims, drover ${claims[name].drover}`);
+        progress(`${backend.label}, ${workers} worker process${workers === 1 ? '' : 'es'}: ${claims[name]} claims each`);
         // Floor and drover take turns, so a load that comes and goes on the machine falls on both alike.
         // Quick mode warms up once per queue rather than once per case, to stay within its time.
         if (!quick || workers === CONCURRENCY[0]) for (const kind of KINDS) await once(kind);
@@ -151,7 +149,7 @@ export async function queues({ root, scratch, reps, quick, before, pg: server })
     }
     benchmarks.push({
       title: `Queues: ${backend.label} claim+resolve throughput`,
-      description: `${claims[name].drover} pending runs (the floor: ${claims[name].floor}) drained by 1, 4 and 8 worker processes, each looping \`claimWork({ count: 1, waitMs: 0 })\` -> \`resolve(completed)\` on drover's ${backend.label} queue until it is empty; no engine, no machine. `
+      description: `${claims[name]} pending runs (for the floor and for drover alike) drained by 1, 4 and 8 worker processes, each looping \`claimWork({ count: 1, waitMs: 0 })\` -> \`resolve(completed)\` on drover's ${backend.label} queue until it is empty; no engine, no machine. `
         + (name === 'sqlite'
           ? 'Floor: raw better-sqlite3 in as many processes, on a minimal table with a partial index on pending rows, with the queue\'s pragmas (WAL, synchronous=NORMAL, busy_timeout): one `BEGIN IMMEDIATE` transaction per claim (select the oldest pending row, mark it running) and one per resolve (mark it done), as a worker must write them (its run happens in between) and as the PostgreSQL floor does. "Floor in one transaction" runs the same statements with claim and resolve in ONE transaction, which no worker can do; it is shown for comparison (reports before 2026-12-02 used it as the floor).'
           : `Floor: raw \`pg\` in as many processes, one \`UPDATE t SET state='running' WHERE id = (SELECT id FROM t WHERE state='pending' ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id\` per claim plus one UPDATE per resolve, on a minimal table with a partial index on pending rows. Server: ${server.about}; each run in a fresh schema, analyzed after the fill, dropped afterwards.`)

@@ -186,11 +186,15 @@ async function catCopy(from: number, to: number, path: string): Promise<number |
  * a source that fails while the upload still checks the claim would
  * otherwise emit 'error' with no listener, an uncaught exception (the error
  * stays on the stream, `readable.errored`, and the pipeline that consumes it
- * later rejects with it). And a refused or failed upload destroys it, so a
- * file under it is closed now, not whenever the garbage collector finds it.
+ * later rejects with it). It is paused until the upload reads: another
+ * listener of the stream (`drover batch`'s, on a live log) would make it
+ * flow meanwhile, and what flowed then would be missing from the artifact.
+ * And a refused or failed upload destroys it, so a file under it is closed
+ * now, not whenever the garbage collector finds it.
  */
 export async function takeOver<T>(source: Readable, upload: () => Promise<T>): Promise<T> {
   source.on('error', () => {});
+  source.pause();
   try {
     return await upload();
   } catch (error) {

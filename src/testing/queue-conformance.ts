@@ -407,6 +407,21 @@ export function queueConformance(t: Test, makeQueue: MakeQueue): void {
       await uploading;
     });
 
+    t.test('another listener of the source and the artifact each get every chunk once', async (t) => {
+      const { queue, run } = await claimed(t);
+      const source = new PassThrough();
+      source.write('first\n'); // before anyone reads, as a live log's first line is
+      const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+      // drover batch's plugin listens to the live log after the livelog plugin has started its upload.
+      const seen: Buffer[] = [];
+      source.on('data', (chunk: Buffer) => seen.push(chunk));
+      await sleep(20);
+      source.end('second\n');
+      await uploading;
+      t.equal(Buffer.concat(seen).toString(), 'first\nsecond\n', 'the other listener');
+      t.equal(await text(await queue.readArtifact(run, 'live.log')), 'first\nsecond\n', 'the artifact');
+    });
+
     t.test('a failed source leaves no artifact behind', async (t) => {
       const { queue, run } = await claimed(t);
       const source = new PassThrough();

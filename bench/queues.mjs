@@ -268,16 +268,16 @@ async function claimLatency(queues) {
  * THE ONE PLACE COUPLED TO THE QUEUES' SCHEMAS: fills a freshly migrated
  * drover queue with `count` pending tasks (each with its pending run 0) in
  * one bulk INSERT per table, one transaction, far faster than `submit`.
- * It writes the columns of src/queues/sqlite.ts's MIGRATIONS (up to version 6,
+ * It writes the columns of src/queues/sqlite.ts's MIGRATIONS (up to version 7,
  * `PRAGMA user_version`) and src/queues/postgres-migrations.ts's (up to version 2,
  * `schema_migrations`), and refuses any other schema version: when a
  * migration is added, check the INSERTs below and add its version to KNOWN_VERSIONS.
  */
 async function fillPendingTasks(target, count) {
   // Later migrations changed indexes, what a running task's row says (both queues' 2) and added
-  // artifacts.file (SQLite's 4), when a completed task's row is written (SQLite's 5) and the runs' indexes (SQLite's 6),
+  // artifacts.file (SQLite's 4), when a completed task's row is written (SQLite's 5), the runs' indexes (SQLite's 6) and where small artifacts are kept (SQLite's 7),
   // not how a pending task is written.
-  const KNOWN_VERSIONS = { sqlite: [1, 2, 3, 4, 5, 6], postgres: [1, 2] }[target.kind];
+  const KNOWN_VERSIONS = { sqlite: [1, 2, 3, 4, 5, 6, 7], postgres: [1, 2] }[target.kind];
   const now = Date.now();
   const deadline = now + 24 * 3_600_000;
   const stale = (version) => new Error(`bench/queues.mjs fillPendingTasks knows queue schema versions ${KNOWN_VERSIONS.join(', ')}, this ${target.kind} queue is at ${version}: update it`);

@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { ClaimLostError, ConfigError, InternalError, TaskStateError } from '../src/model/errors.js';
 import type { RunRef } from '../src/model/task.js';
-import { DEFAULT_CLAIM_TIMEOUT_MS, MIGRATIONS, SqliteQueue, SWEEP_BATCH, type SqliteQueueOptions } from '../src/queues/sqlite.js';
+import { DEFAULT_CLAIM_TIMEOUT_MS, INLINE_MAX_BYTES, MIGRATIONS, SqliteQueue, SWEEP_BATCH, type SqliteQueueOptions } from '../src/queues/sqlite.js';
 import type { CancelWatchers } from '../src/queues/wakers.js';
 
 const START = Date.parse('2026-01-01T00:00:00Z');
@@ -33,10 +33,14 @@ function setup(t: Test, options: Partial<SqliteQueueOptions> = {}) {
   return { queue, dir, clock, open, submit, advance: (ms: number) => void (clock.now += ms) };
 }
 
-async function text(stream: Readable): Promise<string> {
+async function bytesOf(stream: Readable): Promise<Buffer> {
   const chunks: Buffer[] = [];
   for await (const chunk of stream) chunks.push(Buffer.from(chunk as Buffer));
-  return Buffer.concat(chunks).toString();
+  return Buffer.concat(chunks);
+}
+
+async function text(stream: Readable): Promise<string> {
+  return (await bytesOf(stream)).toString();
 }
 
 t.test('opening a new queue while another process holds its write lock waits for it, as busy_timeout does', async (t) => {
@@ -438,8 +442,8 @@ t.test('cancel', async (t) => {
 });
 
 t.test('artifacts', async (t) => {
-  const claimed = async (t: Test) => {
-    const q = setup(t);
+  const claimed = async (t: Test, options: Partial<SqliteQueueOptions> = {}) => {
+    const q = setup(t, options);
     await q.submit();
     const [claim] = await q.queue.claimWork({ workerId: 'A', count: 1, waitMs: 0 });
     return { ...q, run: { taskId: claim!.taskId, runId: claim!.runId } as RunRef };
@@ -450,13 +454,99 @@ t.test('artifacts', async (t) => {
     const { queue, run } = await claimed(t);
     const info = await queue.uploadArtifact(run, 'A', meta('public/logs/live.log'), Readable.from(['hello ', 'world']));
     t.match(info, { ...run, name: 'public/logs/live.log', contentType: 'text/plain', state: 'complete', size: 11, created: START });
-    t.ok(existsSync(queue.artifactPath(run, 'public/logs/live.log')), 'stored as a file beside the database');
+    t.notOk(existsSync(queue.artifactPath(run, 'public/logs/live.log')), 'small and uploaded at once: kept in its row, no file');
     t.same(await queue.listArtifacts(run), [info]);
     t.equal(await text(await queue.readArtifact(run, 'public/logs/live.log')), 'hello world');
     await t.rejects(queue.uploadArtifact(run, 'A', meta('public/logs/live.log'), Readable.from(['x'])), { name: 'TaskStateError', message: /already has an artifact/ });
     await t.rejects(queue.uploadArtifact(run, 'A', meta('public/logs'), Readable.from(['x'])), { name: 'TaskStateError', message: /clashes with/ });
     await t.rejects(queue.readArtifact(run, 'nope.txt'), { name: 'TaskStateError', message: `artifact "nope.txt" of task ${run.taskId} run 0 does not exist` });
     await t.rejects(queue.listArtifacts({ taskId: run.taskId, runId: 7 }), TaskStateError);
+  });
+
+  t.test('small artifacts stay in their row; larger or slower ones go to a file, byte for byte', async (t) => {
+    const { queue, run, dir } = await claimed(t, { inlineWaitMs: 200 });
+    const bytes = (n: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 7 + 3) % 256));
+    const cases = [
+      { name: 'empty.bin', content: bytes(0), file: false },
+      { name: 'largest-kept.bin', content: bytes(INLINE_MAX_BYTES), file: false },
+      { name: 'one-byte-more.bin', content: bytes(INLINE_MAX_BYTES + 1), file: true },
+      { name: 'large.bin', content: bytes(5 * INLINE_MAX_BYTES + 11), file: true },
+    ];
+    for (const { name, content, file } of cases) {
+      // In small pieces, as a command's output comes.
+      const pieces = Array.from({ length: Math.ceil(content.length / 1000) }, (_, i) => content.subarray(i * 1000, (i + 1) * 1000));
+      t.match(await queue.uploadArtifact(run, 'A', meta(name), Readable.from(pieces)), { name, state: 'complete', size: content.length });
+      t.equal(existsSync(queue.artifactPath(run, name)), file, `${name}: ${file ? 'a file' : 'no file'}`);
+      t.ok((await bytesOf(await queue.readArtifact(run, name))).equals(content), `${name}: read back whole`);
+      t.ok((await bytesOf(await queue.readArtifact(run, name, { follow: true }))).equals(content), `${name}: followed whole`);
+    }
+    // Slow: its first bytes were held for the wait, then went to the file ahead of the rest.
+    const slow = new PassThrough();
+    const uploading = queue.uploadArtifact(run, 'A', meta('slow.log'), slow);
+    slow.write('first ');
+    await sleep(400);
+    t.ok(existsSync(queue.artifactPath(run, 'slow.log')), 'after the wait, a file');
+    slow.end('last');
+    t.match(await uploading, { size: 10 });
+    t.equal(await text(await queue.readArtifact(run, 'slow.log')), 'first last');
+    // The bytes are in the database itself: another instance reads them.
+    const other = SqliteQueue.open({ dir });
+    t.teardown(() => other.close());
+    t.equal(await text(await other.readArtifact(run, 'largest-kept.bin')), bytes(INLINE_MAX_BYTES).toString());
+    t.same((await other.listArtifacts(run)).map((a) => a.name).toSorted(), [...cases.map((c) => c.name), 'slow.log'].toSorted());
+  });
+
+  t.test('a follower of a small artifact waits while it streams and reads it once it is complete', { timeout: 10_000 }, async (t) => {
+    const { queue, run } = await claimed(t);
+    const source = new PassThrough();
+    const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+    let ended = false;
+    const following = queue.readArtifact(run, 'live.log', { follow: true }).then(text).finally(() => void (ended = true));
+    source.write('[drover] claimed\n');
+    await sleep(250);
+    t.notOk(ended, 'the follower waits while the upload streams');
+    t.equal(await text(await queue.readArtifact(run, 'live.log')), '', 'a reader meanwhile reads nothing yet');
+    source.end('done\n');
+    await uploading;
+    t.equal(await following, '[drover] claimed\ndone\n');
+    t.notOk(existsSync(queue.artifactPath(run, 'live.log')), 'kept in its row');
+  });
+
+  t.test('another listener of the stream (drover batch\'s) and the artifact each get every chunk once', async (t) => {
+    for (const [label, inlineWaitMs, pauseMs] of [['kept in the row', 1000, 0], ['held, then a file', 100, 300], ['a file at once', 0, 0]] as const) {
+      const { queue, run } = await claimed(t, { inlineWaitMs });
+      const source = new PassThrough();
+      source.write('first\n'); // before anyone reads, as the log's claim line is
+      const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
+      // The other listener comes after the upload was called, as drover batch's plugin comes after livelog.
+      const seen: string[] = [];
+      source.on('data', (chunk: Buffer) => seen.push(chunk.toString()));
+      await sleep(20);
+      source.write('second\n');
+      await sleep(pauseMs);
+      source.end('third\n');
+      await uploading;
+      t.equal(seen.join(''), 'first\nsecond\nthird\n', `${label}: the listener`);
+      t.equal(await text(await queue.readArtifact(run, 'live.log')), 'first\nsecond\nthird\n', `${label}: the artifact`);
+      t.equal(existsSync(queue.artifactPath(run, 'live.log')), inlineWaitMs !== 1000, `${label}: ${inlineWaitMs === 1000 ? 'no file' : 'a file'}`);
+    }
+  });
+
+  t.test('a source that fails while it is held leaves no artifact behind', async (t) => {
+    const { queue, run } = await claimed(t);
+    const source = new PassThrough();
+    const uploading = queue.uploadArtifact(run, 'A', meta('broken.log'), source);
+    source.write('some');
+    await sleep(20);
+    source.destroy(new Error('source broke'));
+    await t.rejects(uploading, { message: 'source broke' });
+    t.same(await queue.listArtifacts(run), []);
+  });
+
+  t.test('inlineWaitMs must be a number of milliseconds', async (t) => {
+    for (const inlineWaitMs of [-1, Number.NaN, Infinity]) {
+      t.throws(() => SqliteQueue.open({ dir: t.testdir(), inlineWaitMs }), { name: 'ConfigError', message: /inlineWaitMs must be a number of milliseconds >= 0/ });
+    }
   });
 
   t.test('a follower reads a live upload to its end', { timeout: 10_000 }, async (t) => {
@@ -498,7 +588,7 @@ t.test('artifacts', async (t) => {
   });
 
   t.test('a streaming artifact\'s file follows its row: until it exists a reader reads nothing and a follower waits', async (t) => {
-    const { queue, run } = await claimed(t);
+    const { queue, run } = await claimed(t, { inlineWaitMs: 0 });
     const source = new PassThrough();
     const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
     t.match(await queue.listArtifacts(run), [{ name: 'live.log', state: 'streaming' }], 'the row is there as soon as the upload is called');
@@ -516,7 +606,7 @@ t.test('artifacts', async (t) => {
   });
 
   t.test('a follower that found no file yet reads the artifact its upload completed meanwhile', async (t) => {
-    const { queue, run } = await claimed(t);
+    const { queue, run } = await claimed(t, { inlineWaitMs: 0 });
     const path = queue.artifactPath(run, 'live.log');
     // The race, held still: the follower's open finds no file; before it looks at the row again, the upload makes
     // its file, writes it and completes (another process can do all that in between).
@@ -549,7 +639,7 @@ t.test('artifacts', async (t) => {
   });
 
   t.test('a follower whose signal has aborted before the file was made ends, with nothing read', async (t) => {
-    const { queue, run } = await claimed(t);
+    const { queue, run } = await claimed(t, { inlineWaitMs: 0 });
     const source = new PassThrough();
     const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source);
     // The state just after the call, held still: the row, and no file yet.
@@ -574,7 +664,7 @@ t.test('artifacts', async (t) => {
   });
 
   t.test('files go in a few shard directories: no directory per task, run or name part', async (t) => {
-    const { queue, dir, submit } = setup(t);
+    const { queue, dir, submit } = setup(t, { inlineWaitMs: 0 });
     for (let i = 0; i < 6; i++) await submit();
     const claims = await queue.claimWork({ workerId: 'A', count: 6, waitMs: 0 });
     for (const claim of claims) {
@@ -590,7 +680,7 @@ t.test('artifacts', async (t) => {
   });
 
   t.test('a name too long for one file name is stored and read', async (t) => {
-    const { queue, run } = await claimed(t);
+    const { queue, run } = await claimed(t, { inlineWaitMs: 0 });
     const name = `public/${'ü'.repeat(100)}/${'long-'.repeat(60)}.log`;
     t.match(await queue.uploadArtifact(run, 'A', meta(name), Readable.from(['long'])), { name, size: 4 });
     t.equal(await text(await queue.readArtifact(run, name)), 'long');

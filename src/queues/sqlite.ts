@@ -17,7 +17,7 @@
  * deadline has passed; `sweep()` and `cancel` sweep at once.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { accessSync, constants, createReadStream, existsSync, mkdirSync, rmSync } from 'node:fs';
+import { accessSync, constants, createReadStream, existsSync, mkdirSync, ReadStream, rmSync } from 'node:fs';
 import { mkdir, open, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
 import { Readable } from 'node:stream';
@@ -34,6 +34,14 @@ import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Qu
 export const DEFAULT_CLAIM_TIMEOUT_MS = 30_000;
 export const DEFAULT_POLL_INTERVAL_MS = 200;
 const FOLLOW_POLL_MS = 100;
+/**
+ * An artifact whose upload ends within DEFAULT_INLINE_WAIT_MS having given at most this much is kept in its
+ * row (migration 7): a short task's live log makes no file. Creating, writing and closing one cost more than
+ * all else a live log does (bench/ANALYSIS.md, Local tasks), and a file per task fills a disk's inodes.
+ */
+export const INLINE_MAX_BYTES = 64 * 1024;
+/** How long a follower of a live log may wait for its first bytes: about as long as other CI agents' log uploads lag. */
+export const DEFAULT_INLINE_WAIT_MS = 1000;
 /** How long a statement, or opening the queue, waits for another process's lock. */
 const BUSY_TIMEOUT_MS = 10_000;
 const MIN_WATCH_INTERVAL_MS = 100;
@@ -44,6 +52,12 @@ export interface SqliteQueueOptions {
   readonly pollIntervalMs?: number;
   /** The clock for claims and deadlines; tests inject one to skip time. */
   readonly now?: () => number;
+  /**
+   * How long an upload's first bytes are held to see whether the artifact is small enough to keep in
+   * its row (INLINE_MAX_BYTES) rather than in a file; DEFAULT_INLINE_WAIT_MS when not given, 0 for a
+   * file always. Readers of a streaming artifact see its bytes only once they are in a file.
+   */
+  readonly inlineWaitMs?: number;
 }
 
 /** Schema migrations; `PRAGMA user_version` counts how many were applied. Append, never edit. */
@@ -117,6 +131,8 @@ export const MIGRATIONS: readonly string[] = [
    DROP INDEX runs_running;
    UPDATE runs SET taken_until = NULL WHERE state = 'pending' AND taken_until IS NOT NULL;
    CREATE INDEX runs_open ON runs (state DESC, taken_until, scheduled) WHERE state IN ('pending', 'running');`,
+  // A small artifact's bytes, kept in its row instead of a file (INLINE_MAX_BYTES); NULL for one in a file.
+  `ALTER TABLE artifacts ADD COLUMN content BLOB;`,
 ];
 
 /** Reasons only the queue gives (sweep, cancel): never a worker's own report. */
@@ -181,12 +197,14 @@ const SQL = {
   canceledAmong: `SELECT r.task_id, r.run_id FROM json_each(?) w JOIN runs r ON r.task_id = w.value ->> 0 AND r.run_id = w.value ->> 1
                   WHERE r.state = 'exception' AND r.reason_resolved = 'canceled'`,
   artifact: `SELECT * FROM artifacts WHERE task_id = ? AND run_id = ? AND name = ?`,
-  artifacts: `SELECT * FROM artifacts WHERE task_id = ? AND run_id = ? ORDER BY created, name`,
+  // Not the content: a listing needs none.
+  artifacts: `SELECT task_id, run_id, name, content_type, expires, state, size, created FROM artifacts WHERE task_id = ? AND run_id = ? ORDER BY created, name`,
   // The same name, or one that would need the other to be a directory (`a` and `a/b`).
   artifactClash: `SELECT name FROM artifacts WHERE task_id = @taskId AND run_id = @runId AND (name = @name
                     OR substr(name, 1, length(@name) + 1) = @name || '/' OR substr(@name, 1, length(name) + 1) = name || '/')`,
   insertArtifact: `INSERT INTO artifacts (task_id, run_id, name, content_type, expires, state, size, created, file) VALUES (?, ?, ?, ?, ?, 'streaming', 0, ?, ?)`,
   completeArtifact: `UPDATE artifacts SET state = 'complete', size = ? WHERE task_id = ? AND run_id = ? AND name = ?`,
+  completeInline: `UPDATE artifacts SET state = 'complete', size = ?, content = ? WHERE task_id = ? AND run_id = ? AND name = ?`,
   deleteArtifact: `DELETE FROM artifacts WHERE task_id = ? AND run_id = ? AND name = ?`,
 } as const;
 
@@ -202,6 +220,8 @@ function pendingRunsSql(count: number): string {
 /** Claim statements kept, one per count asked for: a worker asks for at most its capacity. */
 const MAX_CLAIM_STATEMENTS = 64;
 
+/** An artifact's whole row: its bytes too when it is small (migration 7). */
+interface StoredArtifactRow extends ArtifactRow { file: string | null; content: Buffer | null }
 interface TaskRow { id: string; payload: string; state: TaskState; created: number; deadline: number; retries_left: number }
 /** A task of OVERDUE, with its last run. */
 interface OverdueRow { taskId: string; runId: number; deadline: number; state: TaskState }
@@ -223,6 +243,9 @@ export class SqliteQueue implements Queue {
       if (value !== undefined && !(Number.isFinite(value) && value > 0)) {
         throw new ConfigError(`queue option ${name} must be a positive number of milliseconds, not ${String(value)}`);
       }
+    }
+    if (options.inlineWaitMs !== undefined && !(Number.isFinite(options.inlineWaitMs) && options.inlineWaitMs >= 0)) {
+      throw new ConfigError(`queue option inlineWaitMs must be a number of milliseconds >= 0, not ${String(options.inlineWaitMs)}`);
     }
     const file = join(dir, 'queue.db');
     let db: Database.Database | undefined;
@@ -248,6 +271,7 @@ export class SqliteQueue implements Queue {
   private readonly claimStatements = new Map<number, Database.Statement>();
   private readonly claimTimeoutMs: number;
   private readonly pollIntervalMs: number;
+  private readonly inlineWaitMs: number;
   private readonly now: () => number;
   /** Long polls waiting on this instance; `submit` and `close` wake them. */
   private readonly wakers = new Wakers();
@@ -269,6 +293,7 @@ export class SqliteQueue implements Queue {
     this.dir = dir;
     this.claimTimeoutMs = options.claimTimeoutMs ?? DEFAULT_CLAIM_TIMEOUT_MS;
     this.pollIntervalMs = options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
+    this.inlineWaitMs = options.inlineWaitMs ?? DEFAULT_INLINE_WAIT_MS;
     this.watchers = new CancelWatchers(Math.max(MIN_WATCH_INTERVAL_MS, this.pollIntervalMs), () => this.checkCancellations());
     this.now = options.now ?? Date.now;
     this.s = Object.fromEntries(Object.entries(SQL).map(([key, sql]) => [key, db.prepare(sql)])) as SqliteQueue['s'];
@@ -371,12 +396,29 @@ export class SqliteQueue implements Queue {
     if (refusal) throw refusal;
     let size: number;
     try {
+      // A local file is left whole to writeArtifactFile, which may copy it with `cat`; other sources are
+      // held a moment first, and one that ends small stays in the row.
+      const held = source instanceof ReadStream || this.inlineWaitMs === 0 ? undefined : await hold(source, INLINE_MAX_BYTES, this.inlineWaitMs);
+      const start = held === undefined ? Buffer.alloc(0) : Buffer.concat(held.chunks);
+      if (held?.ended) {
+        this.write(() => this.s.completeInline.run(start.length, start, ...key));
+        return artifactInfo(this.artifactRow(run, meta.name));
+      }
       // The row comes first, so the artifact is there as soon as this is called; its file follows, made off
       // the event loop and outside the write lock (a file's creation is a metadata transaction, costly on
       // some filesystems). Until it exists, a reader of the streaming row reads nothing yet.
       // Our own handle, opened now: a stream left to open the file itself could re-create it after a failed
       // upload removed it.
-      size = await writeArtifactFile(path, await createFile(path), source);
+      const handle = await createFile(path);
+      if (start.length > 0) {
+        try {
+          await handle.write(start);
+        } catch (error) {
+          await handle.close().catch(() => {});
+          throw error;
+        }
+      }
+      size = start.length + await writeArtifactFile(path, handle, source);
     } catch (error) {
       // A half-written artifact would pass for a whole one; drop it so the caller can upload again.
       try {
@@ -393,6 +435,7 @@ export class SqliteQueue implements Queue {
 
   async readArtifact(run: RunRef, name: string, options: ReadArtifactOptions = {}): Promise<Readable> {
     const row = this.artifactRow(run, name);
+    if (row.content !== null) return Readable.from([row.content]);
     const path = this.fileOf(row);
     if (options.follow) return Readable.from(this.follow(run, name, path, options.signal), { objectMode: false });
     // A streaming artifact's file is made just after its row (uploadArtifact): not there yet, nothing is written yet.
@@ -600,8 +643,13 @@ export class SqliteQueue implements Queue {
       } catch (error) {
         if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
         if (signal?.aborted) return;
+        const row = this.artifactRow(run, name, 'was removed while being read: its upload failed');
+        if (row.content !== null) {
+          yield row.content;
+          return;
+        }
         // A row says complete only once its file is there: then the upload finished after that open, so open again.
-        if (this.artifactRow(run, name, 'was removed while being read: its upload failed').state !== 'streaming') file = await open(path, 'r');
+        if (row.state !== 'streaming') file = await open(path, 'r');
         else await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
       }
     }
@@ -625,8 +673,8 @@ export class SqliteQueue implements Queue {
     }
   }
 
-  private artifactRow(run: RunRef, name: string, gone = 'does not exist'): ArtifactRow {
-    const row = this.read(() => this.s.artifact.get(run.taskId, run.runId, name) as ArtifactRow | undefined);
+  private artifactRow(run: RunRef, name: string, gone = 'does not exist'): StoredArtifactRow {
+    const row = this.read(() => this.s.artifact.get(run.taskId, run.runId, name) as StoredArtifactRow | undefined);
     if (!row) throw new TaskStateError(`artifact "${name}" of task ${run.taskId} run ${run.runId} ${gone}`);
     return row;
   }
@@ -637,7 +685,7 @@ export class SqliteQueue implements Queue {
   }
 
   /** The file of an artifact's row: the one it records, or for a row from before migration 4, the one its drover used. */
-  private fileOf(row: ArtifactRow & { file?: string | null }): string {
+  private fileOf(row: StoredArtifactRow): string {
     if (row.file) return join(this.dir, 'artifacts', row.file);
     const candidates = legacyArtifactFiles({ taskId: row.task_id, runId: row.run_id }, row.name).map((file) => join(this.dir, 'artifacts', file));
     return candidates.find((path) => existsSync(path)) ?? candidates[0]!;
@@ -758,6 +806,36 @@ export function artifactFile(run: RunRef, name: string): string {
 /** Where drovers before schema version 4 put an artifact's file, newest layout first: `<taskId>/<runId>-<encoded name>`, then `<taskId>/<runId>/<name>`. */
 function legacyArtifactFiles(run: RunRef, name: string): string[] {
   return [join(run.taskId, `${run.runId}-${encodeURIComponent(name)}`), join(run.taskId, String(run.runId), ...name.split('/'))];
+}
+
+/**
+ * What the paused `source` gives until it ends, or gives more than `max` bytes, or `waitMs` passes,
+ * and whether it ended (having given at most `max`, then). It is paused again after: what it gives next
+ * waits for the next reader. Read as 'data', as a pipe reads, so that another listener of the same
+ * stream sees each chunk once. A source that fails rejects with its error.
+ */
+function hold(source: Readable, max: number, waitMs: number): Promise<{ chunks: Buffer[]; ended: boolean }> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  return new Promise((resolve, reject) => {
+    if (source.readableEnded) return resolve({ chunks, ended: true });
+    const settle = (outcome: () => void) => {
+      clearTimeout(timer);
+      source.pause();
+      source.off('data', take).off('end', ended).off('error', failed);
+      outcome();
+    };
+    const ended = () => settle(() => resolve({ chunks, ended: true }));
+    const failed = (error: unknown) => settle(() => reject(error));
+    const take = (chunk: unknown) => {
+      const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : (chunk as Buffer);
+      chunks.push(bytes);
+      size += bytes.length;
+      if (size > max) settle(() => resolve({ chunks, ended: false }));
+    };
+    const timer = setTimeout(() => settle(() => resolve({ chunks, ended: false })), waitMs);
+    source.on('data', take).once('end', ended).once('error', failed).resume();
+  });
 }
 
 /**

@@ -114,7 +114,8 @@ export const KERNEL_COPY_MIN = 32 * 1024 * 1024;
  * Stores everything `source` gives in the artifact file at `path`, through
  * `file`, the caller's handle on it (opened for writing when the caller made
  * the file: its own, so that a file a failed upload removed is never made
- * again by a stream opening it), and resolves with the file's size. Closes
+ * again by a stream opening it), and resolves with the file's size. `read`
+ * is what the caller already took from `source`: it goes first. Closes
  * `file` and `source`. Rejects with the source's error, or the destination's;
  * the caller removes the file.
  *
@@ -129,8 +130,8 @@ export const KERNEL_COPY_MIN = 32 * 1024 * 1024;
  * whatever it is by then. Everything else is streamed, 1 MiB at a time, as is
  * any file when `cat` cannot be started.
  */
-export async function writeArtifactFile(path: string, file: FileHandle, source: Readable): Promise<number> {
-  const from = await wholeLargeFile(source);
+export async function writeArtifactFile(path: string, file: FileHandle, source: Readable, read?: Buffer): Promise<number> {
+  const from = read === undefined ? await wholeLargeFile(source) : undefined;
   const copied = from === undefined ? undefined : await catCopy(from, file.fd, path).catch((error: unknown) => error as Error);
   if (copied !== undefined) {
     source.destroy();
@@ -139,6 +140,7 @@ export async function writeArtifactFile(path: string, file: FileHandle, source: 
     return copied;
   }
   const sink = createWriteStream(path, { fd: file, highWaterMark: WRITE_CHUNK }); // it closes `file`
+  if (read !== undefined && read.length > 0) sink.write(read);
   await pipeline(source, sink); // on a failure it destroys both, so a source's file is closed too
   return sink.bytesWritten;
 }

@@ -399,9 +399,8 @@ export class SqliteQueue implements Queue {
       // A local file is left whole to writeArtifactFile, which may copy it with `cat`; other sources are
       // held a moment first, and one that ends small stays in the row.
       const held = source instanceof ReadStream || this.inlineWaitMs === 0 ? undefined : await hold(source, INLINE_MAX_BYTES, this.inlineWaitMs);
-      const start = held === undefined ? Buffer.alloc(0) : Buffer.concat(held.chunks);
       if (held?.ended) {
-        this.write(() => this.s.completeInline.run(start.length, start, ...key));
+        this.write(() => this.s.completeInline.run(held.bytes.length, held.bytes, ...key));
         return artifactInfo(this.artifactRow(run, meta.name));
       }
       // The row comes first, so the artifact is there as soon as this is called; its file follows, made off
@@ -409,16 +408,7 @@ export class SqliteQueue implements Queue {
       // some filesystems). Until it exists, a reader of the streaming row reads nothing yet.
       // Our own handle, opened now: a stream left to open the file itself could re-create it after a failed
       // upload removed it.
-      const handle = await createFile(path);
-      if (start.length > 0) {
-        try {
-          await handle.write(start);
-        } catch (error) {
-          await handle.close().catch(() => {});
-          throw error;
-        }
-      }
-      size = start.length + await writeArtifactFile(path, handle, source);
+      size = await writeArtifactFile(path, await createFile(path), source, held?.bytes);
     } catch (error) {
       // A half-written artifact would pass for a whole one; drop it so the caller can upload again.
       try {
@@ -435,7 +425,7 @@ export class SqliteQueue implements Queue {
 
   async readArtifact(run: RunRef, name: string, options: ReadArtifactOptions = {}): Promise<Readable> {
     const row = this.artifactRow(run, name);
-    if (row.content !== null) return Readable.from([row.content]);
+    if (row.content !== null) return Readable.from([row.content], { objectMode: false });
     const path = this.fileOf(row);
     if (options.follow) return Readable.from(this.follow(run, name, path, options.signal), { objectMode: false });
     // A streaming artifact's file is made just after its row (uploadArtifact): not there yet, nothing is written yet.
@@ -814,26 +804,27 @@ function legacyArtifactFiles(run: RunRef, name: string): string[] {
  * waits for the next reader. Read as 'data', as a pipe reads, so that another listener of the same
  * stream sees each chunk once. A source that fails rejects with its error.
  */
-function hold(source: Readable, max: number, waitMs: number): Promise<{ chunks: Buffer[]; ended: boolean }> {
+function hold(source: Readable, max: number, waitMs: number): Promise<{ bytes: Buffer; ended: boolean }> {
   const chunks: Buffer[] = [];
   let size = 0;
   return new Promise((resolve, reject) => {
-    if (source.readableEnded) return resolve({ chunks, ended: true });
+    if (source.readableEnded) return resolve({ bytes: Buffer.alloc(0), ended: true });
+    const done = (ended: boolean) => settle(() => resolve({ bytes: Buffer.concat(chunks), ended }));
     const settle = (outcome: () => void) => {
       clearTimeout(timer);
       source.pause();
       source.off('data', take).off('end', ended).off('error', failed);
       outcome();
     };
-    const ended = () => settle(() => resolve({ chunks, ended: true }));
+    const ended = () => done(true);
     const failed = (error: unknown) => settle(() => reject(error));
     const take = (chunk: unknown) => {
       const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : (chunk as Buffer);
       chunks.push(bytes);
       size += bytes.length;
-      if (size > max) settle(() => resolve({ chunks, ended: false }));
+      if (size > max) done(false);
     };
-    const timer = setTimeout(() => settle(() => resolve({ chunks, ended: false })), waitMs);
+    const timer = setTimeout(() => done(false), waitMs);
     source.on('data', take).once('end', ended).once('error', failed).resume();
   });
 }

@@ -12,6 +12,8 @@ export interface Logger {
   warn(msg: string, data?: Record<string, unknown>): void;
   error(msg: string, data?: Record<string, unknown>): void;
   child(bindings: Record<string, unknown>): Logger;
+  /** Whether a line at `level` would be written; a logger without it is taken to write every level. */
+  enabled?(level: LogLevel): boolean;
 }
 
 export interface LoggerOptions {
@@ -44,6 +46,7 @@ export function createLogger(options: LoggerOptions = {}, bindings: Record<strin
     warn: (m, d) => log('warn', m, d),
     error: (m, d) => log('error', m, d),
     child: (more) => createLogger(options, { ...bindings, ...more }),
+    enabled: (level) => LEVELS[level] >= min,
   };
 }
 

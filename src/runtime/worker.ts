@@ -136,12 +136,20 @@ export function startWorker(options: WorkerOptions): Worker {
       shutdownGraceMs: options.shutdownGraceMs,
       pollWaitMs: options.pollWaitMs,
     },
-    inspect: logTransitions(logger),
+    // Inspection sees every event of every actor of the system (each task and each of its stages): only
+    // for the debug log of task states, which costs a worker with short tasks a tenth of its time otherwise.
+    ...(logger.enabled?.('debug') === false ? {} : { inspect: logTaskStates(logger) }),
   });
   // Grace periods cut short by a deadline: a second SHUTDOWN then aborts the tasks, as a second signal does.
   const deadlines = new Set<NodeJS.Timeout>();
   const stopped = new Promise<WorkerOutput>((resolve, reject) => {
+    let last: string | undefined;
     actor.subscribe({
+      next: (snapshot) => {
+        const state = stateName(snapshot.value);
+        if (state !== last) logger.info('worker state', { state });
+        last = state;
+      },
       complete: () => resolve(actor.getSnapshot().output!),
       error: reject,
     });
@@ -167,21 +175,20 @@ export function startWorker(options: WorkerOptions): Worker {
   };
 }
 
-/** Logs every state a worker or task machine enters, with the state as data (at debug for tasks). */
-function logTransitions(logger: Logger): (event: InspectionEvent) => void {
+/** Logs every state a task machine enters, at debug, with the state as data. */
+function logTaskStates(logger: Logger): (event: InspectionEvent) => void {
   const last = new Map<string, string>();
   return (event) => {
     if (event.type !== '@xstate.snapshot') return;
     const snapshot = event.snapshot as { value?: unknown; context?: { claim?: { taskId: string; runId: number } } };
-    if (snapshot.value === undefined) return;
+    const claim = snapshot.context?.claim;
+    if (snapshot.value === undefined || claim === undefined) return;
     const state = stateName(snapshot.value);
     const id = event.actorRef.sessionId;
     if (last.get(id) === state) return;
-    if (state === 'done' || state === 'stopped') last.delete(id);
+    if (state === 'done') last.delete(id);
     else last.set(id, state);
-    const claim = snapshot.context?.claim;
-    if (claim) logger.debug('task state', { taskId: claim.taskId, runId: claim.runId, state });
-    else logger.info('worker state', { state });
+    logger.debug('task state', { taskId: claim.taskId, runId: claim.runId, state });
   };
 }
 

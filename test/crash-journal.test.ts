@@ -76,11 +76,13 @@ async function startCrashWorker(
   args: { journalDir: string; taskDir: string; cookie: string; script: string },
 ): Promise<{ worker: ChildProcess; pid: number; pgid: number }> {
   const { nodeArgs, modulesBase } = fixtureCommand();
+  // A process group of its own, so that crash() kills the worker and its agent at once.
   const worker = spawn(process.execPath, [...nodeArgs, fixture, modulesBase, args.journalDir, args.taskDir, args.cookie, args.script], {
     stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true,
   });
   t.teardown(() => {
-    if (worker.exitCode === null && worker.signalCode === null) worker.kill('SIGKILL');
+    if (worker.exitCode === null && worker.signalCode === null) process.kill(-worker.pid!, 'SIGKILL');
   });
   let stderr = '';
   worker.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
@@ -104,9 +106,14 @@ async function startCrashWorker(
   return { worker, pid, pgid };
 }
 
+/**
+ * kill -9 of the worker and its agent together, as a supervisor that kills the worker's whole process
+ * group does: the commands, each in a session of its own, are left to the journal.
+ * (The worker alone dying is the agent's to handle: it stops the commands itself, see local-starters.test.ts.)
+ */
 async function crash(worker: ChildProcess): Promise<void> {
   const exited = new Promise((resolve) => worker.once('exit', resolve));
-  worker.kill('SIGKILL');
+  process.kill(-worker.pid!, 'SIGKILL');
   await exited;
 }
 

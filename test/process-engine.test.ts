@@ -14,7 +14,9 @@ import type { Claim, Payload } from '../src/model/task.js';
 import { silentLogger } from '../src/runtime/logger.js';
 import { compilePayloadValidator } from '../src/runtime/schema.js';
 
-const transport = new LocalTransport();
+// process-engine-spawner.test.ts runs this file once more with the spawner, as on a machine without perl.
+const throughSpawner = process.env['DROVER_LOCAL_TEST_STARTER'] === 'spawner';
+const transport = new LocalTransport({ agent: !throughSpawner });
 
 interface Ctx {
   readonly taskDir: string;
@@ -225,7 +227,7 @@ t.test('a command that does not exist: exit code 127 with startError', async (t)
   const { result, stdout, stderr } = await run(ctx, { command: ['drover-no-such-command-xyz', 'a'] });
   t.equal(result.exitCode, 127);
   t.equal(result.signal, null);
-  t.match(result.startError, /ENOENT/);
+  t.match(result.startError, throughSpawner ? /spawn drover-no-such-command-xyz ENOENT/ : /^drover-no-such-command-xyz: command not found \(on this machine\)$/);
   t.equal(stdout, '');
   t.equal(stderr, '');
 });

@@ -4,8 +4,22 @@
  *
  * Every command runs in a new session, so in a process group of its own
  * whose id is the main process's pid: `kill()` signals the whole group and
- * `waitGone()` watches it through /proc. Commands are started by a small
- * helper process, the spawner (spawner.ts), not by the worker itself.
+ * `waitGone()` waits until none of it is left.
+ *
+ * Commands are started by a helper process, not by the worker itself (Node
+ * forks the whole calling process to start one): the agent, the same Perl
+ * program that SSH hosts run (ssh-agent-program.ts), here a child process
+ * whose stdin and stdout carry its frames. It forks and execs each command
+ * and sends its output back as frames: no file descriptors are passed and
+ * nothing waits for the worker's event loop to acknowledge them. Where this
+ * machine has no perl, the spawner (spawner.ts), a small Node process,
+ * starts them instead and passes their pipes back.
+ *
+ * If the agent dies, the groups it started that were not known to be gone
+ * are killed (SIGKILL) and their commands end with exit code 255; the next
+ * command starts a new agent. If the worker dies, the agent sees its stdin
+ * end and stops every group it started (SIGTERM, 5 s, SIGKILL); if both
+ * die at once, the crash journal finds the commands by their cookie.
  *
  * Limitation: a process stays in the command's group only as long as it
  * does not leave it itself (setsid(), setpgid(), e.g. `setsid cmd` or a
@@ -13,6 +27,7 @@
  * waited for by `waitGone()`; it still carries DROVER_RUN_COOKIE in its
  * environment, and the crash journal finds it by that when it reaps.
  */
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
 import { lstat, mkdir, open, readdir, realpath, rm, rmdir, writeFile } from 'node:fs/promises';
 import { arch, availableParallelism, hostname, platform, totalmem } from 'node:os';
@@ -25,6 +40,7 @@ import { errorMessage } from '../model/errors.js';
 import type { Host, HostBootOptions, HostIdentity } from './host.js';
 import { CrashJournal } from './journal.js';
 import { groupExists, groupPids } from './proc.js';
+import { RemoteAgent, type AgentChannel } from './ssh-agent.js';
 import { Spawner, type Spawned } from './spawner.js';
 import { fileType, type DirectoryEntry, type ExecOptions, type Execution, type ExitStatus, type FileStat, type Transport, type TransportCapabilities } from './transport.js';
 
@@ -35,26 +51,54 @@ export interface LocalTransportOptions {
   readonly journal?: CrashJournal;
   /** Where a failure to write the journal is reported; the command runs anyway (its cookie is journaled). */
   readonly logger?: Logger;
+  /** Start commands through the agent when this machine has perl (default true); false: through the spawner. */
+  readonly agent?: boolean;
 }
+
+/** How the agent stops the groups it started when the worker is gone. */
+const AGENT_KILL_SIGNAL = 'TERM';
+const AGENT_KILL_GRACE_MS = 5000;
+/** How long the agent may take to start and say hello. */
+const AGENT_START_TIMEOUT_MS = 10_000;
+const NO_CHANGES = { removals: [], dirs: [] } as const;
 
 export class LocalTransport implements Transport {
   readonly capabilities: TransportCapabilities = { exec: true, files: true };
   readonly #journal: CrashJournal | undefined;
   readonly #logger: Logger | undefined;
   readonly #spawner: Spawner;
+  /** The agent, started by the first command; undefined when commands go through the spawner. */
+  #agent: Promise<RemoteAgent | undefined> | undefined;
+  #useAgent: boolean;
+  /** Aborted by close(): an agent starting then gives up. */
+  readonly #closing = new AbortController();
 
   constructor(options: LocalTransportOptions = {}) {
     this.#journal = options.journal;
     this.#logger = options.logger;
+    this.#useAgent = options.agent ?? true;
     this.#spawner = new Spawner({
       onDeath: (why) => this.#logger?.error(`${why}: the commands it started are killed`),
     });
   }
 
-  async exec(argv: readonly string[], options: ExecOptions): Promise<LocalExecution> {
+  async exec(argv: readonly string[], options: ExecOptions): Promise<Execution & { readonly pgid: number | undefined }> {
     const [file, ...args] = argv;
     if (file === undefined) return LocalExecution.failed(new Error('exec: empty argv'));
     const env = { ...options.env, DROVER_RUN_COOKIE: options.cookie };
+    const agent = await this.#agentFor();
+    if (agent !== undefined) {
+      let execution;
+      try {
+        execution = agent.exec({ argv, cwd: options.cwd, env, changes: NO_CHANGES, freshCwd: false }, () => {});
+      } catch (error) {
+        // A NUL byte in argv or env.
+        return LocalExecution.failed(error instanceof Error ? error : new Error(String(error)));
+      }
+      await execution.started;
+      if (execution.pid !== undefined) this.#noteGroup(options.cookie, execution.pid);
+      return execution;
+    }
     let spawned: Spawned;
     try {
       spawned = await this.#spawner.spawn({ file, args, cwd: options.cwd, env });
@@ -62,20 +106,74 @@ export class LocalTransport implements Transport {
       // ENOENT, EACCES, a bad cwd, a NUL byte in argv or env...
       return LocalExecution.failed(error instanceof Error ? error : new Error(String(error)));
     }
-    // As soon as the pid is known. A crash before this line leaves the group unnoted, but every
-    // process of it carries the cookie, which the journal was given before (and reaps by).
-    if (this.#journal !== undefined) {
-      try {
-        this.#journal.noteProcessGroup(options.cookie, spawned.pid);
-      } catch (error) {
-        this.#logger?.warn('crash journal: cannot note process group', { pgid: spawned.pid, error: errorMessage(error) });
-      }
-    }
+    this.#noteGroup(options.cookie, spawned.pid);
     return new LocalExecution(spawned);
   }
 
-  /** Stops the spawner process (commands still running are killed, see Spawner.close). For a host that is disposed. */
+  /**
+   * Notes a command's group in the journal as soon as its pid is known. A crash before that leaves the
+   * group unnoted, but every process of it carries the cookie, which the journal was given before (and reaps by).
+   */
+  #noteGroup(cookie: string, pgid: number): void {
+    if (this.#journal === undefined) return;
+    try {
+      this.#journal.noteProcessGroup(cookie, pgid);
+    } catch (error) {
+      this.#logger?.warn('crash journal: cannot note process group', { pgid, error: errorMessage(error) });
+    }
+  }
+
+  /** The agent, started on first use; undefined when commands go through the spawner. */
+  #agentFor(): Promise<RemoteAgent | undefined> {
+    if (!this.#useAgent || this.#closing.signal.aborted) return Promise.resolve(undefined);
+    this.#agent ??= this.#startAgent();
+    return this.#agent;
+  }
+
+  async #startAgent(): Promise<RemoteAgent | undefined> {
+    let channel: ReturnType<typeof processChannel> | undefined;
+    const started = await RemoteAgent.start({
+      address: 'this machine',
+      killSignal: AGENT_KILL_SIGNAL,
+      killGraceMs: AGENT_KILL_GRACE_MS,
+      timeoutMs: AGENT_START_TIMEOUT_MS,
+      connectionClosed: this.#closing.signal,
+      logger: this.#logger,
+      // Pipes have no Nagle's algorithm to answer.
+      acknowledge: false,
+      onBusy: (busy) => channel?.hold(busy),
+      open: async (command, onChannel) => {
+        channel = processChannel(spawn('/bin/sh', ['-c', command], { stdio: ['pipe', 'pipe', 'pipe'] }));
+        return onChannel(channel);
+      },
+    });
+    if (!(started instanceof RemoteAgent)) {
+      this.#useAgent = false;
+      this.#agent = undefined;
+      if (started.noPerl) this.#logger?.info('this machine has no perl: commands are started by the spawner');
+      else if (!this.#closing.signal.aborted) this.#logger?.warn('the agent did not start: commands are started by the spawner', { reason: started.reason });
+      return undefined;
+    }
+    started.onClosed((inFlight) => {
+      this.#agent = undefined;
+      // Nobody is left to report on these groups or to stop them: they go now, as with a dead spawner.
+      const orphans = inFlight.flatMap((execution) => (execution.pid === undefined || execution.groupGone ? [] : [execution.pid]));
+      for (const pgid of orphans) {
+        try {
+          process.kill(-pgid, 'SIGKILL');
+        } catch {
+          // gone already
+        }
+      }
+      if (orphans.length > 0) this.#logger?.error('the agent ended while commands ran: they are killed', { groups: orphans.length });
+    });
+    return started;
+  }
+
+  /** Stops the agent or the spawner (commands still running are killed). For a host that is disposed. */
   close(): void {
+    this.#closing.abort();
+    void this.#agent?.then((agent) => agent?.close());
     this.#spawner.close();
   }
 
@@ -196,6 +294,29 @@ export class LocalExecution implements Execution {
       await sleep(Math.min(POLL_MS, left));
     }
   }
+}
+
+/**
+ * The agent's channel over a child process's pipes. The agent keeps the worker alive only while it
+ * has commands in flight (`hold(true)`), as the spawner does: an idle transport does not hold a process open.
+ */
+function processChannel(child: ChildProcess): AgentChannel & { hold(busy: boolean): void } {
+  // A failed start shows as the channel's close without a hello; a write after the agent died, the same.
+  child.on('error', () => {});
+  child.stdin!.on('error', () => {});
+  const handles = [child, child.stdin, child.stdout, child.stderr] as unknown as { ref(): void; unref(): void }[];
+  const hold = (busy: boolean) => handles.forEach((handle) => (busy ? handle.ref() : handle.unref()));
+  hold(false);
+  const on = (event: string, listener: (...args: any[]) => void) => (event === 'data' ? child.stdout!.on('data', listener) : child.on('exit', listener));
+  return {
+    hold,
+    stderr: child.stderr!,
+    on: on as AgentChannel['on'],
+    once: (_event, listener) => child.once('close', listener),
+    write: (data) => child.stdin!.write(data),
+    end: () => child.stdin!.end(),
+    close: () => child.kill('SIGKILL'),
+  };
 }
 
 function emptyStream(): Readable {

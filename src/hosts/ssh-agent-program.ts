@@ -1,9 +1,10 @@
 /**
- * The remote agent of the SSH transport: a Perl program (core modules
- * only) that runs in ONE exec channel per connection and starts every
- * command itself, so that a command costs the host one fork and one exec,
- * not an sshd session, a login shell and the wrapper's programs
- * (ssh-remote.ts, still used where the host has no perl).
+ * The agent: a Perl program (core modules only) that starts every command
+ * itself, so that a command costs its host one fork and one exec. The SSH
+ * transport runs it in ONE exec channel per connection, instead of an sshd
+ * session, a login shell and the wrapper's programs per command
+ * (ssh-remote.ts, still used where the host has no perl); the local
+ * transport runs it as a child process, instead of forking the worker.
  *
  * The program is sent over the channel's stdin by a short bootstrap (the
  * remote command line stays short and readable in `ps`); see

@@ -1,8 +1,9 @@
 /**
- * The client side of the SSH transport's remote agent (the program and its
- * frame protocol: ssh-agent-program.ts). One agent runs per connection, in
- * one exec channel; every command of the connection goes through it, with
- * no channel of its own:
+ * The client side of the agent (the program and its frame protocol:
+ * ssh-agent-program.ts). The SSH transport runs one per connection, in one
+ * exec channel; the local transport runs one as a child process, with its
+ * stdin and stdout as the channel. Every command goes through it, with no
+ * channel of its own:
  *
  * - exec(): a `C` frame; the agent forks, applies the deferred changes the
  *   command carries, and starts it in a process group of its own.
@@ -17,7 +18,6 @@
  */
 import { PassThrough } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { ClientChannel } from 'ssh2';
 import { errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { AGENT_PROTOCOL, NO_PERL, agentCommandLine, agentProgramMessage } from './ssh-agent-program.js';
@@ -36,8 +36,22 @@ export interface AgentCommand extends Pick<ExecOptions, 'cwd' | 'env'> {
   readonly freshCwd: boolean;
 }
 
+/** What the agent's frames travel over: what ssh2's exec channel offers, or a child process's pipes. */
+export interface AgentChannel {
+  /** The agent's own complaints. */
+  readonly stderr: { on(event: 'data', listener: (data: Buffer) => void): unknown };
+  on(event: 'data', listener: (data: Buffer) => void): unknown;
+  on(event: 'exit', listener: (code: number | null) => void): unknown;
+  once(event: 'close', listener: () => void): unknown;
+  write(data: Buffer): unknown;
+  /** Ends the agent's stdin. */
+  end(): unknown;
+  /** Gives the channel up at once. */
+  close(): unknown;
+}
+
 export interface AgentStartOptions {
-  /** `user@name:port`, for messages. */
+  /** Where the agent runs, for messages: `user@name:port`, or `this machine`. */
   readonly address: string;
   readonly killSignal: string;
   readonly killGraceMs: number;
@@ -46,8 +60,15 @@ export interface AgentStartOptions {
   /** Aborted when the connection is gone (its channels may go silently). */
   readonly connectionClosed: AbortSignal;
   readonly logger?: Logger | undefined;
-  /** Opens an exec channel for `command`; `onChannel` runs before any of its events. */
-  open<T>(command: string, onChannel: (channel: ClientChannel) => T): Promise<T>;
+  /**
+   * Whether to answer every batch of frames with a no-op frame (P): over SSH, where sshd's Nagle's
+   * algorithm would otherwise hold the agent's next frames for our delayed ACK. Default true.
+   */
+  readonly acknowledge?: boolean;
+  /** Hears when the agent gets its first command in flight (true) and when it has none left (false). */
+  readonly onBusy?: (busy: boolean) => void;
+  /** Runs the shell command line `command` with a channel to it; `onChannel` runs before any of its events. */
+  open<T>(command: string, onChannel: (channel: AgentChannel) => T): Promise<T>;
 }
 
 /** Why there is no agent: the host has no perl, or it did not start. */
@@ -80,7 +101,7 @@ function changeFields(changes: Pick<Changes, 'removals' | 'dirs'>): string[] {
 const NOTHING = encode('P', 0);
 
 export class RemoteAgent {
-  readonly #channel: ClientChannel;
+  readonly #channel: AgentChannel;
   readonly #address: string;
   readonly #logger: Logger | undefined;
   #nextId = 1;
@@ -90,7 +111,8 @@ export class RemoteAgent {
   #started = false;
   #closed = false;
   #lostConnection = false;
-  readonly #closedListeners: (() => void)[] = [];
+  readonly #onBusy: ((busy: boolean) => void) | undefined;
+  readonly #closedListeners: ((inFlight: readonly AgentExecution[]) => void)[] = [];
 
   /** Starts the agent on the host; resolves with it, or with why there is none. */
   static async start(options: AgentStartOptions): Promise<RemoteAgent | AgentUnavailable> {
@@ -130,8 +152,10 @@ export class RemoteAgent {
     return { noPerl, reason };
   }
 
-  private constructor(channel: ClientChannel, options: AgentStartOptions, onHello: () => void) {
+  private constructor(channel: AgentChannel, options: AgentStartOptions, onHello: () => void) {
     this.#channel = channel;
+    this.#onBusy = options.onBusy;
+    const acknowledge = options.acknowledge ?? true;
     this.#address = options.address;
     this.#logger = options.logger;
     let buffer: Buffer = Buffer.alloc(0);
@@ -160,7 +184,7 @@ export class RemoteAgent {
       buffer = at === buffer.length ? Buffer.alloc(0) : buffer.subarray(at);
       // sshd leaves Nagle's algorithm on in sessions without a terminal: its next frames wait for the TCP ACK
       // of these, which Linux may delay up to 40 ms. A frame back carries the ACK at once.
-      if (this.#started && !this.#closed) this.#channel.write(NOTHING);
+      if (acknowledge && this.#started && !this.#closed) this.#channel.write(NOTHING);
     });
     const onLost = () => {
       this.#lostConnection = true;
@@ -178,9 +202,9 @@ export class RemoteAgent {
     return this.#closed;
   }
 
-  /** Calls `listener` once the agent's channel is gone. */
-  onClosed(listener: () => void): void {
-    if (this.#closed) listener();
+  /** Calls `listener` once the agent's channel is gone, with the commands it had not said all about. */
+  onClosed(listener: (inFlight: readonly AgentExecution[]) => void): void {
+    if (this.#closed) listener([]);
     else this.#closedListeners.push(listener);
   }
 
@@ -204,6 +228,7 @@ export class RemoteAgent {
       return execution;
     }
     this.#executions.set(id, execution);
+    if (this.#executions.size === 1) this.#onBusy?.(true);
     this.#channel.write(frame);
     return execution;
   }
@@ -227,7 +252,7 @@ export class RemoteAgent {
 
   /** The command is done with: no frame will come for it. */
   forget(id: number): void {
-    this.#executions.delete(id);
+    if (this.#executions.delete(id) && this.#executions.size === 0) this.#onBusy?.(false);
   }
 
   /**
@@ -262,11 +287,13 @@ export class RemoteAgent {
   #ended(): void {
     if (this.#closed) return;
     this.#closed = true;
-    for (const execution of this.#executions.values()) execution.agentGone(this.#lostConnection);
+    const inFlight = [...this.#executions.values()];
+    for (const execution of inFlight) execution.agentGone(this.#lostConnection);
     this.#executions.clear();
+    if (inFlight.length > 0) this.#onBusy?.(false);
     for (const flush of this.#flushes.values()) flush.failed(new Error(this.#lostConnection ? `the connection to ${this.#address} was lost` : `the agent on ${this.#address} stopped`));
     this.#flushes.clear();
-    for (const listener of this.#closedListeners.splice(0)) listener();
+    for (const listener of this.#closedListeners.splice(0)) listener(inFlight);
   }
 }
 
@@ -289,6 +316,11 @@ export class AgentExecution implements Execution {
   readonly started: Promise<void>;
   /** The main process, also its process group. */
   pid: number | undefined;
+
+  /** The command's process group: its main process's pid. */
+  get pgid(): number | undefined {
+    return this.pid;
+  }
   /** The agent said whether it started: it applied the changes the command carried. */
   headerSeen = false;
   /** Why the working directory could not be cleared or made (exec() rejects then). */
@@ -373,6 +405,11 @@ export class AgentExecution implements Execution {
         return;
       }
     }
+  }
+
+  /** Whether the agent said that no process of the group is left (its id may be reused since). */
+  get groupGone(): boolean {
+    return this.#freed;
   }
 
   /** The agent's channel or the connection is gone: the agent stops the group by itself. */

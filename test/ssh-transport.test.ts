@@ -490,3 +490,33 @@ t.test('the watcher\'s report of the group is taken out of stderr, and saves the
   else t.ok(transport.stats.channelsOpened > channels, 'which control commands checked and killed');
   t.same(pidsWithCookie(cookie), []);
 });
+
+t.test('regression: a program that closes its transport exits at once (close left a 2 s timer running)', async (t) => {
+  const server = await sshd(t);
+  const script = [
+    `const { SshTransport } = await import(${JSON.stringify(new URL('../src/hosts/ssh-transport.ts', import.meta.url).href)});`,
+    `const transport = new SshTransport({ address: ${JSON.stringify(server.address)}, identityFiles: [${JSON.stringify(server.identityFile)}], knownHostsFile: ${JSON.stringify(server.knownHostsFile)}, agent: false, remoteAgent: ${AGENT} });`,
+    `const execution = await transport.exec(['sh', '-c', 'echo ran'], { cwd: '/', env: ${JSON.stringify(BASE_ENV)}, cookie: 'c' });`,
+    'execution.stdout.pipe(process.stdout);',
+    'await execution.exited;',
+    'await transport.close();',
+    "process.stderr.write(`closed ${Date.now()}\\n`);",
+  ].join('\n');
+  const loader = process.execArgv.find((arg) => arg.startsWith('--import=') && arg.includes('@tapjs/typescript')) ?? `--import=${import.meta.resolve('@tapjs/typescript/import')}`;
+  const { stdout, stderr, exitedAt } = await new Promise<{ stdout: string; stderr: string; exitedAt: number }>((resolve) => {
+    const child = spawn(process.execPath, [loader, '--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    child.stderr!.on('data', (chunk: Buffer) => (err += chunk.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+    child.once('exit', () => {
+      clearTimeout(timer);
+      resolve({ stdout: out, stderr: err, exitedAt: Date.now() });
+    });
+  });
+  t.equal(stdout, 'ran\n', 'the command ran');
+  const closedAt = Number(/closed (\d+)/.exec(stderr)?.[1]);
+  t.ok(Number.isFinite(closedAt), 'the transport closed', { stderr });
+  t.ok(exitedAt - closedAt < 1000, `the process exited ${exitedAt - closedAt} ms after the transport closed`);
+});

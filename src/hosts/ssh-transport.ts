@@ -602,7 +602,10 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     if (connection !== undefined && !connection.closed) {
       const closed = once(connection.client, 'close').catch(() => {});
       connection.client.end();
-      await Promise.race([closed, sleep(2000)]);
+      // The timer goes once the connection closed: left running, it would hold the process open for its whole 2 s.
+      const timer = new AbortController();
+      await Promise.race([closed, sleep(2000, undefined, { signal: timer.signal }).catch(() => {})]);
+      timer.abort();
       connection.client.destroy();
     }
   }

@@ -221,7 +221,9 @@ export async function startSshd(options: StartSshdOptions = {}): Promise<TestSsh
         stopped ??= (async () => {
           const everything = [pid, ...descendants(pid, liveProcesses()).map((stat) => stat.pid)];
           for (const each of everything) signalPid(each, 'SIGKILL');
-          await Promise.race([exited, sleep(5000)]);
+          const timer = new AbortController();
+          await Promise.race([exited, sleep(5000, undefined, { signal: timer.signal }).catch(() => {})]);
+          timer.abort();
           rmSync(dir, { recursive: true, force: true });
         })();
         return stopped;

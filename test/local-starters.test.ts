@@ -96,6 +96,24 @@ for (const starter of STARTERS) {
     t.pass('50 commands: every stream ended, with all its output');
   });
 
+  t.test(`${starter}: large binary output on both streams comes through byte for byte`, async (t) => {
+    const transport = transportOf(t);
+    const dir = t.testdir({});
+    // Random bytes (frame headers, NULs, newlines among them), both streams at once, of sizes that straddle reads and frames.
+    const script = 'head -c 3000001 /dev/urandom > out.bin; head -c 1500007 /dev/urandom > err.bin; cat out.bin & cat err.bin >&2; wait';
+    const execution = await transport.exec(['sh', '-c', script], { cwd: dir, env, cookie: 'c' });
+    const bytes = (stream: Readable) => new Promise<Buffer>((resolve, reject) => {
+      const chunks: Buffer[] = [];
+      stream.on('data', (chunk: Buffer) => chunks.push(chunk));
+      stream.on('end', () => resolve(Buffer.concat(chunks)));
+      stream.on('error', reject);
+    });
+    const [status, stdout, stderr] = await Promise.all([execution.exited, bytes(execution.stdout), bytes(execution.stderr)]);
+    t.same(status, { exitCode: 0, signal: null });
+    t.ok(stdout.equals(readFileSync(join(dir, 'out.bin'))), `stdout, byte for byte (${stdout.length} bytes)`);
+    t.ok(stderr.equals(readFileSync(join(dir, 'err.bin'))), `stderr, byte for byte (${stderr.length} bytes)`);
+  });
+
   t.test(`${starter}: start errors come back as the exit code 127 with the error`, async (t) => {
     const transport = transportOf(t);
     const missingDir = join(tmpdir(), `missing-${randomUUID()}`);

@@ -158,15 +158,34 @@ export class RemoteAgent {
     const acknowledge = options.acknowledge ?? true;
     this.#address = options.address;
     this.#logger = options.logger;
+    /** Bytes not parsed yet: at most a header or a control frame, since output is passed on as it comes. */
     let buffer: Buffer = Buffer.alloc(0);
+    /** The output frame (O, E) whose payload is still coming, and how much of it. */
+    let output: { type: string; id: number; left: number } | undefined;
     channel.on('data', (data: Buffer) => {
       buffer = buffer.length === 0 ? data : Buffer.concat([buffer, data]);
       let at = 0;
-      while (buffer.length - at >= HEADER) {
-        const length = buffer.readUInt32BE(at + 5);
-        if (buffer.length - at < HEADER + length) break;
+      while (at < buffer.length) {
+        if (output !== undefined) {
+          // Output goes on in the pieces it comes in: a frame of 64 KiB spans reads, and joining them would copy it.
+          const piece = buffer.subarray(at, at + output.left);
+          at += piece.length;
+          output.left -= piece.length;
+          const { type, id } = output;
+          if (output.left === 0) output = undefined;
+          this.#onFrame(type, id, piece);
+          continue;
+        }
+        if (buffer.length - at < HEADER) break;
         const type = String.fromCharCode(buffer[at]!);
         const id = buffer.readUInt32BE(at + 1);
+        const length = buffer.readUInt32BE(at + 5);
+        if ((type === 'O' || type === 'E') && length > 0) {
+          at += HEADER;
+          output = { type, id, left: length };
+          continue;
+        }
+        if (buffer.length - at < HEADER + length) break;
         const payload = buffer.subarray(at + HEADER, at + HEADER + length);
         at += HEADER + length;
         if (type === 'H') {

@@ -10,6 +10,7 @@ import { COMPACT_BYTES, CrashJournal } from '../src/hosts/journal.js';
 import { HardwareHost, LocalTransport } from '../src/hosts/local.js';
 import { groupPids, isAlive, parseProcStat, pidsWithCookie, processStartTime, readProcStat } from '../src/hosts/proc.js';
 import { createLogger, type Logger } from '../src/runtime/logger.js';
+import { tsLoaderArg } from './helpers/node-script.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
 const fixture = join(here, 'fixtures', 'crash-worker.mjs');
@@ -23,10 +24,7 @@ function fixtureCommand(): { nodeArgs: string[]; modulesBase: string } {
   if (process.env.DROVER_FIXTURE_MODULES === 'dist') {
     return { nodeArgs: [], modulesBase: pathToFileURL(join(here, '..', 'dist') + '/').href };
   }
-  const loader =
-    process.execArgv.find((arg) => arg.startsWith('--import=') && arg.includes('@tapjs/typescript')) ??
-    `--import=${import.meta.resolve('@tapjs/typescript/import')}`;
-  return { nodeArgs: [loader], modulesBase: pathToFileURL(join(here, '..', 'src') + '/').href };
+  return { nodeArgs: [tsLoaderArg()], modulesBase: pathToFileURL(join(here, '..', 'src') + '/').href };
 }
 
 function captureLogger(): { logger: Logger; lines: string[] } {

@@ -14,6 +14,7 @@ import { setImmediate as tick, setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { Readable } from 'node:stream';
 import { LocalTransport, type LocalTransportOptions } from '../src/hosts/local.js';
+import { runNodeScript, tsLoaderArg } from './helpers/node-script.js';
 import { groupPids, isAlive, liveProcesses, pidsWithCookie, readProcStat } from '../src/hosts/proc.js';
 import { createLogger } from '../src/runtime/logger.js';
 
@@ -164,8 +165,7 @@ for (const starter of STARTERS) {
   t.test(`${starter}: the worker dies: the ${starter} exits; ${starter === 'agent' ? 'it stops the command first' : 'the command stays for the crash journal'}`, async (t) => {
     const cookie = `starter-${randomUUID()}`;
     killAtTeardown(cookie);
-    const loader = process.execArgv.find((arg) => arg.startsWith('--import=') && arg.includes('@tapjs/typescript')) ?? `--import=${import.meta.resolve('@tapjs/typescript/import')}`;
-    const worker = spawn(process.execPath, [loader, join(here, 'fixtures', 'starter-worker.mjs'), pathToFileURL(join(here, '..', 'src') + '/').href, tmpdir(), cookie, starter], {
+    const worker = spawn(process.execPath, [tsLoaderArg(), join(here, 'fixtures', 'starter-worker.mjs'), pathToFileURL(join(here, '..', 'src') + '/').href, tmpdir(), cookie, starter], {
       stdio: ['ignore', 'pipe', 'inherit'],
     });
     t.teardown(() => void worker.kill('SIGKILL'));
@@ -223,18 +223,8 @@ t.test('an idle agent does not keep its process alive; one with a command in fli
     "first.stdout.pipe(process.stdout);",
     "await first.exited;",
   ].join('\n');
-  const loader = process.execArgv.find((arg) => arg.startsWith('--import=') && arg.includes('@tapjs/typescript')) ?? `--import=${import.meta.resolve('@tapjs/typescript/import')}`;
   const started = Date.now();
-  const { stdout, status } = await new Promise<{ stdout: string; status: number | null }>((resolve) => {
-    const child = spawn(process.execPath, [loader, '--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
-    let out = '';
-    child.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      resolve({ stdout: out, status: code });
-    });
-  });
+  const { stdout, status } = await runNodeScript(script, 20_000);
   t.equal(stdout, 'done\n', 'the command in flight kept it alive to its end');
   t.equal(status, 0, 'then it exited by itself');
   t.ok(Date.now() - started < 15_000, 'without waiting for anything else');

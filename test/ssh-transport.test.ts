@@ -23,6 +23,7 @@ import type { Execution } from '../src/hosts/transport.js';
 import type { Claim } from '../src/model/task.js';
 import { createLogger, silentLogger } from '../src/runtime/logger.js';
 import type { TestSshd } from '../src/testing/sshd.js';
+import { runNodeScript } from './helpers/node-script.js';
 import { cookieFor, remoteDir, requireSshd, sshd, sshTransport, until } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
@@ -502,19 +503,7 @@ t.test('regression: a program that closes its transport exits at once (close lef
     'await transport.close();',
     "process.stderr.write(`closed ${Date.now()}\\n`);",
   ].join('\n');
-  const loader = process.execArgv.find((arg) => arg.startsWith('--import=') && arg.includes('@tapjs/typescript')) ?? `--import=${import.meta.resolve('@tapjs/typescript/import')}`;
-  const { stdout, stderr, exitedAt } = await new Promise<{ stdout: string; stderr: string; exitedAt: number }>((resolve) => {
-    const child = spawn(process.execPath, [loader, '--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
-    child.stderr!.on('data', (chunk: Buffer) => (err += chunk.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
-    child.once('exit', () => {
-      clearTimeout(timer);
-      resolve({ stdout: out, stderr: err, exitedAt: Date.now() });
-    });
-  });
+  const { stdout, stderr, exitedAt } = await runNodeScript(script, 30_000);
   t.equal(stdout, 'ran\n', 'the command ran');
   const closedAt = Number(/closed (\d+)/.exec(stderr)?.[1]);
   t.ok(Number.isFinite(closedAt), 'the transport closed', { stderr });

@@ -56,7 +56,8 @@ export async function startPostgres() {
   const bin = postgresBinDir();
   if (!bin) return { problem: 'initdb not found (neither `pg_config --bindir` nor /usr/lib/postgresql/*/bin): install the PostgreSQL server' };
   const root = process.getuid?.() === 0;
-  const asServerUser = (command, args) => run(root ? 'runuser' : command, root ? ['-u', 'postgres', '--', command, ...args] : args, { timeout: 120_000 });
+  const serverUser = (command, args) => (root ? ['runuser', ['-u', 'postgres', '--', command, ...args]] : [command, args]);
+  const asServerUser = (command, args) => run(...serverUser(command, args), { timeout: 120_000 });
   const dir = mkdtempSync(join(tmpdir(), 'drover-bench-pg-'));
   const data = join(dir, 'data');
   const ctl = (...args) => asServerUser(join(bin, 'pg_ctl'), ['-D', data, '-l', join(dir, 'log'), ...args]);
@@ -72,11 +73,28 @@ export async function startPostgres() {
     await ctl('-o', `-p ${port} -c listen_addresses=127.0.0.1 -k ${dir}`, '-w', 'start');
     started = true;
     const { stdout } = await run(join(bin, 'postgres'), ['--version']);
+    // pg_ctl leaves the server running on its own: a suite that ends without stop() (an error, a
+    // signal, a closed pipe) stops it on the way out.
+    const stopNow = () => {
+      try {
+        execFileSync(...serverUser(join(bin, 'pg_ctl'), ['-D', data, '-m', 'immediate', '-w', 'stop']), { stdio: 'ignore', timeout: 30_000 });
+      } catch {
+        // already stopped
+      }
+      rmSync(dir, { recursive: true, force: true });
+    };
+    process.once('exit', stopNow);
     let stopped;
     return {
       url: `postgres://postgres@127.0.0.1:${port}/postgres`,
       version: stdout.trim(),
-      stop: () => (stopped ??= ctl('-m', 'fast', '-w', 'stop').catch(() => undefined).finally(() => rmSync(dir, { recursive: true, force: true }))),
+      stop: () =>
+        (stopped ??= ctl('-m', 'fast', '-w', 'stop')
+          .catch(() => undefined)
+          .finally(() => {
+            process.off('exit', stopNow);
+            rmSync(dir, { recursive: true, force: true });
+          })),
     };
   } catch (error) {
     if (started) await ctl('-m', 'immediate', '-w', 'stop').catch(() => undefined);

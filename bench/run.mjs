@@ -25,6 +25,29 @@ import { startPostgres } from './postgres.mjs';
 import { queues } from './queues.mjs';
 import { ssh } from './ssh.mjs';
 
+const USAGE = `usage: npm run bench [-- [--quick] [--only local,ssh,queues,memory,artifacts] [--before DIR]]
+  --quick        200 tasks, one repetition (under 3 minutes)
+  --only A,B     run only these benchmarks; the report is printed, not written
+  --before DIR   also measure the queues and local tasks of the build in DIR (a checkout with dist/ built)
+`;
+const args = process.argv.slice(2);
+if (args.includes('--help') || args.includes('-h')) {
+  process.stdout.write(USAGE);
+  process.exit(0);
+}
+for (let at = 0; at < args.length; at++) {
+  if (args[at] === '--quick') continue;
+  if ((args[at] === '--only' || args[at] === '--before') && args[at + 1] && !args[at + 1].startsWith('--')) {
+    at++;
+    continue;
+  }
+  process.stderr.write(`bench: ${args[at].startsWith('--') && ['--only', '--before'].includes(args[at]) ? `${args[at]} needs a value` : `unknown argument "${args[at]}"`}\n${USAGE}`);
+  process.exit(2);
+}
+// Ctrl-C, a kill or a closed pipe still stops the servers the suite started: their 'exit' hooks run.
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.once(signal, () => process.exit(130));
+for (const stream of [process.stdout, process.stderr]) stream.on('error', () => process.exit(141));
+
 const root = fileURLToPath(new URL('..', import.meta.url));
 const quick = process.argv.includes('--quick');
 const settings = quick ? { tasks: 200, reps: 1 } : { tasks: 1000, reps: 3 };
@@ -38,6 +61,7 @@ for (const name of only ?? []) if (!(name in BENCHMARKS)) throw new Error(`--onl
 const started = Date.now();
 const results = { settings: { quick, ...settings }, machine: machine(), benchmarks: [] };
 const scratch = mkdtempSync(join(tmpdir(), 'drover-bench-'));
+process.once('exit', () => rmSync(scratch, { recursive: true, force: true }));
 const postgres = only && !only.some((name) => ['queues', 'artifacts'].includes(name)) ? undefined : await ownPostgres();
 try {
   for (const [name, bench] of Object.entries(BENCHMARKS)) {
@@ -50,7 +74,6 @@ try {
   }
 } finally {
   await postgres?.stop?.();
-  rmSync(scratch, { recursive: true, force: true });
 }
 results.seconds = Math.round((Date.now() - started) / 1000);
 // A partial run (--only, --before) is printed, not written over the committed report.

@@ -200,6 +200,11 @@ export async function startSshd(options: StartSshdOptions = {}): Promise<TestSsh
       const self = all.filter((stat) => stat.pid === pid);
       return [...self, ...descendants(pid, all).filter((stat) => comm(stat.pid).startsWith('sshd'))];
     };
+    // A process that ends without stop() (an error, a signal) must not leave the server behind.
+    const killEverything = () => {
+      for (const each of [pid, ...descendants(pid, liveProcesses()).map((stat) => stat.pid)]) signalPid(each, 'SIGKILL');
+    };
+    process.once('exit', killEverything);
     let stopped: Promise<void> | undefined;
     return {
       host: '127.0.0.1',
@@ -219,8 +224,8 @@ export async function startSshd(options: StartSshdOptions = {}): Promise<TestSsh
       },
       stop() {
         stopped ??= (async () => {
-          const everything = [pid, ...descendants(pid, liveProcesses()).map((stat) => stat.pid)];
-          for (const each of everything) signalPid(each, 'SIGKILL');
+          process.off('exit', killEverything);
+          killEverything();
           const timer = new AbortController();
           await Promise.race([exited, sleep(5000, undefined, { signal: timer.signal }).catch(() => {})]);
           timer.abort();

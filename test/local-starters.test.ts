@@ -7,7 +7,7 @@
 import t, { type Test } from 'tap';
 import { execFileSync, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setImmediate as tick, setTimeout as sleep } from 'node:timers/promises';
@@ -131,6 +131,28 @@ for (const starter of STARTERS) {
     t.match(await nul.exited, { exitCode: 127, startError: Error });
     const after = await transport.exec(['sh', '-c', 'exit 4'], { cwd: tmpdir(), env, cookie: 'c' });
     t.same(await after.exited, { exitCode: 4, signal: null }, `the ${starter} goes on after refusals`);
+  });
+
+  t.test(`${starter}: a command is found as execvp finds it, from its working directory, and gets exactly the environment given`, async (t) => {
+    const transport = transportOf(t);
+    const dir = mkdtempSync(join(tmpdir(), 'drover-find-'));
+    t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+    mkdirSync(join(dir, 'bin'));
+    writeFileSync(join(dir, 'bin', 'hello'), '#!/bin/sh\necho "hello from $0 with A=$A and HOME=${HOME-unset}"\n', { mode: 0o755 });
+    writeFileSync(join(dir, 'plain'), 'echo not executable\n', { mode: 0o644 });
+    const run = async (argv: string[], runEnv: Record<string, string>) => {
+      const execution = await transport.exec(argv, { cwd: dir, env: runEnv, cookie: 'c' });
+      const [status, stdout] = await Promise.all([execution.exited, whole(execution.stdout), whole(execution.stderr)]);
+      return { status, stdout };
+    };
+    // A relative PATH entry and a relative command path count from the working directory.
+    t.same(await run(['hello'], { PATH: 'bin', A: 'x=y' }), { status: { exitCode: 0, signal: null }, stdout: 'hello from bin/hello with A=x=y and HOME=unset\n' });
+    t.same(await run(['./bin/hello'], { ...env, A: '' }), { status: { exitCode: 0, signal: null }, stdout: 'hello from ./bin/hello with A= and HOME=unset\n' });
+    // A PATH entry whose file is not executable is passed over; a named file that is not executable does not start.
+    t.match((await run(['plain'], { PATH: `.:${env.PATH}` })).status, { exitCode: 127, startError: Error });
+    const notExecutable = (await run(['./plain'], env)).status;
+    t.match(notExecutable, { exitCode: 127, startError: { message: starter === 'agent' ? /^\.\/plain: Permission denied/ : /EACCES/ } });
+    t.match((await run(['./missing'], env)).status, { exitCode: 127, startError: { message: starter === 'agent' ? /^\.\/missing: no such file/ : /ENOENT/ } });
   });
 
   t.test(`${starter}: it dies: its running commands are killed and end so; the next command gets a new one`, async (t) => {

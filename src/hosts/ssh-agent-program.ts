@@ -112,6 +112,10 @@ $SIG{PIPE} = 'IGNORE';
 $SIG{CHLD} = sub {};
 $SIG{$_} = sub { $stopping = 1 } for qw(TERM HUP INT);
 
+# Once here, not in every child: an empty signal mask to inherit, and the commands' stdin.
+POSIX::sigprocmask(POSIX::SIG_SETMASK(), POSIX::SigSet->new);
+open(my $NULL, '<', '/dev/null') or die "drover-agent: cannot open /dev/null: $!\n";
+
 binmode STDIN;
 binmode STDOUT;
 my $select = IO::Select->new(\*STDIN);
@@ -220,43 +224,41 @@ sub take_list {
   return [splice @$fields, 0, $count || 0];
 }
 
-# The child of a command, up to its exec: says why it failed on $status ("N why", "W why").
-sub run_child {
-  my ($status, $out, $err, $spec) = @_;
-  my $fail = sub { syswrite($status, "$_[0]\n"); POSIX::_exit(127) };
-  POSIX::setsid();
-  $SIG{$_} = 'DEFAULT' for qw(PIPE CHLD TERM HUP INT);
-  POSIX::sigprocmask(POSIX::SIG_SETMASK(), POSIX::SigSet->new);
-  my $cwd = $spec->{cwd};
-  unless (chdir $cwd) {
-    $fail->(@{$spec->{dirs}} ? "W cannot make the working directory $cwd" : "N cannot enter the working directory $cwd");
-  }
-  my $command = $spec->{argv}[0];
-  my $path;
+# Where the child will find argv[0]: the path to exec, or undef. Relative paths count from CWD, where
+# the child will be.
+sub find_command {
+  my ($command, $cwd, $lookup) = @_;
   if ($command =~ m{/}) {
-    $fail->("N $command: no such file") unless -f $command;
-    $path = $command;
+    return -f under($cwd, $command) ? $command : undef;
+  }
+  for my $dir (split /:/, $lookup) {
+    my $candidate = (length $dir ? $dir : '.') . "/$command";
+    return $candidate if -f under($cwd, $candidate) && -x _;
+  }
+  return undef;
+}
+
+sub under { return $_[1] =~ m{^/} ? $_[1] : "$_[0]/$_[1]" }
+
+# The child of a command, up to its exec. It does only what the parent cannot do for it: every page
+# it writes before the exec is copied, which made the child cost its host more than the command.
+# Says why it failed on $status ("N why", "W why").
+sub run_child {
+  my ($status, $out, $err, $spec, $path) = @_;
+  POSIX::setsid();
+  # The signals the agent handles are reset by the exec; an ignored one would stay ignored.
+  $SIG{PIPE} = 'DEFAULT';
+  if (chdir $spec->{cwd}) {
+    POSIX::dup2(fileno $NULL, 0);
+    POSIX::dup2(fileno $out, 1);
+    POSIX::dup2(fileno $err, 2);
+    # $status is close-on-exec: it ends, with nothing said, when the exec works.
+    { no warnings 'exec'; exec { $path } @{$spec->{argv}}; }
+    syswrite($status, "N $spec->{argv}[0]: $!\n");
   } else {
-    for my $dir (split /:/, $spec->{lookup}) {
-      my $candidate = (length $dir ? $dir : '.') . "/$command";
-      if (-f $candidate && -x _) {
-        $path = $candidate;
-        last;
-      }
-    }
-    $fail->("N $command: command not found") unless defined $path;
+    syswrite($status, (@{$spec->{dirs}} ? 'W cannot make' : 'N cannot enter') . " the working directory $spec->{cwd}\n");
   }
-  open(STDIN, '<', '/dev/null');
-  POSIX::dup2(fileno $out, 1);
-  POSIX::dup2(fileno $err, 2);
-  %ENV = ();
-  for (@{$spec->{env}}) {
-    my ($name, $value) = split /=/, $_, 2;
-    $ENV{$name} = $value;
-  }
-  # $status is close-on-exec: it ends, with nothing said, when the exec works.
-  { no warnings 'exec'; exec { $path } @{$spec->{argv}}; }
-  $fail->("N $command: $!");
+  POSIX::_exit(127);
 }
 
 sub start_command {
@@ -277,6 +279,17 @@ sub start_command {
     return;
   }
   apply_dirs($id, $spec{dirs});
+  unless (-d $spec{cwd}) {
+    frame('N', $id, @{$spec{dirs}} ? "workdir cannot make the working directory $spec{cwd}" : "error cannot enter the working directory $spec{cwd}");
+    return;
+  }
+  my $path = find_command($spec{argv}[0], $spec{cwd}, $spec{lookup});
+  unless (defined $path) {
+    frame('N', $id, "error $spec{argv}[0]: " . ($spec{argv}[0] =~ m{/} ? 'no such file' : 'command not found'));
+    return;
+  }
+  # The command's environment is set here, not in the child (the agent itself reads none of it).
+  %ENV = map { my ($name, $value) = split /=/, $_, 2; ($name, $value // '') } @{$spec{env}};
   my ($out_r, $out_w, $err_r, $err_w, $status_r, $status_w);
   unless (pipe($out_r, $out_w) && pipe($err_r, $err_w) && pipe($status_r, $status_w)) {
     frame('N', $id, "error cannot make a pipe: $!");
@@ -289,15 +302,29 @@ sub start_command {
   }
   if ($pid == 0) {
     close $_ for $out_r, $err_r, $status_r;
-    run_child($status_w, $out_w, $err_w, \%spec);
+    run_child($status_w, $out_w, $err_w, \%spec, $path);
   }
   close $_ for $out_w, $err_w, $status_w;
-  my $command = { id => $id, pid => $pid, status => $status_r, said => '', out => { O => $out_r, E => $err_r },
-    sent => { O => 0, E => 0 }, paused => {}, queries => [] };
+  # The agent waits here until the child has exec'd (its end of the status pipe is close-on-exec) or
+  # said why it cannot: a fork costs least when the parent writes no memory the child still shares.
+  my $said = '';
+  while (1) {
+    my $read = sysread($status_r, $said, 4096, length $said);
+    next if !defined $read && $! == EINTR;
+    last unless $read;
+  }
+  close $status_r;
+  if ($said =~ /^([NW]) (.*)/) {
+    waitpid($pid, 0);
+    close $_ for $out_r, $err_r;
+    frame('N', $id, ($1 eq 'N' ? 'error ' : 'workdir ') . $2);
+    return;
+  }
+  my $command = { id => $id, pid => $pid, out => { O => $out_r, E => $err_r }, sent => { O => 0, E => 0 }, paused => {}, queries => [] };
   $commands{$id} = $command;
   $children{$pid} = $command;
-  nonblocking($_) for $out_r, $err_r, $status_r;
-  watch($status_r, \&on_status, $command);
+  frame('S', $id, $pid);
+  nonblocking($_) for $out_r, $err_r;
   watch($out_r, \&on_output, $command, 'O');
   watch($err_r, \&on_output, $command, 'E');
 }
@@ -311,64 +338,8 @@ sub start_flush {
   frame('D', $id);
 }
 
-# Reads a child's status pipe; at its end, says what it says.
-sub on_status {
-  my ($command) = @_;
-  my $read = sysread($command->{status}, my $data, 4096);
-  return if !defined $read && ($! == EAGAIN || $! == EINTR);
-  if ($read) {
-    $command->{said} .= $data;
-    return;
-  }
-  status_ended($command);
-}
-
-# The whole status of a child that exec'd or exited (its end of the pipe is closed).
-sub finish_status {
-  my ($command) = @_;
-  return unless $command->{status};
-  my $fh = $command->{status};
-  fcntl($fh, F_SETFL, fcntl($fh, F_GETFL, 0) & ~O_NONBLOCK);
-  while (1) {
-    my $read = sysread($fh, my $data, 4096);
-    next if !defined $read && $! == EINTR;
-    last unless $read;
-    $command->{said} .= $data;
-  }
-  status_ended($command);
-}
-
-sub status_ended {
-  my ($command) = @_;
-  my $fh = delete $command->{status} or return;
-  unwatch($fh);
-  close $fh;
-  my $id = $command->{id};
-  my $failure;
-  for my $line (split /\n/, $command->{said}) {
-    my ($kind, $text) = split / /, $line, 2;
-    if ($kind eq 'N') { $failure = "error $text" }
-    elsif ($kind eq 'W') { $failure = "workdir $text" }
-  }
-  if (defined $failure) {
-    frame('N', $id, $failure);
-    $command->{failed} = 1;
-    for my $fh (values %{$command->{out}}) {
-      unwatch($fh);
-      close $fh;
-    }
-    $command->{out} = {};
-    $command->{gone} = 1;
-    delete $commands{$id};
-    return;
-  }
-  $command->{started} = 1;
-  frame('S', $id, $command->{pid});
-}
-
 sub on_output {
   my ($command, $stream) = @_;
-  finish_status($command);
   my $fh = $command->{out}{$stream} or return;
   my $read = sysread($fh, my $data, CHUNK);
   return if !defined $read && ($! == EAGAIN || $! == EINTR);
@@ -407,8 +378,6 @@ sub reap {
   while ((my $pid = waitpid(-1, POSIX::WNOHANG())) > 0) {
     my $status = $?;
     my $command = delete $children{$pid} or next;
-    finish_status($command);
-    next if $command->{failed};
     # What the main process wrote before it ended goes before its exit, as far as the window allows.
     for my $stream ('O', 'E') {
       for (1 .. 4) {

@@ -5,7 +5,7 @@
  * errors, their death, and the worker's; the fallback to the spawner.
  */
 import t, { type Test } from 'tap';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -214,6 +214,43 @@ for (const starter of STARTERS) {
     }
   });
 }
+
+const hasStrace = spawnSync('strace', ['-V'], { stdio: 'ignore' }).status === 0;
+
+t.test('agent: a command whose exec is slow holds no other command up', { skip: hasStrace ? false : 'strace is not installed' }, async (t) => {
+  const transport = new LocalTransport({ agent: true });
+  t.teardown(() => transport.close());
+  // Agents of transports closed by the tests before may be on their way out: this transport's is the new one.
+  const others = new Set(startersOf(process.pid, 'agent'));
+  const first = await transport.exec(['true'], { cwd: tmpdir(), env, cookie: 'c' });
+  await first.exited;
+  const ours = startersOf(process.pid, 'agent').filter((pid) => !others.has(pid));
+  t.equal(ours.length, 1, 'the transport\'s agent runs');
+  const agentPid = ours[0]!;
+  const dir = mkdtempSync(join(tmpdir(), 'drover-slow-exec-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const slow = join(dir, 'slow');
+  writeFileSync(slow, '#!/bin/sh\necho slow\n', { mode: 0o755 });
+  // strace holds every execve of `slow` by the agent's children for 3 s: the child has forked and not yet exec'd.
+  const tracer = spawn('strace', ['-f', '-P', slow, '-e', 'trace=execve', '-e', 'inject=execve:delay_enter=3000000', '-o', '/dev/null', '-p', String(agentPid)], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  t.teardown(() => tracer.kill('SIGKILL'));
+  let traced = '';
+  tracer.stderr!.on('data', (data: Buffer) => (traced += data.toString()));
+  await until(() => traced.includes(`Process ${agentPid} attached`), 'strace to attach');
+
+  let slowStarted = false;
+  const slowExecution = transport.exec([slow], { cwd: dir, env, cookie: 'c' }).then((execution) => {
+    slowStarted = true;
+    return execution;
+  });
+  const quick = await transport.exec(['sh', '-c', 'echo quick'], { cwd: dir, env, cookie: 'c' });
+  t.same(await Promise.all([quick.exited, whole(quick.stdout)]), [{ exitCode: 0, signal: null }, 'quick\n'], 'a command started after the slow one ran to its end');
+  t.notOk(slowStarted, 'meanwhile the slow one had not exec\'d yet');
+  const slowRun = await slowExecution;
+  t.same(await Promise.all([slowRun.exited, whole(slowRun.stdout)]), [{ exitCode: 0, signal: null }, 'slow\n'], 'then the slow one started and ran');
+});
 
 t.test('a machine without perl: commands go through the spawner, and the log says so once', async (t) => {
   const lines: string[] = [];

@@ -96,7 +96,7 @@ use IO::Select;
 use POSIX ();
 use Time::HiRes ();
 
-use constant { WINDOW => 256 * 1024, CHUNK => 64 * 1024, MAX_FRAME => 64 * 1024 * 1024 };
+use constant { WINDOW => 256 * 1024, CHUNK => 64 * 1024, MAX_FRAME => 64 * 1024 * 1024, EXEC_WAIT_MS => 50 };
 
 my ($KILL_SIGNAL, $KILL_GRACE_MS) = @ARGV;
 $KILL_SIGNAL = 'TERM' unless defined $KILL_SIGNAL && $KILL_SIGNAL =~ /^[A-Z0-9]+$/;
@@ -305,28 +305,37 @@ sub start_command {
     run_child($status_w, $out_w, $err_w, \%spec, $path);
   }
   close $_ for $out_w, $err_w, $status_w;
-  # The agent waits here until the child has exec'd (its end of the status pipe is close-on-exec) or
-  # said why it cannot: a fork costs least when the parent writes no memory the child still shares.
-  my $said = '';
-  while (1) {
-    my $read = sysread($status_r, $said, 4096, length $said);
-    next if !defined $read && $! == EINTR;
-    last unless $read;
-  }
-  close $status_r;
-  if ($said =~ /^([NW]) (.*)/) {
-    waitpid($pid, 0);
-    close $_ for $out_r, $err_r;
-    frame('N', $id, ($1 eq 'N' ? 'error ' : 'workdir ') . $2);
-    return;
-  }
-  my $command = { id => $id, pid => $pid, out => { O => $out_r, E => $err_r }, sent => { O => 0, E => 0 }, paused => {}, queries => [] };
+  my $command = { id => $id, pid => $pid, status => $status_r, said => '', out => { O => $out_r, E => $err_r },
+    sent => { O => 0, E => 0 }, paused => {}, queries => [] };
   $commands{$id} = $command;
   $children{$pid} = $command;
-  frame('S', $id, $pid);
-  nonblocking($_) for $out_r, $err_r;
+  nonblocking($_) for $out_r, $err_r, $status_r;
+  # A child execs within a millisecond or so: the agent waits for that, up to EXEC_WAIT_MS, because every
+  # page it writes while the child still shares it is copied. One that takes longer (a program on a slow
+  # file system) is followed like the others' output, so that it holds no one up.
+  if (status_within($status_r, EXEC_WAIT_MS)) {
+    finish_status($command);
+    return if $command->{failed};
+  } else {
+    watch($status_r, \&on_status, $command);
+  }
   watch($out_r, \&on_output, $command, 'O');
   watch($err_r, \&on_output, $command, 'E');
+}
+
+# Whether $fh is readable (data, or its end) within $ms milliseconds.
+sub status_within {
+  my ($fh, $ms) = @_;
+  my $bits = '';
+  vec($bits, fileno $fh, 1) = 1;
+  my $until = time_ms() + $ms;
+  while (1) {
+    my $left = $until - time_ms();
+    return 0 if $left < 0;
+    my $ready = select(my $readable = $bits, undef, undef, $left / 1000);
+    return 1 if $ready > 0;
+    return 0 unless $ready < 0 && $! == EINTR;
+  }
 }
 
 sub start_flush {
@@ -338,8 +347,64 @@ sub start_flush {
   frame('D', $id);
 }
 
+# Reads a child's status pipe; at its end, says what it says.
+sub on_status {
+  my ($command) = @_;
+  my $read = sysread($command->{status}, my $data, 4096);
+  return if !defined $read && ($! == EAGAIN || $! == EINTR);
+  if ($read) {
+    $command->{said} .= $data;
+    return;
+  }
+  status_ended($command);
+}
+
+# The whole status of a child that exec'd or exited (its end of the pipe is closed).
+sub finish_status {
+  my ($command) = @_;
+  return unless $command->{status};
+  my $fh = $command->{status};
+  fcntl($fh, F_SETFL, fcntl($fh, F_GETFL, 0) & ~O_NONBLOCK);
+  while (1) {
+    my $read = sysread($fh, my $data, 4096);
+    next if !defined $read && $! == EINTR;
+    last unless $read;
+    $command->{said} .= $data;
+  }
+  status_ended($command);
+}
+
+sub status_ended {
+  my ($command) = @_;
+  my $fh = delete $command->{status} or return;
+  unwatch($fh);
+  close $fh;
+  my $id = $command->{id};
+  my $failure;
+  for my $line (split /\n/, $command->{said}) {
+    my ($kind, $text) = split / /, $line, 2;
+    if ($kind eq 'N') { $failure = "error $text" }
+    elsif ($kind eq 'W') { $failure = "workdir $text" }
+  }
+  if (defined $failure) {
+    frame('N', $id, $failure);
+    $command->{failed} = 1;
+    for my $fh (values %{$command->{out}}) {
+      unwatch($fh);
+      close $fh;
+    }
+    $command->{out} = {};
+    $command->{gone} = 1;
+    delete $commands{$id};
+    return;
+  }
+  $command->{started} = 1;
+  frame('S', $id, $command->{pid});
+}
+
 sub on_output {
   my ($command, $stream) = @_;
+  finish_status($command);
   my $fh = $command->{out}{$stream} or return;
   my $read = sysread($fh, my $data, CHUNK);
   return if !defined $read && ($! == EAGAIN || $! == EINTR);
@@ -378,6 +443,8 @@ sub reap {
   while ((my $pid = waitpid(-1, POSIX::WNOHANG())) > 0) {
     my $status = $?;
     my $command = delete $children{$pid} or next;
+    finish_status($command);
+    next if $command->{failed};
     # What the main process wrote before it ended goes before its exit, as far as the window allows.
     for my $stream ('O', 'E') {
       for (1 .. 4) {

@@ -15,7 +15,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { availableParallelism, cpus, loadavg, tmpdir, totalmem } from 'node:os';
+import { availableParallelism, constants, cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { artifacts } from './artifacts.mjs';
@@ -45,7 +45,7 @@ for (let at = 0; at < args.length; at++) {
   process.exit(2);
 }
 // Ctrl-C, a kill or a closed pipe still stops the servers the suite started: their 'exit' hooks run.
-for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.once(signal, () => process.exit(130));
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.once(signal, () => process.exit(128 + constants.signals[signal]));
 for (const stream of [process.stdout, process.stderr]) stream.on('error', () => process.exit(141));
 
 const root = fileURLToPath(new URL('..', import.meta.url));

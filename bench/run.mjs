@@ -30,33 +30,38 @@ const USAGE = `usage: npm run bench [-- [--quick] [--only local,ssh,queues,memor
   --only A,B     run only these benchmarks; the report is printed, not written
   --before DIR   also measure the queues and local tasks of the build in DIR (a checkout with dist/ built)
 `;
-const args = process.argv.slice(2);
-if (args.includes('--help') || args.includes('-h')) {
-  process.stdout.write(USAGE);
-  process.exit(0);
-}
-for (let at = 0; at < args.length; at++) {
-  if (args[at] === '--quick') continue;
-  if ((args[at] === '--only' || args[at] === '--before') && args[at + 1] && !args[at + 1].startsWith('--')) {
-    at++;
-    continue;
+/** The command line, read once: `--quick`, and the values of `--only` and `--before`. */
+const given = {};
+for (let args = process.argv.slice(2), at = 0; at < args.length; at++) {
+  const arg = args[at];
+  if (arg === '--help' || arg === '-h') {
+    process.stdout.write(USAGE);
+    process.exit(0);
   }
-  process.stderr.write(`bench: ${args[at].startsWith('--') && ['--only', '--before'].includes(args[at]) ? `${args[at]} needs a value` : `unknown argument "${args[at]}"`}\n${USAGE}`);
-  process.exit(2);
+  if (arg === '--quick') given.quick = true;
+  else if ((arg === '--only' || arg === '--before') && args[at + 1] !== undefined && !args[at + 1].startsWith('--')) given[arg.slice(2)] = args[++at];
+  else {
+    process.stderr.write(`bench: ${arg === '--only' || arg === '--before' ? `${arg} needs a value` : `unknown argument "${arg}"`}\n${USAGE}`);
+    process.exit(2);
+  }
 }
 // Ctrl-C, a kill or a closed pipe still stops the servers the suite started: their 'exit' hooks run.
 for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.once(signal, () => process.exit(128 + constants.signals[signal]));
 for (const stream of [process.stdout, process.stderr]) stream.on('error', () => process.exit(141));
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-const quick = process.argv.includes('--quick');
+const quick = given.quick === true;
 const settings = quick ? { tasks: 200, reps: 1 } : { tasks: 1000, reps: 3 };
 /** `--only a,b` runs only the named benchmarks (local, queues, memory, ...); the report then holds only those. */
-const only = option('--only')?.split(',');
+const only = given.only?.split(',');
 /** `--before DIR`: another build of drover (a checkout with dist/ built) whose queues and local tasks are measured beside this one. */
-const before = option('--before');
+const before = given.before;
 const BENCHMARKS = { local: localTasks, ssh, queues, memory, artifacts };
-for (const name of only ?? []) if (!(name in BENCHMARKS)) throw new Error(`--only: no benchmark "${name}"; there are ${Object.keys(BENCHMARKS).join(', ')}`);
+for (const name of only ?? []) {
+  if (name in BENCHMARKS) continue;
+  process.stderr.write(`bench: --only: no benchmark "${name}"; there are ${Object.keys(BENCHMARKS).join(', ')}\n`);
+  process.exit(2);
+}
 
 const started = Date.now();
 const results = { settings: { quick, ...settings }, machine: machine(), benchmarks: [] };
@@ -97,11 +102,6 @@ async function ownPostgres() {
   const display = url.replace(/:[^:@/]*@/, ':***@');
   process.stderr.write(`bench: ${server.problem}; falling back to the PostgreSQL at ${display}\n`);
   return { url, about: `${display} (fallback: ${server.problem})` };
-}
-
-function option(name) {
-  const at = process.argv.indexOf(name);
-  return at === -1 ? undefined : process.argv[at + 1];
 }
 
 function machine() {

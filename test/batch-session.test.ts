@@ -3,6 +3,7 @@ import { spawn } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t from 'tap';
+import { jobsHash, SAVE_COST_SHARE, Session, type JobRecord } from '../src/batch/session.js';
 import { EXIT } from '../src/cli/exit-codes.js';
 import { DROVER, drover, eventually, userEnv } from './helpers/drover.js';
 
@@ -82,4 +83,29 @@ t.test('an unknown session id exits 2', async (t) => {
     t.equal(result.code, EXIT.CONFIG);
     t.match(result.stderr, /no session "42" in .*sessions \(see "drover sessions"\)/);
   }
+});
+
+t.test('a long job list: rewriting jobs.json takes a bounded share of the time, and still happens', async (t) => {
+  const cwd = t.testdir({});
+  const lines = Array.from({ length: 100_000 }, (_, i) => String(i + 1));
+  const jobs: JobRecord[] = lines.map((line, i) => ({ n: i + 1, line, command: `true ${line}`, status: 'pending', attempts: 0 }));
+  const session = Session.create(join(cwd, 'sessions'), { command: ['true'], split: 8, retries: 0, created: new Date().toISOString(), jobsHash: jobsHash(lines) }, jobs);
+  const { saves, saveMs } = session;
+  // Jobs end every 5 ms for 1.2 s, each asking for a rewrite, as a busy batch does.
+  const started = performance.now();
+  let n = 0;
+  while (n < 240 && performance.now() - started < 1200) {
+    jobs[n]!.status = 'ok';
+    n++;
+    session.saveSoon();
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  const elapsed = performance.now() - started;
+  const share = (session.saveMs - saveMs) / elapsed;
+  // A fixed 100 ms pause spent a third of the time here (a rewrite of 100,000 jobs took 55-95 ms).
+  t.ok(share <= 2.5 * SAVE_COST_SHARE, `rewrites took ${(100 * share).toFixed(0)}% of ${elapsed.toFixed(0)} ms (${session.saves - saves} rewrites of ${(saveMs / saves).toFixed(0)} ms each)`);
+  const savesDuring = session.saves;
+  await eventually('the rewrite asked for last to happen', () => session.saves > savesDuring, 30_000);
+  const written = JSON.parse(readFileSync(join(session.dir, 'jobs.json'), 'utf8')) as JobRecord[];
+  t.equal(written.filter((job) => job.status === 'ok').length, n, 'the rewrite has every change made before it');
 });

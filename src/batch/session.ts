@@ -32,8 +32,10 @@ import type { ProviderLaunch } from './provider-hosts.js';
 
 /** How long saveSoon() gathers changes before it rewrites jobs.json, at least. */
 export const SAVE_DELAY_MS = 100;
-/** The share of the time rewriting jobs.json may take at most: saveSoon() waits 1/SHARE times what the last rewrite took. */
+/** The share of the time rewriting jobs.json may take at most: saveSoon() waits 1/SHARE times what the last rewrite took, */
 export const SAVE_COST_SHARE = 0.05;
+/** but never longer than this, so that jobs.json stays within seconds of the truth (a list of a million jobs). */
+export const SAVE_MAX_DELAY_MS = 10_000;
 
 export type JobStatus = 'pending' | 'running' | 'ok' | 'failed' | 'timeout';
 export const JOB_STATUSES: readonly JobStatus[] = ['pending', 'running', 'ok', 'failed', 'timeout'];
@@ -162,10 +164,11 @@ export class Session {
 
   /**
    * Writes the job list soon, with whatever changed until then: after SAVE_DELAY_MS, or after
-   * 1/SAVE_COST_SHARE times what the last rewrite took if that is longer. save() at the end writes what is left.
+   * 1/SAVE_COST_SHARE times what the last rewrite took if that is longer (up to SAVE_MAX_DELAY_MS).
+   * save() at the end writes what is left.
    */
   saveSoon(): void {
-    this.#saveTimer ??= setTimeout(() => this.save(), Math.max(SAVE_DELAY_MS, this.#lastSaveMs / SAVE_COST_SHARE));
+    this.#saveTimer ??= setTimeout(() => this.save(), Math.min(SAVE_MAX_DELAY_MS, Math.max(SAVE_DELAY_MS, this.#lastSaveMs / SAVE_COST_SHARE)));
   }
 
   counts(): Record<JobStatus, number> {

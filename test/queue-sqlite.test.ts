@@ -83,6 +83,19 @@ t.test('submit gives slugid-style ids and claims run FIFO, at most count at a ti
   await t.rejects(queue.task('nosuchtask'), TaskStateError);
 });
 
+t.test('submitMany queues its tasks in one transaction, in order; one bad task and none is queued', async (t) => {
+  const { queue, clock } = setup(t);
+  const task = (n: number, retries = 0) => ({ payload: { n }, deadline: clock.now + HOUR, retries });
+  await t.rejects(queue.submitMany([task(0), task(1, -1), task(2)]), new RangeError('task 2 of 3: retries must be a whole number >= 0, not -1'));
+  t.same(await queue.listTasks(), [], 'the good tasks before and after the bad one were not queued either');
+  t.same(await queue.submitMany([]), []);
+  const ids = await queue.submitMany(Array.from({ length: 1000 }, (_, n) => task(n)));
+  t.equal(new Set(ids).size, 1000);
+  const claims = await queue.claimWork({ workerId: 'A', count: 1000, waitMs: 0 });
+  t.same(claims.map((claim) => claim.taskId), ids, 'claimed in the order given');
+  t.same(claims.map((claim) => claim.payload['n']), ids.map((_, n) => n), 'each with its own payload');
+});
+
 t.test('claims of many different counts (each its own statement, a bounded number kept) take every run once, in order', async (t) => {
   const { queue, submit } = setup(t);
   const ids = [];

@@ -134,13 +134,14 @@ export async function runSession(session: Session, options: RunSessionOptions = 
   };
   const progress = () => options.onProgress?.({ counts: session.counts(), hosts: hostProgress() });
 
-  const submit = async (job: JobRecord) => {
-    const taskId = await queue.submit({
+  /** Queues the jobs in one transaction (a job list may hold 100,000 lines). */
+  const submit = async (jobs: readonly JobRecord[]) => {
+    const taskIds = await queue.submitMany(jobs.map((job) => ({
       payload: timeout ? { command: job.command, maxRunTime: timeout } : { command: job.command },
       deadline: Date.now() + YEAR_MS,
       retries: 0,
-    });
-    byTask.set(taskId, job);
+    })));
+    taskIds.forEach((taskId, i) => byTask.set(taskId, jobs[i]!));
   };
 
   /** The batch's own accounting of how an attempt ended; `lost`: its host went away, `stranded`: no host is left. */
@@ -171,7 +172,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       job.lost = (job.lost ?? 0) + 1;
       job.status = 'pending';
       session.saveSoon();
-      if (!stopping) await submit(job);
+      if (!stopping) await submit([job]);
       progress();
       return;
     }
@@ -201,7 +202,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     if ((ended === 'failed' || ended === 'timeout') && job.attempts - (job.lost ?? 0) <= retries && !stopping) {
       job.status = 'pending';
       session.saveSoon();
-      await submit(job);
+      await submit([job]);
       progress();
       return;
     }
@@ -295,7 +296,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       }
     }
   }
-  for (const job of todo) await submit(job);
+  await submit(todo);
   const worker = startWorker({
     workerId: `batch-${session.id}`,
     queue,

@@ -15,11 +15,10 @@
  * the operation throws (a ClaimLostError from `reclaim` is a lost claim, a
  * QueueUnavailableError an outage the caller retries).
  */
-import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { InternalError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
-import { runKey, type Claim, type Payload, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
+import { assertTaskDefinition, runKey, slugid, type Claim, type Payload, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
 import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
 import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS } from './sqlite.js';
 import { takeOver } from './artifact-store.js';
@@ -119,8 +118,7 @@ export class MemoryQueue implements Queue {
 
   async submit(task: TaskDefinition): Promise<TaskId> {
     this.#assertOpen();
-    if (!Number.isInteger(task.retries) || task.retries < 0) throw new RangeError(`task retries must be a whole number >= 0, not ${task.retries}`);
-    if (!Number.isFinite(task.deadline)) throw new RangeError(`task deadline must be a time in milliseconds, not ${task.deadline}`);
+    assertTaskDefinition(task);
     const taskId = slugid();
     const now = this.#now();
     // Stored as JSON, as a database would: later changes to the caller's object do not reach the queue.
@@ -404,12 +402,6 @@ export class MemoryQueue implements Queue {
   }
 }
 
-/** 22 characters of URL-safe base64 whose first is a letter, like the SQLite queue's (and Taskcluster's) ids. */
-function slugid(): TaskId {
-  const bytes = randomBytes(16);
-  bytes[0] = bytes[0]! & 0x7f;
-  return bytes.toString('base64url');
-}
 
 function artifactInfo(run: RunRef, artifact: ArtifactRecord): ArtifactInfo {
   const { meta } = artifact;

@@ -38,7 +38,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { ConfigError, InternalError, QueueUnavailableError, TaskStateError, errorMessage } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
-import { runKey, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
+import { assertTaskDefinition, runKey, slugid, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
 import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow as SqlArtifactRow, type RunRow as SqlRunRow } from './sql-rows.js';
 import { DirectoryArtifactStore, takeOver, type ArtifactKey, type ArtifactStore } from './artifact-store.js';
 import { PostgresArtifactStore } from './postgres-artifact-store.js';
@@ -253,8 +253,7 @@ export class PostgresQueue implements Queue {
   }
 
   async submit(task: TaskDefinition): Promise<TaskId> {
-    if (!Number.isInteger(task.retries) || task.retries < 0) throw new RangeError(`task retries must be a whole number >= 0, not ${task.retries}`);
-    if (!Number.isFinite(task.deadline)) throw new RangeError(`task deadline must be a time in milliseconds, not ${task.deadline}`);
+    assertTaskDefinition(task);
     const taskId = slugid();
     const now = this.now();
     // One statement: the task, its first run and the wake-up commit together.
@@ -750,11 +749,5 @@ async function runRow(client: pg.ClientBase, run: RunRef): Promise<(RunRow & { d
   return rows[0];
 }
 
-/** 22 characters of URL-safe base64, like Taskcluster's slugids; the first is always a letter, so an id never looks like a flag. */
-function slugid(): TaskId {
-  const bytes = randomBytes(16);
-  bytes[0] = bytes[0]! & 0x7f; // top six bits 0..31 encode as A-Z or a-f
-  return bytes.toString('base64url');
-}
 
 

@@ -16,7 +16,7 @@
  * whenever they find nothing to claim), and never hand out a run whose
  * deadline has passed; `sweep()` and `cancel` sweep at once.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { accessSync, constants, createReadStream, existsSync, mkdirSync, ReadStream, rmSync } from 'node:fs';
 import { mkdir, open, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve as resolvePath } from 'node:path';
@@ -28,7 +28,7 @@ import { CancelWatchers, Wakers } from './wakers.js';
 import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type ArtifactRow, type RunRow } from './sql-rows.js';
 import { ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
-import { runKey, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
+import { assertTaskDefinition, runKey, slugid, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
 import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, TaskStatus } from './queue.js';
 
 export const DEFAULT_CLAIM_TIMEOUT_MS = 30_000;
@@ -301,16 +301,25 @@ export class SqliteQueue implements Queue {
   }
 
   async submit(task: TaskDefinition): Promise<TaskId> {
-    if (!Number.isInteger(task.retries) || task.retries < 0) throw new RangeError(`task retries must be a whole number >= 0, not ${task.retries}`);
-    if (!Number.isFinite(task.deadline)) throw new RangeError(`task deadline must be a time in milliseconds, not ${task.deadline}`);
-    const taskId = slugid();
+    return (await this.submitMany([task]))[0]!;
+  }
+
+  /**
+   * Submits the tasks in one transaction, in order: all of them or, if one is invalid, none. A batch
+   * of jobs submits this way; one transaction per task cost 0.1-0.2 ms each.
+   */
+  async submitMany(tasks: readonly TaskDefinition[]): Promise<TaskId[]> {
+    tasks.forEach((task, i) => assertTaskDefinition(task, tasks.length === 1 ? 'task' : `task ${i + 1} of ${tasks.length}:`));
+    const taskIds = tasks.map(() => slugid());
     this.write(() => {
       const now = this.now();
-      this.s.insertTask.run(taskId, JSON.stringify(task.payload), now, task.deadline, task.retries);
-      this.s.insertRun.run(taskId, 0, 'scheduled', now);
+      tasks.forEach((task, i) => {
+        this.s.insertTask.run(taskIds[i], JSON.stringify(task.payload), now, task.deadline, task.retries);
+        this.s.insertRun.run(taskIds[i], 0, 'scheduled', now);
+      });
     });
-    this.wakers.wake();
-    return taskId;
+    if (tasks.length > 0) this.wakers.wake();
+    return taskIds;
   }
 
   async claimWork({ workerId, count, waitMs, signal }: ClaimWorkOptions): Promise<Claim[]> {
@@ -756,13 +765,6 @@ function migrate(db: Database.Database, file: string): void {
     for (const sql of MIGRATIONS.slice(version)) db.exec(sql);
     if (version < MIGRATIONS.length) db.pragma(`user_version = ${MIGRATIONS.length}`);
   }).immediate();
-}
-
-/** 22 characters of URL-safe base64, like Taskcluster's slugids; the first is always a letter, so an id never looks like a flag. */
-function slugid(): TaskId {
-  const bytes = randomBytes(16);
-  bytes[0] = bytes[0]! & 0x7f; // top six bits 0..31 encode as A-Z or a-f
-  return bytes.toString('base64url');
 }
 
 /** What is wrong with an artifact name, or undefined when it is fine. */

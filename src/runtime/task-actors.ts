@@ -8,7 +8,6 @@
  * order of set-up, waiting first for any stage still under way, and reports
  * every step's error.
  */
-import { randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fromCallback, fromPromise } from 'xstate';
@@ -17,7 +16,7 @@ import type { Host, Placement } from '../hosts/host.js';
 import type { Transport } from '../hosts/transport.js';
 import { ClaimLostError, InternalError, MalformedPayloadError, QueueUnavailableError, errorMessage } from '../model/errors.js';
 import { describeResolution, type Resolution } from '../model/resolution.js';
-import { runKey, type Claim, type RunResult } from '../model/task.js';
+import { randomHex, runKey, type Claim, type RunResult } from '../model/task.js';
 import { SecretMasker } from '../plugins/env.js';
 import type { Plugin, TaskPlugin, Verdict } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
@@ -47,7 +46,7 @@ class RunState {
   readonly log: TaskLog;
   /** Aborted when the run is canceled or its claim is lost: hooks and engine calls give up. */
   readonly lost = new AbortController();
-  readonly cookie = randomBytes(12).toString('hex');
+  readonly cookie = randomHex(12);
   readonly plugins: { readonly name: string; readonly hooks: TaskPlugin }[] = [];
   takenUntil: number;
   taskDir?: string;

@@ -35,7 +35,7 @@ import { pathToFileURL } from 'node:url';
 import type { Engine } from '../engines/engine.js';
 import { ConfigError, MalformedPayloadError, errorMessage } from '../model/errors.js';
 import type { Plugin } from '../plugins/plugin.js';
-import { compilePayloadValidator, joinPayloadSchemas, type JsonSchemaObject } from './schema.js';
+import { compilePayloadValidator, joinedPayloadSchema, type JsonSchemaObject } from './schema.js';
 
 /** One engine or plugin module named in the config file. */
 export interface ExtensionSetting {
@@ -120,13 +120,6 @@ export function extensionSettings(file: string, raw: Readonly<Record<string, unk
   return { ...(engine === undefined ? {} : { engine }), plugins };
 }
 
-/** The payload schema of an engine and its plugins, joined as the worker checks payloads. */
-export function joinedPayloadSchema(parts: { readonly engine: Engine; readonly plugins: readonly Plugin[] }): JsonSchemaObject {
-  return joinPayloadSchemas([
-    { owner: `engine ${parts.engine.name}`, schema: parts.engine.payloadSchema },
-    ...parts.plugins.flatMap((plugin) => (plugin.payloadSchema ? [{ owner: `plugin ${plugin.name}`, schema: plugin.payloadSchema }] : [])),
-  ]);
-}
 
 /**
  * The shipped parts with the configured extensions added: a loaded engine

@@ -5,7 +5,9 @@
  * every problem reported at once, each at its JSON path.
  */
 import { Ajv, type ErrorObject } from 'ajv';
+import type { Engine } from '../engines/engine.js';
 import { MalformedPayloadError, type PayloadProblem } from '../model/errors.js';
+import type { Plugin } from '../plugins/plugin.js';
 
 /** A JSON Schema for an object: its properties and which are required. */
 export interface JsonSchemaObject {
@@ -37,6 +39,14 @@ export function joinPayloadSchemas(parts: readonly SchemaPart[]): JsonSchemaObje
     for (const key of schema.required ?? []) required.add(key);
   }
   return { type: 'object', properties, required: [...required].sort(), additionalProperties: false };
+}
+
+/** The payload schema of an engine and its plugins, joined as the worker checks payloads. */
+export function joinedPayloadSchema(parts: { readonly engine: Engine; readonly plugins: readonly Plugin[] }): JsonSchemaObject {
+  return joinPayloadSchemas([
+    { owner: `engine ${parts.engine.name}`, schema: parts.engine.payloadSchema },
+    ...parts.plugins.flatMap((plugin) => (plugin.payloadSchema ? [{ owner: `plugin ${plugin.name}`, schema: plugin.payloadSchema }] : [])),
+  ]);
 }
 
 export type PayloadValidator = (payload: unknown) => void;

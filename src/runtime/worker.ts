@@ -13,7 +13,7 @@ import type { Queue } from '../queues/queue.js';
 import { taskMachine } from '../machines/task.js';
 import { workerMachine, type ClaimRequest, type ClaimResult, type ShutdownReason, type WorkerInput, type WorkerOutput } from '../machines/worker.js';
 import type { Logger } from './logger.js';
-import { compilePayloadValidator, joinPayloadSchemas } from './schema.js';
+import { compilePayloadValidator, joinedPayloadSchema } from './schema.js';
 import { createTaskActors } from './task-actors.js';
 
 export interface WorkerOptions extends WorkerInput {
@@ -46,12 +46,7 @@ const HOLD_OFF_RECHECK_MS = 1000;
 
 export function startWorker(options: WorkerOptions): Worker {
   const { queue, host, engine, plugins, logger, workerId } = options;
-  const validatePayload = compilePayloadValidator(
-    joinPayloadSchemas([
-      { owner: `engine ${engine.name}`, schema: engine.payloadSchema },
-      ...plugins.flatMap((plugin) => (plugin.payloadSchema ? [{ owner: `plugin ${plugin.name}`, schema: plugin.payloadSchema }] : [])),
-    ]),
-  );
+  const validatePayload = compilePayloadValidator(joinedPayloadSchema({ engine, plugins }));
   const gatekeepers = plugins.filter((plugin) => plugin.beforeClaim !== undefined);
   let heldOff: { readonly plugin: string; readonly reason: string } | undefined;
   /** The first plugin's reason not to claim now, if any; a failing hook is one too. */

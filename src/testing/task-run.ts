@@ -24,7 +24,7 @@ import type { Plugin } from '../plugins/plugin.js';
 import { MemoryQueue } from '../queues/memory.js';
 import type { Queue } from '../queues/queue.js';
 import { silentLogger, type Logger } from '../runtime/logger.js';
-import { compilePayloadValidator, joinPayloadSchemas, type JsonSchemaObject, type PayloadValidator } from '../runtime/schema.js';
+import { compilePayloadValidator, joinedPayloadSchema, type JsonSchemaObject, type PayloadValidator } from '../runtime/schema.js';
 import { createTaskActors } from '../runtime/task-actors.js';
 
 export interface TaskRunOptions {
@@ -83,10 +83,7 @@ export async function startTaskRun(options: TaskRunOptions): Promise<TaskRun> {
   const engine = options.engine ?? new MockEngine();
   const plugins = options.plugins ?? shippedPlugins();
   const workDir = await mkdtemp(join(tmpdir(), 'drover-task-'));
-  const validatePayload = validatorFor(joinPayloadSchemas([
-    { owner: `engine ${engine.name}`, schema: engine.payloadSchema },
-    ...plugins.flatMap((plugin) => (plugin.payloadSchema ? [{ owner: `plugin ${plugin.name}`, schema: plugin.payloadSchema }] : [])),
-  ]));
+  const validatePayload = validatorFor(joinedPayloadSchema({ engine, plugins }));
   const actors = createTaskActors({ workerId, queue, host: localTestHost(), engine, plugins, validatePayload, workDir, logger: options.logger ?? silentLogger });
   await queue.submit({ payload: options.payload, deadline: Date.now() + 3_600_000, retries: options.retries ?? 0 });
   const [claim] = await queue.claimWork({ workerId, count: 1, waitMs: 0 });

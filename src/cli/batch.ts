@@ -185,13 +185,15 @@ export const batchCommand: Command = {
       lines = input.split('\n').filter((line) => line.trim().length > 0);
       if (lines.length === 0) throw new UsageError('no jobs: pipe the job lines into drover batch (cat jobs | drover batch COMMAND)');
     }
-    const { defaultSshUser, describeLaunch, launchSource } = await import('../batch/provider-hosts.js');
-    const launch = launchOptions(setting, hosts !== undefined ? undefined : session?.params.provider, defaultSshUser);
+    const stored = hosts !== undefined ? undefined : session?.params.provider;
+    // The cloud's modules, and with them ssh2 (70 ms to load), load only for a batch that launches instances.
+    const providerHosts = (setting('provider') ?? stored?.provider) === undefined ? undefined : await import('../batch/provider-hosts.js');
+    const launch = launchOptions(setting, stored, (name) => providerHosts!.defaultSshUser(name));
     const { config, ...ssh } = await sshSettings(launch?.settings ?? {});
     if (launch !== undefined && session === undefined && split === undefined) throw new UsageError(`--provider ${launch.provider} needs --split N: how many instances to launch`);
     const { createProvider } = await import('../cloud/providers.js');
     const provider = launch === undefined ? undefined : await createProvider(launch.provider, config);
-    const cloud = launch === undefined ? {} : { provider: launch, hostSource: describeLaunch(launch, provider!.where) };
+    const cloud = launch === undefined ? {} : { provider: launch, hostSource: providerHosts!.describeLaunch(launch, provider!.where) };
     if (interactive && !yes) {
       const params = session === undefined ? { command, ...sessionParams(options), ...cloud } : { ...session.params, ...resumeChanges(sessionParams(options), given), ...cloud };
       const todo = session === undefined ? lines.length : session.jobs.filter((job) => job.status === 'pending' || job.status === 'running' || (retry !== undefined && (job.status === 'failed' || job.status === 'timeout'))).length;
@@ -212,7 +214,7 @@ export const batchCommand: Command = {
     // The session says what it runs on: the instances of a provider, or hosts (which replace a provider's on --resume).
     if (launch !== undefined) session.update({ ...cloud, hosts: undefined });
     else if (hosts !== undefined) session.update({ provider: undefined, hostSource: undefined });
-    const hostSource = launch === undefined ? undefined : launchSource(provider!, launch, config, ssh.ssh, `batch-${session.id}-${randomUUID().slice(0, 8)}`);
+    const hostSource = launch === undefined ? undefined : providerHosts!.launchSource(provider!, launch, config, ssh.ssh, `batch-${session.id}-${randomUUID().slice(0, 8)}`);
     const interrupt = new AbortController();
     let signalName: string | undefined;
     const onSignal = (signal: NodeJS.Signals) => {

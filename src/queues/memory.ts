@@ -402,7 +402,6 @@ export class MemoryQueue implements Queue {
   }
 }
 
-
 function artifactInfo(run: RunRef, artifact: ArtifactRecord): ArtifactInfo {
   const { meta } = artifact;
   return {

@@ -748,6 +748,3 @@ async function runRow(client: pg.ClientBase, run: RunRef): Promise<(RunRow & { d
   );
   return rows[0];
 }
-
-
-

@@ -3,7 +3,8 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import t from 'tap';
 import type { BatchHostSource } from '../src/batch/hosts.js';
-import { runBatch, runSession } from '../src/batch/run.js';
+import { PROGRESS_INTERVAL_MS, runBatch, runSession } from '../src/batch/run.js';
+import type { Progress } from '../src/batch/progress.js';
 import { Session } from '../src/batch/session.js';
 
 t.test('runBatch runs the lines as a session and returns every job\'s record', async (t) => {
@@ -25,6 +26,23 @@ t.test('runBatch runs the lines as a session and returns every job\'s record', a
   t.same(outcome.counts, { pending: 0, running: 0, ok: 2, failed: 1, timeout: 0 });
   t.same(seen.sort(), [1, 2, 3], 'onJob heard of every finished job');
   t.ok(existsSync(join(sessionsDir, '1', 'jobs.jsonl')));
+});
+
+t.test('onProgress hears at most every PROGRESS_INTERVAL_MS while jobs run, and the last figures in any case', async (t) => {
+  const sessionsDir = t.testdir({});
+  const heard: { at: number; progress: Progress }[] = [];
+  const started = performance.now();
+  const lines = Array.from({ length: 200 }, (_, i) => String(i + 1));
+  const outcome = await runBatch(lines, { command: ['true'], split: 8, sessionsDir, onProgress: (progress) => heard.push({ at: performance.now(), progress }) });
+  const elapsed = performance.now() - started;
+  t.same(outcome.counts, { pending: 0, running: 0, ok: 200, failed: 0, timeout: 0 });
+  // Each job starts and ends: 400 calls or more when every change was passed on.
+  const bound = 2 + Math.ceil(elapsed / PROGRESS_INTERVAL_MS);
+  t.ok(heard.length >= 1 && heard.length <= bound, `${heard.length} calls in ${elapsed.toFixed(0)} ms (at most ${bound})`);
+  // The last call may come sooner: the end passes on what is left. Timers may fire a millisecond early.
+  const gaps = heard.slice(1, -1).map((call, i) => call.at - heard[i]!.at);
+  t.ok(gaps.every((gap) => gap >= PROGRESS_INTERVAL_MS - 2), `the calls came ${PROGRESS_INTERVAL_MS} ms apart at least: ${gaps.map((gap) => gap.toFixed(0)).join(' ')}`);
+  t.same(heard.at(-1)!.progress.counts, { pending: 0, running: 0, ok: 200, failed: 0, timeout: 0 }, 'the last call has the final figures');
 });
 
 t.test('runBatch stops on its signal: nothing runs after it, the jobs stay pending', async (t) => {

@@ -46,7 +46,7 @@ export interface RunSessionOptions {
   readonly signal?: AbortSignal;
   /** Called once per finished attempt. */
   readonly onJob?: (job: JobRecord) => void;
-  /** Called whenever a job starts or ends, with the figures of a progress line. */
+  /** Called when jobs start or end, with the figures of a progress line: at most every PROGRESS_INTERVAL_MS, and with the last figures. */
   readonly onProgress?: (progress: Progress) => void;
   /** Called for what happens to a host: set-up output, --pre/--post, retirement. */
   readonly onHost?: (host: string, text: string) => void;
@@ -74,6 +74,8 @@ export interface SessionOutcome {
 }
 
 const YEAR_MS = 365 * 24 * 3600 * 1000;
+/** How often the progress figures (onProgress) go out at most while jobs run. */
+export const PROGRESS_INTERVAL_MS = 100;
 const LOCALHOST = 'localhost';
 
 /** Runs every pending job of the session; resolves when none is left (or on interruption). */
@@ -132,7 +134,26 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     if (entry === undefined) tallies.set(host, (entry = { running: 0, ok: 0, failed: 0 }));
     return entry;
   };
-  const progress = () => options.onProgress?.({ counts: session.counts(), hosts: hostProgress() });
+  // Counting is a pass over every job (2 ms for 100,000), and a job starts and ends several times a
+  // millisecond: the figures go out at most every PROGRESS_INTERVAL_MS, the last ones in any case.
+  let progressTimer: NodeJS.Timeout | undefined;
+  let progressDue = false;
+  const report = () => options.onProgress?.({ counts: session.counts(), hosts: hostProgress() });
+  const progress = () => {
+    if (options.onProgress === undefined) return;
+    if (progressTimer !== undefined) {
+      progressDue = true;
+      return;
+    }
+    report();
+    progressTimer = setTimeout(() => {
+      progressTimer = undefined;
+      if (progressDue) {
+        progressDue = false;
+        progress();
+      }
+    }, PROGRESS_INTERVAL_MS);
+  };
 
   /** Queues the jobs in one transaction (a job list may hold 100,000 lines). */
   const submit = async (jobs: readonly JobRecord[]) => {
@@ -331,6 +352,8 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     options.signal?.removeEventListener('abort', onAbort);
     for (const job of session.jobs) if (job.status === 'running') job.status = 'pending';
     session.save();
+    clearTimeout(progressTimer);
+    if (progressDue) report();
     await queue.close();
     if (source !== undefined) await closeQuietly(source, logger);
     else if (params.post !== undefined) {

@@ -424,7 +424,8 @@ async function createDisplay(terminal: boolean) {
     say: (text: string) => live.print(stamp(text)),
     // On a terminal only the jobs that went wrong get a line of their own; the live line counts the rest.
     job: (job: JobRecord) => {
-      if (job.status !== 'ok') live.print(stamp(describeJob(job)));
+      if (job.status === 'ok') return;
+      live.print(stamp(describeJob(job)));
       if (last) live.draw(last);
     },
     host: (host: string, text: string) => {

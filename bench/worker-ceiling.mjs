@@ -33,7 +33,10 @@ const [{ startWorker }, { SqliteQueue }, { HardwareHost }, { MockEngine }, { shi
 const dir = mkdtempSync(join(tmpdir(), 'drover-ceiling-'));
 try {
   const queue = SqliteQueue.open({ dir: join(dir, 'queue') });
-  await queue.submitMany(Array.from({ length: tasks }, () => ({ payload: { mock: {} }, deadline: Date.now() + 3_600_000, retries: 0 })));
+  const definitions = Array.from({ length: tasks }, () => ({ payload: { mock: {} }, deadline: Date.now() + 3_600_000, retries: 0 }));
+  // A ROOT built before submitMany (b7fc4e1) queues them one at a time.
+  if (queue.submitMany) await queue.submitMany(definitions);
+  else for (const definition of definitions) await queue.submit(definition);
   const cpu = process.cpuUsage();
   const loop = performance.eventLoopUtilization();
   const start = performance.now();

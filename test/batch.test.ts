@@ -72,7 +72,7 @@ t.test('a batch on this machine does not load ssh2 or the cloud\'s modules (70 m
   const hook = join(cwd, 'loaded.mjs');
   writeFileSync(hook, `import { Module } from 'node:module';
 process.on('exit', () => {
-  const loaded = ['ssh2', '@aws-sdk', 'google-auth-library'].filter((name) => Object.keys(Module._cache).some((path) => path.includes('/node_modules/' + name + '/')));
+  const loaded = ['ssh2', '@aws-sdk', '@google-cloud'].filter((name) => Object.keys(Module._cache).some((path) => path.includes('/node_modules/' + name + '/')));
   process.stderr.write('packages loaded: ' + loaded.join(' ') + '\\n');
 });
 `);

@@ -120,7 +120,6 @@ export function extensionSettings(file: string, raw: Readonly<Record<string, unk
   return { ...(engine === undefined ? {} : { engine }), plugins };
 }
 
-
 /**
  * The shipped parts with the configured extensions added: a loaded engine
  * replaces the shipped one, loaded plugins follow the shipped ones. Throws

@@ -185,6 +185,32 @@ t.test('SFTP: mkdir -p, write, read, stat, errors, upload and download of trees 
   await transport.remove(`${dir}/up`);
 });
 
+t.test('upload puts each file in place by a rename: a running program is replaced, a link to the old file keeps it', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport, 't');
+  const local = mkdtempSync(join(tmpdir(), 'drover-upload-'));
+  t.teardown(() => rmSync(local, { recursive: true, force: true }));
+  mkdirSync(join(local, 'old'));
+  writeFileSync(join(local, 'old', 'tool'), readFileSync('/bin/sleep'), { mode: 0o755 });
+  await transport.upload(join(local, 'old'), `${dir}/bin`);
+  const cookie = cookieFor(t);
+  const running = await transport.exec(['./bin/tool', '30'], { cwd: dir, env: BASE_ENV, cookie });
+  await until('the uploaded program runs', () => pidsWithCookie(cookie).length > 0);
+  await runToEnd(await transport.exec(['ln', 'bin/tool', 'bin/link'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
+
+  // Writing into a program that runs fails (ETXTBSY); a job on a host that shares this home would run a half-written one.
+  mkdirSync(join(local, 'new'));
+  writeFileSync(join(local, 'new', 'tool'), '#!/bin/sh\necho new\n', { mode: 0o755 });
+  await transport.upload(join(local, 'new'), `${dir}/bin`);
+  const ran = await runToEnd(await transport.exec(['./bin/tool'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
+  t.equal(ran.stdout, 'new\n', 'the new program is in place, executable');
+  t.equal((await transport.stat(`${dir}/bin/link`))?.size, statSync('/bin/sleep').size, 'the old file is untouched: the new one is a new file');
+  t.same((await transport.list(`${dir}/bin`)).map((entry) => entry.name).sort(), ['link', 'tool'], 'no partial file is left');
+  await running.kill('SIGKILL');
+  await running.exited;
+});
+
 t.test('100 commands share one TCP connection; channels stay within the limit', async (t) => {
   const server = await sshd(t);
   const transport = transportFor(t, server, { maxChannels: 8 });

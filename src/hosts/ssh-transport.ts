@@ -530,7 +530,12 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     await new Promise<void>((resolve, reject) => sftp.writeFile(path, Buffer.from(data), (error) => (error ? reject(this.#fileError(error, path)) : resolve())));
   }
 
-  /** Copies a local file or directory tree to `remotePath`, keeping file modes (the executable bit). */
+  /**
+   * Copies a local file or directory tree to `remotePath`, keeping file modes (the executable bit).
+   * Each file is written beside its place under a name of its own and renamed into it: a command
+   * that runs the old file meanwhile (a job on a host that shares this home, over NFS) never
+   * sees a half-written one, and a running program can be replaced (its file may not be written).
+   */
   async upload(localPath: string, remotePath: string): Promise<void> {
     await this.#settle();
     const sftp = await this.#sftp();
@@ -543,9 +548,26 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
     if (!stats.isFile()) throw new Error(`upload: ${localPath} is neither a file nor a directory`);
     const mode = stats.mode & 0o777;
-    await new Promise<void>((resolve, reject) => sftp.fastPut(localPath, remotePath, { mode }, (error) => (error ? reject(this.#fileError(error, remotePath)) : resolve())));
-    // The server's umask applies at open; the executable bit must survive it.
-    await new Promise<void>((resolve, reject) => sftp.chmod(remotePath, mode, (error) => (error ? reject(this.#fileError(error, remotePath)) : resolve())));
+    const partial = posix.join(posix.dirname(remotePath), `.${posix.basename(remotePath)}.drover-${randomBytes(6).toString('hex')}`);
+    const call = (op: (done: (error?: Error | null) => void) => void) =>
+      new Promise<void>((resolve, reject) => op((error) => (error ? reject(this.#fileError(error, remotePath)) : resolve())));
+    try {
+      await call((done) => sftp.fastPut(localPath, partial, { mode }, done));
+      // The server's umask applies at open; the executable bit must survive it.
+      await call((done) => sftp.chmod(partial, mode, done));
+      // SFTP's own rename refuses to replace a file; OpenSSH's posix-rename replaces it at once.
+      await call((done) => {
+        try {
+          sftp.ext_openssh_rename(partial, remotePath, done);
+        } catch {
+          // A server without that extension: make room, then the plain rename.
+          sftp.unlink(remotePath, () => sftp.rename(partial, remotePath, done));
+        }
+      });
+    } catch (error) {
+      await call((done) => sftp.unlink(partial, done)).catch(() => {});
+      throw error;
+    }
   }
 
   /** Copies a remote file or directory tree to `localPath`. */

@@ -10,7 +10,7 @@
  */
 import t, { type Test } from 'tap';
 import { spawn, execFileSync } from 'node:child_process';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -209,6 +209,18 @@ t.test('upload puts each file in place by a rename: a running program is replace
   t.same((await transport.list(`${dir}/bin`)).map((entry) => entry.name).sort(), ['link', 'tool'], 'no partial file is left');
   await running.kill('SIGKILL');
   await running.exited;
+
+  // A connection lost mid-file: the upload fails, and says where (its clean-up must not wait on the dead channel).
+  // Sparse, so that making it costs nothing; the upload is cut off a few megabytes in.
+  writeFileSync(join(local, 'big.bin'), '');
+  truncateSync(join(local, 'big.bin'), 512 << 20);
+  const upload = transport.upload(join(local, 'big.bin'), `${dir}/big.bin`);
+  const partial = () => readdirSync(dir).some((name) => name.startsWith('.big.bin.drover-'));
+  await until('the upload to begin', partial);
+  transport.dropConnection();
+  const timeout = sleep(10_000).then(() => 'still waiting after 10 s');
+  t.match(await Promise.race([upload.then(() => 'resolved', (error: Error) => error.message), timeout]), /big\.bin' on drover-ssh@/, 'the upload rejects, naming the file');
+  t.equal(statSync(`${dir}/big.bin`, { throwIfNoEntry: false }), undefined, 'nothing half-written is in its place');
 });
 
 t.test('100 commands share one TCP connection; channels stay within the limit', async (t) => {

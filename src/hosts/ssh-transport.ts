@@ -538,7 +538,6 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
    */
   async upload(localPath: string, remotePath: string): Promise<void> {
     await this.#settle();
-    const sftp = await this.#sftp();
     const stats = await statLocal(localPath);
     if (stats.isDirectory()) {
       await this.mkdir(remotePath);
@@ -549,8 +548,22 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     if (!stats.isFile()) throw new Error(`upload: ${localPath} is neither a file nor a directory`);
     const mode = stats.mode & 0o777;
     const partial = posix.join(posix.dirname(remotePath), `.${posix.basename(remotePath)}.drover-${randomBytes(6).toString('hex')}`);
+    // ssh2 answers no request made after its channel closed, and fastPut makes one (closing the file)
+    // when a write fails: without the race, an upload cut off by a lost connection never ends.
+    const connection = await this.#connect();
+    const sftp = await this.#sftp(connection);
+    const lost = connection.closedSignal.signal;
     const call = (op: (done: (error?: Error | null) => void) => void) =>
-      new Promise<void>((resolve, reject) => op((error) => (error ? reject(this.#fileError(error, remotePath)) : resolve())));
+      new Promise<void>((resolve, reject) => {
+        const onLost = () => reject(this.#fileError(new SshConnectionError('the connection was lost'), remotePath));
+        if (lost.aborted) return onLost();
+        lost.addEventListener('abort', onLost, { once: true });
+        op((error) => {
+          lost.removeEventListener('abort', onLost);
+          if (error) reject(this.#fileError(error, remotePath));
+          else resolve();
+        });
+      });
     try {
       await call((done) => sftp.fastPut(localPath, partial, { mode }, done));
       // The server's umask applies at open; the executable bit must survive it.
@@ -560,12 +573,14 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
         try {
           sftp.ext_openssh_rename(partial, remotePath, done);
         } catch {
-          // A server without that extension: make room, then the plain rename.
-          sftp.unlink(remotePath, () => sftp.rename(partial, remotePath, done));
+          // A server without that extension: make room, then the plain rename. No request may follow
+          // a failed one: on a channel that has closed, ssh2 never answers it.
+          sftp.unlink(remotePath, (error) => (!error || (error as { code?: unknown }).code === 2 ? sftp.rename(partial, remotePath, done) : done(error)));
         }
       });
     } catch (error) {
-      await call((done) => sftp.unlink(partial, done)).catch(() => {});
+      // Not waited for, for the same reason; a lost connection leaves the partial file behind.
+      sftp.unlink(partial, () => {});
       throw error;
     }
   }
@@ -912,8 +927,9 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
   }
 
-  async #sftp(): Promise<SFTPWrapper> {
-    const connection = await this.#connect();
+  /** The connection's SFTP channel (this transport's connection, made if need be, unless one is given). */
+  async #sftp(given?: Connection): Promise<SFTPWrapper> {
+    const connection = given ?? (await this.#connect());
     if (connection.sftp === undefined) {
       connection.sftp = new Promise<SFTPWrapper>((resolve, reject) => {
         connection.client.sftp((error, sftp) => {

@@ -14,7 +14,8 @@
  * of every job is quadratic in the number of jobs. A rewrite costs time in
  * proportion to the list (0.5-1 ms per 1000 jobs here), so the pause after
  * one also grows with what it cost (SAVE_COST_SHARE): a batch of 100,000
- * jobs spends at most a twentieth of its time rewriting, where a fixed
+ * jobs spends a twentieth of its time rewriting (more only past a rewrite
+ * of SAVE_MAX_DELAY_MS * SAVE_COST_SHARE, half a second), where a fixed
  * 100 ms pause had it rewriting 40% of the time. jobs.jsonl is appended
  * as each attempt ends, so open() takes from it the jobs that finished
  * `ok` after the last rewrite (a crash then loses no finished job).

@@ -1,7 +1,7 @@
 import t, { type Test } from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -273,6 +273,35 @@ t.test('an entry whose owner is alive is not reaped', async (t) => {
   t.match(await execution.exited, { exitCode: null, signal: 'SIGTERM' });
   await journal.end(cookie);
   t.same(journal.list(), []);
+});
+
+t.test('entries of a worker on another machine (a work directory shared over NFS) are left alone; this machine\'s are reaped', async (t) => {
+  const { journalDir, tasksDir } = setup(t);
+  mkdirSync(journalDir, { recursive: true });
+  // A dead pid (above any pid_max) of another boot: gone, if it were this machine's.
+  const owner = { pid: 2 ** 22 + 1, startTime: 1, bootId: 'another-boot' };
+  const write = (name: string, host: string) => {
+    const taskDir = join(tasksDir, name);
+    mkdirSync(taskDir, { recursive: true });
+    writeFileSync(join(journalDir, `worker-${name}.jsonl`), [
+      { journal: 2, owner: { ...owner, host }, createdAt: new Date().toISOString() },
+      { op: 'begin', cookie: `cookie-${name}`, runKey: `${name}/0`, taskDir, at: new Date().toISOString() },
+    ].map((line) => JSON.stringify(line) + '\n').join(''));
+    return taskDir;
+  };
+  const elsewhere = write('elsewhere', `not-${hostname()}`);
+  const here = write('here', hostname());
+  const { logger, lines } = captureLogger();
+  const report = await new CrashJournal(journalDir).reap(logger);
+  t.same(report, { entries: 1, processesKilled: 0, directoriesRemoved: 1 }, 'one entry reaped: this machine\'s');
+  t.notOk(existsSync(here), 'the task directory of this machine\'s dead worker is gone');
+  t.ok(existsSync(elsewhere), 'the other machine\'s is still there');
+  t.same(readdirSync(journalDir), ['worker-elsewhere.jsonl'], 'and so is its journal');
+  t.match(lines.join('\n'), /entries of a worker on another machine left alone.*not-/);
+  const mine = new CrashJournal(join(journalDir, '..', 'mine'));
+  mine.begin({ cookie: 'c', runKey: 'r/0', taskDir: join(tasksDir, 'r-0') });
+  t.match(mine.list(), [{ owner: { pid: process.pid, host: hostname() } }], 'a journal names the machine it was written on');
+  mine.close();
 });
 
 t.test('a reused pid is not the owner, and a reused group id is not the run (an entry of the run-*.json layout before)', async (t) => {

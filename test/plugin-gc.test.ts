@@ -9,8 +9,9 @@
  * evicted is real directories on disk.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { lstat, readdir } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { workerParts } from '../src/cli/worker-command.js';
@@ -268,6 +269,15 @@ t.test('disk pressure: old task directories go first, then idle caches, least re
     version: 1, cookie: 'other', runKey: 'busy/0', taskDir: busy, createdAt: new Date().toISOString(), groups: [],
     owner: { pid: other.pid, startTime: processStartTime(other.pid!) },
   }));
+  // A task directory of a worker on another machine that shares this work directory (NFS): whether it lives
+  // cannot be told from here, so it is never removed, though no process here has its pid.
+  const remote = join(h.workDir, 'tasks', 'remote-0');
+  mkdirSync(remote);
+  utimesSync(remote, 0, 0);
+  writeFileSync(join(h.workDir, 'journal', 'run-remote.json'), JSON.stringify({
+    version: 1, cookie: 'remote', runKey: 'remote/0', taskDir: remote, createdAt: new Date().toISOString(), groups: [],
+    owner: { pid: 2 ** 22 + 1, startTime: 1, bootId: 'another-boot', host: `not-${hostname()}` },
+  }));
 
   // The disk, as the plugin sees it: 1.5 MB minus what the work directory holds (1.5 MB now).
   let budget = 1.75 * MB;
@@ -294,6 +304,7 @@ t.test('disk pressure: old task directories go first, then idle caches, least re
   t.same(exists(), { old: false, a: 0, b: 0, c: 0 }, 'then a, and still not enough');
   t.match(reason, /^0\.\d MB free in .*, below requiredDiskSpaceMegabytes \(0\.5 MB\), and no idle cache or old task directory is left to remove$/);
   t.ok(existsSync(busy), 'the live worker\'s task directory is still there');
+  t.ok(existsSync(remote), 'the task directory of the worker on another machine too');
   const evicted = lines.filter((line) => line.includes('gc: ')).map((line) => /cacheName=(\w+)|taskDir=\S*(old-0)/.exec(line)?.slice(1).find(Boolean));
   t.same(evicted, ['old-0', 'b', 'c', 'a'], 'the log names each eviction, in order');
   t.same(await readdir(join(h.workDir, 'caches')).then((names) => names.filter((name) => name.startsWith('.'))), [], 'no eviction leftovers');

@@ -24,11 +24,16 @@
  * still listed and reaped, so an upgrade strands nothing.
  *
  * Identity is by (pid, start time, boot id): a pid alone may have been
- * reused by an unrelated process since the entry was written.
+ * reused by an unrelated process since the entry was written. The owner's
+ * host name comes with it: a work directory on NFS may be shared by
+ * workers on several machines, and whether a worker on another machine
+ * lives cannot be told from here, so its entries are left alone (its own
+ * machine's next worker reaps them).
  */
 import { randomBytes } from 'node:crypto';
 import { closeSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { lstat, readFile, readdir, rm, unlink } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { join, resolve, sep } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from '../runtime/logger.js';
@@ -66,6 +71,13 @@ export interface JournalOwner {
   readonly pid: number;
   readonly startTime: number;
   readonly bootId?: string;
+  /** The owner machine's host name; absent in entries written before it was recorded (this machine's, then). */
+  readonly host?: string;
+}
+
+/** Whether the owner runs on another machine (a shared work directory): then its entries are not this worker's to judge. */
+export function ownerElsewhere(owner: JournalOwner): boolean {
+  return owner.host !== undefined && owner.host !== hostname();
 }
 
 /** An open entry: a run begun and not yet ended. */
@@ -206,7 +218,8 @@ export class CrashJournal implements RunJournal {
    * every process that carries the cookie or belongs to a recorded process
    * group, waits (bounded) until they are gone, and removes the task
    * directory; a file whose entries are all handled is removed. Files of
-   * live owners are left alone: two workers may share a work directory.
+   * live owners, and of owners on other machines, are left alone: two
+   * workers may share a work directory, on one machine or over NFS.
    * Corrupt files are logged and removed.
    *
    * It does not throw for one entry's trouble: that is logged, and the
@@ -245,8 +258,12 @@ export class CrashJournal implements RunJournal {
         await unlink(file).catch(() => {});
         continue;
       }
-      // Without a boot id on either side, assume the same boot (the safe side: pids are checked).
       const { owner } = parsed;
+      if (ownerElsewhere(owner)) {
+        logger.debug('crash journal: entries of a worker on another machine left alone', { file, host: owner.host });
+        continue;
+      }
+      // Without a boot id on either side, assume the same boot (the safe side: pids are checked).
       const sameBoot = owner.bootId === undefined || currentBoot === undefined || owner.bootId === currentBoot;
       if (sameBoot && isAlive(owner.pid, owner.startTime)) {
         logger.debug('crash journal: entries of a live worker left alone', { file, ownerPid: owner.pid });
@@ -276,7 +293,7 @@ export class CrashJournal implements RunJournal {
       const startTime = processStartTime(process.pid);
       if (startTime === undefined) throw new Error('crash journal: cannot read /proc/self/stat');
       const boot = bootId();
-      this.#owner = boot === undefined ? { pid: process.pid, startTime } : { pid: process.pid, startTime, bootId: boot };
+      this.#owner = { pid: process.pid, startTime, ...(boot === undefined ? {} : { bootId: boot }), host: hostname() };
     }
     return this.#owner;
   }
@@ -432,7 +449,13 @@ function parseOwner(value: unknown): JournalOwner | undefined {
   const owner = value as Record<string, unknown>;
   if (!isPositiveInt(owner.pid) || !isNonNegativeInt(owner.startTime)) return undefined;
   if (owner.bootId !== undefined && typeof owner.bootId !== 'string') return undefined;
-  return { pid: owner.pid, startTime: owner.startTime, ...(typeof owner.bootId === 'string' ? { bootId: owner.bootId } : {}) };
+  if (owner.host !== undefined && typeof owner.host !== 'string') return undefined;
+  return {
+    pid: owner.pid,
+    startTime: owner.startTime,
+    ...(typeof owner.bootId === 'string' ? { bootId: owner.bootId } : {}),
+    ...(typeof owner.host === 'string' ? { host: owner.host } : {}),
+  };
 }
 
 function parseGroup(value: Record<string, unknown>): JournalGroup | undefined {

@@ -26,7 +26,7 @@
  */
 import { lstat, mkdir, readdir, realpath, rm, statfs } from 'node:fs/promises';
 import { dirname, isAbsolute, join, posix, resolve, sep } from 'node:path';
-import { CrashJournal } from '../hosts/journal.js';
+import { CrashJournal, ownerElsewhere } from '../hosts/journal.js';
 import { isAlive } from '../hosts/proc.js';
 import { MalformedPayloadError, errorMessage, type PayloadProblem } from '../model/errors.js';
 import { runKey, type Payload } from '../model/task.js';
@@ -95,7 +95,8 @@ export function gcPlugin(options: GcPluginOptions): GcPlugin {
     const othersLive = new Set(
       new CrashJournal(join(workDir, 'journal'))
         .list()
-        .filter((entry) => entry.owner.pid !== process.pid && isAlive(entry.owner.pid, entry.owner.startTime))
+        // A worker on another machine (a shared work directory) may be alive: its directories are not ours to take.
+        .filter((entry) => entry.owner.pid !== process.pid && (ownerElsewhere(entry.owner) || isAlive(entry.owner.pid, entry.owner.startTime)))
         .flatMap((entry) => (entry.taskDir === undefined ? [] : [resolve(entry.taskDir)])),
     );
     const found = await Promise.all(names.map(async (name) => {

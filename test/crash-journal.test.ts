@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { randomUUID } from 'node:crypto';
 import { COMPACT_BYTES, CrashJournal } from '../src/hosts/journal.js';
 import { HardwareHost, LocalTransport } from '../src/hosts/local.js';
-import { groupPids, isAlive, parseProcStat, pidsWithCookie, processStartTime, readProcStat } from '../src/hosts/proc.js';
+import { bootId, groupPids, isAlive, parseProcStat, pidsWithCookie, processStartTime, readProcStat } from '../src/hosts/proc.js';
 import { createLogger, type Logger } from '../src/runtime/logger.js';
 import { tsLoaderArg } from './helpers/node-script.js';
 
@@ -291,10 +291,14 @@ t.test('entries of a worker on another machine (a work directory shared over NFS
   };
   const elsewhere = write('elsewhere', `not-${hostname()}`);
   const here = write('here', hostname());
+  // Another name on this kernel (the same boot id): a container made anew here; its predecessor's leftovers are ours.
+  owner.bootId = bootId()!;
+  const container = write('container', `not-${hostname()}`);
   const { logger, lines } = captureLogger();
   const report = await new CrashJournal(journalDir).reap(logger);
-  t.same(report, { entries: 1, processesKilled: 0, directoriesRemoved: 1 }, 'one entry reaped: this machine\'s');
+  t.same(report, { entries: 2, processesKilled: 0, directoriesRemoved: 2 }, 'two entries reaped: this machine\'s');
   t.notOk(existsSync(here), 'the task directory of this machine\'s dead worker is gone');
+  t.notOk(existsSync(container), 'and that of a dead worker of a container on this machine');
   t.ok(existsSync(elsewhere), 'the other machine\'s is still there');
   t.same(readdirSync(journalDir), ['worker-elsewhere.jsonl'], 'and so is its journal');
   t.match(lines.join('\n'), /entries of a worker on another machine left alone.*not-/);

@@ -75,9 +75,13 @@ export interface JournalOwner {
   readonly host?: string;
 }
 
-/** Whether the owner runs on another machine (a shared work directory): then its entries are not this worker's to judge. */
-export function ownerElsewhere(owner: JournalOwner): boolean {
-  return owner.host !== undefined && owner.host !== hostname();
+/**
+ * Whether the owner runs on another machine (a work directory shared over NFS): then its entries are not
+ * this worker's to judge. Another host name alone is not enough: a container made anew on this machine
+ * has another name but the same kernel, and so the same boot id, and its predecessor's leftovers are its own.
+ */
+export function ownerElsewhere(owner: JournalOwner, currentBoot = bootId()): boolean {
+  return owner.host !== undefined && owner.host !== hostname() && owner.bootId !== undefined && owner.bootId !== currentBoot;
 }
 
 /** An open entry: a run begun and not yet ended. */
@@ -259,8 +263,8 @@ export class CrashJournal implements RunJournal {
         continue;
       }
       const { owner } = parsed;
-      if (ownerElsewhere(owner)) {
-        logger.debug('crash journal: entries of a worker on another machine left alone', { file, host: owner.host });
+      if (ownerElsewhere(owner, currentBoot)) {
+        logger.info('crash journal: entries of a worker on another machine left alone; its next worker there reaps them', { file, host: owner.host });
         continue;
       }
       // Without a boot id on either side, assume the same boot (the safe side: pids are checked).

@@ -16,7 +16,7 @@ import { jobsHash, SAVE_DELAY_MS, Session, type SessionParams } from '../src/bat
 import { EXIT } from '../src/cli/exit-codes.js';
 import type { TestSshd } from '../src/testing/sshd.js';
 import { DROVER, drover, eventually, processesWith, userEnv } from './helpers/drover.js';
-import { homeOf, requireSshd, sharedHomeDir, sshd } from './helpers/sshd.js';
+import { homeOf, remoteWorkDir, requireSshd, sharedHomeDir, sshd } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
 
@@ -40,7 +40,7 @@ async function startHosts(t: Test, dir: string, count = 3): Promise<{ servers: T
     env: {
       DROVER_SSH_IDENTITY_FILE: first.identityFile,
       DROVER_SSH_KNOWN_HOSTS: knownHosts,
-      DROVER_SSH_WORK_DIR: `batch-${randomUUID().slice(0, 8)}`,
+      DROVER_SSH_WORK_DIR: remoteWorkDir(t, first.user),
       SSH_AUTH_SOCK: '',
     },
   };

@@ -19,7 +19,7 @@ import { livelogPlugin, LIVE_LOG_NAME } from '../src/plugins/livelog.js';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 import { createLogger } from '../src/runtime/logger.js';
 import { inProcessWorker } from './helpers/worker.js';
-import { requireSshd, sshd } from './helpers/sshd.js';
+import { remoteWorkDir, requireSshd, sshd } from './helpers/sshd.js';
 import { runOutcomes } from './helpers/drover.js';
 
 if (!requireSshd(t)) process.exit(0);
@@ -80,7 +80,7 @@ t.test('a worker on three SSH hosts: one unreachable, one killed mid-task; every
     selection: 'least-loaded',
     killGraceMs: 500,
     probationMs: 60_000,
-    workDir: `work-${randomUUID().slice(0, 8)}`,
+    workDir: remoteWorkDir(t, first.user, 'work'),
     logger,
   });
   t.equal(host.capacity, 8, 'the worker\'s capacity is the sum of the hosts\'');
@@ -161,7 +161,7 @@ t.test('drover worker over SSH: --ssh-hosts-file, --engine script, a task submit
     DROVER_SSH_HOSTS_FILE: join(cwd, 'hosts'),
     DROVER_SSH_IDENTITY_FILE: server.identityFile,
     DROVER_SSH_KNOWN_HOSTS: server.knownHostsFile,
-    DROVER_SSH_WORK_DIR: `cli-${randomUUID().slice(0, 8)}`,
+    DROVER_SSH_WORK_DIR: remoteWorkDir(t, server.user, 'cli'),
     DROVER_ENGINE: 'script',
     SSH_AUTH_SOCK: '',
   };

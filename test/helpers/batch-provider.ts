@@ -9,7 +9,6 @@
  * `--resume` launches 3 fresh ones that finish the jobs.
  */
 import { spawn } from 'node:child_process';
-import { randomUUID } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Test } from 'tap';
@@ -18,7 +17,7 @@ import { dummyCloudCredentials, type CloudEndpoint } from '../../src/testing/clo
 import type { TestSshd } from '../../src/testing/sshd.js';
 import { CLOUDS } from './clouds.js';
 import { DROVER, drover, eventually, processesWith, userEnv } from './drover.js';
-import { sharedHomeDir, sshd } from './sshd.js';
+import { remoteWorkDir, sharedHomeDir, sshd } from './sshd.js';
 
 /** How a batch reaches each provider's endpoint: the options, and the cloud settings' environment. */
 const LAUNCH: Record<'aws' | 'gce', (endpoint: CloudEndpoint) => { args: string[]; env: Record<string, string> }> = {
@@ -49,7 +48,7 @@ async function setUp(t: Test, name: 'aws' | 'gce', rounds: number) {
     DROVER_QUEUE_DIR: join(cwd, 'queue'),
     DROVER_SSH_IDENTITY_FILE: first.identityFile,
     DROVER_SSH_KNOWN_HOSTS: knownHosts,
-    DROVER_SSH_WORK_DIR: `batch-${randomUUID().slice(0, 8)}`,
+    DROVER_SSH_WORK_DIR: remoteWorkDir(t, first.user),
     SSH_AUTH_SOCK: '',
   };
   const args = [...launch.args, '--ssh-user', first.user, '--sessions', join(cwd, 'sessions')];

@@ -73,6 +73,13 @@ export function sharedHomeDir(t: Test, user: string, prefix: string): { readonly
   return { name, dir };
 }
 
+/** A name for the remote work directory (DROVER_SSH_WORK_DIR, relative to the test user's home), removed when `t` ends. */
+export function remoteWorkDir(t: Test, user: string, prefix = 'batch'): string {
+  const name = `${prefix}-${randomUUID().slice(0, 8)}`;
+  t.teardown(() => rmSync(join(homeOf(user), name), { recursive: true, force: true }));
+  return name;
+}
+
 /** A run cookie (DROVER_RUN_COOKIE) whose processes are SIGKILLed when `t` ends, whatever the test did. */
 export function cookieFor(t: Test): string {
   const cookie = `ssh-test-${randomUUID()}`;

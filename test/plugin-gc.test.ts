@@ -278,6 +278,14 @@ t.test('disk pressure: old task directories go first, then idle caches, least re
     version: 1, cookie: 'remote', runKey: 'remote/0', taskDir: remote, createdAt: new Date().toISOString(), groups: [],
     owner: { pid: 2 ** 22 + 1, startTime: 1, bootId: 'another-boot', host: `not-${hostname()}` },
   }));
+  // A task directory of a worker of this machine before a reboot, whose pid and start time a live process has now: gone.
+  const rebooted = join(h.workDir, 'tasks', 'rebooted-0');
+  mkdirSync(rebooted);
+  utimesSync(rebooted, 0, 0);
+  writeFileSync(join(h.workDir, 'journal', 'run-rebooted.json'), JSON.stringify({
+    version: 1, cookie: 'rebooted', runKey: 'rebooted/0', taskDir: rebooted, createdAt: new Date().toISOString(), groups: [],
+    owner: { pid: other.pid, startTime: processStartTime(other.pid!), bootId: 'another-boot', host: hostname() },
+  }));
 
   // The disk, as the plugin sees it: 1.5 MB minus what the work directory holds (1.5 MB now).
   let budget = 1.75 * MB;
@@ -288,7 +296,8 @@ t.test('disk pressure: old task directories go first, then idle caches, least re
   const exists = () => ({ old: existsSync(join(h.workDir, 'tasks', 'old-0')), a: instances(h.workDir, 'a').length, b: instances(h.workDir, 'b').length, c: instances(h.workDir, 'c').length });
 
   t.equal(await gc.beforeClaim!({ workerId: 'w', logger }), undefined, 'room enough after removing the old task directory');
-  t.same(exists(), { old: false, a: 1, b: 1, c: 1 }, 'the leftover task directory went first; every cache is kept');
+  t.same(exists(), { old: false, a: 1, b: 1, c: 1 }, 'the leftover task directories went first; every cache is kept');
+  t.notOk(existsSync(rebooted), 'also the one of a worker before a reboot, whose pid and start time a live process has');
   t.ok(existsSync(busy), 'the live worker\'s task directory stays');
 
   budget -= 0.3 * MB;
@@ -305,8 +314,8 @@ t.test('disk pressure: old task directories go first, then idle caches, least re
   t.match(reason, /^0\.\d MB free in .*, below requiredDiskSpaceMegabytes \(0\.5 MB\), and no idle cache or old task directory is left to remove$/);
   t.ok(existsSync(busy), 'the live worker\'s task directory is still there');
   t.ok(existsSync(remote), 'the task directory of the worker on another machine too');
-  const evicted = lines.filter((line) => line.includes('gc: ')).map((line) => /cacheName=(\w+)|taskDir=\S*(old-0)/.exec(line)?.slice(1).find(Boolean));
-  t.same(evicted, ['old-0', 'b', 'c', 'a'], 'the log names each eviction, in order');
+  const evicted = lines.filter((line) => line.includes('gc: ')).map((line) => /cacheName=(\w+)|taskDir=\S*((?:old|rebooted)-0)/.exec(line)?.slice(1).find(Boolean));
+  t.same(evicted, ['rebooted-0', 'old-0', 'b', 'c', 'a'], 'the log names each eviction, in order');
   t.same(await readdir(join(h.workDir, 'caches')).then((names) => names.filter((name) => name.startsWith('.'))), [], 'no eviction leftovers');
 });
 

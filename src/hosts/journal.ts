@@ -84,6 +84,16 @@ export function ownerElsewhere(owner: JournalOwner, currentBoot = bootId()): boo
   return owner.host !== undefined && owner.host !== hostname() && owner.bootId !== undefined && owner.bootId !== currentBoot;
 }
 
+/** Whether the owner, on this machine, may be in this boot; without a boot id on either side, assume so (pids are checked). */
+function sameBootAs(owner: JournalOwner, currentBoot: string | undefined): boolean {
+  return owner.bootId === undefined || currentBoot === undefined || owner.bootId === currentBoot;
+}
+
+/** Whether the owner may still be running: on another machine (unknowable from here), or alive here in this boot. */
+export function ownerMayLive(owner: JournalOwner, currentBoot = bootId()): boolean {
+  return ownerElsewhere(owner, currentBoot) || (sameBootAs(owner, currentBoot) && isAlive(owner.pid, owner.startTime));
+}
+
 /** An open entry: a run begun and not yet ended. */
 export interface JournalEntry {
   readonly cookie: string;
@@ -267,8 +277,7 @@ export class CrashJournal implements RunJournal {
         logger.info('crash journal: entries of a worker on another machine left alone; its next worker there reaps them', { file, host: owner.host });
         continue;
       }
-      // Without a boot id on either side, assume the same boot (the safe side: pids are checked).
-      const sameBoot = owner.bootId === undefined || currentBoot === undefined || owner.bootId === currentBoot;
+      const sameBoot = sameBootAs(owner, currentBoot);
       if (sameBoot && isAlive(owner.pid, owner.startTime)) {
         logger.debug('crash journal: entries of a live worker left alone', { file, ownerPid: owner.pid });
         continue;

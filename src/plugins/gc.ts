@@ -26,8 +26,7 @@
  */
 import { lstat, mkdir, readdir, realpath, rm, statfs } from 'node:fs/promises';
 import { dirname, isAbsolute, join, posix, resolve, sep } from 'node:path';
-import { CrashJournal, ownerElsewhere } from '../hosts/journal.js';
-import { isAlive } from '../hosts/proc.js';
+import { CrashJournal, ownerMayLive } from '../hosts/journal.js';
 import { MalformedPayloadError, errorMessage, type PayloadProblem } from '../model/errors.js';
 import { runKey, type Payload } from '../model/task.js';
 import type { JsonSchemaObject } from '../runtime/schema.js';
@@ -95,8 +94,8 @@ export function gcPlugin(options: GcPluginOptions): GcPlugin {
     const othersLive = new Set(
       new CrashJournal(join(workDir, 'journal'))
         .list()
-        // A worker on another machine (a shared work directory) may be alive: its directories are not ours to take.
-        .filter((entry) => entry.owner.pid !== process.pid && (ownerElsewhere(entry.owner) || isAlive(entry.owner.pid, entry.owner.startTime)))
+        // A worker on another machine (a shared work directory) may be alive too: its directories are not ours to take.
+        .filter((entry) => entry.owner.pid !== process.pid && ownerMayLive(entry.owner))
         .flatMap((entry) => (entry.taskDir === undefined ? [] : [resolve(entry.taskDir)])),
     );
     const found = await Promise.all(names.map(async (name) => {

@@ -278,13 +278,12 @@ t.test('an entry whose owner is alive is not reaped', async (t) => {
 t.test('entries of a worker on another machine (a work directory shared over NFS) are left alone; this machine\'s are reaped', async (t) => {
   const { journalDir, tasksDir } = setup(t);
   mkdirSync(journalDir, { recursive: true });
-  // A dead pid (above any pid_max) of another boot: gone, if it were this machine's.
-  const owner = { pid: 2 ** 22 + 1, startTime: 1, bootId: 'another-boot' };
-  const write = (name: string, host: string) => {
+  // A dead pid (above any pid_max), by default of another boot: gone, if it were this machine's.
+  const write = (name: string, host: string, boot = 'another-boot') => {
     const taskDir = join(tasksDir, name);
     mkdirSync(taskDir, { recursive: true });
     writeFileSync(join(journalDir, `worker-${name}.jsonl`), [
-      { journal: 2, owner: { ...owner, host }, createdAt: new Date().toISOString() },
+      { journal: 2, owner: { pid: 2 ** 22 + 1, startTime: 1, bootId: boot, host }, createdAt: new Date().toISOString() },
       { op: 'begin', cookie: `cookie-${name}`, runKey: `${name}/0`, taskDir, at: new Date().toISOString() },
     ].map((line) => JSON.stringify(line) + '\n').join(''));
     return taskDir;
@@ -292,8 +291,7 @@ t.test('entries of a worker on another machine (a work directory shared over NFS
   const elsewhere = write('elsewhere', `not-${hostname()}`);
   const here = write('here', hostname());
   // Another name on this kernel (the same boot id): a container made anew here; its predecessor's leftovers are ours.
-  owner.bootId = bootId()!;
-  const container = write('container', `not-${hostname()}`);
+  const container = write('container', `not-${hostname()}`, bootId()!);
   const { logger, lines } = captureLogger();
   const report = await new CrashJournal(journalDir).reap(logger);
   t.same(report, { entries: 2, processesKilled: 0, directoriesRemoved: 2 }, 'two entries reaped: this machine\'s');

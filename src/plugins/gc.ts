@@ -27,6 +27,7 @@
 import { lstat, mkdir, readdir, realpath, rm, statfs } from 'node:fs/promises';
 import { dirname, isAbsolute, join, posix, resolve, sep } from 'node:path';
 import { CrashJournal, ownerMayLive } from '../hosts/journal.js';
+import { bootId } from '../hosts/proc.js';
 import { MalformedPayloadError, errorMessage, type PayloadProblem } from '../model/errors.js';
 import { runKey, type Payload } from '../model/task.js';
 import type { JsonSchemaObject } from '../runtime/schema.js';
@@ -91,11 +92,12 @@ export function gcPlugin(options: GcPluginOptions): GcPlugin {
   /** Task directories no running task owns, oldest first: this worker's by its runs, another live worker's by its journal entries. */
   const leftoverTaskDirs = async (): Promise<string[]> => {
     const names = await readdir(tasksDir).catch(() => [] as string[]);
+    const boot = bootId();
     const othersLive = new Set(
       new CrashJournal(join(workDir, 'journal'))
         .list()
         // A worker on another machine (a shared work directory) may be alive too: its directories are not ours to take.
-        .filter((entry) => entry.owner.pid !== process.pid && ownerMayLive(entry.owner))
+        .filter((entry) => entry.owner.pid !== process.pid && ownerMayLive(entry.owner, boot))
         .flatMap((entry) => (entry.taskDir === undefined ? [] : [resolve(entry.taskDir)])),
     );
     const found = await Promise.all(names.map(async (name) => {

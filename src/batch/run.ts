@@ -328,7 +328,9 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       // Remote jobs get a plain PATH; their HOME is set per host (buildSandbox).
       ...(batchHost === undefined ? {} : { env: { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: process.env['LANG'] || 'C.UTF-8' } }),
     }),
-    plugins: [...shippedPlugins(), plugin],
+    // The batch plugin writes each job's output to the session's files; a copy in the queue, which
+    // nobody reads and the next run wipes, cost each job two of its four queue writes.
+    plugins: [...shippedPlugins({ liveLog: false }), plugin],
     workDir,
     logger,
     capacity: split,

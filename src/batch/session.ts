@@ -8,6 +8,7 @@
  *   output/N.log  the output of job N's last attempt
  *   jobs.jsonl    one JSON line per finished attempt: slot, host, start, duration, exit code, signal
  *                 (status `lost` when the attempt's host went away: the job ran again elsewhere)
+ *   queue/        the session's embedded SQLite queue: this run's tasks only, without their logs
  *
  * While jobs run, jobs.json is rewritten at most once per SAVE_DELAY_MS
  * (saveSoon), not at every change: the whole list at every start and end
@@ -19,7 +20,6 @@
  * 100 ms pause had it rewriting 40% of the time. jobs.jsonl is appended
  * as each attempt ends, so open() takes from it the jobs that finished
  * `ok` after the last rewrite (a crash then loses no finished job).
- *   queue/        the session's embedded SQLite queue
  *
  * Session ids are whole numbers, counted up per sessions directory.
  */

@@ -30,6 +30,11 @@ export interface ShippedPluginsConfig {
    * Without it there is no gc plugin: a batch or a test keeps no caches.
    */
   readonly gc?: GcPluginOptions;
+  /**
+   * Whether runs store their log in the queue (the livelog plugin); true by default. A batch says
+   * false: each job's output goes to files of the session's own, and nothing reads its queue's copy.
+   */
+  readonly liveLog?: boolean;
 }
 
 export function shippedPlugins(config: ShippedPluginsConfig = {}): Plugin[] {
@@ -40,6 +45,6 @@ export function shippedPlugins(config: ShippedPluginsConfig = {}): Plugin[] {
     maxruntimePlugin(),
     ...(gc === undefined ? [] : [gc]),
     artifactsPlugin(),
-    livelogPlugin(),
+    ...(config.liveLog === false ? [] : [livelogPlugin()]),
   ];
 }

@@ -14,6 +14,7 @@ import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, s
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
+import { Client, type SFTPWrapper } from 'ssh2';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ProcessEngine } from '../src/engines/process.js';
 import { pidsWithCookie, readProcStat, liveProcesses } from '../src/hosts/proc.js';
@@ -222,6 +223,45 @@ t.test('upload puts each file in place by a rename: a running program is replace
   t.match(await Promise.race([upload.then(() => 'resolved', (error: Error) => error.message), timeout]), /big\.bin' on drover-ssh@/, 'the upload rejects, naming the file');
   t.equal(statSync(`${dir}/big.bin`, { throwIfNoEntry: false }), undefined, 'nothing half-written is in its place');
 });
+
+t.test('upload to a server without OpenSSH\'s posix-rename: the file in place is removed, then the new one renamed into it', async (t) => {
+  // OpenSSH's SFTP server neither offers nor serves the requests -P names.
+  const server = await sshd(t, { sftpFlags: ['-P', 'posix-rename'] });
+  t.equal(await offersPosixRename(server), false, 'the server does not offer posix-rename: the fallback is what runs');
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport, 't');
+  const local = mkdtempSync(join(tmpdir(), 'drover-upload-'));
+  t.teardown(() => rmSync(local, { recursive: true, force: true }));
+  writeFileSync(join(local, 'tool'), '#!/bin/sh\necho one\n', { mode: 0o755 });
+  await transport.upload(join(local, 'tool'), `${dir}/tool`);
+  t.equal((await runToEnd(await transport.exec(['./tool'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }))).stdout, 'one\n', 'a first upload: nothing to remove');
+  await runToEnd(await transport.exec(['ln', 'tool', 'link'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }));
+  writeFileSync(join(local, 'tool'), '#!/bin/sh\necho two, longer\n', { mode: 0o755 });
+  await transport.upload(join(local, 'tool'), `${dir}/tool`);
+  t.equal((await runToEnd(await transport.exec(['./tool'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }))).stdout, 'two, longer\n', 'the new file is in place, executable');
+  t.equal((await transport.stat(`${dir}/link`))?.size, '#!/bin/sh\necho one\n'.length, 'the old file is untouched: the new one is a new file');
+  t.same((await transport.list(dir)).map((entry) => entry.name).sort(), ['link', 'tool'], 'no partial file is left');
+});
+
+/** Whether the server offers OpenSSH's posix-rename: ssh2 refuses, at once, a request the server did not offer. */
+async function offersPosixRename(server: TestSshd): Promise<boolean> {
+  const client = new Client();
+  try {
+    await new Promise<void>((resolve, reject) => {
+      client.once('ready', resolve).once('error', reject);
+      client.connect({ host: server.host, port: server.port, username: server.user, privateKey: readFileSync(server.identityFile) });
+    });
+    const sftp = await new Promise<SFTPWrapper>((resolve, reject) => client.sftp((error, opened) => (error ? reject(error) : resolve(opened))));
+    try {
+      sftp.ext_openssh_rename('.drover-no-such-file', '.drover-no-such-file-either', () => {});
+      return true;
+    } catch {
+      return false;
+    }
+  } finally {
+    client.end();
+  }
+}
 
 t.test('100 commands share one TCP connection; channels stay within the limit', async (t) => {
   const server = await sshd(t);

@@ -59,6 +59,8 @@ export interface StartSshdOptions {
   readonly maxSessions?: number;
   /** Variables sshd sets in every session (SetEnv), over its own (PATH among them): e.g. a PATH without some program. */
   readonly sessionEnv?: Readonly<Record<string, string>>;
+  /** Flags of the SFTP server (internal-sftp): e.g. `-P posix-rename` for a server that refuses OpenSSH's rename. */
+  readonly sftpFlags?: readonly string[];
 }
 
 let userReady: Promise<void> | undefined;
@@ -168,7 +170,7 @@ export async function startSshd(options: StartSshdOptions = {}): Promise<TestSsh
       'PrintLastLog no',
       'X11Forwarding no',
       'AllowTcpForwarding no',
-      'Subsystem sftp internal-sftp',
+      ['Subsystem sftp internal-sftp', ...(options.sftpFlags ?? [])].join(' '),
       'LogLevel INFO',
       '',
     ].join('\n'));

@@ -222,6 +222,8 @@ t.test('upload puts each file in place by a rename: a running program is replace
   const timeout = sleep(10_000).then(() => 'still waiting after 10 s');
   t.match(await Promise.race([upload.then(() => 'resolved', (error: Error) => error.message), timeout]), /big\.bin' on drover-ssh@/, 'the upload rejects, naming the file');
   t.equal(statSync(`${dir}/big.bin`, { throwIfNoEntry: false }), undefined, 'nothing half-written is in its place');
+  await transport.flush();
+  t.notOk(partial(), 'the next connection removes the partial file');
 });
 
 t.test('upload to a server without OpenSSH\'s posix-rename: the file in place is removed, then the new one renamed into it', async (t) => {

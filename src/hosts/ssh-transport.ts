@@ -579,8 +579,9 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
         }
       });
     } catch (error) {
-      // Not waited for, for the same reason; a lost connection leaves the partial file behind.
-      sftp.unlink(partial, () => {});
+      // The partial file goes with the deferred changes: on this connection if it lives (no request may
+      // follow a failed one on a channel that has closed), else on the next one.
+      this.remove(partial).catch(() => {});
       throw error;
     }
   }

@@ -57,7 +57,9 @@ t.test('seq 10 | drover batch echo hello: ten jobs, a session directory, a summa
   t.equal(tasks.length, 10);
   for (const task of tasks) {
     const n = jobs.find((job) => job.command === (task.payload as { command: string }).command)!.n;
-    t.match(readFileSync(join(dir, 'output', `${n}.log`), 'utf8'), /^\[drover\] worker .* claimed run 0 /, `job ${n}: the output starts with the claim`);
+    const output = readFileSync(join(dir, 'output', `${n}.log`), 'utf8');
+    t.match(output, /^\[drover\] worker .* claimed run 0 /, `job ${n}: the output starts with the claim`);
+    t.match(output, /\nhello \d+\n(\[drover\] .*\n)*\[drover\] resolved completed\n$/, `job ${n}: the output ends with its resolution`);
     t.same(await queue.listArtifacts({ taskId: task.taskId, runId: 0 }), [], `job ${n}: no artifact in the session's queue`);
   }
 });

@@ -14,8 +14,8 @@ import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, s
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { Client, type SFTPWrapper } from 'ssh2';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { Client, type SFTPWrapper } from 'ssh2';
 import { ProcessEngine } from '../src/engines/process.js';
 import { pidsWithCookie, readProcStat, liveProcesses } from '../src/hosts/proc.js';
 import { HostKeyError } from '../src/hosts/ssh-known-hosts.js';

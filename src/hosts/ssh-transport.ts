@@ -580,8 +580,9 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
       });
     } catch (error) {
       // The partial file goes with the deferred changes: on this connection if it lives (no request may
-      // follow a failed one on a channel that has closed), else on the next one.
-      this.remove(partial).catch(() => {});
+      // follow a failed one on a channel that has closed), else on the next one (the flush reconnects
+      // once; close() tries again). A transport that is closing takes no more changes: say what stays.
+      this.remove(partial).catch(() => this.#logger?.warn('ssh: closing without removing these paths: the host cannot be reached', { paths: [partial] }));
       throw error;
     }
   }

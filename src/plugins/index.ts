@@ -1,7 +1,8 @@
 /**
  * The plugins drover ships, in the order a worker runs their hooks: one
  * list for `drover worker`, `drover batch` and the test runner
- * (startTaskRun), so the three never drift apart.
+ * (startTaskRun), so the three never drift apart. A batch leaves out
+ * `livelog` (liveLog: false): its jobs' output goes to the session's files.
  *
  * The order matters where hooks meet: `success` comes before `artifacts`,
  * so a failed command's message wins over missing artifacts' (the first
@@ -18,7 +19,7 @@ import { maxruntimePlugin } from './maxruntime.js';
 import type { Plugin } from './plugin.js';
 import { successPlugin } from './success.js';
 
-/** The settings the shipped plugins read (a worker's Config has them). */
+/** The settings the shipped plugins read (a worker's Config has them; liveLog is for callers such as the batch). */
 export interface ShippedPluginsConfig {
   /** Variables of every task, under the payload's env (the `taskEnv` setting). */
   readonly taskEnv?: Readonly<Record<string, string>>;

@@ -59,7 +59,7 @@ export interface StartSshdOptions {
   readonly maxSessions?: number;
   /** Variables sshd sets in every session (SetEnv), over its own (PATH among them): e.g. a PATH without some program. */
   readonly sessionEnv?: Readonly<Record<string, string>>;
-  /** Flags of the SFTP server (internal-sftp): e.g. `-P posix-rename` for a server that refuses OpenSSH's rename. */
+  /** Flags of the SFTP server (internal-sftp), each without spaces: e.g. `-P posix-rename` for a server that refuses OpenSSH's rename. */
   readonly sftpFlags?: readonly string[];
 }
 

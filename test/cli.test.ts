@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import t from 'tap';
 import { EXIT } from '../src/cli/exit-codes.js';
 import { describeSettings, loadConfig } from '../src/runtime/config.js';
-import { drover, eventually, resolved, startWorker, submit } from './helpers/drover.js';
+import { drover, droverLoading, eventually, resolved, startWorker, submit } from './helpers/drover.js';
 
 const README = readFileSync(new URL('../README.md', import.meta.url), 'utf8');
 const COMMANDS = ['worker', 'submit', 'tasks', 'task', 'logs', 'cancel', 'artifact', 'migrate', 'diagram'];
@@ -19,6 +19,16 @@ t.test('every command has --help', async (t) => {
   const overview = await drover(['--help'], { cwd });
   t.equal(overview.code, 0);
   for (const command of COMMANDS) t.match(overview.stdout, `  ${command} `, `the overview lists ${command}`);
+});
+
+t.test('submit and tasks load no JSON Schema compiler, SSH client or cloud SDK (ajv alone is 30-45 ms of a start)', async (t) => {
+  const cwd = t.testdir({});
+  const packages = ['ajv', 'ssh2', '@aws-sdk', '@google-cloud'];
+  for (const args of [['submit', '--', 'true'], ['tasks']]) {
+    const { code, stderr, loaded } = await droverLoading(args, packages, { cwd });
+    t.equal(code, 0, stderr);
+    t.same(loaded, [], `drover ${args[0]}`);
+  }
 });
 
 t.test('bad usage exits 2 and says what was wrong', async (t) => {

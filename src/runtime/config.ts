@@ -11,7 +11,7 @@ import { createRequire } from 'node:module';
 import { ConfigError, errorMessage } from '../model/errors.js';
 import { parseSshAddress } from '../hosts/ssh-address.js';
 import type { InstanceConfig } from '../hosts/metadata.js';
-import { EXTENSION_KEYS, extensionSettings, type ExtensionSettings } from './extensions.js';
+import { EXTENSION_KEYS, extensionSettings, type ExtensionSettings } from './extension-settings.js';
 
 type Kind = 'integer' | 'seconds' | 'boolean' | 'string' | 'signal' | 'level' | 'format' | 'queueType' | 'queueUrl' | 'engineType' | 'sshHosts' | 'selection' | 'hostKeyPolicy' | 'envMap' | 'hostType' | 'url' | 'provider';
 

@@ -2,9 +2,11 @@
  * Runs the built `drover` CLI (bin/drover.js -> dist/) in child processes,
  * the way a user does, and reads the queue directly for assertions.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { SqliteQueue } from '../../src/queues/sqlite.js';
 import type { TaskStatus } from '../../src/queues/queue.js';
 
@@ -69,6 +71,34 @@ export function drover(args: readonly string[], options: RunOptions): Promise<Ru
     });
     child.stdin.end(options.input ?? '');
   });
+}
+
+/**
+ * Runs `drover ARGS...` and says which of `packages` (under node_modules) it loaded, read from the
+ * CommonJS module cache as the process exits. First it checks, with a process that loads the first of
+ * them, that the hook sees a loaded package: an empty answer means what it says.
+ */
+export async function droverLoading(args: readonly string[], packages: readonly string[], options: RunOptions): Promise<RunResult & { readonly loaded: string[] }> {
+  const dir = mkdtempSync(join(tmpdir(), 'drover-loaded-'));
+  try {
+    const hook = join(dir, 'loaded.mjs');
+    writeFileSync(hook, `import { Module } from 'node:module';
+process.on('exit', () => {
+  const loaded = ${JSON.stringify(packages)}.filter((name) => Object.keys(Module._cache).some((path) => path.includes('/node_modules/' + name + '/')));
+  process.stderr.write('packages loaded: ' + loaded.join(' ') + '\\n');
+});
+`);
+    const env = { NODE_OPTIONS: `--import=${pathToFileURL(hook).href}` };
+    const seen = (stderr: string) => /^packages loaded: (.*)$/m.exec(stderr)?.[1]?.split(' ').filter(Boolean);
+    const control = spawnSync(process.execPath, ['-e', `require(${JSON.stringify(packages[0])})`], { cwd: options.cwd, env: userEnv(env), encoding: 'utf8' });
+    if (seen(control.stderr)?.[0] !== packages[0]) throw new Error(`the hook did not see ${packages[0]} loaded: ${control.stderr}`);
+    const result = await drover(args, { ...options, env: { ...options.env, ...env } });
+    const loaded = seen(result.stderr);
+    if (loaded === undefined) throw new Error(`drover ${args.join(' ')} did not say what it loaded: ${result.stderr}`);
+    return { ...result, loaded };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 /** Submits a task and returns its id. */

@@ -24,6 +24,7 @@ export interface ExtensionSettings {
   readonly plugins: readonly ExtensionSetting[];
 }
 
+/** Config file keys that name extensions; they are not in SETTINGS (no flag, no environment variable). */
 export const EXTENSION_KEYS: readonly string[] = ['engine.module', 'engine.config', 'plugins'];
 
 /**

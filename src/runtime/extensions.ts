@@ -63,7 +63,6 @@ export interface PluginExtension<C = any> {
   createPlugin(config: C, context: ExtensionContext): Plugin | Promise<Plugin>;
 }
 
-/** Config file keys that name extensions; they are not in SETTINGS (no flag, no environment variable). */
 /**
  * The shipped parts with the configured extensions added: a loaded engine
  * replaces the shipped one, loaded plugins follow the shipped ones. Throws

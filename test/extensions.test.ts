@@ -106,6 +106,7 @@ t.test('every way a module is wrong is reported at once, each naming the setting
     '  - ./create-throws.mjs',
     '  - ./bad-plugin.mjs',
     '  - ./syntax.mjs',
+    '  - ./bad-schema.mjs',
     '',
   ].join('\n'), {
     'plugin-as-engine.mjs': GOOD_PLUGIN,
@@ -117,6 +118,7 @@ t.test('every way a module is wrong is reported at once, each naming the setting
     'create-throws.mjs': 'export default { createPlugin() { throw new Error("bad mood") } };\n',
     'bad-plugin.mjs': 'export default { createPlugin: () => ({ name: "", newTask: 3, payloadSchema: { properties: 1 } }) };\n',
     'syntax.mjs': 'export default {\n',
+    'bad-schema.mjs': 'export default { createPlugin: () => ({ name: "typo", payloadSchema: { type: "object", properties: { note: { type: "string", minLength: "x" } } } }) };\n',
   });
   const error = await partsOf(file).catch((error: Error) => error);
   t.equal((error as { code?: string }).code, 'DROVER_CONFIG');
@@ -133,6 +135,8 @@ t.test('every way a module is wrong is reported at once, each naming the setting
     ['plugins[7] (module "./create-throws.mjs")', /createPlugin failed: bad mood/],
     ['plugins[8] (module "./bad-plugin.mjs")', /createPlugin returned no valid plugin: name must be a non-empty string; payloadSchema must be .*; newTask must be a function/],
     ['plugins[9] (module "./syntax.mjs")', /failed to load: .*(Unexpected|SyntaxError|end of input)/],
+    // Not left to the worker's compiling of all the schemas together, whose error named no module (exit 70).
+    ['plugins[10] (module "./bad-schema.mjs")', /createPlugin returned no valid plugin: payloadSchema\.properties\.note\.minLength: must be integer$/],
   ];
   for (const [prefix, pattern] of expected) {
     const line = lines.find((candidate) => candidate.startsWith(`${prefix}: `));

@@ -36,7 +36,7 @@ import type { Engine } from '../engines/engine.js';
 import { ConfigError, MalformedPayloadError, errorMessage } from '../model/errors.js';
 import type { Plugin } from '../plugins/plugin.js';
 import type { ExtensionSetting, ExtensionSettings } from './extension-settings.js';
-import { compilePayloadValidator, joinedPayloadSchema, type JsonSchemaObject } from './schema.js';
+import { compilePayloadValidator, joinedPayloadSchema, jsonSchemaProblems, type JsonSchemaObject } from './schema.js';
 
 /** What `createEngine` and `createPlugin` get besides their config. */
 export interface ExtensionContext {
@@ -269,9 +269,11 @@ function schemaProblems(schema: unknown, required: boolean): string[] {
   if (schema === undefined && !required) return [];
   const object = schema as Record<string, unknown> | undefined;
   const properties = object?.['properties'];
-  return object !== null && typeof object === 'object' && object['type'] === 'object' && properties !== null && typeof properties === 'object' && !Array.isArray(properties)
-    ? []
-    : ['payloadSchema must be a JSON Schema { type: \'object\', properties: {...} }'];
+  if (!(object !== null && typeof object === 'object' && object['type'] === 'object' && properties !== null && typeof properties === 'object' && !Array.isArray(properties))) {
+    return ['payloadSchema must be a JSON Schema { type: \'object\', properties: {...} }'];
+  }
+  // Else the worker's compiling of every part's schema together would fail, naming none of them.
+  return jsonSchemaProblems(object, 'payloadSchema');
 }
 
 function firstLine(error: unknown): string {

@@ -57,8 +57,22 @@ export function compilePayloadValidator(schema: JsonSchemaObject): PayloadValida
   const validate = ajv.compile(schema);
   return (payload) => {
     if (validate(payload)) return;
-    throw new MalformedPayloadError(collapseAlternatives(validate.errors ?? []).map(toProblem));
+    throw new MalformedPayloadError(collapseAlternatives(validate.errors ?? []).map((error) => toProblem(error)));
   };
+}
+
+/**
+ * What is wrong with `schema` as a JSON Schema (draft-07), each problem at its path under `root`
+ * (`payloadSchema.properties.note.minLength: must be integer`); none when it is one. For schemas
+ * that come from outside drover (extensions), checked where they come in, so the message can say whose.
+ */
+export function jsonSchemaProblems(schema: object, root: string): string[] {
+  const ajv = new Ajv({ allErrors: true, strict: false });
+  if (ajv.validateSchema(schema) === true) return [];
+  return collapseAlternatives(ajv.errors ?? []).map((error) => {
+    const { path, message } = toProblem(error, root);
+    return `${path}: ${message}`;
+  });
 }
 
 /**
@@ -85,8 +99,8 @@ function collapseAlternatives(errors: readonly ErrorObject[]): ErrorObject[] {
   return kept;
 }
 
-function toProblem(error: ErrorObject): PayloadProblem {
-  const path = 'payload' + error.instancePath.split('/').slice(1).map(segment).join('');
+function toProblem(error: ErrorObject, root = 'payload'): PayloadProblem {
+  const path = root + error.instancePath.split('/').slice(1).map(segment).join('');
   if (error.keyword === 'additionalProperties') {
     const extra = String((error.params as { additionalProperty: string }).additionalProperty);
     return { path: `${path}.${extra}`, message: 'is not a known property' };

@@ -107,6 +107,7 @@ t.test('every way a module is wrong is reported at once, each naming the setting
     '  - ./bad-plugin.mjs',
     '  - ./syntax.mjs',
     '  - ./bad-schema.mjs',
+    '  - ./bad-config-schema.mjs',
     '',
   ].join('\n'), {
     'plugin-as-engine.mjs': GOOD_PLUGIN,
@@ -118,6 +119,7 @@ t.test('every way a module is wrong is reported at once, each naming the setting
     'create-throws.mjs': 'export default { createPlugin() { throw new Error("bad mood") } };\n',
     'bad-plugin.mjs': 'export default { createPlugin: () => ({ name: "", newTask: 3, payloadSchema: { properties: 1 } }) };\n',
     'syntax.mjs': 'export default {\n',
+    'bad-config-schema.mjs': 'export default { configSchema: { type: "object", properties: { times: { type: "integer", minimum: "one" } } }, createPlugin: () => ({ name: "counted" }) };\n',
     'bad-schema.mjs': 'export default { createPlugin: () => ({ name: "typo", payloadSchema: { type: "object", properties: { note: { type: "string", minLength: "x" } } } }) };\n',
   });
   const error = await partsOf(file).catch((error: Error) => error);
@@ -137,6 +139,7 @@ t.test('every way a module is wrong is reported at once, each naming the setting
     ['plugins[9] (module "./syntax.mjs")', /failed to load: .*(Unexpected|SyntaxError|end of input)/],
     // Not left to the worker's compiling of all the schemas together, whose error named no module (exit 70).
     ['plugins[10] (module "./bad-schema.mjs")', /createPlugin returned no valid plugin: payloadSchema\.properties\.note\.minLength: must be integer$/],
+    ['plugins[11] (module "./bad-config-schema.mjs")', /its configSchema is not a valid JSON Schema: configSchema\.properties\.times\.minimum: must be number$/],
   ];
   for (const [prefix, pattern] of expected) {
     const line = lines.find((candidate) => candidate.startsWith(`${prefix}: `));

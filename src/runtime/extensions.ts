@@ -219,6 +219,8 @@ function checkedConfig(schema: unknown, config: unknown): unknown {
     return undefined;
   }
   if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) throw new Error('its configSchema must be a JSON Schema object');
+  const problems = jsonSchemaProblems(schema, 'configSchema');
+  if (problems.length > 0) throw new Error(`its configSchema is not a valid JSON Schema: ${problems.join('; ')}`);
   let validate: (value: unknown) => void;
   try {
     validate = compilePayloadValidator(schema as JsonSchemaObject);

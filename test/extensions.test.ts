@@ -67,6 +67,16 @@ t.test('plugins run in config order; a package name is resolved from the config 
   t.same(plugins.slice(-3, -1).map((plugin) => plugin.name), ['one', 'two']);
 });
 
+t.test('a payloadSchema that names another JSON Schema version loads: the worker reads its properties', async (t) => {
+  // zod's toJSONSchema writes draft 2020-12's $schema; the join keeps only properties and required.
+  const file = setup(t, 'plugins: [./newer.mjs]\n', {
+    'newer.mjs': 'export default { createPlugin: () => ({ name: "newer", payloadSchema: { $schema: "https://json-schema.org/draft/2020-12/schema", type: "object", properties: { note: { type: "string" } } } }) };\n',
+  });
+  const { plugins } = await partsOf(file);
+  t.equal(plugins.at(-2)?.name, 'newer');
+  t.ok('note' in (await workerPayloadSchema(loadConfig({ file, env: {} }))).properties);
+});
+
 t.test('a bare name is a package, not a file: the error says how to name the file', async (t) => {
   const file = setup(t, 'plugins: [greeter.mjs]\n', { 'greeter.mjs': GOOD_PLUGIN });
   await t.rejects(partsOf(file), { message: /plugins\[0\] \(module "greeter\.mjs"\): cannot be found .*; to load the file of that name, write \.\/greeter\.mjs/ });
@@ -108,6 +118,9 @@ t.test('every way a module is wrong is reported at once, each naming the setting
     '  - ./syntax.mjs',
     '  - ./bad-schema.mjs',
     '  - ./bad-config-schema.mjs',
+    '  - ./bad-pattern.mjs',
+    '  - ./bad-type.mjs',
+    '  - ./config-2020.mjs',
     '',
   ].join('\n'), {
     'plugin-as-engine.mjs': GOOD_PLUGIN,
@@ -119,6 +132,9 @@ t.test('every way a module is wrong is reported at once, each naming the setting
     'create-throws.mjs': 'export default { createPlugin() { throw new Error("bad mood") } };\n',
     'bad-plugin.mjs': 'export default { createPlugin: () => ({ name: "", newTask: 3, payloadSchema: { properties: 1 } }) };\n',
     'syntax.mjs': 'export default {\n',
+    'bad-pattern.mjs': 'export default { createPlugin: () => ({ name: "pattern", payloadSchema: { type: "object", properties: { id: { type: "string", pattern: "(" } } } }) };\n',
+    'bad-type.mjs': 'export default { createPlugin: () => ({ name: "typed", payloadSchema: { type: "object", properties: { note: { type: "strin" } } } }) };\n',
+    'config-2020.mjs': 'export default { configSchema: { $schema: "https://json-schema.org/draft/2020-12/schema", type: "object" }, createPlugin: () => ({ name: "newer" }) };\n',
     'bad-config-schema.mjs': 'export default { configSchema: { type: "object", properties: { times: { type: "integer", minimum: "one" } } }, createPlugin: () => ({ name: "counted" }) };\n',
     'bad-schema.mjs': 'export default { createPlugin: () => ({ name: "typo", payloadSchema: { type: "object", properties: { note: { type: "string", minLength: "x" } } } }) };\n',
   });
@@ -140,6 +156,10 @@ t.test('every way a module is wrong is reported at once, each naming the setting
     // Not left to the worker's compiling of all the schemas together, whose error named no module (exit 70).
     ['plugins[10] (module "./bad-schema.mjs")', /createPlugin returned no valid plugin: payloadSchema\.properties\.note\.minLength: must be integer$/],
     ['plugins[11] (module "./bad-config-schema.mjs")', /its configSchema is not a valid JSON Schema: configSchema\.properties\.times\.minimum: must be number$/],
+    // Valid JSON Schema that the worker could still not compile.
+    ['plugins[12] (module "./bad-pattern.mjs")', /createPlugin returned no valid plugin: payloadSchema cannot be compiled: Invalid regular expression/],
+    ['plugins[13] (module "./bad-type.mjs")', /createPlugin returned no valid plugin: payloadSchema\.properties\.note\.type: must be one of "array", "boolean", .*"string"$/],
+    ['plugins[14] (module "./config-2020.mjs")', /its configSchema is not a valid JSON Schema: configSchema\.\$schema: drover reads JSON Schema draft-07 \(no schema with key or ref/],
   ];
   for (const [prefix, pattern] of expected) {
     const line = lines.find((candidate) => candidate.startsWith(`${prefix}: `));

@@ -36,7 +36,7 @@ import type { Engine } from '../engines/engine.js';
 import { ConfigError, MalformedPayloadError, errorMessage } from '../model/errors.js';
 import type { Plugin } from '../plugins/plugin.js';
 import type { ExtensionSetting, ExtensionSettings } from './extension-settings.js';
-import { compilePayloadValidator, joinedPayloadSchema, jsonSchemaProblems, type JsonSchemaObject } from './schema.js';
+import { compilePayloadValidator, joinedPayloadSchema, joinPayloadSchemas, jsonSchemaProblems, type JsonSchemaObject } from './schema.js';
 
 /** What `createEngine` and `createPlugin` get besides their config. */
 export interface ExtensionContext {
@@ -274,8 +274,17 @@ function schemaProblems(schema: unknown, required: boolean): string[] {
   if (!(object !== null && typeof object === 'object' && object['type'] === 'object' && properties !== null && typeof properties === 'object' && !Array.isArray(properties))) {
     return ['payloadSchema must be a JSON Schema { type: \'object\', properties: {...} }'];
   }
-  // Else the worker's compiling of every part's schema together would fail, naming none of them.
-  return jsonSchemaProblems(object, 'payloadSchema');
+  // Checked as the worker will use it (joined with the others: its $schema and top-level definitions
+  // dropped), so that the worker's compiling of every part's schema together cannot fail naming none.
+  const joined = joinPayloadSchemas([{ owner: 'this module', schema: object as JsonSchemaObject }]);
+  const problems = jsonSchemaProblems(joined, 'payloadSchema');
+  if (problems.length > 0) return problems;
+  try {
+    compilePayloadValidator(joined);
+  } catch (error) {
+    return [`payloadSchema cannot be compiled: ${firstLine(error)}`];
+  }
+  return [];
 }
 
 function firstLine(error: unknown): string {

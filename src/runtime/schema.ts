@@ -71,11 +71,23 @@ let metaChecker: Ajv | undefined;
 export function jsonSchemaProblems(schema: object, root: string): string[] {
   // One checker for every call: it compiles the meta-schema once (20-25 ms).
   const ajv = (metaChecker ??= new Ajv({ allErrors: true, strict: false }));
-  if (ajv.validateSchema(schema) === true) return [];
-  return collapseAlternatives(ajv.errors ?? []).map((error) => {
-    const { path, message } = toProblem(error, root);
-    return `${path}: ${message}`;
-  });
+  let valid: unknown;
+  try {
+    valid = ajv.validateSchema(schema);
+  } catch (error) {
+    // A $schema of another JSON Schema version: ajv has no meta-schema to check it with.
+    return [`${root}.$schema: drover reads JSON Schema draft-07 (${error instanceof Error ? error.message : String(error)})`];
+  }
+  if (valid === true) return [];
+  const errors = collapseAlternatives(ajv.errors ?? []);
+  const isAlternatives = (error: ErrorObject) => error.keyword === 'anyOf' || error.keyword === 'oneOf';
+  // The meta-schema's alternatives reach their branches by $ref, which collapsing does not follow:
+  // where a branch said what is wrong, "matches none of the allowed forms" says nothing more.
+  const said = new Set(errors.filter((error) => !isAlternatives(error)).map((error) => error.instancePath));
+  return errors
+    .filter((error) => !(isAlternatives(error) && said.has(error.instancePath)))
+    .map((error) => toProblem(error, root))
+    .map(({ path, message }) => `${path}: ${message}`);
 }
 
 /**
@@ -115,6 +127,10 @@ function toProblem(error: ErrorObject, root = 'payload'): PayloadProblem {
   if (error.keyword === 'anyOf' || error.keyword === 'oneOf') {
     const description = (error.parentSchema as { description?: unknown } | undefined)?.description;
     return { path, message: typeof description === 'string' ? `must be ${lowerFirst(description)}` : 'matches none of the allowed forms' };
+  }
+  if (error.keyword === 'enum') {
+    const allowed = (error.params as { allowedValues?: unknown[] }).allowedValues ?? [];
+    return { path, message: `must be one of ${allowed.map((value) => JSON.stringify(value)).join(', ')}` };
   }
   return { path, message: error.message ?? error.keyword };
 }

@@ -226,6 +226,44 @@ t.test('upload puts each file in place by a rename: a running program is replace
   t.notOk(partial(), 'the next connection removes the partial file');
 });
 
+t.test('upload copies a tree several files at a time: each whole, with its mode; a file that cannot be placed fails it, named, without partials', async (t) => {
+  const server = await sshd(t);
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport, 't');
+  const local = mkdtempSync(join(tmpdir(), 'drover-upload-'));
+  t.teardown(() => rmSync(local, { recursive: true, force: true }));
+  const files: string[] = [];
+  for (let d = 0; d < 5; d++) {
+    mkdirSync(join(local, 'tree', `d${d}`, 'deep'), { recursive: true });
+    for (let f = 0; f < 12; f++) {
+      const name = join(`d${d}`, f % 3 === 0 ? 'deep' : '', `f${f}`);
+      writeFileSync(join(local, 'tree', name), `${name}\n`.repeat(1 + f * 50), { mode: f % 2 ? 0o755 : 0o640 });
+      files.push(name);
+    }
+  }
+  await transport.upload(join(local, 'tree'), `${dir}/up`);
+  for (const name of files) {
+    const there = statSync(join(dir, 'up', name));
+    t.equal(readFileSync(join(dir, 'up', name), 'utf8'), readFileSync(join(local, 'tree', name), 'utf8'), `${name}: whole`);
+    t.equal(there.mode & 0o777, statSync(join(local, 'tree', name)).mode & 0o777, `${name}: its mode`);
+  }
+
+  // A directory where one file belongs: that file cannot be renamed into place.
+  rmSync(join(dir, 'up', 'd2', 'f4'));
+  mkdirSync(join(dir, 'up', 'd2', 'f4', 'taken'), { recursive: true });
+  await t.rejects(transport.upload(join(local, 'tree'), `${dir}/up`), { message: /d2\/f4' on drover-ssh@/ }, 'the upload fails, naming the file');
+  await transport.flush();
+  const left = (path: string): string[] => readdirSync(path, { withFileTypes: true }).flatMap((entry) =>
+    entry.isDirectory() ? left(join(path, entry.name)) : entry.name.includes('.drover-') ? [join(path, entry.name)] : []);
+  t.same(left(join(dir, 'up')), [], 'no partial file is left');
+
+  // What is neither file nor directory refuses the tree before any file is copied.
+  execFileSync('mkfifo', [join(local, 'tree', 'd0', 'pipe')]);
+  writeFileSync(join(local, 'tree', 'd4', 'f1'), 'changed\n');
+  await t.rejects(transport.upload(join(local, 'tree'), `${dir}/up`), { message: /pipe is neither a file nor a directory/ });
+  t.equal(readFileSync(join(dir, 'up', 'd4', 'f1'), 'utf8'), 'd4/f1\n'.repeat(51), 'no file was copied');
+});
+
 t.test('upload to a server without OpenSSH\'s posix-rename: the file in place is removed, then the new one renamed into it', async (t) => {
   // OpenSSH's SFTP server neither offers nor serves the requests -P names.
   const server = await sshd(t, { sftpFlags: ['-P', 'posix-rename'] });

@@ -130,6 +130,8 @@ export interface SshTransportStats {
 const OPEN_RETRIES = 20;
 /** How long deferred changes wait for a command to take them before a control command applies them. */
 export const FLUSH_DELAY_MS = 100;
+/** How many files of a tree upload() copies at once. */
+const UPLOAD_PARALLEL = 8;
 /** How long close() tries to apply deferred changes. */
 const CLOSE_FLUSH_MS = 5000;
 /** How long kill() and waitGone() wait, after the main process exited, for the wrapper to say whether its group is gone. */
@@ -535,18 +537,41 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
    * Each file is written beside its place under a name of its own and renamed into it: a command
    * that runs the old file meanwhile (a job on a host that shares this home, over NFS) never
    * sees a half-written one, and a running program can be replaced (its file may not be written).
+   * The tree is read first (a path that is neither file nor directory refuses it before anything is
+   * copied), its directories are made in one flush, then UPLOAD_PARALLEL files go at a time: SFTP
+   * requests pipeline on one channel, so small files are not one round trip after another. After a
+   * failure no more files start; the first failure is the one thrown.
    */
   async upload(localPath: string, remotePath: string): Promise<void> {
     await this.#settle();
-    const stats = await statLocal(localPath);
-    if (stats.isDirectory()) {
-      await this.mkdir(remotePath);
-      const entries = await readdir(localPath);
-      for (const entry of entries) await this.upload(joinLocal(localPath, entry), posix.join(remotePath, entry));
-      return;
-    }
-    if (!stats.isFile()) throw new Error(`upload: ${localPath} is neither a file nor a directory`);
-    const mode = stats.mode & 0o777;
+    const files: { readonly local: string; readonly remote: string; readonly mode: number }[] = [];
+    const walk = async (local: string, remote: string): Promise<void> => {
+      const stats = await statLocal(local);
+      if (stats.isDirectory()) {
+        await this.mkdir(remote);
+        for (const entry of await readdir(local)) await walk(joinLocal(local, entry), posix.join(remote, entry));
+      } else if (stats.isFile()) {
+        files.push({ local, remote, mode: stats.mode & 0o777 });
+      } else {
+        throw new Error(`upload: ${local} is neither a file nor a directory`);
+      }
+    };
+    await walk(localPath, remotePath);
+    await this.#settle();
+    let next = 0;
+    let failure: { readonly error: unknown } | undefined;
+    const lane = async () => {
+      while (failure === undefined && next < files.length) {
+        const { local, remote, mode } = files[next++]!;
+        await this.#uploadFile(local, remote, mode).catch((error: unknown) => (failure ??= { error }));
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(UPLOAD_PARALLEL, files.length) }, lane));
+    if (failure !== undefined) throw failure.error;
+  }
+
+  /** One file of upload(): written beside its place, its mode set, renamed into place. */
+  async #uploadFile(localPath: string, remotePath: string, mode: number): Promise<void> {
     const partial = posix.join(posix.dirname(remotePath), `.${posix.basename(remotePath)}.drover-${randomBytes(6).toString('hex')}`);
     // ssh2 answers no request made after its channel closed, and fastPut makes one (closing the file)
     // when a write fails: without the race, an upload cut off by a lost connection never ends.

@@ -23,7 +23,7 @@ import { SshConnectionError, SshTransport, type SshTransportOptions } from '../s
 import type { Execution } from '../src/hosts/transport.js';
 import type { Claim } from '../src/model/task.js';
 import { createLogger, silentLogger } from '../src/runtime/logger.js';
-import type { TestSshd } from '../src/testing/sshd.js';
+import type { StartSshdOptions, TestSshd } from '../src/testing/sshd.js';
 import { runNodeScript } from './helpers/node-script.js';
 import { cookieFor, remoteDir, requireSshd, sshd, sshTransport, until } from './helpers/sshd.js';
 
@@ -187,11 +187,7 @@ t.test('SFTP: mkdir -p, write, read, stat, errors, upload and download of trees 
 });
 
 t.test('upload puts each file in place by a rename: a running program is replaced, a link to the old file keeps it', async (t) => {
-  const server = await sshd(t);
-  const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport, 't');
-  const local = mkdtempSync(join(tmpdir(), 'drover-upload-'));
-  t.teardown(() => rmSync(local, { recursive: true, force: true }));
+  const { transport, dir, local } = await uploadSetup(t);
   mkdirSync(join(local, 'old'));
   writeFileSync(join(local, 'old', 'tool'), readFileSync('/bin/sleep'), { mode: 0o755 });
   await transport.upload(join(local, 'old'), `${dir}/bin`);
@@ -227,11 +223,7 @@ t.test('upload puts each file in place by a rename: a running program is replace
 });
 
 t.test('upload copies a tree several files at a time: each whole, with its mode; a file that cannot be placed fails it, named, without partials', async (t) => {
-  const server = await sshd(t);
-  const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport, 't');
-  const local = mkdtempSync(join(tmpdir(), 'drover-upload-'));
-  t.teardown(() => rmSync(local, { recursive: true, force: true }));
+  const { transport, dir, local } = await uploadSetup(t);
   const files: string[] = [];
   for (let d = 0; d < 5; d++) {
     mkdirSync(join(local, 'tree', `d${d}`, 'deep'), { recursive: true });
@@ -241,16 +233,20 @@ t.test('upload copies a tree several files at a time: each whole, with its mode;
       files.push(name);
     }
   }
-  await transport.upload(join(local, 'tree'), `${dir}/up`);
+  // Two uploads at once share the transport's eight files in flight.
+  await Promise.all([transport.upload(join(local, 'tree'), `${dir}/up`), transport.upload(join(local, 'tree'), `${dir}/again`)]);
+  t.equal(transport.stats.uploadsAtOncePeak, 8, 'eight files in flight, not one after another, and not eight per upload');
   for (const name of files) {
     const there = statSync(join(dir, 'up', name));
     t.equal(readFileSync(join(dir, 'up', name), 'utf8'), readFileSync(join(local, 'tree', name), 'utf8'), `${name}: whole`);
     t.equal(there.mode & 0o777, statSync(join(local, 'tree', name)).mode & 0o777, `${name}: its mode`);
+    t.equal(readFileSync(join(dir, 'again', name), 'utf8'), readFileSync(join(local, 'tree', name), 'utf8'), `${name}: whole in the other copy`);
   }
 
-  // A directory where one file belongs: that file cannot be renamed into place.
-  rmSync(join(dir, 'up', 'd2', 'f4'));
-  mkdirSync(join(dir, 'up', 'd2', 'f4', 'taken'), { recursive: true });
+  // A directory where one file belongs (made as the remote user): that file cannot be renamed into place.
+  await transport.remove(`${dir}/up/d2/f4`);
+  await transport.mkdir(`${dir}/up/d2/f4/taken`);
+  await transport.flush();
   await t.rejects(transport.upload(join(local, 'tree'), `${dir}/up`), { message: /d2\/f4' on drover-ssh@/ }, 'the upload fails, naming the file');
   await transport.flush();
   const left = (path: string): string[] => readdirSync(path, { withFileTypes: true }).flatMap((entry) =>
@@ -266,12 +262,8 @@ t.test('upload copies a tree several files at a time: each whole, with its mode;
 
 t.test('upload to a server without OpenSSH\'s posix-rename: the file in place is removed, then the new one renamed into it', async (t) => {
   // OpenSSH's SFTP server neither offers nor serves the requests -P names.
-  const server = await sshd(t, { sftpFlags: ['-P', 'posix-rename'] });
+  const { server, transport, dir, local } = await uploadSetup(t, { sftpFlags: ['-P', 'posix-rename'] });
   t.equal(await offersPosixRename(server), false, 'the server does not offer posix-rename: the fallback is what runs');
-  const transport = transportFor(t, server);
-  const dir = await remoteDir(t, transport, 't');
-  const local = mkdtempSync(join(tmpdir(), 'drover-upload-'));
-  t.teardown(() => rmSync(local, { recursive: true, force: true }));
   writeFileSync(join(local, 'tool'), '#!/bin/sh\necho one\n', { mode: 0o755 });
   await transport.upload(join(local, 'tool'), `${dir}/tool`);
   t.equal((await runToEnd(await transport.exec(['./tool'], { cwd: dir, env: BASE_ENV, cookie: cookieFor(t) }))).stdout, 'one\n', 'a first upload: nothing to remove');
@@ -282,6 +274,16 @@ t.test('upload to a server without OpenSSH\'s posix-rename: the file in place is
   t.equal((await transport.stat(`${dir}/link`))?.size, '#!/bin/sh\necho one\n'.length, 'the old file is untouched: the new one is a new file');
   t.same((await transport.list(dir)).map((entry) => entry.name).sort(), ['link', 'tool'], 'no partial file is left');
 });
+
+/** An sshd, a transport to it, a remote directory and a local one for an upload test; all go when the test ends. */
+async function uploadSetup(t: Test, options?: StartSshdOptions) {
+  const server = await sshd(t, options);
+  const transport = transportFor(t, server);
+  const dir = await remoteDir(t, transport, 't');
+  const local = mkdtempSync(join(tmpdir(), 'drover-upload-'));
+  t.teardown(() => rmSync(local, { recursive: true, force: true }));
+  return { server, transport, dir, local };
+}
 
 /** Whether the server offers OpenSSH's posix-rename: ssh2 refuses, at once, a request the server did not offer. */
 async function offersPosixRename(server: TestSshd): Promise<boolean> {

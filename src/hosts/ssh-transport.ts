@@ -124,6 +124,8 @@ export interface SshTransportStats {
   readonly failedRemovals: number;
   /** Remote agents started (one per connection, unless the host has no perl). */
   readonly agentsStarted: number;
+  /** The most files upload() had in flight at once (UPLOAD_PARALLEL at most). */
+  readonly uploadsAtOncePeak: number;
 }
 
 /** How often a refused channel open is retried (about 3 s in all). */
@@ -144,6 +146,33 @@ const DEFAULT_HOST_KEY_ALGORITHMS: Readonly<Record<string, readonly string[]>> =
   'ecdsa-sha2-nistp521': ['ecdsa-sha2-nistp521'],
   'ssh-rsa': ['rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa'],
 };
+
+/** At most `limit` at once; the others wait their turn, in order. */
+class Limit {
+  #inUse = 0;
+  readonly #waiting: (() => void)[] = [];
+
+  constructor(readonly limit: number) {}
+
+  get inUse(): number {
+    return this.#inUse;
+  }
+
+  /** Resolves with an idempotent release once it is this caller's turn. */
+  async acquire(): Promise<() => void> {
+    // A release hands its place to the first waiter, so the count only drops when nobody waits.
+    if (this.#inUse < this.limit) this.#inUse++;
+    else await new Promise<void>((turn) => this.#waiting.push(turn));
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const next = this.#waiting.shift();
+      if (next === undefined) this.#inUse--;
+      else next();
+    };
+  }
+}
 
 /** Channels of one connection: commands may not take the last free one, control operations may. */
 class ChannelSlots {
@@ -244,7 +273,9 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   #closed = false;
   #closing: Promise<void> | undefined;
   #home: string | undefined;
-  #stats = { connectionsOpened: 0, channelsOpened: 0, changeFlushes: 0, failedRemovals: 0, agentsStarted: 0 };
+  #stats = { connectionsOpened: 0, channelsOpened: 0, changeFlushes: 0, failedRemovals: 0, agentsStarted: 0, uploadsAtOncePeak: 0 };
+  /** Files upload() has in flight, across calls. */
+  readonly #uploads = new Limit(UPLOAD_PARALLEL);
   readonly #pending = new PendingChanges();
   /**
    * Applications under way, oldest first. Through the agent, which applies
@@ -537,10 +568,11 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
    * Each file is written beside its place under a name of its own and renamed into it: a command
    * that runs the old file meanwhile (a job on a host that shares this home, over NFS) never
    * sees a half-written one, and a running program can be replaced (its file may not be written).
-   * The tree is read first (a path that is neither file nor directory refuses it before anything is
-   * copied), its directories are made in one flush, then UPLOAD_PARALLEL files go at a time: SFTP
-   * requests pipeline on one channel, so small files are not one round trip after another. After a
-   * failure no more files start; the first failure is the one thrown.
+   * The tree is read first, in name order (a path that is neither file nor directory refuses it
+   * before any file is copied), its directories are made, parents first, then up to UPLOAD_PARALLEL
+   * files go at a time, on this transport as a whole: SFTP requests pipeline on one channel, so small
+   * files are not one round trip after another, and each file in flight holds at most fastPut's
+   * 2 MiB. After a failure no more files start; the first failure is the one thrown.
    */
   async upload(localPath: string, remotePath: string): Promise<void> {
     await this.#settle();
@@ -549,7 +581,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
       const stats = await statLocal(local);
       if (stats.isDirectory()) {
         await this.mkdir(remote);
-        for (const entry of await readdir(local)) await walk(joinLocal(local, entry), posix.join(remote, entry));
+        for (const entry of (await readdir(local)).sort()) await walk(joinLocal(local, entry), posix.join(remote, entry));
       } else if (stats.isFile()) {
         files.push({ local, remote, mode: stats.mode & 0o777 });
       } else {
@@ -563,7 +595,9 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     const lane = async () => {
       while (failure === undefined && next < files.length) {
         const { local, remote, mode } = files[next++]!;
-        await this.#uploadFile(local, remote, mode).catch((error: unknown) => (failure ??= { error }));
+        const release = await this.#uploads.acquire();
+        this.#stats.uploadsAtOncePeak = Math.max(this.#stats.uploadsAtOncePeak, this.#uploads.inUse);
+        await this.#uploadFile(local, remote, mode).catch((error: unknown) => (failure ??= { error })).finally(release);
       }
     };
     await Promise.all(Array.from({ length: Math.min(UPLOAD_PARALLEL, files.length) }, lane));

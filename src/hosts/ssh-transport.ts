@@ -596,12 +596,18 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
       while (failure === undefined && next < files.length) {
         const { local, remote, mode } = files[next++]!;
         const release = await this.#uploads.acquire();
+        // Another call's files may have held the turn while one of ours failed.
+        if (failure !== undefined) return release();
         this.#stats.uploadsAtOncePeak = Math.max(this.#stats.uploadsAtOncePeak, this.#uploads.inUse);
         await this.#uploadFile(local, remote, mode).catch((error: unknown) => (failure ??= { error })).finally(release);
       }
     };
     await Promise.all(Array.from({ length: Math.min(UPLOAD_PARALLEL, files.length) }, lane));
     if (failure !== undefined) throw failure.error;
+  }
+
+  #warnUnremoved(paths: readonly string[]): void {
+    this.#logger?.warn('ssh: closing without removing these paths: the host cannot be reached', { paths });
   }
 
   /** One file of upload(): written beside its place, its mode set, renamed into place. */
@@ -641,7 +647,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
       // The partial file goes with the deferred changes: on this connection if it lives (no request may
       // follow a failed one on a channel that has closed), else on the next one (the flush reconnects
       // once; close() tries again). A transport that is closing takes no more changes: say what stays.
-      this.remove(partial).catch(() => this.#logger?.warn('ssh: closing without removing these paths: the host cannot be reached', { paths: [partial] }));
+      this.remove(partial).catch(() => this.#warnUnremoved([partial]));
       throw error;
     }
   }
@@ -692,7 +698,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
       ]);
       timer.abort();
       const left = settled ? [] : [...this.#applying.flatMap((application) => application.changes.removals), ...this.#pending.take().removals];
-      if (left.length > 0) this.#logger?.warn('ssh: closing without removing these paths: the host cannot be reached', { paths: left });
+      if (left.length > 0) this.#warnUnremoved(left);
     }
     this.#closed = true;
     const connection = this.#connection;

@@ -223,7 +223,7 @@ function checkedConfig(schema: unknown, config: unknown): unknown {
   if (problems.length > 0) throw new Error(`its configSchema is not a valid JSON Schema: ${problems.join('; ')}`);
   let validate: (value: unknown) => void;
   try {
-    validate = compilePayloadValidator(schema as JsonSchemaObject);
+    validate = compilePayloadValidator(schema as JsonSchemaObject, { checked: true });
   } catch (error) {
     throw new Error(`its configSchema is not a valid JSON Schema: ${firstLine(error)}`);
   }
@@ -280,7 +280,7 @@ function schemaProblems(schema: unknown, required: boolean): string[] {
   const problems = jsonSchemaProblems(joined, 'payloadSchema');
   if (problems.length > 0) return problems;
   try {
-    compilePayloadValidator(joined);
+    compilePayloadValidator(joined, { checked: true });
   } catch (error) {
     return [`payloadSchema cannot be compiled: ${firstLine(error)}`];
   }

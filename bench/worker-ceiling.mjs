@@ -9,19 +9,28 @@
  *
  *   npm run -s build && node bench/worker-ceiling.mjs 6000 8
  *   node --cpu-prof --cpu-prof-dir=/tmp/prof bench/worker-ceiling.mjs 6000 8
+ *   node bench/worker-ceiling.mjs --allocations 3000 8
  *
- * Usage: node worker-ceiling.mjs [TASKS [CAPACITY [ROOT]]] (6000, 8, this checkout)
+ * `--allocations` also samples what the worker allocates (V8's sampling heap
+ * profiler, counting objects the garbage collector has freed since, which a
+ * heap snapshot or `--heap-prof` leave out) and prints the bytes per task, by
+ * package and by function: what makes the scavenges.
+ *
+ * Usage: node worker-ceiling.mjs [--allocations] [TASKS [CAPACITY [ROOT]]] (6000, 8, this checkout)
  */
 import { mkdtempSync, rmSync } from 'node:fs';
+import { Session } from 'node:inspector/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const [tasksArg = '6000', capacityArg = '8', rootArg] = process.argv.slice(2);
+const args = process.argv.slice(2);
+const allocations = args[0] === '--allocations' && Boolean(args.shift());
+const [tasksArg = '6000', capacityArg = '8', rootArg] = args;
 const tasks = Number(tasksArg);
 const capacity = Number(capacityArg);
 if (!(Number.isInteger(tasks) && tasks > 0 && tasks <= 1_000_000 && Number.isInteger(capacity) && capacity > 0)) {
-  process.stderr.write('usage: node worker-ceiling.mjs [TASKS (1..1000000) [CAPACITY [ROOT]]]\n');
+  process.stderr.write('usage: node worker-ceiling.mjs [--allocations] [TASKS (1..1000000) [CAPACITY [ROOT]]]\n');
   process.exit(2);
 }
 const root = rootArg ?? join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -37,6 +46,7 @@ try {
   // A ROOT built before submitMany (b7fc4e1) queues them one at a time.
   if (queue.submitMany) await queue.submitMany(definitions);
   else for (const definition of definitions) await queue.submit(definition);
+  const sampler = allocations ? await startSampling() : undefined;
   const cpu = process.cpuUsage();
   const loop = performance.eventLoopUtilization();
   const start = performance.now();
@@ -50,7 +60,50 @@ try {
   if (reason.kind !== 'drained') throw new Error(`the worker stopped: ${JSON.stringify(reason)}`);
   console.log(`${tasks} tasks at capacity ${capacity}: ${((tasks / ms) * 1000).toFixed(0)} tasks/s, `
     + `${((used.user + used.system) / 1000 / tasks).toFixed(3)} ms of CPU per task, event loop ${(100 * performance.eventLoopUtilization(loop).utilization).toFixed(0)}% busy`);
+  if (sampler) printAllocations(await sampler.stop(), tasks);
   await queue.close();
 } finally {
   rmSync(dir, { recursive: true, force: true });
+}
+
+/** Starts V8's sampling heap profiler on this process, garbage included; `stop()` gives the profile. */
+async function startSampling() {
+  const session = new Session();
+  session.connect();
+  await session.post('HeapProfiler.startSampling', {
+    samplingInterval: 4096, includeObjectsCollectedByMajorGC: true, includeObjectsCollectedByMinorGC: true,
+  });
+  return {
+    async stop() {
+      const { profile } = await session.post('HeapProfiler.stopSampling');
+      session.disconnect();
+      return profile;
+    },
+  };
+}
+
+/** Bytes allocated per task, by package (or drover's file) and by function, largest first. */
+function printAllocations(profile, count) {
+  const byPackage = new Map();
+  const byFunction = new Map();
+  let total = 0;
+  const add = (map, key, bytes) => map.set(key, (map.get(key) ?? 0) + bytes);
+  // A built-in (Set, Map, sort: no script of its own) is counted with the function that called it.
+  const visit = (node, caller) => {
+    const { functionName, url, lineNumber } = node.callFrame;
+    const name = `${functionName || '(anonymous)'}${url ? ` ${url.split('/').slice(-2).join('/')}:${lineNumber + 1}` : ''}`;
+    const where = !url && caller ? caller.where
+      : url.includes('node_modules/') ? url.split('node_modules/')[1].split('/')[0]
+        : url.includes('/dist/') ? `drover ${url.split('/dist/')[1]}` : url || `(${functionName || 'native'})`;
+    add(byPackage, where, node.selfSize);
+    add(byFunction, !url && caller ? `${functionName} in ${caller.name}` : name, node.selfSize);
+    total += node.selfSize;
+    for (const child of node.children) visit(child, { where, name });
+  };
+  visit(profile.head);
+  const perTask = (bytes) => `${(bytes / count / 1024).toFixed(1).padStart(6)} KiB`;
+  console.log(`allocated: ${perTask(total).trim()} per task (sampled), by package:`);
+  for (const [key, bytes] of [...byPackage].sort((a, b) => b[1] - a[1]).slice(0, 8)) console.log(`${perTask(bytes)}  ${key}`);
+  console.log('by function:');
+  for (const [key, bytes] of [...byFunction].sort((a, b) => b[1] - a[1]).slice(0, 15)) console.log(`${perTask(bytes)}  ${key}`);
 }

@@ -16,7 +16,15 @@
  * heap snapshot or `--heap-prof` leave out) and prints the bytes per task, by
  * package and by function: what makes the scavenges.
  *
- * Usage: node worker-ceiling.mjs [--allocations] [TASKS [CAPACITY [ROOT]]] (6000, 8, this checkout)
+ * `--without-machines` runs the same work without the worker and task
+ * machines: the runtime's stage functions (the very ones the task machine's
+ * actors call: load, run, upload, report, cleanup) in that order for each
+ * claim, with the claim's renewal timer and cancellation watch, the plugins'
+ * beforeClaim before each claim, `capacity` claims at a time. The difference
+ * to a run without it is what the machines cost (xstate: the actors, events
+ * and snapshots of a task's life).
+ *
+ * Usage: node worker-ceiling.mjs [--allocations] [--without-machines] [TASKS [CAPACITY [ROOT]]] (6000, 8, this checkout)
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { Session } from 'node:inspector/promises';
@@ -25,18 +33,19 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const args = process.argv.slice(2);
-const allocations = args[0] === '--allocations' && Boolean(args.shift());
+const flags = new Set();
+while (['--allocations', '--without-machines'].includes(args[0])) flags.add(args.shift());
 const [tasksArg = '6000', capacityArg = '8', rootArg] = args;
 const tasks = Number(tasksArg);
 const capacity = Number(capacityArg);
 if (!(Number.isInteger(tasks) && tasks > 0 && tasks <= 1_000_000 && Number.isInteger(capacity) && capacity > 0)) {
-  process.stderr.write('usage: node worker-ceiling.mjs [--allocations] [TASKS (1..1000000) [CAPACITY [ROOT]]]\n');
+  process.stderr.write('usage: node worker-ceiling.mjs [--allocations] [--without-machines] [TASKS (1..1000000) [CAPACITY [ROOT]]]\n');
   process.exit(2);
 }
 const root = rootArg ?? join(dirname(fileURLToPath(import.meta.url)), '..');
 const load = (path) => import(join(root, 'dist', path));
-const [{ startWorker }, { SqliteQueue }, { HardwareHost }, { MockEngine }, { shippedPlugins }, { createLogger }] = await Promise.all(
-  ['runtime/worker.js', 'queues/sqlite.js', 'hosts/local.js', 'engines/mock.js', 'plugins/index.js', 'runtime/logger.js'].map(load),
+const [{ startWorker }, { SqliteQueue }, { HardwareHost }, { MockEngine }, { shippedPlugins }, { createLogger }, { createTaskActors }, { compilePayloadValidator, joinedPayloadSchema }] = await Promise.all(
+  ['runtime/worker.js', 'queues/sqlite.js', 'hosts/local.js', 'engines/mock.js', 'plugins/index.js', 'runtime/logger.js', 'runtime/task-actors.js', 'runtime/schema.js'].map(load),
 );
 
 const dir = mkdtempSync(join(tmpdir(), 'drover-ceiling-'));
@@ -46,20 +55,27 @@ try {
   // A ROOT built before submitMany (b7fc4e1) queues them one at a time.
   if (queue.submitMany) await queue.submitMany(definitions);
   else for (const definition of definitions) await queue.submit(definition);
-  const sampler = allocations ? await startSampling() : undefined;
+  const sampler = flags.has('--allocations') ? await startSampling() : undefined;
   const cpu = process.cpuUsage();
   const loop = performance.eventLoopUtilization();
   const start = performance.now();
-  const worker = startWorker({
+  const options = {
     workerId: 'ceiling', queue, host: new HardwareHost({ workDir: join(dir, 'work') }), engine: new MockEngine(), plugins: shippedPlugins(),
     workDir: join(dir, 'work'), logger: createLogger({ level: 'warn' }), capacity, maxTasks: 0, once: true, idleTimeoutMs: 0, shutdownGraceMs: 0, pollWaitMs: 1000,
-  });
-  const { reason } = await worker.stopped;
+  };
+  if (flags.has('--without-machines')) {
+    await withoutMachines(options);
+  } else {
+    const { reason } = await startWorker(options).stopped;
+    if (reason.kind !== 'drained') throw new Error(`the worker stopped: ${JSON.stringify(reason)}`);
+  }
   const ms = performance.now() - start;
   const used = process.cpuUsage(cpu);
-  if (reason.kind !== 'drained') throw new Error(`the worker stopped: ${JSON.stringify(reason)}`);
-  console.log(`${tasks} tasks at capacity ${capacity}: ${((tasks / ms) * 1000).toFixed(0)} tasks/s, `
-    + `${((used.user + used.system) / 1000 / tasks).toFixed(3)} ms of CPU per task, event loop ${(100 * performance.eventLoopUtilization(loop).utilization).toFixed(0)}% busy`);
+  const unresolved = (await queue.listTasks({ limit: tasks })).filter((task) => task.state !== 'completed').length;
+  if (unresolved > 0) throw new Error(`${unresolved} of ${tasks} tasks did not complete`);
+  console.log(`${tasks} tasks at capacity ${capacity}${flags.has('--without-machines') ? ' without the machines' : ''}: `
+    + `${((tasks / ms) * 1000).toFixed(0)} tasks/s, ${((used.user + used.system) / 1000 / tasks).toFixed(3)} ms of CPU per task, `
+    + `event loop ${(100 * performance.eventLoopUtilization(loop).utilization).toFixed(0)}% busy`);
   if (sampler) printAllocations(await sampler.stop(), tasks);
   await queue.close();
 } finally {
@@ -106,4 +122,44 @@ function printAllocations(profile, count) {
   for (const [key, bytes] of [...byPackage].sort((a, b) => b[1] - a[1]).slice(0, 8)) console.log(`${perTask(bytes)}  ${key}`);
   console.log('by function:');
   for (const [key, bytes] of [...byFunction].sort((a, b) => b[1] - a[1]).slice(0, 15)) console.log(`${perTask(bytes)}  ${key}`);
+}
+
+/** The worker's work for every task, in the machines' order, with no machine: see `--without-machines`. */
+async function withoutMachines({ workerId, queue, host, engine, plugins, workDir, logger, capacity }) {
+  const signal = new AbortController().signal;
+  await host.boot({ logger, signal });
+  for (const plugin of plugins) await plugin.boot?.({ workerId, logger });
+  const validatePayload = compilePayloadValidator(joinedPayloadSchema({ engine, plugins }));
+  const stages = Object.fromEntries(Object.entries(createTaskActors({ workerId, queue, host, engine, plugins, validatePayload, workDir, logger }))
+    .filter(([, logic]) => typeof logic?.config === 'function').map(([name, logic]) => [name, (input) => logic.config({ input, signal })]));
+  const runOne = async (claim) => {
+    const renewal = setTimeout(() => {}, claim.takenUntil - Date.now());
+    const unwatch = queue.watchCancellation(claim, () => {});
+    let result;
+    let resolution;
+    try {
+      await stages.load({ claim });
+      result = await stages.run({ claim });
+    } catch (error) {
+      resolution = { state: 'exception', reason: 'internal-error', message: String(error) };
+    }
+    resolution = await stages.upload({ claim, result, resolution });
+    await stages.report({ claim, resolution });
+    clearTimeout(renewal);
+    unwatch();
+    await stages.cleanup({ claim });
+  };
+  const running = new Set();
+  for (;;) {
+    for (const plugin of plugins) await plugin.beforeClaim?.({ workerId, logger });
+    const claims = await queue.claimWork({ workerId, count: capacity - running.size, waitMs: 0, signal });
+    for (const claim of claims) {
+      const one = runOne(claim).finally(() => running.delete(one));
+      running.add(one);
+    }
+    if (running.size === 0) break;
+    if (running.size === capacity || claims.length === 0) await Promise.race(running);
+  }
+  for (const plugin of [...plugins].reverse()) await plugin.shutdown?.({ workerId, logger });
+  await host.dispose();
 }

@@ -14,15 +14,17 @@
  * `--allocations` also samples what the worker allocates (V8's sampling heap
  * profiler, counting objects the garbage collector has freed since, which a
  * heap snapshot or `--heap-prof` leave out) and prints the bytes per task, by
- * package and by function: what makes the scavenges.
+ * package and by function: what makes the scavenges. The worker's start (its
+ * payload schema's compilation, some 5 MB) is counted too: use a few thousand
+ * tasks, so that it weighs little.
  *
  * `--without-machines` runs the same work without the worker and task
- * machines: the runtime's stage functions (the very ones the task machine's
- * actors call: load, run, upload, report, cleanup) in that order for each
- * claim, with the claim's renewal timer and cancellation watch, the plugins'
- * beforeClaim before each claim, `capacity` claims at a time. The difference
- * to a run without it is what the machines cost (xstate: the actors, events
- * and snapshots of a task's life).
+ * machines: the runtime's functions that the task machine's actors run (load,
+ * run, upload, report, cleanup; and reclaim beside them, from the claim to
+ * the report) in that order for each claim, up to CAPACITY runs at once,
+ * with the plugins' beforeClaim before each claim. The difference to a run
+ * without it is what the machines cost (xstate: the actors, events and
+ * snapshots of a task's life).
  *
  * Usage: node worker-ceiling.mjs [--allocations] [--without-machines] [TASKS [CAPACITY [ROOT]]] (6000, 8, this checkout)
  */
@@ -35,10 +37,11 @@ import { fileURLToPath } from 'node:url';
 const args = process.argv.slice(2);
 const flags = new Set();
 while (['--allocations', '--without-machines'].includes(args[0])) flags.add(args.shift());
-const [tasksArg = '6000', capacityArg = '8', rootArg] = args;
+const [tasksArg = '6000', capacityArg = '8', rootArg, ...rest] = args;
 const tasks = Number(tasksArg);
 const capacity = Number(capacityArg);
-if (!(Number.isInteger(tasks) && tasks > 0 && tasks <= 1_000_000 && Number.isInteger(capacity) && capacity > 0)) {
+const valid = Number.isInteger(tasks) && tasks > 0 && tasks <= 1_000_000 && Number.isInteger(capacity) && capacity > 0;
+if (!valid || rest.length > 0 || args.some((arg) => arg.startsWith('--'))) {
   process.stderr.write('usage: node worker-ceiling.mjs [--allocations] [--without-machines] [TASKS (1..1000000) [CAPACITY [ROOT]]]\n');
   process.exit(2);
 }
@@ -71,12 +74,13 @@ try {
   }
   const ms = performance.now() - start;
   const used = process.cpuUsage(cpu);
+  const allocated = await sampler?.stop();
   const unresolved = (await queue.listTasks({ limit: tasks })).filter((task) => task.state !== 'completed').length;
   if (unresolved > 0) throw new Error(`${unresolved} of ${tasks} tasks did not complete`);
   console.log(`${tasks} tasks at capacity ${capacity}${flags.has('--without-machines') ? ' without the machines' : ''}: `
     + `${((tasks / ms) * 1000).toFixed(0)} tasks/s, ${((used.user + used.system) / 1000 / tasks).toFixed(3)} ms of CPU per task, `
     + `event loop ${(100 * performance.eventLoopUtilization(loop).utilization).toFixed(0)}% busy`);
-  if (sampler) printAllocations(await sampler.stop(), tasks);
+  if (allocated) printAllocations(allocated, tasks);
   await queue.close();
 } finally {
   rmSync(dir, { recursive: true, force: true });
@@ -112,7 +116,7 @@ function printAllocations(profile, count) {
       : url.includes('node_modules/') ? url.split('node_modules/')[1].split('/')[0]
         : url.includes('/dist/') ? `drover ${url.split('/dist/')[1]}` : url || `(${functionName || 'native'})`;
     add(byPackage, where, node.selfSize);
-    add(byFunction, !url && caller ? `${functionName} in ${caller.name}` : name, node.selfSize);
+    add(byFunction, !url && caller ? `${functionName || '(native)'} in ${caller.name}` : name, node.selfSize);
     total += node.selfSize;
     for (const child of node.children) visit(child, { where, name });
   };
@@ -130,28 +134,33 @@ async function withoutMachines({ workerId, queue, host, engine, plugins, workDir
   await host.boot({ logger, signal });
   for (const plugin of plugins) await plugin.boot?.({ workerId, logger });
   const validatePayload = compilePayloadValidator(joinedPayloadSchema({ engine, plugins }));
-  const stages = Object.fromEntries(Object.entries(createTaskActors({ workerId, queue, host, engine, plugins, validatePayload, workDir, logger }))
-    .filter(([, logic]) => typeof logic?.config === 'function').map(([name, logic]) => [name, (input) => logic.config({ input, signal })]));
+  // What each of the task machine's actors runs (fromPromise's and fromCallback's logic keep it as `config`).
+  const actors = createTaskActors({ workerId, queue, host, engine, plugins, validatePayload, workDir, logger });
+  const stage = (name, input) => actors[name].config({ input, signal });
   const runOne = async (claim) => {
-    const renewal = setTimeout(() => {}, claim.takenUntil - Date.now());
-    const unwatch = queue.watchCancellation(claim, () => {});
-    let result;
-    let resolution;
+    const stopReclaim = actors.reclaim.config({ input: { claim }, sendBack: (event) => { throw new Error(`the run was lost: ${event.type}`); } });
     try {
-      await stages.load({ claim });
-      result = await stages.run({ claim });
-    } catch (error) {
-      resolution = { state: 'exception', reason: 'internal-error', message: String(error) };
+      let result;
+      let resolution;
+      try {
+        await stage('load', { claim });
+        result = await stage('run', { claim });
+      } catch (error) {
+        resolution = { state: 'exception', reason: 'internal-error', message: String(error) };
+      }
+      resolution = await stage('upload', { claim, result, resolution });
+      await stage('report', { claim, resolution });
+    } finally {
+      stopReclaim();
+      await stage('cleanup', { claim });
     }
-    resolution = await stages.upload({ claim, result, resolution });
-    await stages.report({ claim, resolution });
-    clearTimeout(renewal);
-    unwatch();
-    await stages.cleanup({ claim });
   };
   const running = new Set();
   for (;;) {
-    for (const plugin of plugins) await plugin.beforeClaim?.({ workerId, logger });
+    for (const plugin of plugins) {
+      const reason = await plugin.beforeClaim?.({ workerId, logger });
+      if (reason !== undefined) throw new Error(`plugin ${plugin.name} holds off claiming, which this loop does not: ${reason}`);
+    }
     const claims = await queue.claimWork({ workerId, count: capacity - running.size, waitMs: 0, signal });
     for (const claim of claims) {
       const one = runOne(claim).finally(() => running.delete(one));

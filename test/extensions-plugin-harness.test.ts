@@ -6,9 +6,11 @@
  */
 import { Readable } from 'node:stream';
 import t from 'tap';
-import type { Plugin } from '../src/plugins/plugin.js';
+import { LIVE_LOG_NAME, livelogPlugin } from '../src/plugins/livelog.js';
+import type { Plugin, TaskPlugin } from '../src/plugins/plugin.js';
 import { pluginFromModule } from '../src/testing/from-module.js';
 import { pluginHarness, runPluginLifecycle } from '../src/testing/plugin-harness.js';
+import { startTaskRun } from '../src/testing/task-run.js';
 
 /** A plugin that sets an env var, uploads a note when the run ends, and counts boots and shutdowns. */
 function notePlugin(events: string[] = []): Plugin {
@@ -101,6 +103,42 @@ t.test('the plugin\'s own hook throws: recorded as a failure, and the resolution
   t.same(outcome.failures, [{ hook: 'buildSandbox', message: 'no disk' }]);
   t.match(outcome.resolution?.message, /plugin broken: buildSandbox failed: no disk/);
   t.same(outcome.hooks, ['newTask', 'buildSandbox', 'dispose']);
+});
+
+t.test('a plugin that breaks the hook contract: the run names it, and the other plugins still hear of it and are disposed', async (t) => {
+  /** A well-behaved plugin that records its exception and dispose hooks. */
+  const witness = (calls: string[]): Plugin => ({
+    name: 'witness',
+    newTask: () => ({ exception: async (reason) => void calls.push(`exception ${reason}`), dispose: async () => void calls.push('dispose') }),
+  });
+  const runWith = async (broken: Plugin, calls: string[]) => {
+    const run = await startTaskRun({ payload: { mock: {} }, plugins: [livelogPlugin(), witness(calls), broken] });
+    t.teardown(() => run.close());
+    const output = await run.output;
+    const log = (await run.queue.listArtifacts(run.claim)).find((artifact) => artifact.name === LIVE_LOG_NAME);
+    return { output, log };
+  };
+
+  // A JavaScript plugin's newTask can return anything; one that returns no object is its own failure.
+  const noHooks: string[] = [];
+  const nothing = await runWith({ name: 'hookless', newTask: () => undefined as unknown as TaskPlugin }, noHooks);
+  t.match(nothing.output.resolution, { state: 'exception', reason: 'internal-error', message: /^plugin hookless: newTask failed: it returned undefined, not an object of hooks/ });
+  t.same(noHooks, ['exception internal-error', 'dispose']);
+  t.equal(nothing.log?.state, 'complete', 'the live log is finished');
+
+  // A hook whose getter throws counts as present: its call fails as any hook's would.
+  const badGetter: string[] = [];
+  const getter = await runWith({
+    name: 'getter',
+    newTask: () => ({
+      get finished(): never {
+        throw new Error('no finished hook today');
+      },
+    }),
+  }, badGetter);
+  t.match(getter.output.resolution, { state: 'exception', reason: 'internal-error', message: /^plugin getter: finished failed: no finished hook today/ });
+  t.same(badGetter, ['dispose'], 'the command ran, so no exception hook; disposed all the same');
+  t.equal(getter.log?.state, 'complete');
 });
 
 t.test('pluginFromModule makes a plugin as the worker does, refusing bad config and bad shapes', async (t) => {

@@ -89,16 +89,11 @@ export function createTaskActors(runtime: TaskRuntime) {
     return run;
   };
 
-  /**
-   * The run's plugins that have `hook`, in order. A plugin without it is not called at all: most plugins
-   * have few of the hooks, and each call made and awaited in vain cost every task a few promises.
-   */
-  const having = (run: RunState, hook: keyof TaskPlugin) => run.plugins.filter(({ hooks }) => hooks[hook] !== undefined);
-
   /** Calls one hook on every plugin that has it, in order; a throw names the plugin and stops the stage. */
   const eachPlugin = async (run: RunState, hook: keyof TaskPlugin, call: (hooks: TaskPlugin) => Promise<unknown> | undefined) => {
-    for (const { name, hooks } of having(run, hook)) {
+    for (const { name, hooks } of run.plugins) {
       try {
+        if (lacks(hooks, hook)) continue;
         await call(hooks);
       } catch (error) {
         throw pluginError(name, hook, error);
@@ -118,6 +113,8 @@ export function createTaskActors(runtime: TaskRuntime) {
       if (plugin.newTask === undefined) continue;
       try {
         const hooks = plugin.newTask({ claim, payload: claim.payload, workerId, queue, log: run.log, logger: run.logger, signal: run.lost.signal });
+        // Checked here, so that every later stage may take the hooks for an object (a JavaScript plugin could return anything).
+        if (typeof hooks !== 'object' || hooks === null) throw new TypeError(`it returned ${hooks === null ? 'null' : typeof hooks}, not an object of hooks`);
         run.plugins.push({ name: plugin.name, hooks });
       } catch (error) {
         throw pluginError(plugin.name, 'newTask', error);
@@ -204,14 +201,16 @@ export function createTaskActors(runtime: TaskRuntime) {
     if (resolution.state === 'exception' || run.sandbox === undefined) {
       const reason = resolution.state === 'exception' ? resolution.reason : 'internal-error';
       // Every plugin hears of the exception, even when one of them fails: the log must still be uploaded.
-      for (const { name, hooks } of having(run, 'exception')) {
+      for (const { name, hooks } of run.plugins) {
+        if (lacks(hooks, 'exception')) continue;
         await attempt(() => hooks.exception?.(reason)).catch((error) => run.logger.error(pluginError(name, 'exception', error).message));
       }
       return resolution;
     }
     // The command ran (to its end, or until maxRunTime): plugins upload what it made.
     const sandbox = run.sandbox;
-    for (const { name, hooks } of having(run, 'finished')) {
+    for (const { name, hooks } of run.plugins) {
+      if (lacks(hooks, 'finished')) continue;
       await attempt(() => hooks.finished?.(resolution, sandbox)).catch((error) => {
         const failure = pluginError(name, 'finished', error);
         run.logger.error(failure.message);
@@ -252,7 +251,8 @@ export function createTaskActors(runtime: TaskRuntime) {
     // Stages that were interrupted may still be settling; dispose only what they finished building.
     await Promise.allSettled([run.loading, run.starting]);
     await step('sandbox', () => (run.sandbox ? run.sandbox.dispose() : run.builder?.discard()));
-    for (const { name, hooks } of having(run, 'dispose').reverse()) {
+    for (const { name, hooks } of [...run.plugins].reverse()) {
+      if (lacks(hooks, 'dispose')) continue;
       await step(`plugin ${name}: dispose`, () => hooks.dispose?.());
     }
     run.log.end();
@@ -370,6 +370,19 @@ function maskedResolution(resolution: Resolution, secrets: SecretMasker): Resolu
 function atMost(promise: Promise<unknown>, ms: number): Promise<unknown> {
   let timer: NodeJS.Timeout | undefined;
   return Promise.race([promise, new Promise((resolve) => (timer = setTimeout(resolve, ms)))]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * Whether a plugin's task object surely has no `hook`: then it is not called at all. Most plugins have few
+ * of the hooks, and a call made and awaited in vain cost every task a few promises per plugin and hook. A
+ * hook whose getter throws counts as present, so that its call reports the error as any hook's would.
+ */
+function lacks(hooks: TaskPlugin, hook: keyof TaskPlugin): boolean {
+  try {
+    return hooks[hook] === undefined;
+  } catch {
+    return false;
+  }
 }
 
 /** Calls a hook so that a synchronous throw becomes a rejection, like an asynchronous one. */

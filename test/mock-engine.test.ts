@@ -6,6 +6,7 @@
 import { Readable } from 'node:stream';
 import t from 'tap';
 import { SimulatedClock } from 'xstate';
+import type { Engine, Sandbox, SandboxBuilder } from '../src/engines/engine.js';
 import { MockEngine, type MockEngineOptions, type MockPoint } from '../src/engines/mock.js';
 import { LocalTransport } from '../src/hosts/local.js';
 import type { Payload } from '../src/model/task.js';
@@ -189,4 +190,39 @@ t.test('through the real task runner', async (t) => {
     t.ok(engine.runs[0]!.aborted, 'the command was aborted');
     t.equal(engine.runs[0]!.state, 'disposed', 'and disposed in cleanup');
   });
+});
+
+t.test('an engine that breaks its contract: the run says which engine and call, and what was missing', async (t) => {
+  /** The mock engine, wrapped so that prepare gives nothing, or start gives a sandbox with parts missing. */
+  const broken = (at: 'prepare' | 'start'): Engine => {
+    const inner = new MockEngine();
+    return {
+      name: 'broken',
+      payloadSchema: inner.payloadSchema,
+      needs: inner.needs,
+      async prepare(payload, options) {
+        if (at === 'prepare') return undefined as unknown as SandboxBuilder;
+        const builder = await inner.prepare(payload, options);
+        return {
+          setEnv: (name: string, value: string) => builder.setEnv(name, value),
+          discard: () => builder.discard(),
+          async start() {
+            const sandbox = await builder.start();
+            await sandbox.dispose();
+            return { stdout: sandbox.stdout, wait: () => sandbox.wait() } as unknown as Sandbox;
+          },
+        };
+      },
+    };
+  };
+  const cases = [
+    { at: 'prepare' as const, message: 'engine broken: prepare gave undefined, not a sandbox builder' },
+    { at: 'start' as const, message: 'engine broken: start gave a sandbox without abort, extractFile, dispose, stderr' },
+  ];
+  for (const { at, message } of cases) {
+    const run = await startTaskRun({ payload: { mock: {} }, engine: broken(at) });
+    t.teardown(() => run.close());
+    t.match(await run.output, { resolution: { state: 'exception', reason: 'internal-error', message } }, at);
+    t.match(await text(await run.queue.readArtifact(run.claim, LIVE_LOG_NAME)), message, 'the live log says it too');
+  }
 });

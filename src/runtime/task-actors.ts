@@ -142,7 +142,10 @@ export function createTaskActors(runtime: TaskRuntime) {
     run.taskDir = taskDir;
     await transport.remove(taskDir);
     await transport.mkdir(taskDir);
-    run.builder = await engine.prepare(claim.payload, { claim, transport, taskDir, cookie: run.cookie, logger: run.logger, signal });
+    run.builder = fulfils<SandboxBuilder>(
+      await engine.prepare(claim.payload, { claim, transport, taskDir, cookie: run.cookie, logger: run.logger, signal }),
+      `engine ${engine.name}: prepare`, 'a sandbox builder', BUILDER_METHODS,
+    );
     await eachPlugin(run, 'prepare', (hooks) => hooks.prepare?.());
     const builder = run.builder;
     await eachPlugin(run, 'buildSandbox', (hooks) => hooks.buildSandbox?.(builder, { taskDir, transport }));
@@ -160,7 +163,7 @@ export function createTaskActors(runtime: TaskRuntime) {
     if (state.builder === undefined) throw new InternalError('run: the sandbox was never built');
     const starting = state.builder.start();
     state.starting = starting;
-    const sandbox = await starting;
+    const sandbox = fulfils<Sandbox>(await starting, `engine ${engine.name}: start`, 'a sandbox', SANDBOX_METHODS, SANDBOX_STREAMS);
     state.sandbox = sandbox;
     // Secrets the plugins name (the env plugin's) are masked before the output reaches the log.
     const masked = (source: Readable): Readable => (secrets.empty ? source : source.pipe(secrets.transform()));
@@ -370,6 +373,28 @@ function maskedResolution(resolution: Resolution, secrets: SecretMasker): Resolu
 function atMost(promise: Promise<unknown>, ms: number): Promise<unknown> {
   let timer: NodeJS.Timeout | undefined;
   return Promise.race([promise, new Promise((resolve) => (timer = setTimeout(resolve, ms)))]).finally(() => clearTimeout(timer));
+}
+
+const BUILDER_METHODS = ['setEnv', 'start', 'discard'] as const;
+const SANDBOX_METHODS = ['wait', 'abort', 'extractFile', 'dispose'] as const;
+const SANDBOX_STREAMS = ['stdout', 'stderr'] as const;
+
+/**
+ * `value` as what an engine's call must give, or an error that names the engine, the call and what is
+ * missing. An engine may be a JavaScript module that returns anything; without this check its mistake
+ * would surface later as a TypeError in another part (a plugin's buildSandbox, the live log).
+ */
+function fulfils<T>(value: unknown, call: string, what: string, methods: readonly string[], streams: readonly string[] = []): T {
+  if (typeof value !== 'object' || value === null) {
+    throw new InternalError(`${call} gave ${value === null ? 'null' : typeof value}, not ${what}`);
+  }
+  const fields = value as Record<string, unknown>;
+  const missing = [
+    ...methods.filter((name) => typeof fields[name] !== 'function'),
+    ...streams.filter((name) => typeof (fields[name] as { pipe?: unknown } | undefined)?.pipe !== 'function'),
+  ];
+  if (missing.length > 0) throw new InternalError(`${call} gave ${what} without ${missing.join(', ')}`);
+  return value as T;
 }
 
 /**

@@ -194,6 +194,7 @@ t.test('through the real task runner', async (t) => {
 
 t.test('an engine that breaks its contract: the run says which engine and call, and what was missing', async (t) => {
   /** The mock engine, wrapped so that prepare gives nothing, or start gives a sandbox with parts missing. */
+  let disposed = 0;
   const broken = (at: 'prepare' | 'start'): Engine => {
     const inner = new MockEngine();
     return {
@@ -208,8 +209,11 @@ t.test('an engine that breaks its contract: the run says which engine and call, 
           discard: () => builder.discard(),
           async start() {
             const sandbox = await builder.start();
-            await sandbox.dispose();
-            return { stdout: sandbox.stdout, wait: () => sandbox.wait() } as unknown as Sandbox;
+            const dispose = async () => {
+              disposed++;
+              await sandbox.dispose();
+            };
+            return { stdout: sandbox.stdout, wait: () => sandbox.wait(), dispose } as unknown as Sandbox;
           },
         };
       },
@@ -217,7 +221,7 @@ t.test('an engine that breaks its contract: the run says which engine and call, 
   };
   const cases = [
     { at: 'prepare' as const, message: 'engine broken: prepare gave undefined, not a sandbox builder' },
-    { at: 'start' as const, message: 'engine broken: start gave a sandbox without abort, extractFile, dispose, stderr' },
+    { at: 'start' as const, message: 'engine broken: start gave a sandbox without abort, extractFile, stderr' },
   ];
   for (const { at, message } of cases) {
     const run = await startTaskRun({ payload: { mock: {} }, engine: broken(at) });
@@ -225,4 +229,5 @@ t.test('an engine that breaks its contract: the run says which engine and call, 
     t.match(await run.output, { resolution: { state: 'exception', reason: 'internal-error', message } }, at);
     t.match(await text(await run.queue.readArtifact(run.claim, LIVE_LOG_NAME)), message, 'the live log says it too');
   }
+  t.equal(disposed, 1, 'the sandbox start gave was disposed: its command does not outlive the run');
 });

@@ -163,7 +163,16 @@ export function createTaskActors(runtime: TaskRuntime) {
     if (state.builder === undefined) throw new InternalError('run: the sandbox was never built');
     const starting = state.builder.start();
     state.starting = starting;
-    const sandbox = fulfils<Sandbox>(await starting, `engine ${engine.name}: start`, 'a sandbox', SANDBOX_METHODS, SANDBOX_STREAMS);
+    const started: unknown = await starting;
+    let sandbox: Sandbox;
+    try {
+      sandbox = fulfils<Sandbox>(started, `engine ${engine.name}: start`, 'a sandbox', SANDBOX_METHODS, SANDBOX_STREAMS);
+    } catch (error) {
+      // Its command may be running: what dispose it has ends it, so that nothing is left behind.
+      const dispose = (started as { dispose?: unknown } | null | undefined)?.dispose;
+      if (typeof dispose === 'function') await attempt(() => dispose.call(started)).catch(() => {});
+      throw error;
+    }
     state.sandbox = sandbox;
     // Secrets the plugins name (the env plugin's) are masked before the output reaches the log.
     const masked = (source: Readable): Readable => (secrets.empty ? source : source.pipe(secrets.transform()));

@@ -16,6 +16,7 @@ import { fileURLToPath } from 'node:url';
 import { LocalTransport } from '../src/hosts/local.js';
 import type { RunRef } from '../src/model/task.js';
 import { DirectoryArtifactStore, KERNEL_COPY_MIN, type ArtifactKey } from '../src/queues/artifact-store.js';
+import Database from 'better-sqlite3';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 
 const MiB = 1024 * 1024;
@@ -179,4 +180,20 @@ t.test('a destination that fails part-way fails the upload and leaves nothing', 
       else t.equal(left.bytesRead, 0, 'the stream was not read');
     });
   }
+});
+
+t.test('an upload whose completion cannot be written fails and leaves nothing, so it can be uploaded again', async (t) => {
+  const { file, bytes } = randomFile(t, 4 * MiB);
+  const { queue, dir, run } = await claimed(t);
+  // A real SQLite error on the row's completion (as a full disk or a lock held too long would give).
+  const db = new Database(join(dir, 'queue.db'));
+  t.teardown(() => db.close());
+  db.exec(`CREATE TRIGGER refuse_completion BEFORE UPDATE OF state ON artifacts WHEN NEW.state = 'complete'
+           BEGIN SELECT RAISE(ABORT, 'completion refused by the test'); END`);
+  await t.rejects(queue.uploadArtifact(run, 'A', meta('big.bin'), await transport(t).readFile(file)), /completion refused by the test/);
+  t.same(await queue.listArtifacts(run), [], 'no row says streaming');
+  t.same(filesUnder(join(dir, 'artifacts')), [], 'no file');
+  db.exec('DROP TRIGGER refuse_completion');
+  await queue.uploadArtifact(run, 'A', meta('big.bin'), await transport(t).readFile(file));
+  t.same(await bytesOf(await queue.readArtifact(run, 'big.bin')), bytes, 'the same name uploads again');
 });

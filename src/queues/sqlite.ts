@@ -403,7 +403,6 @@ export class SqliteQueue implements Queue {
       return undefined;
     });
     if (refusal) throw refusal;
-    let size: number;
     try {
       // A local file is left whole to writeArtifactFile, which may copy it with `cat`; other sources are
       // held a moment first, and one that ends small stays in the row.
@@ -417,7 +416,9 @@ export class SqliteQueue implements Queue {
       // some filesystems). Until it exists, a reader of the streaming row reads nothing yet.
       // Our own handle, opened now: a stream left to open the file itself could re-create it after a failed
       // upload removed it.
-      size = await writeArtifactFile(path, await createFile(path), source, held?.bytes);
+      const size = await writeArtifactFile(path, await createFile(path), source, held?.bytes);
+      // Inside the try: a row left `streaming` when this write fails would hold its followers for ever.
+      this.write(() => this.s.completeArtifact.run(size, ...key));
     } catch (error) {
       // A half-written artifact would pass for a whole one; drop it so the caller can upload again.
       try {
@@ -428,7 +429,6 @@ export class SqliteQueue implements Queue {
       }
       throw error;
     }
-    this.write(() => this.s.completeArtifact.run(size, ...key));
     return artifactInfo(this.artifactRow(run, meta.name));
   }
 

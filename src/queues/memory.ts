@@ -19,7 +19,7 @@ import { Readable } from 'node:stream';
 import { InternalError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
 import { assertTaskDefinition, runKey, slugid, type Claim, type Payload, type RunRef, type RunState, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
-import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
+import { uploadsAbandoned, type ArtifactInfo, type ArtifactMeta, type ClaimWorkOptions, type ListTasksOptions, type Queue, type ReadArtifactOptions, type RunStatus, type TaskStatus } from './queue.js';
 import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS } from './sqlite.js';
 import { takeOver } from './artifact-store.js';
 import { describeRun, iso, lostClaim } from './sql-rows.js';
@@ -100,6 +100,8 @@ export class MemoryStore {
 
 /** Exceptions the queue itself decides; a worker never reports them, so a repeat of one is not "the same report". */
 const QUEUE_REASONS: ReadonlySet<string> = new Set(['canceled', 'claim-expired', 'deadline-exceeded']);
+/** How often a follower that no new bytes woke looks whether its upload was abandoned (uploadsAbandoned). */
+const ABANDONED_CHECK_MS = 200;
 
 export class MemoryQueue implements Queue {
   readonly store: MemoryStore;
@@ -397,7 +399,10 @@ export class MemoryQueue implements Queue {
       while (next < artifact.chunks.length) yield artifact.chunks[next++]!;
       if (artifact.removed) throw new TaskStateError(`artifact "${artifact.meta.name}" of task ${run.taskId} run ${run.runId} was removed while being read: its upload failed`);
       if (artifact.state === 'complete' || signal?.aborted || this.#closing.signal.aborted) return;
-      await this.#pause(60_000, signal);
+      const record = this.#record(run);
+      if (record !== undefined && uploadsAbandoned(record, this.#now(), this.#claimTimeoutMs)) return;
+      // New bytes wake it at once; the pause bounds how late it sees that the upload was abandoned.
+      await this.#pause(ABANDONED_CHECK_MS, signal);
     }
   }
 }

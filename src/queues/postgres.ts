@@ -46,7 +46,7 @@ import {
   DEFAULT_SCHEMA, asQueueError, checkSchemaName, isConfigProblem, isTransient, parseQueueUrl, pgTypes, retryTransient, type QueueUrl,
 } from './postgres-connection.js';
 import { MIGRATIONS, migrate, type MigrationResult } from './postgres-migrations.js';
-import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, RunStatus, TaskStatus } from './queue.js';
+import { uploadsAbandoned, type ArtifactInfo, type ArtifactMeta, type ClaimWorkOptions, type ListTasksOptions, type Queue, type ReadArtifactOptions, type RunStatus, type TaskStatus } from './queue.js';
 import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS, DEFAULT_POLL_INTERVAL_MS } from './sqlite.js';
 import { CancelWatchers, Wakers } from './wakers.js';
 
@@ -678,9 +678,14 @@ export class PostgresQueue implements Queue {
       if (progressed) continue;
       // Check completeness only after a read came up empty: the size is final once the row says `complete`.
       const row = await this.artifactRow(run, key.name, 'was removed while being read: its upload failed');
-      if (row.state === 'complete' && position >= row.size) return;
+      if (row.state === 'complete' ? position >= row.size : await this.uploadsAbandoned(run)) return;
       await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
     }
+  }
+
+  private async uploadsAbandoned(run: RunRef): Promise<boolean> {
+    const [row] = await this.query<RunRow>(`SELECT * FROM runs WHERE task_id = $1 AND run_id = $2`, [run.taskId, run.runId]);
+    return row !== undefined && uploadsAbandoned(runStatus(row), this.now(), this.claimTimeoutMs);
   }
 
   private async artifactRow(run: RunRef, name: string, gone = 'does not exist'): Promise<ArtifactRow> {

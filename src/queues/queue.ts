@@ -81,9 +81,21 @@ export interface ListTasksOptions {
 }
 
 export interface ReadArtifactOptions {
-  /** Keep reading while the artifact is `streaming`, until it is complete. */
+  /** Keep reading while the artifact is `streaming`, until it is complete or abandoned (uploadsAbandoned). */
   readonly follow?: boolean;
   readonly signal?: AbortSignal;
+}
+
+/**
+ * Whether nobody will finish the run's streaming artifacts any more, so a
+ * follower ends with what was written: the run has not been its worker's for
+ * a claim's length (resolved, or its claim ran out, that long ago). A worker
+ * uploads only while it holds the claim and learns that it lost it at its
+ * next reclaim, within a claim's length; a worker that died never finishes.
+ */
+export function uploadsAbandoned(run: Pick<RunStatus, 'state' | 'takenUntil' | 'resolved'>, now: number, claimTimeoutMs: number): boolean {
+  const lostAt = run.state === 'running' ? run.takenUntil : run.resolved;
+  return lostAt !== undefined && lostAt + claimTimeoutMs <= now;
 }
 
 export interface Queue {

@@ -29,7 +29,7 @@ import { artifactInfo, columns, describeRun, iso, lostClaim, runStatus, type Art
 import { ConfigError, errorMessage, InternalError, QueueUnavailableError, TaskStateError } from '../model/errors.js';
 import { RETRYABLE_REASONS, type Resolution } from '../model/resolution.js';
 import { assertTaskDefinition, runKey, slugid, type Claim, type RunRef, type TaskDefinition, type TaskId, type TaskState } from '../model/task.js';
-import type { ArtifactInfo, ArtifactMeta, ClaimWorkOptions, ListTasksOptions, Queue, ReadArtifactOptions, TaskStatus } from './queue.js';
+import { uploadsAbandoned, type ArtifactInfo, type ArtifactMeta, type ClaimWorkOptions, type ListTasksOptions, type Queue, type ReadArtifactOptions, type TaskStatus } from './queue.js';
 
 export const DEFAULT_CLAIM_TIMEOUT_MS = 30_000;
 export const DEFAULT_POLL_INTERVAL_MS = 200;
@@ -649,6 +649,7 @@ export class SqliteQueue implements Queue {
         }
         // A row says complete only once its file is there: then the upload finished after that open, so open again.
         if (row.state !== 'streaming') file = await open(path, 'r');
+        else if (this.uploadsAbandoned(run)) return;
         else await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
       }
     }
@@ -664,12 +665,17 @@ export class SqliteQueue implements Queue {
         }
         // Check completeness only after a read came up empty: the size is final once the row says `complete`.
         const row = this.artifactRow(run, name, 'was removed while being read: its upload failed');
-        if (row.state === 'complete' && position >= row.size) return;
+        if (row.state === 'complete' ? position >= row.size : this.uploadsAbandoned(run)) return;
         await sleep(FOLLOW_POLL_MS, undefined, { signal: stop }).catch(() => undefined);
       }
     } finally {
       await file.close();
     }
+  }
+
+  private uploadsAbandoned(run: RunRef): boolean {
+    const row = this.read(() => this.s.run.get(run.taskId, run.runId) as RunRow | undefined);
+    return row !== undefined && uploadsAbandoned(runStatus(row), this.now(), this.claimTimeoutMs);
   }
 
   private artifactRow(run: RunRef, name: string, gone = 'does not exist'): StoredArtifactRow {

@@ -407,6 +407,32 @@ export function queueConformance(t: Test, makeQueue: MakeQueue): void {
       await uploading;
     });
 
+    t.test('a follower of an upload nobody finishes ends a claim\'s length after the run was lost', { timeout: 15_000 }, async (t) => {
+      const { queue, submit, claimOne, advance, claimTimeoutMs } = await setup(t);
+      if (!advance) return void t.plan(0, 'no injected clock');
+      const id = await submit({ retries: 1 });
+      const run = await claimOne();
+      // The worker streams its live log, then stops: killed, or cut off from the queue. Its upload never ends.
+      const source = new PassThrough();
+      const uploading = queue.uploadArtifact(run, 'A', meta('live.log'), source).catch(() => undefined);
+      const line = 'the last line before the worker died\n';
+      source.write(line);
+      // A queue may hold the first bytes a moment before it stores them (SQLite keeps small artifacts in the row).
+      t.equal(await within(5000, () => queue.readArtifact(run, 'live.log').then(text, () => ''), (stored) => stored.length > 0), line, 'the line is stored');
+      t.match(await queue.listArtifacts(run), [{ name: 'live.log', state: 'streaming' }]);
+      let ended = false;
+      const following = queue.readArtifact(run, 'live.log', { follow: true }).then(text).finally(() => void (ended = true));
+      advance(claimTimeoutMs); // the claim runs out: the run is no longer the worker's
+      await sleep(500);
+      t.notOk(ended, 'within a claim\'s length of that, the worker may still finish the upload');
+      advance(claimTimeoutMs);
+      t.equal(await following, line, 'then the follower ends with what was written');
+      await queue.sweep();
+      t.match(await queue.task(id), { runs: [{ state: 'exception', reasonResolved: 'claim-expired' }, { state: 'pending' }] }, 'the run was swept as usual');
+      source.destroy();
+      await uploading;
+    });
+
     t.test('another listener of the source and the artifact each get every chunk once', async (t) => {
       const { queue, run } = await claimed(t);
       const source = new PassThrough();
@@ -509,11 +535,15 @@ export function queueConformance(t: Test, makeQueue: MakeQueue): void {
 }
 
 /** The first non-empty listing, asked for every 20 ms; the last (empty) one once `ms` passed. */
-async function listedWithin<T>(ms: number, list: () => Promise<readonly T[]>): Promise<readonly T[]> {
+/** What `read` gives once it is `ready`, or after `ms` whatever it gives then. */
+async function within<T>(ms: number, read: () => Promise<T>, ready: (value: T) => boolean): Promise<T> {
   const giveUpAt = Date.now() + ms;
   for (;;) {
-    const listed = await list();
-    if (listed.length > 0 || Date.now() >= giveUpAt) return listed;
+    const value = await read();
+    if (ready(value) || Date.now() >= giveUpAt) return value;
     await sleep(20);
   }
 }
+
+/** The list once it has something in it, or after `ms`. */
+const listedWithin = <T>(ms: number, list: () => Promise<readonly T[]>) => within(ms, list, (listed) => listed.length > 0);

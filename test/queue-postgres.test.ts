@@ -4,10 +4,13 @@
  * that break under it.
  */
 import t from 'tap';
+import { spawnSync } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { ConfigError, QueueUnavailableError } from '../src/model/errors.js';
 import { PostgresQueue } from '../src/queues/postgres.js';
 import { MIGRATIONS } from '../src/queues/postgres-migrations.js';
+import { runNodeScript } from './helpers/node-script.js';
 import { freshSchema, openQueue, PG_URL, sql } from './helpers/postgres.js';
 
 t.test('migrations', async (t) => {
@@ -121,4 +124,33 @@ t.test('connections cut by the server', async (t) => {
   const id = await queue.submit({ payload: {}, deadline: Date.now() + 60_000, retries: 0 });
   t.same((await claiming).map((claim) => claim.taskId), [id]);
   t.ok(performance.now() - started < 3_000, 'woken by notification, not by the 60 s poll');
+});
+
+// A worker whose clock is off (a VM resumed without NTP) must not judge other workers' claims by it.
+const hasFaketime = spawnSync('faketime', ['-f', '+0s', 'true'], { stdio: 'ignore' }).status === 0;
+t.test('workers whose clocks are 40 s apart agree on when a claim runs out: the server\'s clock', { skip: hasFaketime || process.env['CI'] ? false : 'faketime is not installed' }, async (t) => {
+  const schema = freshSchema(t);
+  const queue = await openQueue(t, { schema });
+  const ids = [await queue.submit({ payload: {}, deadline: Date.now() + 3_600_000, retries: 1 }), await queue.submit({ payload: {}, deadline: Date.now() + 3_600_000, retries: 1 })];
+  const [mine] = await queue.claimWork({ workerId: 'here', count: 1, waitMs: 0 });
+  const source = pathToFileURL(fileURLToPath(new URL('../src/queues/postgres.ts', import.meta.url))).href;
+  // Another worker, on a machine whose clock is 40 s ahead: it sweeps (as every claim does), then claims.
+  const script = [
+    `const { PostgresQueue } = await import(${JSON.stringify(source)});`,
+    `const queue = await PostgresQueue.open({ url: ${JSON.stringify(PG_URL)}, schema: ${JSON.stringify(schema)}, poolSize: 1 });`,
+    'const swept = await queue.sweep();',
+    "const [claim] = await queue.claimWork({ workerId: 'ahead', count: 1, waitMs: 0 });",
+    'console.log(JSON.stringify({ swept, takenUntil: claim.takenUntil, itsClock: Date.now() }));',
+    'await queue.close();',
+  ].join('\n');
+  const { stdout, stderr, status } = await runNodeScript(script, 30_000, ['faketime', '-f', '+40s']);
+  t.equal(status, 0, stderr);
+  const ahead = JSON.parse(stdout) as { swept: number; takenUntil: number; itsClock: number };
+  t.ok(ahead.itsClock - Date.now() > 30_000, 'its own clock is ahead');
+  t.equal(ahead.swept, 0, 'it did not take this worker\'s 30 s claim for expired');
+  t.same(await queue.reclaim({ taskId: mine!.taskId, runId: mine!.runId }, 'here').then(() => 'held'), 'held', 'the claim is still ours');
+  const left = ahead.takenUntil - Date.now();
+  t.ok(left > 20_000 && left <= 30_000, `its claim runs out 30 s from now by the server's clock, not 70 s (${left} ms)`);
+  t.equal(await queue.sweep(), 0, 'and this worker does not sweep it');
+  t.same((await queue.task(ids[1]!)).runs.map((run) => run.state), ['running']);
 });

@@ -4,8 +4,10 @@
  * many workers starting at once apply each exactly once; a database newer
  * than this drover is refused rather than misread. Append, never edit.
  *
- * Times are bigint milliseconds from the queue's clock (injected in tests),
- * never the server's now(), so every rule runs on one clock.
+ * Times are bigint milliseconds from the queue's clock, never the server's
+ * now() in SQL, so that tests can inject a clock; by default that clock is
+ * the server's, read through its offset to the worker's (postgres.ts), so
+ * every rule runs on one clock.
  */
 import type pg from 'pg';
 import { ConfigError } from '../model/errors.js';

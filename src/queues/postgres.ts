@@ -72,7 +72,12 @@ export interface PostgresQueueOptions {
   readonly poolSize?: number;
   /** Apply missing migrations when opening (default); false refuses a schema that is not up to date. */
   readonly migrate?: boolean;
-  /** The clock for claims and deadlines; tests inject one to skip time. */
+  /**
+   * The clock for claims and deadlines; tests inject one to skip time. By
+   * default the server's: this machine's clock and its offset to the
+   * server's, measured when the queue opens, so workers whose clocks
+   * disagree still agree on when a claim runs out.
+   */
   readonly now?: () => number;
   /** Told each time a write meets an unreachable server and will be retried: for the worker's log. */
   readonly onRetry?: (error: unknown) => void;
@@ -166,12 +171,14 @@ export class PostgresQueue implements Queue {
     pool.on('error', () => undefined);
     // A checked-out connection that breaks between queries would otherwise throw from an 'error' event nobody hears.
     pool.on('connect', (client) => client.on('error', () => undefined));
+    let now = options.now;
     try {
       const client = await pool.connect();
       let failed: Error | undefined;
       try {
         if (options.migrate === false) await checkVersion(client, schema);
         else await migrate(client, schema);
+        now ??= await serverClock(client);
       } catch (error) {
         failed = error as Error;
         throw error;
@@ -189,7 +196,7 @@ export class PostgresQueue implements Queue {
       await pool.end().catch(() => undefined);
       throw error;
     }
-    return new PostgresQueue(pool, clientConfig, url, schema, store, options);
+    return new PostgresQueue(pool, clientConfig, url, schema, store, { ...options, now });
   }
 
   /** Applies missing migrations and closes: `drover migrate`. */
@@ -242,7 +249,7 @@ export class PostgresQueue implements Queue {
     this.claimTimeoutMs = options.claimTimeoutMs ?? DEFAULT_CLAIM_TIMEOUT_MS;
     this.pollIntervalMs = options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
     this.watchers = new CancelWatchers(Math.max(MIN_CANCEL_POLL_MS, this.pollIntervalMs), () => this.checkCancellations());
-    this.now = options.now ?? Date.now;
+    this.now = options.now!;
     this.workChannel = `${schema}_work`;
     this.cancelChannel = `${schema}_cancel`;
   }
@@ -739,6 +746,24 @@ async function checkVersion(client: pg.ClientBase, schema: string): Promise<void
 }
 
 /** Why the queue could not be opened, said so that the user knows what to fix. */
+
+/**
+ * The server's clock, read on this machine: its clock plus the offset to the
+ * server's, measured once, halfway through the shortest of three round trips.
+ * Every rule (claims, deadlines, sweeps) then runs on one clock however far
+ * the workers' own clocks are apart.
+ */
+async function serverClock(client: pg.ClientBase): Promise<() => number> {
+  let best = { roundTrip: Infinity, offset: 0 };
+  for (let i = 0; i < 3; i++) {
+    const sent = Date.now();
+    const { rows } = await client.query<{ now: string }>(`SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::text AS now`);
+    const received = Date.now();
+    if (received - sent < best.roundTrip) best = { roundTrip: received - sent, offset: Number(rows[0]!.now) - (sent + received) / 2 };
+  }
+  const offset = Math.round(best.offset);
+  return () => Date.now() + offset;
+}
 function openError(error: unknown, url: QueueUrl, schema: string): Error {
   if (error instanceof ConfigError) return error;
   const detail = errorMessage(error) || String((error as { code?: string }).code ?? error);

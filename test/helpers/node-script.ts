@@ -10,10 +10,14 @@ export function tsLoaderArg(): string {
   return process.execArgv.find((arg) => arg.startsWith('--import=') && arg.includes('@tapjs/typescript')) ?? `--import=${import.meta.resolve('@tapjs/typescript/import')}`;
 }
 
-/** Runs `script` as an ES module in a new Node process with that loader; SIGKILLs it after `timeoutMs`. */
-export function runNodeScript(script: string, timeoutMs: number): Promise<{ stdout: string; stderr: string; status: number | null; exitedAt: number }> {
+/**
+ * Runs `script` as an ES module in a new Node process with that loader; SIGKILLs it after `timeoutMs`.
+ * `wrapper` is a command that runs Node, such as `['faketime', '-f', '+40s']`.
+ */
+export function runNodeScript(script: string, timeoutMs: number, wrapper: readonly string[] = []): Promise<{ stdout: string; stderr: string; status: number | null; exitedAt: number }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [tsLoaderArg(), '--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const [command, ...args] = [...wrapper, process.execPath, tsLoaderArg(), '--input-type=module', '-e', script];
+    const child = spawn(command!, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));

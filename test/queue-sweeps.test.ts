@@ -1,8 +1,9 @@
 /**
- * When the queues sweep (issue 8's queue work): a report is refused once
- * its claim or its task's deadline has passed, before any sweep, and is
- * told why; a claim that keeps finding work still sweeps once per poll
- * interval. The memory, SQLite and PostgreSQL queues, on an injected clock.
+ * When the queues sweep (issue 8's queue work): a claim that keeps finding
+ * work still sweeps once per poll interval. The memory, SQLite and
+ * PostgreSQL queues, on an injected clock. (That a report is refused once
+ * its task's deadline has passed, before any sweep, is in the conformance
+ * suite, src/testing/queue-conformance.ts.)
  */
 import t, { type Test } from 'tap';
 import { MemoryQueue } from '../src/queues/memory.js';
@@ -41,34 +42,6 @@ for (const [name, open] of Object.entries(QUEUES)) {
       const claim = async (workerId: string) => (await queue.claimWork({ workerId, count: 1, waitMs: 0 }))[0]!;
       return { clock, queue, submit, claim };
     };
-
-    t.test('a resolution after the task deadline, within the claim, is refused as deadline-exceeded', async (t) => {
-      const { clock, queue, submit, claim } = await setup(t);
-      const id = await submit(START + 1_000, 3);
-      const run = await claim('A');
-      clock.now += 1_000; // the claim holds for 29 s more; the deadline has passed, and nothing has swept
-      await t.rejects(queue.resolve(run, 'A', { state: 'completed' }), { name: 'ClaimLostError', reason: 'deadline-exceeded' });
-      const status = await queue.task(id);
-      t.match(status, { state: 'exception', runs: [{ state: 'exception', reasonResolved: 'deadline-exceeded' }] });
-      t.equal(status.runs.length, 1, 'no retry after a deadline');
-    });
-
-    t.test('a reclaim after the task deadline, within the claim, is refused as deadline-exceeded', async (t) => {
-      const { clock, queue, submit, claim } = await setup(t);
-      await submit(START + 1_000);
-      const run = await claim('A');
-      clock.now += 1_000;
-      await t.rejects(queue.reclaim(run, 'A'), { name: 'ClaimLostError', reason: 'deadline-exceeded' });
-    });
-
-    t.test('an upload after the task deadline, within the claim, is refused', async (t) => {
-      const { clock, queue, submit, claim } = await setup(t);
-      await submit(START + 1_000);
-      const run = await claim('A');
-      clock.now += 1_000;
-      const { Readable } = await import('node:stream');
-      await t.rejects(queue.uploadArtifact(run, 'A', { name: 'log', contentType: 'text/plain' }, Readable.from(['x'])), { name: 'ClaimLostError', reason: 'deadline-exceeded' });
-    });
 
     t.test('a claim that finds work still sweeps an expired claim once the poll interval has passed', async (t) => {
       const { clock, queue, submit, claim } = await setup(t);

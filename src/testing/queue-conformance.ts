@@ -270,6 +270,20 @@ export function queueConformance(t: Test, makeQueue: MakeQueue): void {
     });
   });
 
+  t.test('past the task deadline, within the claim, nothing more is accepted, before any sweep', async (t) => {
+    const { queue, submit, claimOne, now, advance } = await setup(t);
+    if (!advance) return void t.plan(0, 'no injected clock');
+    const ids = [await submit({ deadline: now() + 1_000, retries: 3 }), await submit({ deadline: now() + 1_000 }), await submit({ deadline: now() + 1_000 })];
+    const [resolved, reclaimed, uploaded] = [await claimOne(), await claimOne(), await claimOne()];
+    advance(1_000); // the claims hold for a while yet; the deadlines have passed, and nothing has swept
+    await t.rejects(queue.resolve(resolved, 'A', { state: 'completed' }), { name: 'ClaimLostError', reason: 'deadline-exceeded' });
+    const status = await queue.task(ids[0]!);
+    t.match(status, { state: 'exception', runs: [{ state: 'exception', reasonResolved: 'deadline-exceeded' }] });
+    t.equal(status.runs.length, 1, 'no retry after a deadline');
+    await t.rejects(queue.reclaim(reclaimed, 'A'), { name: 'ClaimLostError', reason: 'deadline-exceeded' });
+    await t.rejects(queue.uploadArtifact(uploaded, 'A', { name: 'log', contentType: 'text/plain' }, Readable.from(['x'])), { name: 'ClaimLostError', reason: 'deadline-exceeded' });
+  });
+
   t.test('a passed deadline is swept, for a running task whose claim still holds and for a pending one', async (t) => {
     const { queue, submit, claimOne, advance, now } = await setup(t);
     if (!advance) return void t.plan(0, 'no injected clock');

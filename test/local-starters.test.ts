@@ -184,7 +184,7 @@ for (const starter of STARTERS) {
     t.same([status, stdout], [{ exitCode: 0, signal: null }, 'again\n'], 'a later command runs');
   });
 
-  t.test(`${starter}: the worker dies: the ${starter} exits; ${starter === 'agent' ? 'it stops the command first' : 'the command stays for the crash journal'}`, async (t) => {
+  t.test(`${starter}: the worker dies: the ${starter} stops the command, then exits`, async (t) => {
     const cookie = `starter-${randomUUID()}`;
     killAtTeardown(cookie);
     const worker = spawn(process.execPath, [tsLoaderArg(), join(here, 'fixtures', 'starter-worker.mjs'), pathToFileURL(join(here, '..', 'src') + '/').href, tmpdir(), cookie, starter], {
@@ -205,13 +205,9 @@ for (const starter of STARTERS) {
     worker.kill('SIGKILL');
     await until(() => !isAlive(helper!), `the ${starter} to exit`);
     t.pass(`the ${starter} exited with its worker`);
-    if (starter === 'agent') {
-      t.same(groupPids(pgid), [], 'the command was stopped (sleep ends on SIGTERM)');
-      t.same(pidsWithCookie(cookie), [], 'nothing with its cookie is left');
-    } else {
-      t.same(groupPids(pgid).length, 1, 'the command still runs, in its own session');
-      t.same(pidsWithCookie(cookie), groupPids(pgid), 'and carries its cookie, for the journal to find');
-    }
+    // Regression (spawner): it used to exit at once and leave the command running beside the task's re-run.
+    t.same(groupPids(pgid), [], 'the command was stopped (sleep ends on SIGTERM)');
+    t.same(pidsWithCookie(cookie), [], 'nothing with its cookie is left');
   });
 }
 

@@ -21,6 +21,11 @@
  * end and stops every group it started (SIGTERM, 5 s, SIGKILL); if both
  * die at once, the crash journal finds the commands by their cookie.
  *
+ * The agent and the spawner run in a session of their own, as the commands
+ * do: a Ctrl-C in the worker's terminal (SIGINT to its foreground process
+ * group) reaches the worker alone, which lets running tasks finish within
+ * its grace period; the helpers stop when the worker is gone.
+ *
  * Limitation: a process stays in the command's group only as long as it
  * does not leave it itself (setsid(), setpgid(), e.g. `setsid cmd` or a
  * daemonizing service). Such an escapee is not signalled by `kill()` nor
@@ -55,7 +60,7 @@ export interface LocalTransportOptions {
   readonly agent?: boolean;
 }
 
-/** How the agent stops the groups it started when the worker is gone. */
+/** How the agent (and the spawner) stop the groups they started when the worker is gone. */
 const AGENT_KILL_SIGNAL = 'TERM';
 const AGENT_KILL_GRACE_MS = 5000;
 /** How long the agent may take to start and say hello. */
@@ -79,6 +84,8 @@ export class LocalTransport implements Transport {
     this.#useAgent = options.agent ?? true;
     this.#spawner = new Spawner({
       onDeath: (why) => this.#logger?.error(`${why}: the commands it started are killed`),
+      killSignal: `SIG${AGENT_KILL_SIGNAL}`,
+      killGraceMs: AGENT_KILL_GRACE_MS,
     });
   }
 
@@ -143,7 +150,10 @@ export class LocalTransport implements Transport {
       acknowledge: false,
       onBusy: (busy) => channel?.hold(busy),
       open: async (command, onChannel) => {
-        channel = processChannel(spawn('/bin/sh', ['-c', command], { stdio: ['pipe', 'pipe', 'pipe'] }));
+        // In a session of its own (detached), as its commands are: a Ctrl-C in the worker's terminal goes to the
+        // worker's process group, and only the worker may hear it (it shuts down gracefully); the agent stops
+        // when its stdin ends, which the worker's death, whatever kills it, brings about.
+        channel = processChannel(spawn('/bin/sh', ['-c', command], { stdio: ['pipe', 'pipe', 'pipe'], detached: true }));
         return onChannel(channel);
       },
     });

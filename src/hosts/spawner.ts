@@ -18,9 +18,14 @@
  *
  * If the spawner dies, every command it started that has not exited is
  * killed (SIGKILL to its process group) and ends so; the next command
- * starts a new spawner. If the worker dies, the spawner sees its channel
- * close and exits; the commands stay (each in a session of its own), and
- * the crash journal finds them by their cookie, as before.
+ * starts a new spawner. If the worker dies (or closes it), the spawner
+ * sees its channel close, stops every group it started that is still there
+ * (killSignal, killGraceMs, SIGKILL), as the agent does, and exits; if both
+ * die at once, the crash journal finds the commands by their cookie.
+ *
+ * The spawner runs in a session of its own, as its commands do: a Ctrl-C in
+ * the worker's terminal (SIGINT to the terminal's foreground process group)
+ * reaches the worker alone, which shuts down gracefully.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { Socket } from 'node:net';
@@ -64,10 +69,15 @@ export class Spawner {
   #nextId = 0;
   readonly #pending = new Map<number, Pending>();
   readonly #onDeath: ((why: string) => void) | undefined;
+  readonly #stop: SpawnerStop;
 
-  /** `onDeath` hears when the spawner process ended while commands were in its hands. */
-  constructor(options: { readonly onDeath?: (why: string) => void } = {}) {
+  /**
+   * `onDeath` hears when the spawner process ended while commands were in its hands; `killSignal` and
+   * `killGraceMs` (SIGTERM, 5000) say how it stops the groups it started once the worker is gone.
+   */
+  constructor(options: { readonly onDeath?: (why: string) => void; readonly killSignal?: NodeJS.Signals; readonly killGraceMs?: number } = {}) {
     this.#onDeath = options.onDeath;
+    this.#stop = { signal: options.killSignal ?? 'SIGTERM', graceMs: Math.max(0, Math.round(options.killGraceMs ?? 5000)) };
   }
 
   /** Starts a command; rejects with the start error (ENOENT, EACCES...) as Node's spawn gives it. */
@@ -86,8 +96,10 @@ export class Spawner {
   }
 
   /**
-   * Stops the spawner process; the next spawn starts another. Commands that
-   * have not exited are killed as when it dies: nobody could report their exit.
+   * Stops the spawner process; the next spawn starts another. It stops the
+   * groups it started (killSignal, grace period, SIGKILL) and exits; then
+   * commands that had not reported their exit are killed as when it dies:
+   * nobody could report their exit.
    */
   close(): void {
     const child = this.#child;
@@ -97,10 +109,12 @@ export class Spawner {
 
   #process(): ChildProcess {
     if (this.#child !== undefined) return this.#child;
-    // No execArgv: the worker's own flags (a profiler, a loader) are not the spawner's.
-    const child = spawn(process.execPath, ['-e', `(${spawnerMain.toString()})(require('node:child_process'))`], {
+    // No execArgv: the worker's own flags (a profiler, a loader) are not the spawner's. Detached: in a session
+    // of its own, out of the reach of the worker's terminal (see the top of this file).
+    const child = spawn(process.execPath, ['-e', `(${spawnerMain.toString()})(require('node:child_process'), ${JSON.stringify(this.#stop)})`], {
       stdio: ['ignore', 'ignore', 'inherit', 'ipc'],
       serialization: 'json',
+      detached: true,
     });
     child.unref();
     child.channel?.unref();
@@ -177,15 +191,60 @@ function held(socket: Socket | undefined): Readable {
   return socket.pipe(stream);
 }
 
+/** How the spawner stops the groups it started once the worker is gone. */
+interface SpawnerStop {
+  readonly signal: NodeJS.Signals;
+  readonly graceMs: number;
+}
+
 /**
  * The spawner process's whole program; it runs as `node -e`, so it uses
- * nothing but its argument and `process`.
+ * nothing but its arguments and `process`.
  */
-function spawnerMain(childProcess: typeof import('node:child_process')): void {
+function spawnerMain(childProcess: typeof import('node:child_process'), stop: SpawnerStop): void {
   const send = (message: unknown, handle?: unknown) => {
     if (process.connected) process.send!(message, handle as never);
   };
-  process.on('disconnect', () => process.exit(0));
+  /** Whether a process (maybe a zombie) is in group `pgid`. */
+  const groupThere = (pgid: number) => {
+    try {
+      process.kill(-pgid, 0);
+      return true;
+    } catch (error) {
+      return (error as NodeJS.ErrnoException).code === 'EPERM';
+    }
+  };
+  const signalGroup = (pgid: number, signal: NodeJS.Signals) => {
+    try {
+      process.kill(-pgid, signal);
+    } catch {
+      // gone
+    }
+  };
+  /**
+   * The groups it started that may not be gone: those whose main process runs, and those it left processes in
+   * when it exited. A group that is gone is dropped at once, so that its id, once free, is never signalled.
+   */
+  const groups = new Set<number>();
+  const prune = () => {
+    for (const pgid of groups) if (!groupThere(pgid)) groups.delete(pgid);
+  };
+  // The worker is gone (or closed the channel): nobody is left to watch the commands; they go, as the agent's do.
+  process.on('disconnect', () => {
+    prune();
+    for (const pgid of groups) signalGroup(pgid, stop.signal);
+    const deadline = Date.now() + stop.graceMs;
+    const look = () => {
+      prune();
+      if (groups.size > 0 && Date.now() < deadline) {
+        setTimeout(look, 50);
+        return;
+      }
+      for (const pgid of groups) signalGroup(pgid, 'SIGKILL');
+      process.exit(0);
+    };
+    look();
+  });
   process.on('message', (request: { id: number; file: string; args: string[]; cwd: string; env: Record<string, string> }) => {
     const { id } = request;
     let child: import('node:child_process').ChildProcess;
@@ -205,6 +264,8 @@ function spawnerMain(childProcess: typeof import('node:child_process')): void {
       }
     }
     child.once('spawn', () => {
+      prune();
+      groups.add(child.pid!);
       send({ id, pid: child.pid, stream: 'stdout' }, child.stdout);
       send({ id, stream: 'stderr' }, child.stderr);
     });
@@ -213,6 +274,10 @@ function spawnerMain(childProcess: typeof import('node:child_process')): void {
       if (child.pid === undefined) send({ id, error: { message: error.message, code: error.code } });
     });
     // 'exit', not 'close': a background grandchild may hold the pipes open.
-    child.once('exit', (code, signal) => send({ id, exit: [code, signal] }));
+    child.once('exit', (code, signal) => {
+      // Reaped: the group is gone unless the command left processes in it.
+      if (!groupThere(child.pid!)) groups.delete(child.pid!);
+      send({ id, exit: [code, signal] });
+    });
   });
 }

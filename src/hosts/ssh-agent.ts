@@ -14,7 +14,10 @@
  *   agent says at once whether anything of its group is left.
  * - When the channel or the connection goes, the agent stops every group
  *   it started (signal, grace period, SIGKILL); the commands here end as
- *   the wrapper's do when the connection is lost (exit code 255).
+ *   the wrapper's do when the connection is lost (exit code 255). An agent
+ *   that dies without doing so (SIGKILL: the OOM killer, an admin) leaves
+ *   them running, each in its session: the transport that ran the agent
+ *   stops them (onClosed, AgentExecution.stoppedBy).
  */
 import { PassThrough } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -41,7 +44,8 @@ export interface AgentChannel {
   /** The agent's own complaints. */
   readonly stderr: { on(event: 'data', listener: (data: Buffer) => void): unknown };
   on(event: 'data', listener: (data: Buffer) => void): unknown;
-  on(event: 'exit', listener: (code: number | null) => void): unknown;
+  /** The agent's exit: its code, or the signal (`SIGKILL`) that ended it. */
+  on(event: 'exit', listener: (code: number | null, signal?: string | null) => void): unknown;
   once(event: 'close', listener: () => void): unknown;
   write(data: Buffer): unknown;
   /** Ends the agent's stdin. */
@@ -111,6 +115,8 @@ export class RemoteAgent {
   #started = false;
   #closed = false;
   #lostConnection = false;
+  /** How the agent ended, once its channel said: `exit code N` or `signal SIGNAME`. */
+  #exit: string | undefined;
   readonly #onBusy: ((busy: boolean) => void) | undefined;
   readonly #closedListeners: ((inFlight: readonly AgentExecution[]) => void)[] = [];
 
@@ -210,6 +216,9 @@ export class RemoteAgent {
       this.#ended();
     };
     options.connectionClosed.addEventListener('abort', onLost, { once: true });
+    channel.on('exit', (code: number | null, signal?: string | null) => {
+      this.#exit = signal ? `signal ${signal}` : `exit code ${code}`;
+    });
     channel.once('close', () => {
       options.connectionClosed.removeEventListener('abort', onLost);
       this.#ended();
@@ -219,6 +228,11 @@ export class RemoteAgent {
   /** Whether the agent's channel is gone. */
   get closed(): boolean {
     return this.#closed;
+  }
+
+  /** How the agent ended (`exit code N`, `signal SIGKILL`), if its channel said. */
+  get exit(): string | undefined {
+    return this.#exit;
   }
 
   /** Calls `listener` once the agent's channel is gone, with the commands it had not said all about. */
@@ -356,6 +370,8 @@ export class AgentExecution implements Execution {
   /** No process of the group is left: its id may be reused, so it is never signalled again. */
   #freed = false;
   #reportGroup!: (gone: boolean) => void;
+  /** Once the agent is gone: whether whoever stops the group in its place (stoppedBy) saw it gone. */
+  #stopped: Promise<boolean> | undefined;
   /** Settles with what the agent said, right after the exit, of the group. */
   readonly #groupReport: Promise<boolean>;
   /** Answers to group queries, in the order they were asked. */
@@ -443,6 +459,17 @@ export class AgentExecution implements Execution {
     this.#finish({ exitCode: 255, signal: null });
   }
 
+  /**
+   * The agent died without stopping the group (SIGKILL), and `stopped` stops it in its place: it settles
+   * with whether nothing of the group is left then. waitGone() waits for it.
+   */
+  stoppedBy(stopped: Promise<boolean>): void {
+    this.#stopped = stopped.then((gone) => {
+      if (gone) this.#freed = true;
+      return gone;
+    });
+  }
+
   async kill(signal: NodeJS.Signals): Promise<void> {
     if (this.#freed || this.#over || this.pid === undefined) return;
     const name = signal.replace(/^SIG/, '');
@@ -456,8 +483,8 @@ export class AgentExecution implements Execution {
     const deadline = performance.now() + Math.max(0, timeoutMs);
     if (!this.#exitSeen && !this.#over && !(await exitsWithin(this.exited, timeoutMs))) return false;
     if (await this.#groupEnded()) return true;
-    // Without its channel the agent stops the group on its own; there is nobody to ask.
-    if (this.#over) return true;
+    // Without its channel the agent stops the group on its own (there is nobody to ask), unless it died first.
+    if (this.#over) return this.#stopped === undefined ? true : exitsWithin(this.#stopped, deadline - performance.now()).then((settled) => settled && this.#freed);
     const answer = new Promise<boolean>((resolve) => this.#answers.push(resolve));
     this.#agent.send('Q', this.#id, String(Math.max(0, Math.round(deadline - performance.now()))));
     return answer;

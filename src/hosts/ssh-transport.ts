@@ -16,7 +16,10 @@
  * - A connection that drops is reopened on next use, after a backoff that
  *   doubles with each failed attempt (reconnectDelayMs .. maxReconnectDelayMs).
  *   A drop emits `lost` (with the error) and ends the commands that ran on
- *   it: their `exited` resolves with exit code 255.
+ *   it: their `exited` resolves with exit code 255. So does an agent that
+ *   stops under running commands while the connection lives (killed by the
+ *   OOM killer or an admin); their groups, which a killed agent did not
+ *   stop, are killed over a control channel.
  * - Through the agent or the wrapper (ssh-remote.ts), a command gets
  *   exactly its environment, is the leader of its own process group,
  *   kill() signals that group, and when the connection (or the agent's
@@ -138,6 +141,8 @@ const UPLOAD_PARALLEL = 8;
 const CLOSE_FLUSH_MS = 5000;
 /** How long kill() and waitGone() wait, after the main process exited, for the wrapper to say whether its group is gone. */
 const GROUP_REPORT_WAIT_MS = 2000;
+/** How long the kill of a dead agent's groups waits, for each, for it to be gone after SIGKILL. */
+const GROUP_KILL_WAIT_MS = 2000;
 
 const DEFAULT_HOST_KEY_ALGORITHMS: Readonly<Record<string, readonly string[]>> = {
   'ssh-ed25519': ['ssh-ed25519'],
@@ -415,15 +420,54 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
       return undefined;
     }
     this.#stats.agentsStarted++;
-    started.onClosed(() => {
+    started.onClosed((inFlight) => {
       release();
       // An agent that stopped (the connection lives on) is started again by the next command.
       if (connection.agent !== undefined && !connection.closed) {
         this.#logger?.warn('ssh: the remote agent stopped; the next command starts another');
         connection.agent = undefined;
       }
+      if (inFlight.length > 0 && !connection.closed && this.#closing === undefined) this.#agentStopped(connection, started, inFlight);
     });
     return started;
+  }
+
+  /**
+   * The agent's channel closed under running commands while the connection lives: the agent was
+   * killed (the OOM killer, an admin), or stopped them itself. Their runs did not fail by themselves:
+   * the host is reported lost (`lost`), so that they stop as for a lost connection and run again
+   * elsewhere. A killed agent stopped nothing, and its commands run on, each in its own session:
+   * their groups get SIGKILL over a control channel, as the local transport kills a dead agent's.
+   */
+  #agentStopped(connection: Connection, agent: RemoteAgent, inFlight: readonly AgentExecution[]): void {
+    const orphans = inFlight.filter((execution) => execution.pid !== undefined && !execution.groupGone);
+    const how = agent.exit === undefined ? '' : ` (${agent.exit})`;
+    const error = new SshConnectionError(`the remote agent on ${this.address} stopped${how} while ${inFlight.length} command(s) ran`);
+    this.#logger?.error('ssh: the remote agent stopped while commands ran: their groups are killed', { error: error.message, groups: orphans.length });
+    // First the host hears of it (it stops the runs placed there), then the groups go.
+    this.emit('lost', error);
+    if (orphans.length === 0) return;
+    const pgids = orphans.map((execution) => execution.pid!);
+    const killed = this.#killGroups(connection, pgids);
+    orphans.forEach((execution, i) => execution.stoppedBy(killed.then((gone) => gone[i] === true)));
+  }
+
+  /** SIGKILL to each group, over a control channel; says of each whether nothing of it is left. */
+  async #killGroups(connection: Connection, pgids: readonly number[]): Promise<boolean[]> {
+    let release: (() => void) | undefined;
+    try {
+      release = await this.#slots.acquire('control');
+      const { stdout } = await this.#runOn(connection, pgids.map((pgid) => groupControlLine(pgid, 'SIGKILL', GROUP_KILL_WAIT_MS)).join('\n'));
+      const answers = stdout.trim().split('\n');
+      const left = pgids.filter((_, i) => answers[i] !== 'gone');
+      if (left.length > 0) this.#logger?.error(`ssh: process groups on ${this.address} are still there after SIGKILL`, { groups: left });
+      return pgids.map((_, i) => answers[i] === 'gone');
+    } catch (error) {
+      this.#logger?.error(`ssh: cannot kill the process groups of a stopped agent on ${this.address}`, { groups: pgids, error: errorMessage(error) });
+      return pgids.map(() => false);
+    } finally {
+      release?.();
+    }
   }
 
   /** Runs a short shell command line (a control channel) once the changes asked for so far are made; resolves with its exit code and output. */
@@ -714,7 +758,7 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
   }
 
-  /** Ends the remote agent (it stops every group it started, as when its channel is lost): for tests. */
+  /** Ends the remote agent (it stops every group it started, as when its channel is lost; `lost` is emitted if commands ran): for tests. */
   async stopAgent(): Promise<void> {
     const connection = this.#connection;
     const agent = connection === undefined ? undefined : await connection.agent;

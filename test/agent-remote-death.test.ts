@@ -120,6 +120,16 @@ t.test('a run whose remote agent is killed resolves exception/worker-shutdown, n
   const shared = sharedHomeDir(t, server.user, 'agent-death-marker');
   const marker = join(shared.dir, 'first-run');
   const mark = `DROVER_TEST_MARK=${randomUUID()}`;
+  // Whatever the test did, nothing of the task outlives it.
+  t.teardown(() => {
+    for (const pid of pidsWithEnv(mark)) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone
+      }
+    }
+  });
   const id = await queue.submit({
     payload: {
       command: `if [ -e ${marker} ]; then echo second run; else touch ${marker}; sleep 1000 & sleep 1000; wait; fi`,

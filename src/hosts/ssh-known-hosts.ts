@@ -13,7 +13,9 @@
  *   accept-new  an unknown host's key is appended to the file; a known host's key must match
  *   off         no check (for throw-away test machines only)
  * A key that differs from the one on file is refused under strict and
- * accept-new alike, with an error that says so.
+ * accept-new alike, with an error that says so; so is a key of a type the
+ * file has none of, for a host it has keys for (accept-new appends only for
+ * a host with no entry at all).
  */
 import { createHash, createHmac } from 'node:crypto';
 import { appendFileSync, mkdirSync, readFileSync } from 'node:fs';
@@ -140,10 +142,19 @@ export function verifyHostKey(check: HostKeyCheck, key: Buffer): void {
         `if you trust the new key, remove the old one with: ssh-keygen -R '${name}' -f '${check.file}'`,
     );
   }
+  if (plain.length > 0) {
+    // A known host that offers a key of another type only: under accept-new too, it is not "new"
+    // (a man in the middle would offer just the type the file lacks).
+    throw new HostKeyError(
+      `host key of ${check.address} (${type} ${fingerprint(key)}) is not in "${check.file}", which has ` +
+        `${[...new Set(plain.map((e) => e.keyType))].join(', ')} keys for it (line ${plain.map((e) => e.line).join(', ')}); ` +
+        `a known host must offer a key on file. Someone may be intercepting the connection, or the host's keys changed; ` +
+        `if you trust the new key, remove the old ones with: ssh-keygen -R '${name}' -f '${check.file}'`,
+    );
+  }
   if (check.policy === 'strict') {
     throw new HostKeyError(
       `host key of ${check.address} (${type} ${fingerprint(key)}) is not in "${check.file}"` +
-        (plain.length > 0 ? ` (it has ${[...new Set(plain.map((e) => e.keyType))].join(', ')} keys for it)` : '') +
         `; add it (ssh-keyscan -p ${check.port} ${check.host} >> '${check.file}') or set hostKeyPolicy: accept-new`,
     );
   }

@@ -7,6 +7,16 @@
  * loopback endpoint of drover/testing). The SDK's own retries are off:
  * every call goes through withRetry, so that throttling and transient
  * errors are retried one way, with jitter, and counted.
+ *
+ * EC2 is eventually consistent: right after RunInstances, a call naming the
+ * new id may answer InvalidInstanceID.NotFound though the instance exists
+ * and will run. For an id this provider launched less than
+ * `visibilityGraceMs` ago, NotFound therefore means "not visible yet", not
+ * "gone": describe() reports it pending, as the launch did (so
+ * waitUntilRunning goes on polling, within the caller's boot timeout), and
+ * terminate() retries, then fails, so that its caller tries again. Once the
+ * grace is over, NotFound means gone (EC2 shows a terminated instance for
+ * about an hour, so a launched one is not unknown for long).
  */
 import { DescribeInstancesCommand, EC2Client, RunInstancesCommand, TerminateInstancesCommand, type EC2ClientConfig, type Instance, type Filter } from '@aws-sdk/client-ec2';
 import type { Logger } from '../runtime/logger.js';
@@ -22,7 +32,11 @@ export interface AwsProviderOptions {
   readonly credentials?: EC2ClientConfig['credentials'];
   readonly retry?: RetryPolicy;
   readonly logger?: Logger;
+  /** How long after its launch an instance that EC2 says it does not know is taken as not visible yet; default 300000 ms. */
+  readonly visibilityGraceMs?: number;
 }
+
+export const DEFAULT_VISIBILITY_GRACE_MS = 300_000;
 
 const THROTTLING = new Set(['RequestLimitExceeded', 'Throttling', 'ThrottlingException', 'EC2ThrottledException', 'RequestThrottled', 'TooManyRequestsException', 'PriorRequestNotComplete', 'SlowDown']);
 const TRANSIENT = new Set(['InternalError', 'InternalFailure', 'ServiceUnavailable', 'Unavailable', 'RequestTimeout', 'RequestTimeoutException', 'TimeoutError']);
@@ -36,6 +50,13 @@ export function isTransientAwsError(error: unknown): boolean {
   const status = e.$metadata?.httpStatusCode ?? 0;
   return THROTTLING.has(e.name ?? '') || TRANSIENT.has(e.name ?? '') || NETWORK.has(e.code ?? '') || status === 429 || status >= 500 ||
     (e.cause !== undefined && e.cause !== error && isTransientAwsError(e.cause));
+}
+
+/** EC2's answer for an instance id it does not know (or, right after its launch, does not show yet). */
+export function isInstanceNotFound(error: unknown): boolean {
+  const e = error as { name?: string; cause?: unknown } | null;
+  if (e === null || typeof e !== 'object') return false;
+  return e.name === 'InvalidInstanceID.NotFound' || (e.cause !== undefined && e.cause !== error && isInstanceNotFound(e.cause));
 }
 
 const STATES: Record<string, InstanceState> = {
@@ -64,6 +85,9 @@ export class AwsProvider implements Provider {
   readonly #client: EC2Client;
   readonly #retry: RetryPolicy;
   readonly #logger: Logger | undefined;
+  readonly #visibilityGraceMs: number;
+  /** Instances launched here within the visibility grace: when, and what RunInstances answered. */
+  readonly #launched = new Map<string, { readonly at: number; readonly instance: CloudInstance }>();
 
   constructor(options: AwsProviderOptions = {}) {
     this.#client = new EC2Client({
@@ -75,6 +99,14 @@ export class AwsProvider implements Provider {
     this.where = options.region ?? process.env['AWS_REGION'] ?? process.env['AWS_DEFAULT_REGION'] ?? 'the default region';
     this.#retry = options.retry ?? DEFAULT_RETRY;
     this.#logger = options.logger;
+    this.#visibilityGraceMs = options.visibilityGraceMs ?? DEFAULT_VISIBILITY_GRACE_MS;
+  }
+
+  /** The launch of `id`, when it was launched here within the visibility grace (older ones are forgotten). */
+  #recentLaunch(id: string): { readonly at: number; readonly instance: CloudInstance } | undefined {
+    const now = Date.now();
+    for (const [known, launch] of this.#launched) if (now - launch.at >= this.#visibilityGraceMs) this.#launched.delete(known);
+    return this.#launched.get(id);
   }
 
   #call<T>(what: string, call: (signal: AbortSignal) => Promise<T>, options: CallOptions): Promise<T> {
@@ -97,7 +129,9 @@ export class AwsProvider implements Provider {
     }), { abortSignal }), options);
     const instance = output.Instances?.[0];
     if (instance?.InstanceId === undefined) throw new CloudError('ec2:RunInstances answered without an instance');
-    return toInstance(instance);
+    const launched = toInstance(instance);
+    this.#launched.set(launched.id, { at: Date.now(), instance: launched });
+    return launched;
   }
 
   async describe(id: string, options: CallOptions = {}): Promise<CloudInstance | undefined> {
@@ -105,8 +139,12 @@ export class AwsProvider implements Provider {
       const found = await this.#describe({ InstanceIds: [id] }, options);
       return found[0];
     } catch (error) {
-      if ((error as { cause?: { name?: string } }).cause?.name === 'InvalidInstanceID.NotFound') return undefined;
-      throw error;
+      if (!isInstanceNotFound(error)) throw error;
+      const launch = this.#recentLaunch(id);
+      if (launch === undefined) return undefined;
+      // Launched here moments ago: EC2 does not show it yet, but it exists.
+      this.#logger?.debug('ec2: a new instance is not visible yet; taken as pending', { instance: id, sinceLaunchMs: Date.now() - launch.at });
+      return { ...launch.instance, state: 'pending' };
     }
   }
 
@@ -115,12 +153,21 @@ export class AwsProvider implements Provider {
   }
 
   async terminate(id: string, options: CallOptions = {}): Promise<void> {
+    // A NotFound for an instance launched here moments ago is retried like a transient error: it is not visible yet.
+    const notVisibleYet = (error: unknown) => isInstanceNotFound(error) && this.#recentLaunch(id) !== undefined;
     try {
-      await this.#call('TerminateInstances', (abortSignal) => this.#client.send(new TerminateInstancesCommand({ InstanceIds: [id] }), { abortSignal }), options);
+      await cloudCall('ec2:TerminateInstances', (abortSignal) => this.#client.send(new TerminateInstancesCommand({ InstanceIds: [id] }), { abortSignal }), {
+        policy: this.#retry,
+        transient: (error) => isTransientAwsError(error) || notVisibleYet(error),
+        signal: options.signal,
+        logger: this.#logger,
+      });
     } catch (error) {
+      if (!isInstanceNotFound(error)) throw error;
+      const launch = this.#recentLaunch(id);
       // Gone already: what terminating asks for.
-      if ((error as { cause?: { name?: string } }).cause?.name === 'InvalidInstanceID.NotFound') return;
-      throw error;
+      if (launch === undefined) return;
+      throw new CloudError(`ec2:TerminateInstances: instance ${id}, launched ${Math.round((Date.now() - launch.at) / 1000)} s ago, is not visible yet (InvalidInstanceID.NotFound, EC2's eventual consistency): it may be running; try again`, { cause: error });
     }
   }
 

@@ -26,6 +26,11 @@
  *
  * Terminating is idempotent: terminating an instance that is gone, or
  * already shutting down, succeeds.
+ *
+ * An instance the provider launched moments ago that the cloud does not
+ * show yet (EC2's eventual consistency) is not gone: describe() reports it
+ * pending, and terminate() fails (refused: false) rather than take it as
+ * terminated, so that the caller tries again.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { DroverError } from '../model/errors.js';
@@ -95,7 +100,7 @@ export interface Provider {
   readonly where: string;
   /** Starts one instance; resolves once the cloud accepted it (it is usually still pending). */
   launch(spec: LaunchSpec, options?: CallOptions): Promise<CloudInstance>;
-  /** The instance as it is now; undefined when the cloud no longer knows it. */
+  /** The instance as it is now; undefined when the cloud no longer knows it (pending when launched here moments ago and not visible yet). */
   describe(id: string, options?: CallOptions): Promise<CloudInstance | undefined>;
   /**
    * Polls `describe` every `pollMs` until the instance runs and has an

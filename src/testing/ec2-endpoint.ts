@@ -13,7 +13,9 @@
  * Requests must be signed (SigV4) with `accessKeyId` when it is given.
  * Faults (`faults`): throttling, instances that never start, failing
  * terminates, slow answers; see cloud-endpoint.ts for the clock and the
- * addresses of the instances.
+ * addresses of the instances. `notFoundCalls` plays EC2's eventual
+ * consistency: a new instance exists, but is unknown for a while to the
+ * calls that name it.
  */
 import { randomBytes } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
@@ -27,6 +29,14 @@ export interface Ec2EndpointOptions extends FakeCloudOptions {
   /** Refuse requests not signed with this access key id (AuthFailure). */
   readonly accessKeyId?: string;
   readonly availabilityZone?: string;
+  /**
+   * Each new instance is unknown (InvalidInstanceID.NotFound) to the first
+   * `notFoundCalls` calls that name it (DescribeInstances by id,
+   * TerminateInstances, CreateTags), and left out of filtered listings
+   * meanwhile, as EC2's eventual consistency has it right after
+   * RunInstances; it runs all the same. Default 0.
+   */
+  readonly notFoundCalls?: number;
 }
 
 export interface Ec2Endpoint extends CloudEndpoint {
@@ -69,6 +79,8 @@ export async function startEc2Endpoint(options: Ec2EndpointOptions = {}): Promis
   const cloud = new FakeCloud(options);
   const zone = options.availabilityZone ?? 'us-east-1a';
   const byToken = new Map<string, FakeInstance>();
+  /** Calls naming it that are still to answer NotFound, by instance id (notFoundCalls). */
+  const unseen = new Map<string, number>();
 
   const instanceXml = (instance: FakeInstance): string => {
     const state = cloud.stateOf(instance);
@@ -98,7 +110,9 @@ export async function startEc2Endpoint(options: Ec2EndpointOptions = {}): Promis
   };
   const known = (id: string): FakeInstance => {
     const instance = cloud.get(id);
-    if (instance === undefined) throw new Ec2Failure('InvalidInstanceID.NotFound', `The instance ID '${id}' does not exist`);
+    const hidden = unseen.get(id) ?? 0;
+    if (hidden > 0) unseen.set(id, hidden - 1);
+    if (instance === undefined || hidden > 0) throw new Ec2Failure('InvalidInstanceID.NotFound', `The instance ID '${id}' does not exist`);
     return instance;
   };
 
@@ -129,6 +143,7 @@ export async function startEc2Endpoint(options: Ec2EndpointOptions = {}): Promis
           ...(token === undefined ? {} : { token }),
         }, 'drover:ssh-port');
         if (token !== undefined) byToken.set(token, instance);
+        if ((options.notFoundCalls ?? 0) > 0) unseen.set(instance.id, options.notFoundCalls!);
       }
       answer(response, 'RunInstances', `<reservationId>r-${instance.id.slice(2)}</reservationId><ownerId>${OWNER_ID}</ownerId><groupSet/><instancesSet>${instanceXml(instance)}</instancesSet>`);
     },
@@ -136,7 +151,7 @@ export async function startEc2Endpoint(options: Ec2EndpointOptions = {}): Promis
     DescribeInstances(params, response) {
       const ids = list(params, 'InstanceId');
       for (const id of ids) known(id);
-      let found = ids.length > 0 ? ids.map((id) => cloud.get(id)!) : cloud.all();
+      let found = ids.length > 0 ? ids.map((id) => cloud.get(id)!) : cloud.all().filter((instance) => (unseen.get(instance.id) ?? 0) === 0);
       for (const i of indexed(params, 'Filter')) {
         const name = params.get(`Filter.${i}.Name`) ?? '';
         const values = list(params, `Filter.${i}.Value`);

@@ -14,6 +14,10 @@
  * so a retried launch makes no second instance. Labels are drover's tags
  * as GCE allows them (provider.ts). Inserts and deletes wait for their
  * zone operation, so an operation that fails is seen as the call failing.
+ * Once an insert was accepted, only its operation's own failure means that
+ * no instance was made: any other failure after it (waiting for the
+ * operation, reading the instance back) leaves the launch's outcome
+ * unknown, never refused, whatever the failed call answered.
  * gax's own retries are off: withRetry does them.
  */
 import { createHash } from 'node:crypto';
@@ -21,11 +25,15 @@ import type { protos } from '@google-cloud/compute';
 // The two clients alone: the package's index loads all of its hundred-odd clients, which costs seconds per command.
 import { InstancesClient } from '@google-cloud/compute/build/src/v1/instances_client.js';
 import { ZoneOperationsClient } from '@google-cloud/compute/build/src/v1/zone_operations_client.js';
+import { errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import { CloudError, OWNER_TAG, SESSION_TAG, SSH_PORT_TAG, labelValue, parseSshPort, pollUntilRunning, type CallOptions, type CloudInstance, type InstanceState, type LaunchSpec, type Provider } from './provider.js';
 import { cloudCall, DEFAULT_RETRY, type RetryPolicy } from './retry.js';
 
 type GceInstance = protos.google.cloud.compute.v1.IInstance;
+
+/** A zone operation that ended with errors: the change it was for was not made (an insert made no instance). */
+class OperationFailedError extends CloudError {}
 type GceOperation = protos.google.cloud.compute.v1.IOperation;
 
 export interface GceProviderOptions {
@@ -154,7 +162,7 @@ export class GceProvider implements Provider {
     const errors = current.error?.errors ?? [];
     if (errors.length > 0) {
       const problem = errors.map((e) => `${e.code ?? '?'}: ${e.message ?? ''}`).join('; ');
-      throw new CloudError(`compute:${what}: operation ${current.name ?? '?'} failed: ${problem}`, { cause: Object.assign(new Error(problem), { code: errors[0]?.code }), refused: true });
+      throw new OperationFailedError(`compute:${what}: operation ${current.name ?? '?'} failed: ${problem}`, { cause: Object.assign(new Error(problem), { code: errors[0]?.code }), refused: true });
     }
   }
 
@@ -175,16 +183,37 @@ export class GceProvider implements Provider {
       disks: [{ boot: true, autoDelete: true, initializeParams: { sourceImage: spec.image } }],
       networkInterfaces: [{ network: spec.network ?? 'global/networks/default', accessConfigs: [{ name: 'External NAT', type: 'ONE_TO_ONE_NAT' }] }],
     };
+    let accepted = false;
     try {
       const [operation] = await this.#call('instances.insert', () => this.#instances.insert({ ...place, requestId, instanceResource: resource }, this.#gax), options);
+      accepted = true;
       await this.#settle('instances.insert', (operation as { latestResponse: GceOperation }).latestResponse, options);
     } catch (error) {
-      // An earlier attempt of this very launch made it: it is the instance asked for.
-      if (!isAlreadyThere(error)) throw error;
+      // A 409: an earlier attempt of this very launch made it, it is the instance asked for.
+      if (!isAlreadyThere(error)) {
+        // Refused before it was accepted, or its operation failed: no instance was made.
+        if (!accepted || error instanceof OperationFailedError) throw error;
+        throw this.#madeMaybe(name, error, options);
+      }
     }
-    const instance = await this.describe(name, options);
+    let instance: CloudInstance | undefined;
+    try {
+      instance = await this.describe(name, options);
+    } catch (error) {
+      throw this.#madeMaybe(name, error, options);
+    }
     if (instance === undefined) throw new CloudError(`compute:instances.insert: instance ${name} was created, then could not be found`);
     return instance;
+  }
+
+  /**
+   * A failure after instances.insert was accepted: the instance may exist
+   * (or be on its way), so it is no refusal, whatever the call that failed
+   * (a 403 on zoneOperations.wait, say) answered; the error names it.
+   */
+  #madeMaybe(name: string, error: unknown, options: CallOptions): unknown {
+    if (options.signal?.aborted) return error;
+    return new CloudError(`compute:instances.insert: instance ${name} was accepted, then ${errorMessage(error)}; it may exist`, { cause: error, refused: false });
   }
 
   async describe(id: string, options: CallOptions = {}): Promise<CloudInstance | undefined> {

@@ -61,7 +61,7 @@ export interface CallRecord {
   readonly error?: string;
 }
 
-type FaultKind = 'throttle' | 'neverStart' | 'failTerminate' | 'slow';
+type FaultKind = 'throttle' | 'neverStart' | 'failTerminate' | 'slow' | 'refuse';
 interface Fault {
   readonly kind: FaultKind;
   remaining: number;
@@ -92,6 +92,16 @@ export class CloudFaults {
    */
   failTerminate(count: number, options: { readonly code?: string } = {}): this {
     this.#faults.push({ kind: 'failTerminate', remaining: count, ...options });
+    return this;
+  }
+
+  /**
+   * The next `count` calls of `action` are refused for good, as a missing
+   * permission is: EC2 answers `code` (default UnauthorizedOperation, HTTP
+   * 403); GCE the HTTP status `code` (default 403, forbidden).
+   */
+  refuse(count: number, options: { readonly action: string; readonly code?: string }): this {
+    this.#faults.push({ kind: 'refuse', remaining: count, ...options });
     return this;
   }
 

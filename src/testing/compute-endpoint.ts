@@ -14,7 +14,7 @@
  * instance is PROVISIONING, then RUNNING; deleting makes it STOPPING, then
  * it is gone (404). Operations are DONE `operationMs` after they start.
  * Faults: see cloud-endpoint.ts (a throttled call is 429 rateLimitExceeded;
- * failTerminate's code is an HTTP status, default 500).
+ * failTerminate's code is an HTTP status, default 500; refuse's, default 403).
  */
 import { randomBytes } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
@@ -163,6 +163,8 @@ export async function startComputeEndpoint(options: ComputeEndpointOptions = {})
       if (!/^Bearer \S+/.test(String(request.headers.authorization ?? ''))) throw new ComputeFailure(401, 'required', 'Request is missing required authentication credential.');
       if (parts === null) throw new ComputeFailure(404, 'notFound', `No such method: ${method} ${url.pathname}`);
       if (cloud.faults.take('throttle', action) !== undefined) throw new ComputeFailure(429, 'rateLimitExceeded', 'Rate Limit Exceeded');
+      const refusal = cloud.faults.take('refuse', action);
+      if (refusal !== undefined) throw new ComputeFailure(Number(refusal.code ?? '403'), 'forbidden', `injected fault: ${action} is refused`);
       const requestId = url.searchParams.get('requestId') ?? undefined;
       switch (action) {
         case 'instances.insert': {

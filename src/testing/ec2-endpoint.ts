@@ -12,7 +12,7 @@
  * tag:KEY, tag-key; MaxResults/NextToken), TerminateInstances, CreateTags.
  * Requests must be signed (SigV4) with `accessKeyId` when it is given.
  * Faults (`faults`): throttling, instances that never start, failing
- * terminates, slow answers; see cloud-endpoint.ts for the clock and the
+ * terminates, refused calls, slow answers; see cloud-endpoint.ts for the clock and the
  * addresses of the instances. `notFoundCalls` plays EC2's eventual
  * consistency: a new instance exists, but is unknown for a while to the
  * calls that name it.
@@ -210,6 +210,8 @@ export async function startEc2Endpoint(options: Ec2EndpointOptions = {}): Promis
       const handler = actions[action];
       if (handler === undefined) throw new Ec2Failure('InvalidAction', `The action ${action || '(none)'} is not valid for this web service.`);
       if (cloud.faults.take('throttle', action) !== undefined) throw new Ec2Failure('RequestLimitExceeded', 'Request limit exceeded.', 503);
+      const refusal = cloud.faults.take('refuse', action);
+      if (refusal !== undefined) throw new Ec2Failure(refusal.code ?? 'UnauthorizedOperation', `injected fault: ${action} is refused`, 403);
       handler(params, response);
       cloud.record(action);
     } catch (error) {

@@ -15,7 +15,10 @@
  * `instance=<id>`; batch --provider will hand them to the `ssh` host and
  * send TASK_STARTED / TASK_FINISHED as it places runs. `dispose()` sends
  * DISPOSE to every machine and resolves once all have ended; the leaked
- * ones are handed to the watchdog. The session is open in the registry
+ * ones with an id are handed to the watchdog, and an instance that a launch
+ * of unknown outcome may have made is a leftover of the session once it
+ * closes (the owner's final sweep, providerHosts', finds it by its tags).
+ * The session is open in the registry
  * from before the first launch until every machine ended, so a crash at
  * any point leaves instances the watchdog recognises as leftovers.
  */
@@ -157,9 +160,16 @@ export class InstanceFleet {
       for (const member of this.#members) member.actor.send({ type: 'DISPOSE' });
       const outputs = await Promise.all(this.#members.map((member) => member.done));
       const leaked = outputs.filter((output) => output.outcome === 'leaked');
+      const { watchdog, provider, session, logger } = this.#options;
       for (const output of leaked) {
-        if (output.instanceId !== undefined) this.#options.watchdog?.adopt(this.#options.provider, output.instanceId);
-        this.#options.logger?.error('instance leaked: the watchdog goes on terminating it', { instance: output.instanceId ?? '(unknown id)', session: this.#options.session, reason: output.reason });
+        if (output.instanceId === undefined) {
+          logger?.error('a launch of unknown outcome may have made an instance: once the session is closed, a watchdog sweep or drover instances --cleanup finds it by its tags as a leftover', { provider: provider.name, session, reason: output.reason });
+        } else if (watchdog !== undefined) {
+          watchdog.adopt(provider, output.instanceId);
+          logger?.error('instance leaked: handed to the watchdog, whose sweeps go on terminating it', { provider: provider.name, instance: output.instanceId, session, reason: output.reason });
+        } else {
+          logger?.error('instance leaked, and there is no watchdog: run drover instances --cleanup', { provider: provider.name, instance: output.instanceId, session, reason: output.reason });
+        }
       }
       // With the session closed, the watchdog (and `drover instances --cleanup`) treats whatever is left of it as a leftover.
       if (this.#opened) this.#options.registry.close(this.#options.session);

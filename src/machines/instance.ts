@@ -22,8 +22,10 @@
  *   outright (nothing was made).
  * - leaked: every terminate attempt failed, or the launch failed in a way
  *   that leaves unknown whether an instance was made. The runtime hands a
- *   leaked instance to the watchdog (src/cloud/watchdog.ts), which finds it
- *   by its tags and goes on terminating it.
+ *   leaked instance with an id to the watchdog (src/cloud/watchdog.ts),
+ *   which goes on terminating it; one without (an unknown launch outcome)
+ *   is found by its tags, as a leftover of its closed session, by the
+ *   final sweep at the end of a batch.
  *
  * The no-leak invariant, model-checked (src/testing/machine-models.ts):
  * every path ends in terminated or leaked; terminated only after a

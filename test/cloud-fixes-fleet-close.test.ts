@@ -1,0 +1,105 @@
+/**
+ * Regressions of a batch's close on cloud instances (providerHosts):
+ *  - a launch of unknown outcome (the cloud made the instance, drover never
+ *    learnt its id) ended `leaked` without an id, which nobody adopts, and
+ *    the final sweep ran only for adopted instances: the instance ran on.
+ *    Now close() sweeps then too, and finds it by its tags once the
+ *    session is closed.
+ * Real SDK clients against the loopback endpoints; the instances never
+ * answer over SSH, so no sshd is needed.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import t, { type Test } from 'tap';
+import { providerHosts, type ProviderHostsOptions } from '../src/batch/provider-hosts.js';
+import { AwsProvider } from '../src/cloud/aws.js';
+import type { Provider } from '../src/cloud/provider.js';
+import { SessionRegistry } from '../src/cloud/sessions.js';
+import { ResourceUnavailableError } from '../src/model/errors.js';
+import { createLogger, type Logger } from '../src/runtime/logger.js';
+import { dummyCloudCredentials, type CloudEndpoint } from '../src/testing/cloud-endpoint.js';
+import { startEc2Endpoint } from '../src/testing/ec2-endpoint.js';
+import { CLOUDS } from './helpers/clouds.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'drover-fleet-close-'));
+t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+Object.assign(process.env, dummyCloudCredentials(dir));
+
+const TIMING = { bootTimeoutMs: 10_000, sshTimeoutMs: 10_000, drainTimeoutMs: 100, terminateAttempts: 2, terminateBackoffMs: 10, terminateMaxBackoffMs: 20 };
+
+async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+let count = 0;
+function sourceOptions(t: Test, provider: Provider, extra: Partial<ProviderHostsOptions> = {}): { options: ProviderHostsOptions; registry: SessionRegistry; lines: string[]; logger: Logger } {
+  const lines: string[] = [];
+  const logger = createLogger({ level: 'info', write: (line) => lines.push(line) });
+  t.teardown(() => t.comment(lines.join('\n')));
+  const registry = new SessionRegistry(join(dir, `cloud-sessions-${++count}`));
+  return {
+    registry, lines, logger,
+    options: {
+      provider,
+      spec: { image: 'image-1', instanceType: 'type-1' },
+      session: `fleet-close-${process.pid}-${count}`,
+      sshUser: 'nobody',
+      ssh: { agent: false, hostKeyPolicy: 'off' },
+      registry,
+      timing: TIMING,
+      pollMs: 20,
+      logger,
+      ...extra,
+    },
+  };
+}
+
+/** open() with one slot, which must fail for want of a host. */
+async function openFails(t: Test, source: ReturnType<typeof providerHosts>, logger: Logger): Promise<void> {
+  const error = await source.open({ split: 1, signal: AbortSignal.timeout(30_000), logger }).then(() => undefined, (e: unknown) => e);
+  t.type(error, ResourceUnavailableError, 'no instance came up');
+}
+
+const unknownOutcome: Record<'aws' | 'gce', (t: Test) => Promise<{ provider: Provider; endpoint: CloudEndpoint }>> = {
+  // RunInstances reaches EC2, but both attempts' answers come too late: the instance exists, its id is never heard of.
+  async aws(t) {
+    const endpoint = await startEc2Endpoint({ bootMs: 50, shutdownMs: 50 });
+    const provider = new AwsProvider({ endpoint: endpoint.url, retry: { attempts: 2, baseDelayMs: 5, maxDelayMs: 5, timeoutMs: 150 } });
+    t.teardown(async () => {
+      provider.close();
+      await endpoint.close();
+    });
+    endpoint.faults.slow(400, { action: 'RunInstances', count: 2 });
+    return { provider, endpoint };
+  },
+  // The insert is accepted, then waiting for its operation is refused (a missing permission).
+  async gce(t) {
+    const cloud = await CLOUDS.gce(t, []);
+    cloud.faults.refuse(1, { action: 'zoneOperations.wait' });
+    return { provider: cloud.provider, endpoint: cloud.endpoint };
+  },
+};
+
+for (const name of ['aws', 'gce'] as const) {
+  t.test(`${name}: an instance made by a launch of unknown outcome is terminated by the final sweep at close`, async (t) => {
+    const { provider, endpoint } = await unknownOutcome[name](t);
+    const { options, registry, lines, logger } = sourceOptions(t, provider);
+    const source = providerHosts(options);
+    await openFails(t, source, logger);
+    await until('the instance to exist', () => endpoint.alive().length === 1);
+    t.same(source.fleet()?.states().map((s) => s.state), ['leaked'], 'the launch ended leaked');
+    t.equal(source.fleet()?.states()[0]?.id, undefined, 'with no instance id');
+    await source.close();
+    t.equal(endpoint.count(name === 'aws' ? 'TerminateInstances' : 'instances.delete'), 1, 'the final sweep terminated it');
+    await until('the instance to be gone', () => endpoint.alive().length === 0);
+    t.same(registry.list(), [], 'the session is closed');
+    t.ok(lines.some((line) => line.includes('a launch of unknown outcome may have made an instance')), 'the log says what becomes of it');
+    t.ok(lines.some((line) => line.includes('final sweep') && line.includes('launchesOfUnknownOutcome')), 'and that the final sweep ran for it');
+    t.notOk(lines.some((line) => line.includes('instances are left running')), 'nothing is said to be left');
+  });
+}

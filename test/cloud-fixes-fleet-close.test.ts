@@ -4,7 +4,10 @@
  *    learnt its id) ended `leaked` without an id, which nobody adopts, and
  *    the final sweep ran only for adopted instances: the instance ran on.
  *    Now close() sweeps then too, and finds it by its tags once the
- *    session is closed.
+ *    session is closed;
+ *  - the final sweep joined a sweep already under way, which had listed
+ *    and judged before the instance was adopted: it missed it. Now it waits
+ *    for that one and sweeps afresh.
  * Real SDK clients against the loopback endpoints; the instances never
  * answer over SSH, so no sshd is needed.
  */
@@ -15,7 +18,8 @@ import t, { type Test } from 'tap';
 import { providerHosts, type ProviderHostsOptions } from '../src/batch/provider-hosts.js';
 import { AwsProvider } from '../src/cloud/aws.js';
 import type { Provider } from '../src/cloud/provider.js';
-import { SessionRegistry } from '../src/cloud/sessions.js';
+import { ownerId, SessionRegistry } from '../src/cloud/sessions.js';
+import { Watchdog } from '../src/cloud/watchdog.js';
 import { ResourceUnavailableError } from '../src/model/errors.js';
 import { createLogger, type Logger } from '../src/runtime/logger.js';
 import { dummyCloudCredentials, type CloudEndpoint } from '../src/testing/cloud-endpoint.js';
@@ -103,3 +107,33 @@ for (const name of ['aws', 'gce'] as const) {
     t.notOk(lines.some((line) => line.includes('instances are left running')), 'nothing is said to be left');
   });
 }
+
+t.test('the final sweep does not join a sweep under way that judged before an instance was adopted', async (t) => {
+  const cloud = await CLOUDS.aws(t, []);
+  const { options, registry, lines, logger } = sourceOptions(t, cloud.provider, {});
+  const watchdog = new Watchdog({ providers: [cloud.provider], registry, logger });
+  const source = providerHosts({ ...options, watchdog, timing: { ...TIMING, bootTimeoutMs: 300 } });
+  // A leftover of a crashed batch, for the sweep under way to be slow about.
+  const leftover = await cloud.provider.launch({ image: 'image-1', instanceType: 'type-1', session: 'crashed-batch', owner: ownerId(), token: 'left-behind' });
+
+  // The batch's instance never starts, and both terminate calls are refused: it leaks, with its id.
+  cloud.faults.neverStart(1);
+  cloud.faults.failTerminate(2, { code: cloud.refusal });
+  await openFails(t, source, logger);
+  const batchInstance = cloud.endpoint.alive().find((i) => i.id !== leftover.id)!;
+  t.ok(batchInstance, 'the batch\'s instance runs on');
+
+  // A periodic sweep: it lists and judges now, then takes its time terminating the leftover.
+  cloud.faults.slow(1500, { action: 'TerminateInstances', count: 1 });
+  const describes = cloud.count('DescribeInstances');
+  const underWay = watchdog.sweep();
+  await until('the sweep under way to have listed', () => cloud.count('DescribeInstances') > describes);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+
+  await source.close();
+  t.same(watchdog.adopted(), [], 'the adopted instance was terminated before close() returned');
+  t.match((await cloud.provider.describe(batchInstance.id))?.state, /^(shutting-down|terminated)$/, 'the batch\'s instance is terminated');
+  t.same((await underWay).terminated.map((r) => r.instance.id), [leftover.id], 'the sweep under way terminated only what it had listed');
+  await until('every instance to be gone', () => cloud.alive().length === 0);
+  t.notOk(lines.some((line) => line.includes('instances are left running')), 'nothing is said to be left');
+});

@@ -8,13 +8,13 @@
  * ResourceUnavailableError when none is). `close()` disposes the fleet:
  * every instance is terminated, each terminate call retried by the
  * instance machine; one that still leaks is handed to a watchdog, which
- * sweeps once more before close() returns, and is otherwise left to `drover
- * instances --cleanup` (the fleet's session is closed, so it is a
- * leftover there). A launch of unknown outcome (no instance id) gets
- * that final sweep too: it finds an instance the launch made by its
- * tags. runSession calls close() on every path: at the end, after an
- * error, and after its signal aborted (Ctrl-C, SIGTERM), also when that
- * happens while the instances launch.
+ * sweeps once more before close() returns (a fresh sweep, after any
+ * under way), and is otherwise left to `drover instances --cleanup` (the
+ * fleet's session is closed, so it is a leftover there). A launch of
+ * unknown outcome (no instance id) gets that final sweep too: it finds an
+ * instance the launch made by its tags. runSession calls close() on every
+ * path: at the end, after an error, and after its signal aborted (Ctrl-C,
+ * SIGTERM), also when that happens while the instances launch.
  *
  * A session records the launch parameters (`ProviderLaunch`, never
  * user-data or credentials), so that `--resume` launches fresh instances
@@ -116,8 +116,9 @@ export function providerHosts(options: ProviderHostsOptions): BatchHostSource & 
     const unknownLaunches = outputs.filter((o) => o.outcome === 'leaked' && o.instanceId === undefined).length;
     if (watchdog === undefined || (watchdog.adopted().length === 0 && unknownLaunches === 0)) return;
     // One more try now, with the session closed: adopted instances, and whatever a launch of unknown
-    // outcome made (a leftover by its tags). What remains is a leftover for `drover instances --cleanup`.
-    const sweep = await watchdog.sweep().catch((error: unknown) => ({ terminated: [], failed: [{ error: errorMessage(error) }] }));
+    // outcome made (a leftover by its tags). A sweep under way may have judged before either: it is
+    // waited for, and a fresh one runs. What remains is a leftover for `drover instances --cleanup`.
+    const sweep = await watchdog.freshSweep().catch((error: unknown) => ({ terminated: [], failed: [{ error: errorMessage(error) }] }));
     const left = watchdog.adopted();
     log?.info('final sweep', { provider: provider.name, terminated: sweep.terminated.map((r) => r.instance.id).join(', ') || '(none)', ...(unknownLaunches > 0 ? { launchesOfUnknownOutcome: unknownLaunches } : {}) });
     if (sweep.failed.length > 0 || left.length > 0) {

@@ -12,7 +12,9 @@
  *  - foreign when another machine launched it: never touched here.
  *
  * `sweep()` lists, judges and terminates every leftover (each terminate
- * call retried by the provider); what fails stays for the next sweep.
+ * call retried by the provider); what fails stays for the next sweep. A
+ * sweep under way may have listed and judged before a session closed or an
+ * instance was adopted: `freshSweep()` waits for it and sweeps again.
  * `start()` sweeps at once and then every `intervalMs` (default 5
  * minutes, as cloudtask retries for hours) until `stop()`.
  */
@@ -96,6 +98,18 @@ export class Watchdog {
   sweep(signal?: AbortSignal): Promise<SweepReport> {
     this.#sweeping ??= this.#sweep(signal).finally(() => (this.#sweeping = undefined));
     return this.#sweeping;
+  }
+
+  /**
+   * A sweep that starts after this call: it waits for one under way (whose
+   * survey may predate a session's close or an adoption), then sweeps, so
+   * that what is a leftover now is judged and terminated.
+   */
+  async freshSweep(signal?: AbortSignal): Promise<SweepReport> {
+    const under = this.#sweeping;
+    // Its `finally` clears #sweeping before this resumes: a sweep found under way after it started after this call.
+    if (under !== undefined) await under.catch(() => {});
+    return this.sweep(signal);
   }
 
   async #sweep(signal?: AbortSignal): Promise<SweepReport> {

@@ -133,6 +133,8 @@ export const taskMachine = setup({
     runIsGone: ({ context }) => context.stopReason === 'canceled' || context.stopReason === 'claim-lost',
   },
   delays: {
+    // A timer (Node's setTimeout) keeps it: the runtime gives only limits up to 2^31-1 ms, since a longer
+    // delay fires after 1 ms.
     maxRunTime: ({ context }) => context.maxRunTimeMs ?? 0,
   },
   actions: {

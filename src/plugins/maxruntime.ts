@@ -9,15 +9,19 @@
  * the worker's: it is not retried).
  */
 import type { JsonSchemaObject } from '../runtime/schema.js';
-import type { Plugin, TaskPlugin, TaskPluginOptions } from './plugin.js';
+import { MAX_RUN_TIME_LIMIT_MS, type Plugin, type TaskPlugin, type TaskPluginOptions } from './plugin.js';
+
+/** The longest maxRunTime in whole seconds that the task machine's timer can keep (2147483 s, about 24.8 days). */
+export const MAX_RUN_TIME_SECONDS = Math.floor(MAX_RUN_TIME_LIMIT_MS / 1000);
 
 const PAYLOAD_SCHEMA: JsonSchemaObject = {
   type: 'object',
   properties: {
     maxRunTime: {
-      description: 'Seconds the command may run; then its process tree is stopped and the run resolves failed.',
+      description: `Seconds the command may run (at most ${MAX_RUN_TIME_SECONDS}, about 24.8 days); then its process tree is stopped and the run resolves failed.`,
       type: 'integer',
       minimum: 1,
+      maximum: MAX_RUN_TIME_SECONDS,
     },
   },
 };

@@ -13,7 +13,10 @@
  *   maxRunTimeMs   [loading]   how long the command may run (ms), if limited:
  *                              the shortest limit of all plugins applies; when
  *                              it passes the task machine stops the command
- *                              (MAX_RUN_TIME) and the run resolves `failed`
+ *                              (MAX_RUN_TIME) and the run resolves `failed`.
+ *                              A limit is a number in 1..MAX_RUN_TIME_LIMIT_MS
+ *                              (any other value, null too, fails the run
+ *                              `exception/internal-error` naming the plugin)
  *   started        [running]   the sandbox runs
  *   stopped        [uploading] the command ended: return a verdict (success);
  *                              an exception verdict wins, then a failed one,
@@ -40,6 +43,14 @@ import type { Transport } from '../hosts/transport.js';
 import type { Queue } from '../queues/queue.js';
 import type { JsonSchemaObject } from '../runtime/schema.js';
 import type { TaskLog } from '../runtime/task-log.js';
+
+/**
+ * The longest limit `maxRunTimeMs` may give: 2^31-1 ms, about 24.8 days. The
+ * task machine keeps the limit with a timer (xstate's `after`, Node's
+ * setTimeout), and Node turns a longer delay into 1 ms: the command would be
+ * stopped at once.
+ */
+export const MAX_RUN_TIME_LIMIT_MS = 2 ** 31 - 1;
 
 export interface PluginWorkerOptions {
   readonly workerId: string;

@@ -18,7 +18,7 @@ import { ClaimLostError, InternalError, MalformedPayloadError, QueueUnavailableE
 import { describeResolution, type Resolution } from '../model/resolution.js';
 import { randomHex, runKey, type Claim, type RunResult } from '../model/task.js';
 import { SecretMasker } from '../plugins/env.js';
-import type { Plugin, TaskPlugin, Verdict } from '../plugins/plugin.js';
+import { MAX_RUN_TIME_LIMIT_MS, type Plugin, type TaskPlugin, type Verdict } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
 import type { ClaimInput, LoadOutput, ReportInput, StopInput, TaskEvent, UploadInput } from '../machines/task.js';
 import type { Logger } from './logger.js';
@@ -152,8 +152,14 @@ export function createTaskActors(runtime: TaskRuntime) {
     // The shortest limit any plugin sets (the maxruntime plugin's, from the payload); the task machine enforces it.
     const limits: number[] = [];
     await eachPlugin(run, 'maxRunTimeMs', async (hooks) => {
-      const limit = hooks.maxRunTimeMs?.();
-      if (limit !== undefined) limits.push(limit);
+      const limit: unknown = hooks.maxRunTimeMs?.();
+      if (limit === undefined) return;
+      // A JavaScript plugin may give anything: null would make the limit 0, and a limit past the timer's
+      // range becomes 1 ms; either would stop the command at once.
+      if (typeof limit !== 'number' || !(limit >= 1 && limit <= MAX_RUN_TIME_LIMIT_MS)) {
+        throw new InternalError(`it gave ${describeValue(limit)}, not a number of milliseconds in 1..${MAX_RUN_TIME_LIMIT_MS}`);
+      }
+      limits.push(limit);
     });
     return { maxRunTimeMs: limits.length > 0 ? Math.min(...limits) : undefined };
   }
@@ -447,6 +453,13 @@ export function describeResult(result: RunResult): string {
   if (result.startError !== undefined) return `the command could not start: ${result.startError}`;
   if (result.signal !== null) return `the command was killed by ${result.signal} after ${seconds} s`;
   return `the command exited with code ${result.exitCode} after ${seconds} s`;
+}
+
+/** A value as an error message shows it: `null`, `Infinity`, `"30"`, `a function`. */
+function describeValue(value: unknown): string {
+  if (typeof value === 'number' || value === null || typeof value === 'boolean' || typeof value === 'bigint') return String(value);
+  if (typeof value === 'string') return JSON.stringify(value);
+  return typeof value === 'object' ? 'an object' : `a ${typeof value}`;
 }
 
 function pluginError(name: string, hook: string, error: unknown): Error {

@@ -257,7 +257,7 @@ function pluginProblems(value: unknown): string[] {
   if (plugin.secrets !== undefined && !(Array.isArray(plugin.secrets) && plugin.secrets.every((secret) => typeof secret === 'string'))) {
     problems.push('secrets must be a list of strings');
   }
-  for (const hook of ['boot', 'shutdown', 'newTask'] as const) {
+  for (const hook of ['boot', 'beforeClaim', 'shutdown', 'newTask'] as const) {
     if (plugin[hook] !== undefined && typeof plugin[hook] !== 'function') problems.push(`${hook} must be a function`);
   }
   return problems;

@@ -426,7 +426,7 @@ function lacks(hooks: TaskPlugin, hook: keyof TaskPlugin): boolean {
 }
 
 /** Calls a hook so that a synchronous throw becomes a rejection, like an asynchronous one. */
-function attempt<T>(call: () => T | Promise<T>): Promise<T> {
+export function attempt<T>(call: () => T | Promise<T>): Promise<T> {
   return Promise.resolve().then(call);
 }
 

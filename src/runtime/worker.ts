@@ -14,7 +14,7 @@ import { taskMachine } from '../machines/task.js';
 import { workerMachine, type ClaimRequest, type ClaimResult, type ShutdownReason, type WorkerInput, type WorkerOutput } from '../machines/worker.js';
 import type { Logger } from './logger.js';
 import { compilePayloadValidator, joinedPayloadSchema } from './schema.js';
-import { createTaskActors } from './task-actors.js';
+import { attempt, createTaskActors } from './task-actors.js';
 
 export interface WorkerOptions extends WorkerInput {
   readonly workerId: string;
@@ -52,7 +52,8 @@ export function startWorker(options: WorkerOptions): Worker {
   /** The first plugin's reason not to claim now, if any; a failing hook is one too. */
   const holdOff = async () => {
     for (const plugin of gatekeepers) {
-      const reason = await plugin.beforeClaim!({ workerId, logger }).catch((error: unknown) => `beforeClaim failed: ${errorMessage(error)}`);
+      // Called through attempt(): a JavaScript plugin's hook may throw synchronously or return no promise.
+      const reason = await attempt(() => plugin.beforeClaim!({ workerId, logger })).catch((error: unknown) => `beforeClaim failed: ${errorMessage(error)}`);
       if (reason !== undefined) return { plugin: plugin.name, reason };
     }
     return undefined;
@@ -113,11 +114,19 @@ export function startWorker(options: WorkerOptions): Worker {
         return { claims, now: Date.now() };
       }),
       dispose: fromPromise<void, { reason: ShutdownReason }>(async ({ input }) => {
-        logger.info('shutting down', { reason: input.reason.kind });
-        for (const plugin of [...plugins].reverse()) {
-          await plugin.shutdown?.({ workerId, logger }).catch((error: unknown) => logger.error(`plugin ${plugin.name}: shutdown failed`, { error }));
+        try {
+          logger.info('shutting down', { reason: input.reason.kind });
+          // Every plugin's shutdown runs, and then the host's dispose, whatever one of them does: through
+          // attempt(), a hook that throws synchronously or returns no promise is one more logged failure.
+          for (const plugin of [...plugins].reverse()) {
+            await attempt(() => plugin.shutdown?.({ workerId, logger })).catch((error: unknown) => logger.error(`plugin ${plugin.name}: shutdown failed`, { error }));
+          }
+          await attempt(() => host.dispose()).catch((error: unknown) => logger.error(`host ${host.name}: dispose failed`, { error }));
+        } catch (error) {
+          // The machine stops the worker either way (disposing.onError); the log says what went wrong.
+          logger.error('shutting down failed', { error });
+          throw error;
         }
-        await host.dispose().catch((error: unknown) => logger.error(`host ${host.name}: dispose failed`, { error }));
       }),
       task: taskMachine.provide({ actors: taskActors }),
     },

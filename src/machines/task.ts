@@ -86,6 +86,13 @@ export interface StopInput {
 export interface ClaimInput {
   readonly claim: Claim;
 }
+/** The run's end as the machine's output will give it, so that cleanup can say why nothing was reported. */
+export interface CleanupInput extends ClaimInput {
+  readonly unreported?: TaskOutput['unreported'];
+  readonly detail?: string;
+  /** The resolution decided, reported or not. */
+  readonly resolution?: Resolution;
+}
 
 function notProvided(name: string): never {
   throw new Error(`task machine: actor "${name}" was not provided`);
@@ -123,7 +130,7 @@ export const taskMachine = setup({
     /** Report the resolution to the queue (retrying while the queue is unreachable). */
     report: fromPromise<void, ReportInput>(async () => notProvided('report')),
     /** Dispose the sandbox, plugins and task directory; never changes the resolution. */
-    cleanup: fromPromise<void, ClaimInput>(async () => notProvided('cleanup')),
+    cleanup: fromPromise<void, CleanupInput>(async () => notProvided('cleanup')),
     /** Renew the claim until stopped; sends CANCEL or CLAIM_LOST when the run is no longer ours. */
     reclaim: fromCallback<TaskEvent, ClaimInput>(() => notProvided('reclaim')),
   },
@@ -311,7 +318,8 @@ export const taskMachine = setup({
       description: 'Dispose the sandbox, plugins and task directory; exactly once on every path.',
       invoke: {
         src: 'cleanup',
-        input: ({ context }) => ({ claim: context.claim }),
+        // Nothing changes the outcome once here (every event is ignored): it is the output's.
+        input: ({ context }) => ({ claim: context.claim, resolution: context.resolution, ...unreportedOf(context) }),
         onDone: { target: 'done' },
         onError: { target: 'done' },
       },
@@ -328,16 +336,22 @@ export const taskMachine = setup({
   output: ({ context }) => ({
     claim: context.claim,
     resolution: context.reported ? context.resolution : undefined,
-    unreported: context.reported
-      ? undefined
-      : context.stopReason === 'canceled'
-        ? 'canceled'
-        : context.stopReason === 'claim-lost'
-          ? 'claim-lost'
-          : 'report-refused',
+    unreported: unreportedOf(context).unreported,
     detail: context.detail,
   }),
 });
+
+/** Why the run ends without a resolution from this worker (none when the queue took one), and the detail. */
+function unreportedOf(context: TaskContext): { unreported: TaskOutput['unreported']; detail: string | undefined } {
+  const unreported = context.reported
+    ? undefined
+    : context.stopReason === 'canceled'
+      ? 'canceled'
+      : context.stopReason === 'claim-lost'
+        ? 'claim-lost'
+        : 'report-refused';
+  return { unreported, detail: context.detail };
+}
 
 /** The resolution a stopped command gets, when the run is still ours to resolve. */
 function stopResolution(context: TaskContext): Resolution {

@@ -20,7 +20,7 @@ import { randomHex, runKey, type Claim, type RunResult } from '../model/task.js'
 import { SecretMasker } from '../plugins/env.js';
 import { MAX_RUN_TIME_LIMIT_MS, type Plugin, type TaskPlugin, type Verdict } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
-import type { ClaimInput, LoadOutput, ReportInput, StopInput, TaskEvent, UploadInput } from '../machines/task.js';
+import type { ClaimInput, CleanupInput, LoadOutput, ReportInput, StopInput, TaskEvent, UploadInput } from '../machines/task.js';
 import type { Logger } from './logger.js';
 import type { PayloadValidator } from './schema.js';
 import { TaskLog } from './task-log.js';
@@ -256,8 +256,18 @@ export function createTaskActors(runtime: TaskRuntime) {
     }
   }
 
-  async function cleanup(claim: Claim): Promise<void> {
+  async function cleanup({ claim, unreported, detail, resolution }: CleanupInput): Promise<void> {
     const run = stateOf(claim);
+    // Once per run (cleanup is): a run that ends without a resolution from this worker says so, and why.
+    if (unreported === 'report-refused') {
+      run.logger.error('the run ends unresolved: the queue refused its resolution', {
+        reason: unreported,
+        ...(resolution === undefined ? {} : { resolution: describeResolution(resolution) }),
+        detail,
+      });
+    } else if (unreported !== undefined) {
+      run.logger.warn(`the run ends unresolved: ${unreported === 'canceled' ? 'the task was canceled' : 'the claim was lost'}`, { reason: unreported, detail });
+    }
     const failures: string[] = [];
     const step = async (what: string, action: () => Promise<unknown> | undefined) => {
       try {
@@ -352,7 +362,7 @@ export function createTaskActors(runtime: TaskRuntime) {
     stop: fromPromise<void, StopInput>(({ input }) => stop(input)),
     upload: fromPromise<Resolution, UploadInput>(({ input }) => upload(input)),
     report: fromPromise<void, ReportInput>(({ input, signal }) => report(input, signal)),
-    cleanup: fromPromise<void, ClaimInput>(({ input }) => cleanup(input.claim)),
+    cleanup: fromPromise<void, CleanupInput>(({ input }) => cleanup(input)),
     reclaim,
     /** Runs still held: for status output and tests. */
     runs: () => [...runs.keys()],

@@ -1,0 +1,92 @@
+/**
+ * Regression: a run that ends without a resolution from this worker (the
+ * task was canceled, the claim was lost, the queue refused the report) left
+ * no trace in the worker's log: the refused report was rethrown unlogged,
+ * a lost claim or a cancel logged nothing, and the worker machine dropped
+ * the task's output. Now the run's cleanup says so once, naming the task,
+ * the run and the reason. A real worker in this process: the embedded
+ * queue, this machine's host, real commands.
+ */
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import t, { type Test } from 'tap';
+import { ProcessEngine } from '../src/engines/process.js';
+import { HardwareHost } from '../src/hosts/local.js';
+import { livelogPlugin } from '../src/plugins/livelog.js';
+import type { Plugin } from '../src/plugins/plugin.js';
+import { SqliteQueue } from '../src/queues/sqlite.js';
+import { createLogger } from '../src/runtime/logger.js';
+import { inProcessWorker } from './helpers/worker.js';
+
+async function eventually<T>(what: string, check: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined && value !== false) return value;
+    if (Date.now() > until) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+function worker(t: Test, options: { claimTimeoutMs: number; plugins?: readonly Plugin[] }) {
+  const dir = t.testdir({});
+  const lines: string[] = [];
+  const logger = createLogger({ level: 'info', write: (line) => lines.push(line) });
+  const queue = SqliteQueue.open({ dir: join(dir, 'queue'), claimTimeoutMs: options.claimTimeoutMs, pollIntervalMs: 50 });
+  const running = inProcessWorker(t, {
+    workerId: 'unresolved-worker',
+    queue,
+    host: new HardwareHost({ workDir: join(dir, 'work') }),
+    engine: new ProcessEngine({ killGraceMs: 200 }),
+    plugins: [...(options.plugins ?? []), livelogPlugin()],
+    workDir: join(dir, 'work'),
+    logger,
+    pollWaitMs: 100,
+  });
+  return { worker: running, lines, queue };
+}
+
+/** The worker's lines about the run's end without a resolution, for one task. */
+function unresolvedLines(lines: readonly string[], taskId: string): string[] {
+  return lines.filter((line) => line.includes('the run ends unresolved') && line.includes(`taskId=${taskId}`));
+}
+
+t.test('a canceled run: warned once, with the task, the run and the reason', async (t) => {
+  const { lines, queue } = worker(t, { claimTimeoutMs: 10_000 });
+  const id = await queue.submit({ payload: { command: 'sleep 30' }, deadline: Date.now() + 60_000, retries: 0 });
+  await eventually('the command to run', async () => (await queue.task(id)).state === 'running' && lines.some((line) => line.includes('claimed')));
+  await queue.cancel(id);
+  const [line] = await eventually('the log to say the run ends unresolved', () => unresolvedLines(lines, id).length > 0 && unresolvedLines(lines, id));
+  t.match(line, new RegExp(`warn\\s+the run ends unresolved: the task was canceled taskId=${id} runId=0 reason=canceled`));
+  await sleep(300);
+  t.equal(unresolvedLines(lines, id).length, 1, 'once');
+});
+
+t.test('a run whose claim is lost (the deadline passed): warned once, with the queue\'s reason', async (t) => {
+  const { lines, queue } = worker(t, { claimTimeoutMs: 1000 });
+  const id = await queue.submit({ payload: { command: 'sleep 30' }, deadline: Date.now() + 1500, retries: 0 });
+  const [line] = await eventually('the log to say the run ends unresolved', () => unresolvedLines(lines, id).length > 0 && unresolvedLines(lines, id));
+  t.match(line, new RegExp(`warn\\s+the run ends unresolved: the claim was lost taskId=${id} runId=0 reason=claim-lost detail=".*deadline passed`));
+  await sleep(300);
+  t.equal(unresolvedLines(lines, id).length, 1, 'once');
+});
+
+t.test('a run whose report the queue refuses: an error, once, with the refused resolution and the queue\'s answer', async (t) => {
+  // The command ends at once; a slow upload (a plugin's finished hook) outlasts the task's deadline. The claim
+  // is long, so no reclaim notices the loss first: the report does.
+  const slowUpload: Plugin = { name: 'slow-upload', newTask: () => ({ finished: () => sleep(2000) }) };
+  const { lines, queue } = worker(t, { claimTimeoutMs: 60_000, plugins: [slowUpload] });
+  const id = await queue.submit({ payload: { command: 'true' }, deadline: Date.now() + 1000, retries: 0 });
+  const [line] = await eventually('the log to say the run ends unresolved', () => unresolvedLines(lines, id).length > 0 && unresolvedLines(lines, id));
+  t.match(line, new RegExp(`error\\s+the run ends unresolved: the queue refused its resolution taskId=${id} runId=0 reason=report-refused resolution=completed detail="the queue refused the report: .*deadline`));
+  await sleep(300);
+  t.equal(unresolvedLines(lines, id).length, 1, 'once');
+});
+
+t.test('a run the queue takes the resolution of says nothing of the kind', async (t) => {
+  const { lines, queue } = worker(t, { claimTimeoutMs: 10_000 });
+  const id = await queue.submit({ payload: { command: 'true' }, deadline: Date.now() + 60_000, retries: 0 });
+  await eventually('the task to complete', async () => (await queue.task(id)).state === 'completed');
+  await sleep(300);
+  t.same(unresolvedLines(lines, id), []);
+});

@@ -369,6 +369,30 @@ t.test('ABORT', async (t) => {
     t.same(output.resolution, resolution);
   });
 
+  // The runtime's reclaimer sends ABORT with a message when the machine the run was placed on goes down.
+  const HOST_DOWN = 'host w@10.0.0.7:22 went down: the connection was lost';
+
+  t.test('with a message, in loading: exception/worker-shutdown with that message', async (t) => {
+    const h = await reach(t, 'claimed.loading');
+    h.actor.send({ type: 'ABORT', message: HOST_DOWN });
+    const output = await h.done();
+    const resolution = { state: 'exception', reason: 'worker-shutdown', message: HOST_DOWN };
+    t.equal(h.run.count + h.stop.count, 0);
+    t.same(h.report.last.input.resolution, resolution);
+    t.same(output, { claim: CLAIM, resolution, unreported: undefined, detail: undefined });
+  });
+
+  t.test('with a message, in executing: the stop and the resolution carry it', async (t) => {
+    const h = await reach(t, 'claimed.running.executing');
+    h.actor.send({ type: 'ABORT', message: HOST_DOWN });
+    const output = await h.done();
+    const resolution = { state: 'exception', reason: 'worker-shutdown', message: HOST_DOWN };
+    t.same(h.stop.last.input, { claim: CLAIM, reason: 'worker-shutdown', detail: HOST_DOWN });
+    t.same(h.upload.last.input, { claim: CLAIM, result: undefined, resolution });
+    t.same(h.report.last.input.resolution, resolution);
+    t.same(output.resolution, resolution);
+  });
+
   t.test('in executing, when the stop fails: exception/internal-error naming it', async (t) => {
     const h = await reach(t, 'claimed.running.stopping');
     h.stop.last.result.reject(new Error('kill: EPERM'));

@@ -45,8 +45,11 @@ export type TaskEvent =
   | { type: 'CANCEL' }
   /** The claim is no longer ours: expired, deadline passed, or resolved elsewhere. */
   | { type: 'CLAIM_LOST'; message: string }
-  /** The worker is shutting down and its grace period is over. */
-  | { type: 'ABORT' }
+  /**
+   * Stop the run so that the queue runs it again: the worker is shutting down and its grace period is
+   * over, or the machine the run was placed on went down (`message` then says which and why).
+   */
+  | { type: 'ABORT'; message?: string }
   /** The payload's maxRunTime has passed since the command started. */
   | { type: 'MAX_RUN_TIME' }
   /** Something outside the current actor broke (a log upload, a plugin's watcher). */
@@ -188,7 +191,7 @@ export const taskMachine = setup({
             },
             ABORT: {
               target: 'uploading',
-              actions: assign({ resolution: exception('worker-shutdown', 'the worker shut down before the task started') }),
+              actions: assign(({ event }) => ({ resolution: exception('worker-shutdown', event.message ?? 'the worker shut down before the task started') })),
             },
             INTERNAL_ERROR: {
               target: 'uploading',
@@ -218,7 +221,7 @@ export const taskMachine = setup({
                   target: 'stopping',
                   actions: { type: 'stopFor', params: ({ event }) => ({ reason: 'claim-lost', detail: event.message }) },
                 },
-                ABORT: { target: 'stopping', actions: { type: 'stopFor', params: { reason: 'worker-shutdown' } } },
+                ABORT: { target: 'stopping', actions: { type: 'stopFor', params: ({ event }) => ({ reason: 'worker-shutdown', detail: event.message }) } },
                 MAX_RUN_TIME: {
                   target: 'stopping',
                   actions: {
@@ -359,7 +362,7 @@ function stopResolution(context: TaskContext): Resolution {
     case 'max-run-time':
       return { state: 'failed', message: context.detail ?? 'maxRunTime exceeded' };
     case 'worker-shutdown':
-      return exception('worker-shutdown', 'the worker shut down while the task ran');
+      return exception('worker-shutdown', context.detail ?? 'the worker shut down while the task ran');
     default:
       return exception('internal-error', context.detail ?? 'the run was stopped');
   }

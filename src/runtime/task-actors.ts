@@ -335,10 +335,13 @@ export function createTaskActors(runtime: TaskRuntime) {
     // The machine the run was placed on went down: stop the run as for a shutdown, so the queue runs it again elsewhere.
     const onHostLost = () => {
       if (stopped) return;
-      const reason = run.hostLost.signal.reason as unknown;
-      run.log.line(`${errorMessage(reason)}; stopping the run so that it runs again elsewhere`);
-      run.logger.warn('the run\'s host went down', { error: errorMessage(reason) });
-      sendBack({ type: 'ABORT' });
+      const reason = errorMessage(run.hostLost.signal.reason as unknown);
+      // The resolution's message names the machine, whatever words the host chose for why.
+      const host = run.placement?.host;
+      const message = host === undefined || reason.includes(host) ? reason : `host ${host} went down: ${reason}`;
+      run.log.line(`${message}; stopping the run so that it runs again elsewhere`);
+      run.logger.warn('the run\'s host went down', { host, error: reason });
+      sendBack({ type: 'ABORT', message });
     };
     if (run.hostLost.signal.aborted) onHostLost();
     else run.hostLost.signal.addEventListener('abort', onHostLost, { once: true });

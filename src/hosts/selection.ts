@@ -159,9 +159,13 @@ export class MachinePool<T extends Transport> {
     return this.#machines.map((m) => m.spec);
   }
 
-  /** Probes every machine once, at once; those that fail are marked down. Starts the probation timer. */
+  /**
+   * Probes every machine once, at once; those that fail are marked down. Starts the probation timer,
+   * unless the pool was closed meanwhile (a worker that stopped while it booted): a closed pool probes no more.
+   */
   async start(): Promise<void> {
     await Promise.all(this.#machines.map((m) => this.#probe(m)));
+    if (this.#closed || this.#timer !== undefined) return;
     this.#timer = setInterval(() => this.#recheck(), this.#options.checkIntervalMs ?? 1000);
     this.#timer.unref();
   }

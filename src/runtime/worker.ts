@@ -83,8 +83,9 @@ export function startWorker(options: WorkerOptions): Worker {
   const taskActors = createTaskActors({ workerId, queue, host, engine, plugins, validatePayload, workDir: options.workDir, logger });
   const machine = workerMachine.provide({
     actors: {
-      boot: fromPromise(async () => {
-        const identity = await host.boot({ logger, signal: new AbortController().signal });
+      boot: fromPromise(async ({ signal }) => {
+        // xstate aborts the signal when the worker leaves booting (a SHUTDOWN during boot): the host stops booting.
+        const identity = await host.boot({ logger, signal });
         const capabilities = host.transport().capabilities;
         const missing = Object.entries(engine.needs).filter(([need, wanted]) => wanted && !capabilities[need as keyof typeof capabilities]);
         if (missing.length > 0) {

@@ -1,6 +1,8 @@
 /**
  * The worker's boot, regressions:
  *
+ * - A boot failure said `boot failed: ECONNREFUSED ...` without saying
+ *   whose: now `plugin NAME: boot failed: ...` or `host NAME: boot failed: ...`.
  * - A SHUTDOWN during boot cancels the host's boot: the boot actor used to
  *   pass host.boot a signal of its own that nothing ever aborted.
  * - An SSH host pool closed while its first probes ran (the worker stopped
@@ -9,7 +11,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { createServer, type Server } from 'node:http';
-import { createServer as createTcpServer, type Socket } from 'node:net';
+import { connect, createServer as createTcpServer, type Socket } from 'node:net';
 import { once } from 'node:events';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -22,6 +24,7 @@ import { MachinePool } from '../src/hosts/selection.js';
 import { SshHost } from '../src/hosts/ssh-host.js';
 import type { Transport } from '../src/hosts/transport.js';
 import { livelogPlugin } from '../src/plugins/livelog.js';
+import type { Plugin } from '../src/plugins/plugin.js';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 import { createLogger } from '../src/runtime/logger.js';
 import { inProcessWorker } from './helpers/worker.js';
@@ -54,14 +57,14 @@ async function listening<S extends Server | ReturnType<typeof createTcpServer>>(
 }
 
 /** A worker on `host`, its queue and work directory in `dir`. */
-function workerOn(t: Test, dir: string, host: Host, logger = createLogger({ level: 'info', write: () => {} })) {
+function workerOn(t: Test, dir: string, host: Host, logger = createLogger({ level: 'info', write: () => {} }), plugins: readonly Plugin[] = []) {
   const queue = SqliteQueue.open({ dir: join(dir, 'queue'), claimTimeoutMs: 10_000, pollIntervalMs: 50 });
   return inProcessWorker(t, {
     workerId: 'boot-worker',
     queue,
     host,
     engine: new ProcessEngine({ killGraceMs: 200 }),
-    plugins: [livelogPlugin()],
+    plugins: [...plugins, livelogPlugin()],
     workDir: join(dir, 'work'),
     logger,
   });
@@ -157,4 +160,63 @@ t.test('a worker on SSH hosts stopped while it boots leaves nothing probing the 
   t.match(host.status()[0], { state: 'down', strikes: 1 }, 'the disposed host was not probed again');
   t.equal(connections, 1);
   t.equal(lines.filter((line) => line.includes('host still down')).length, 0, 'no probe failures logged after the worker stopped');
+});
+
+/** A loopback port where nothing listens (it did a moment ago). */
+async function closedPort(): Promise<number> {
+  const server = createTcpServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as { port: number };
+  server.close();
+  await once(server, 'close');
+  return port;
+}
+
+t.test('a plugin\'s boot failure stops the worker naming the plugin', async (t) => {
+  const port = await closedPort();
+  // A plugin that reports to a metrics service, which is not there.
+  const metrics: Plugin = {
+    name: 'metrics',
+    boot: async () => {
+      const socket = connect(port, '127.0.0.1');
+      await once(socket, 'connect');
+      socket.destroy();
+    },
+  };
+  const dir = t.testdir({});
+  const lines: string[] = [];
+  const worker = workerOn(t, dir, new HardwareHost({ workDir: join(dir, 'work') }), createLogger({ level: 'info', write: (line) => lines.push(line) }), [metrics]);
+  t.same(await worker.stopped, { reason: { kind: 'fatal', message: `plugin metrics: boot failed: connect ECONNREFUSED 127.0.0.1:${port}` } });
+  t.notOk(lines.some((line) => line.includes('worker booted')), 'the worker never booted');
+});
+
+t.test('a plugin\'s boot that throws synchronously is a boot failure naming the plugin, too', async (t) => {
+  const strict = {
+    name: 'strict',
+    boot() {
+      throw new Error('LICENCE_KEY is not set');
+    },
+  } as unknown as Plugin;
+  const dir = t.testdir({});
+  const worker = workerOn(t, dir, new HardwareHost({ workDir: join(dir, 'work') }), undefined, [strict]);
+  t.same(await worker.stopped, { reason: { kind: 'fatal', message: 'plugin strict: boot failed: LICENCE_KEY is not set' } });
+});
+
+t.test('a host\'s boot failure stops the worker naming the host', async (t) => {
+  const port = await closedPort();
+  const dir = t.testdir({});
+  writeFileSync(join(dir, 'known_hosts'), '');
+  execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', join(dir, 'id')]);
+  const host = new SshHost({
+    hosts: [{ address: `nobody@127.0.0.1:${port}` }],
+    identityFiles: [join(dir, 'id')],
+    knownHostsFile: join(dir, 'known_hosts'),
+    agent: false,
+    connectTimeoutMs: 2000,
+  });
+  const worker = workerOn(t, dir, host);
+  const { reason } = await worker.stopped;
+  t.equal(reason.kind, 'fatal');
+  t.match(reason.kind === 'fatal' && reason.message, new RegExp(`^host ssh: boot failed: no SSH host can be reached:\\n {2}- nobody@127\\.0\\.0\\.1:${port}: .*connection refused`));
 });

@@ -472,9 +472,9 @@ t.test('FATAL while tasks run: a grace period, then abort, reason fatal', async 
 t.test('boot fails: stopped, reason fatal naming the failure; never claims', async (t) => {
   const h = harness(t, {}, { pending: claims(2), holdBoot: true });
   await h.at('booting');
-  h.boot.last.result.reject(new Error('no such host: h1'));
+  h.boot.last.result.reject(new Error('host ssh: boot failed: no such host: h1'));
   const output = await h.stopped();
-  t.match(output.reason, { kind: 'fatal', message: /^boot failed: no such host: h1$/ });
+  t.match(output.reason, { kind: 'fatal', message: /^host ssh: boot failed: no such host: h1$/ }, 'the boot actor\'s words, which name the part that failed');
   t.equal(h.queue.calls.length, 0, 'claimWork is never called');
   t.same(h.tasks.alive, new Set());
   t.equal(h.dispose.count, 1, 'what booted is still disposed');

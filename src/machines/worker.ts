@@ -150,7 +150,8 @@ export const workerMachine = setup({
         onDone: 'claiming',
         onError: {
           target: 'shuttingDown',
-          actions: { type: 'noteReason', params: ({ event }) => ({ reason: { kind: 'fatal', message: `boot failed: ${errorText(event.error)}` } }) },
+          // The boot actor's error names what failed (`plugin gc: boot failed: ...`, `host ssh: boot failed: ...`).
+          actions: { type: 'noteReason', params: ({ event }) => ({ reason: { kind: 'fatal', message: errorText(event.error) } }) },
         },
       },
       on: {

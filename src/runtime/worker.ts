@@ -7,7 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { createActor, fromPromise, type Actor, type InspectionEvent } from 'xstate';
 import type { Engine } from '../engines/engine.js';
 import type { Host } from '../hosts/host.js';
-import { ConfigError, errorMessage } from '../model/errors.js';
+import { ConfigError, InternalError, errorMessage } from '../model/errors.js';
 import type { Plugin } from '../plugins/plugin.js';
 import type { Queue } from '../queues/queue.js';
 import { taskMachine } from '../machines/task.js';
@@ -85,13 +85,13 @@ export function startWorker(options: WorkerOptions): Worker {
     actors: {
       boot: fromPromise(async ({ signal }) => {
         // xstate aborts the signal when the worker leaves booting (a SHUTDOWN during boot): the host stops booting.
-        const identity = await host.boot({ logger, signal });
+        const identity = await bootOf(`host ${host.name}`, () => host.boot({ logger, signal }));
         const capabilities = host.transport().capabilities;
         const missing = Object.entries(engine.needs).filter(([need, wanted]) => wanted && !capabilities[need as keyof typeof capabilities]);
         if (missing.length > 0) {
           throw new ConfigError(`engine ${engine.name} needs ${missing.map(([need]) => need).join(' and ')}, which host ${host.name} does not offer`);
         }
-        for (const plugin of plugins) await plugin.boot?.({ workerId, logger });
+        for (const plugin of plugins) await bootOf(`plugin ${plugin.name}`, () => plugin.boot?.({ workerId, logger }));
         logger.info('worker booted', { host: host.name, hostname: identity.hostname, engine: engine.name, capacity: options.capacity, ...identity.facts });
       }),
       claimWork: fromPromise<ClaimResult, ClaimRequest>(async ({ input, signal }) => {
@@ -179,6 +179,18 @@ export function startWorker(options: WorkerOptions): Worker {
     state: () => stateName(actor.getSnapshot().value),
     heldOff: () => (heldOff === undefined ? undefined : `${heldOff.plugin}: ${heldOff.reason}`),
   };
+}
+
+/**
+ * One part's boot; a failure names the part (`plugin gc: boot failed: ...`, `host ssh: boot failed: ...`),
+ * and is the reason the worker stops. A synchronous throw counts as a failure too.
+ */
+async function bootOf<T>(part: string, boot: () => T | Promise<T>): Promise<T> {
+  try {
+    return await boot();
+  } catch (error) {
+    throw new InternalError(`${part}: boot failed: ${errorMessage(error)}`, { cause: error, fatal: true });
+  }
 }
 
 /** Logs every state a task machine enters, at debug, with the state as data. */

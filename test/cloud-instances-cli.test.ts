@@ -65,13 +65,14 @@ t.test('bad usage exits 2 and says what is wrong', async (t) => {
 
 for (const [name, make] of Object.entries(CLOUDS)) {
   t.test(`${name}: lists drover's instances with verdicts, and --cleanup terminates exactly the leftovers`, async (t) => {
-    const { endpoint, provider, env, refusal } = await make();
+    const { endpoint, provider, env: endpointEnv, refusal } = await make();
     t.teardown(async () => {
       provider.close();
       await endpoint.close();
     });
     const cwd = mkdtempSync(join(dir, `${name}-`));
-    const registry = new SessionRegistry(join(cwd, '.drover', 'cloud-sessions'));
+    const registry = new SessionRegistry(join(cwd, 'cloud-sessions'));
+    const env = { ...endpointEnv, DROVER_CLOUD_SESSIONS: registry.dir };
     registry.open({ session: 'open-session', owner: ownerId(), provider: provider.name });
     const spec = { image: 'ami-1', instanceType: 't3.micro' };
     const dead = ownerId(await deadPid());

@@ -25,7 +25,6 @@ import { userInfo } from 'node:os';
 import { join } from 'node:path';
 import { InstanceFleet, type FleetOptions } from '../cloud/instance-runtime.js';
 import type { Provider, ProviderName } from '../cloud/provider.js';
-import { SessionRegistry } from '../cloud/sessions.js';
 import { Watchdog } from '../cloud/watchdog.js';
 import { errorMessage, ResourceUnavailableError } from '../model/errors.js';
 import type { Config } from '../runtime/config.js';
@@ -33,6 +32,7 @@ import type { Logger } from '../runtime/logger.js';
 import type { SshHostEntry } from '../hosts/ssh-host.js';
 import type { SshConnectionOptions } from '../hosts/ssh-transport.js';
 import type { BatchHostSource, BatchHostSet } from './hosts.js';
+import { cloudSessionRegistry } from './session.js';
 
 /** What a batch launches, as its session keeps it. */
 export interface ProviderLaunch {
@@ -134,7 +134,7 @@ export function providerHosts(options: ProviderHostsOptions): BatchHostSource & 
 /**
  * The CLI's source: a provider made from the settings (cloud settings
  * aws.* / gce.*), the open-session registry `drover instances` reads
- * (QUEUE-DIR/cloud-sessions).
+ * (this user's: cloudSessionRegistry in session.ts).
  */
 export function launchSource(provider: Provider, launch: ProviderLaunch, config: Config, ssh: SshConnectionOptions, session: string): BatchHostSource {
   return providerHosts({
@@ -143,6 +143,6 @@ export function launchSource(provider: Provider, launch: ProviderLaunch, config:
     sshUser: launch.sshUser,
     ssh,
     session,
-    registry: new SessionRegistry(join(config.queue.dir, 'cloud-sessions')),
+    registry: cloudSessionRegistry({ legacyDirs: [join(config.queue.dir, 'cloud-sessions')] }),
   });
 }

@@ -27,6 +27,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, resolve as resolvePath } from 'node:path';
+import { SessionRegistry, type SessionRecord } from '../cloud/sessions.js';
 import type { SshHostEntry } from '../hosts/ssh-host.js';
 import { ConfigError } from '../model/errors.js';
 import type { ProviderLaunch } from './provider-hosts.js';
@@ -86,6 +87,40 @@ export interface SessionParams {
 
 export function defaultSessionsDir(env: NodeJS.ProcessEnv = process.env): string {
   return resolvePath(env['DROVER_SESSIONS'] || join(homedir(), '.drover', 'sessions'));
+}
+
+/**
+ * The registry of open cloud sessions (src/cloud/sessions.ts): one per
+ * user on this machine (DROVER_CLOUD_SESSIONS, default
+ * ~/.drover/cloud-sessions), whatever directory drover runs in, so that a
+ * batch's watchdog and `drover instances --cleanup`, run anywhere, see
+ * every batch that runs. It also lists the sessions of `legacyDirs`:
+ * QUEUE-DIR/cloud-sessions, where earlier versions of drover kept them, so
+ * that the instances of such a batch that still runs are not taken for
+ * leftovers from its directory.
+ */
+export function cloudSessionRegistry(options: { readonly env?: NodeJS.ProcessEnv; readonly legacyDirs?: readonly string[] } = {}): SessionRegistry {
+  const dir = cloudSessionsDir(options.env);
+  const legacy = (options.legacyDirs ?? []).map((legacyDir) => resolvePath(legacyDir)).filter((legacyDir) => legacyDir !== dir);
+  return legacy.length === 0 ? new SessionRegistry(dir) : new RegistryWithLegacy(dir, legacy);
+}
+
+/** Where this user's open cloud sessions are recorded: DROVER_CLOUD_SESSIONS, or ~/.drover/cloud-sessions. */
+export function cloudSessionsDir(env: NodeJS.ProcessEnv = process.env): string {
+  return resolvePath(env['DROVER_CLOUD_SESSIONS'] || join(homedir(), '.drover', 'cloud-sessions'));
+}
+
+/** Opens and closes sessions in its own directory; lists those of the legacy directories too. */
+class RegistryWithLegacy extends SessionRegistry {
+  readonly #legacy: readonly SessionRegistry[];
+  constructor(dir: string, legacyDirs: readonly string[]) {
+    super(dir);
+    this.#legacy = legacyDirs.map((legacyDir) => new SessionRegistry(legacyDir));
+  }
+
+  override list(): SessionRecord[] {
+    return [...super.list(), ...this.#legacy.flatMap((registry) => registry.list())];
+  }
 }
 
 export function jobsHash(lines: readonly string[]): string {

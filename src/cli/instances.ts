@@ -18,7 +18,9 @@ terminated, with its verdict:
   leftover   its owner is gone, or its session is over, on this machine
   ending     it is shutting down already
   foreign    launched from another machine: run the command there
-Open sessions are recorded in QUEUE-DIR/cloud-sessions.
+Open sessions are recorded per user on this machine, in DROVER_CLOUD_SESSIONS
+[~/.drover/cloud-sessions] (and, by earlier versions, in QUEUE-DIR/cloud-sessions,
+which is read too).
 
 Options:
   --provider aws|gce       where to look [cloud.provider]
@@ -57,10 +59,10 @@ export const instancesCommand: Command = {
     if (!config.cloud.provider) throw new ConfigError('which cloud? give --provider aws|gce (or DROVER_CLOUD_PROVIDER, cloud.provider in the config file)');
     const logger = createLogger({ level: config.logLevel, format: config.logFormat });
     // The SDKs load only here.
-    const [{ createProvider }, { SessionRegistry }, { Watchdog }] = await Promise.all([import('../cloud/providers.js'), import('../cloud/sessions.js'), import('../cloud/watchdog.js')]);
+    const [{ createProvider }, { cloudSessionRegistry }, { Watchdog }] = await Promise.all([import('../cloud/providers.js'), import('../batch/session.js'), import('../cloud/watchdog.js')]);
     const provider = await createProvider(config.cloud.provider, config, logger);
     try {
-      const watchdog = new Watchdog({ providers: [provider], registry: new SessionRegistry(join(config.queue.dir, 'cloud-sessions')), logger });
+      const watchdog = new Watchdog({ providers: [provider], registry: cloudSessionRegistry({ legacyDirs: [join(config.queue.dir, 'cloud-sessions')] }), logger });
       if (values['cleanup'] !== true) {
         const reports = await watchdog.survey();
         if (reports.length === 0) {

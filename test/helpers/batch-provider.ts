@@ -46,6 +46,7 @@ async function setUp(t: Test, name: 'aws' | 'gce', rounds: number) {
     ...dummyCloudCredentials(cwd),
     ...launch.env,
     DROVER_QUEUE_DIR: join(cwd, 'queue'),
+    DROVER_CLOUD_SESSIONS: join(cwd, 'cloud-sessions'),
     DROVER_SSH_IDENTITY_FILE: first.identityFile,
     DROVER_SSH_KNOWN_HOSTS: knownHosts,
     DROVER_SSH_WORK_DIR: remoteWorkDir(t, first.user),

@@ -296,6 +296,14 @@ export async function runSession(session: Session, options: RunSessionOptions = 
   const workDir = join(session.dir, 'work');
   let host: Host;
   const commands: HostCommands = { ...(params.pre === undefined ? {} : { pre: params.pre }), ...(params.post === undefined ? {} : { post: params.post }), ...(params.overlay === undefined ? {} : { overlay: params.overlay }) };
+  // A signal that comes while the hosts open or --pre runs stops the batch before its first job:
+  // the worker's abort listener does not exist yet, and one added to an aborted signal never fires.
+  const interruptedBeforeStart = async () => {
+    if (source !== undefined) await closeQuietly(source, logger);
+    await queue.close();
+    await endStreams(streams);
+    return outcome(true);
+  };
   if (source !== undefined) {
     batchHost = await openHosts(source, session, options, logger, hostOutput, commands).catch(async (error: unknown) => {
       await closeQuietly(source, logger);
@@ -304,11 +312,16 @@ export async function runSession(session: Session, options: RunSessionOptions = 
       throw error;
     });
     host = batchHost;
+    if (options.signal?.aborted) return interruptedBeforeStart();
   } else {
     host = new HardwareHost({ workDir });
     if (params.pre !== undefined) {
       hostOutput(LOCALHOST, `running: ${params.pre}`);
-      const code = await runShell(params.pre, session.dir, (text) => hostOutput(LOCALHOST, text));
+      const code = await runShell(params.pre, session.dir, (text) => hostOutput(LOCALHOST, text), process.env, options.signal);
+      if (options.signal?.aborted) {
+        hostOutput(LOCALHOST, `--pre was stopped by the interruption; no job runs`);
+        return interruptedBeforeStart();
+      }
       if (code !== 0) {
         hostOutput(LOCALHOST, `--pre exited with ${code ?? 'a signal'}; no job runs`);
         await queue.close();
@@ -347,6 +360,7 @@ export async function runSession(session: Session, options: RunSessionOptions = 
     worker.shutdown({ kind: 'signal', signal: 'SIGINT' }); // the second asks to kill running jobs now
   };
   options.signal?.addEventListener('abort', onAbort, { once: true });
+  if (options.signal?.aborted) onAbort(); // it came while the jobs were queued
   try {
     const { reason } = await worker.stopped;
     if (reason.kind === 'fatal') stranded ??= reason.message;
@@ -401,16 +415,41 @@ async function endStreams(streams: readonly WriteStream[]): Promise<void> {
   }));
 }
 
-/** A shell command line of the batch's own (--pre, --post, --report) on this machine; resolves with the exit code. */
-export function runShell(command: string, cwd: string, output: (text: string) => void, env: NodeJS.ProcessEnv = process.env): Promise<number | null> {
+/**
+ * A shell command line of the batch's own (--pre, --post, --report) on this machine; resolves with the exit code.
+ * When `signal` aborts, the command's process group gets SIGTERM, and SIGKILL SHELL_KILL_GRACE_MS later.
+ */
+export function runShell(command: string, cwd: string, output: (text: string) => void, env: NodeJS.ProcessEnv = process.env, signal?: AbortSignal): Promise<number | null> {
   return new Promise((resolve) => {
-    const child = spawn('sh', ['-c', command], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    // With a signal, the command gets a process group of its own, so that what it started is stopped with it.
+    const child = spawn('sh', ['-c', command], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'], detached: signal !== undefined });
+    let killTimer: NodeJS.Timeout | undefined;
+    const kill = (name: NodeJS.Signals) => {
+      try {
+        if (child.pid !== undefined) process.kill(-child.pid, name);
+      } catch {
+        // the group is gone already
+      }
+    };
+    const onAbort = () => {
+      kill('SIGTERM');
+      killTimer = setTimeout(() => kill('SIGKILL'), SHELL_KILL_GRACE_MS);
+    };
     child.stdout.on('data', (data: Buffer) => output(data.toString()));
     child.stderr.on('data', (data: Buffer) => output(data.toString()));
     child.on('error', () => resolve(127));
-    child.on('close', (code) => resolve(code));
+    child.on('close', (code) => {
+      clearTimeout(killTimer);
+      signal?.removeEventListener('abort', onAbort);
+      resolve(code);
+    });
+    if (signal?.aborted) onAbort();
+    else signal?.addEventListener('abort', onAbort, { once: true });
   });
 }
+
+/** How long an interrupted --pre has between SIGTERM and SIGKILL. */
+const SHELL_KILL_GRACE_MS = 2000;
 
 export interface BatchOptions extends RunSessionOptions {
   /** The command the job words are appended to; empty: each job line is the command. */

@@ -78,8 +78,22 @@ const YEAR_MS = 365 * 24 * 3600 * 1000;
 export const PROGRESS_INTERVAL_MS = 100;
 const LOCALHOST = 'localhost';
 
-/** Runs every pending job of the session; resolves when none is left (or on interruption). */
+/**
+ * Runs every pending job of the session; resolves when none is left (or on interruption).
+ * Holds the session's lock while it runs (Session.lock(): a session that another drover runs is
+ * refused), unless the session holds it already (Session.open(..., { lock: true })).
+ */
 export async function runSession(session: Session, options: RunSessionOptions = {}): Promise<SessionOutcome> {
+  if (session.locked) return runLockedSession(session, options);
+  session.lock();
+  try {
+    return await runLockedSession(session, options);
+  } finally {
+    session.unlock();
+  }
+}
+
+async function runLockedSession(session: Session, options: RunSessionOptions): Promise<SessionOutcome> {
   const started = Date.now();
   const params = session.params;
   const { split, timeout, retries } = params;

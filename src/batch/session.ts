@@ -9,6 +9,9 @@
  *   jobs.jsonl    one JSON line per finished attempt: slot, host, start, duration, exit code, signal
  *                 (status `lost` when the attempt's host went away: the job ran again elsewhere)
  *   queue/        the session's embedded SQLite queue: this run's tasks only, without their logs
+ *   lock          while a drover runs the session: who (pid, start time, boot id, host), so that a
+ *                 second one (--resume of a session that runs) is refused instead of running its jobs
+ *                 twice; a lock whose owner is gone (crashed, killed) is taken over
  *
  * While jobs run, jobs.json is rewritten at most once per SAVE_DELAY_MS
  * (saveSoon), not at every change: the whole list at every start and end
@@ -24,10 +27,12 @@
  * Session ids are whole numbers, counted up per sessions directory.
  */
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
-import { homedir } from 'node:os';
+import { existsSync, linkSync, mkdirSync, readFileSync, readdirSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
+import { homedir, hostname } from 'node:os';
 import { join, resolve as resolvePath } from 'node:path';
 import { SessionRegistry, type SessionRecord } from '../cloud/sessions.js';
+import { ownerMayLive } from '../hosts/journal.js';
+import { bootId, isAlive, processStartTime } from '../hosts/proc.js';
 import type { SshHostEntry } from '../hosts/ssh-host.js';
 import { ConfigError } from '../model/errors.js';
 import type { ProviderLaunch } from './provider-hosts.js';
@@ -131,6 +136,7 @@ export function jobsHash(lines: readonly string[]): string {
 
 export class Session {
   #saveTimer: NodeJS.Timeout | undefined;
+  #lock: SessionLock | undefined;
   /** Times jobs.json was written, and the milliseconds that took: for tests. */
   saves = 0;
   saveMs = 0;
@@ -164,15 +170,47 @@ export class Session {
     throw new ConfigError(`could not create a session directory in ${sessionsDir}`);
   }
 
-  static open(sessionsDir: string, id: string): Session {
+  /**
+   * Reads a session. With `lock`, takes its lock first (see lock()), so that the jobs are read as
+   * the last run left them: a session that another drover runs is refused.
+   */
+  static open(sessionsDir: string, id: string, options: { readonly lock?: boolean } = {}): Session {
     const dir = join(sessionsDir, id);
     if (!/^\d+$/.test(id) || !existsSync(join(dir, 'jobs.json'))) {
       throw new ConfigError(`no session "${id}" in ${sessionsDir} (see "drover sessions")`);
     }
-    const params = JSON.parse(readFileSync(join(dir, 'params.json'), 'utf8')) as SessionParams;
-    const jobs = JSON.parse(readFileSync(join(dir, 'jobs.json'), 'utf8')) as JobRecord[];
-    takeFinishedJobs(jobs, join(dir, 'jobs.jsonl'));
-    return new Session(Number(id), dir, params, jobs);
+    const lock = options.lock === true ? SessionLock.take(dir, Number(id)) : undefined;
+    try {
+      const params = JSON.parse(readFileSync(join(dir, 'params.json'), 'utf8')) as SessionParams;
+      const jobs = JSON.parse(readFileSync(join(dir, 'jobs.json'), 'utf8')) as JobRecord[];
+      takeFinishedJobs(jobs, join(dir, 'jobs.jsonl'));
+      const session = new Session(Number(id), dir, params, jobs);
+      session.#lock = lock;
+      return session;
+    } catch (error) {
+      lock?.release();
+      throw error;
+    }
+  }
+
+  /** Whether this object holds the session's lock. */
+  get locked(): boolean {
+    return this.#lock !== undefined;
+  }
+
+  /**
+   * Takes the session's lock (its directory's `lock` file), so that no other drover runs the
+   * session at the same time; a no-op when this object holds it. Throws ConfigError
+   * "session N is running (pid P ...)" while another process that may live holds it; a lock
+   * whose process is gone is taken over. unlock() releases it, and so does the end of the process.
+   */
+  lock(): void {
+    this.#lock ??= SessionLock.take(this.dir, this.id);
+  }
+
+  unlock(): void {
+    this.#lock?.release();
+    this.#lock = undefined;
   }
 
   /** Changes parameters (a resume given other options) and writes them. */
@@ -210,6 +248,109 @@ export class Session {
   counts(): Record<JobStatus, number> {
     return countJobs(this.jobs);
   }
+}
+
+/** Who holds a session's lock, as its `lock` file says. */
+interface LockOwner {
+  readonly pid: number;
+  /** The process's start time (clock ticks since boot): with the pid, it names the process. */
+  readonly startTime?: number;
+  readonly bootId?: string;
+  readonly host: string;
+  readonly since: string;
+}
+
+/** A session's lock file, held by this process. */
+class SessionLock {
+  readonly #releaseOnExit = () => this.release();
+  #held = true;
+
+  private constructor(
+    readonly file: string,
+    readonly owner: LockOwner,
+  ) {
+    process.once('exit', this.#releaseOnExit);
+  }
+
+  /** Creates the lock file, or takes over one whose owner is gone; refuses while its owner may run. */
+  static take(dir: string, id: number): SessionLock {
+    const file = join(dir, 'lock');
+    const startTime = processStartTime(process.pid);
+    const boot = bootId();
+    const me: LockOwner = { pid: process.pid, ...(startTime === undefined ? {} : { startTime }), ...(boot === undefined ? {} : { bootId: boot }), host: hostname(), since: new Date().toISOString() };
+    const mine = `${file}.${process.pid}`;
+    writeFileSync(mine, JSON.stringify(me) + '\n');
+    try {
+      for (let attempt = 0; attempt < 5; attempt++) {
+        try {
+          linkSync(mine, file); // exclusive, and the file is whole the moment it exists
+          return new SessionLock(file, me);
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+        }
+        const owner = readLock(file);
+        if (owner === 'gone') continue;
+        if (owner !== undefined && lockOwnerRuns(owner)) throw running(id, owner, file);
+        // Its process is gone: move it aside, and look again at what was moved, in case another
+        // drover took the lock over in between (its lock then goes back).
+        const aside = `${file}.stale.${process.pid}`;
+        try {
+          renameSync(file, aside);
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue;
+          throw error;
+        }
+        const moved = readLock(aside);
+        if (moved !== 'gone' && moved !== undefined && lockOwnerRuns(moved)) {
+          try {
+            linkSync(aside, file);
+          } catch {
+            // a third drover holds it now: the next look says so
+          }
+        }
+        unlinkSync(aside);
+      }
+      throw new ConfigError(`session ${id}: could not take its lock ${file} (other drover processes keep taking it)`);
+    } finally {
+      unlinkSync(mine);
+    }
+  }
+
+  /** Removes the lock file, if it is still this process's; idempotent. */
+  release(): void {
+    if (!this.#held) return;
+    this.#held = false;
+    process.off('exit', this.#releaseOnExit);
+    const owner = readLock(this.file);
+    if (owner !== 'gone' && owner !== undefined && owner.pid === this.owner.pid && owner.since === this.owner.since) unlinkSync(this.file);
+  }
+}
+
+/** The owner a lock file names; undefined when it is unreadable (a lock to take over), 'gone' when there is no file. */
+function readLock(file: string): LockOwner | undefined | 'gone' {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'ENOENT' ? 'gone' : undefined;
+  }
+  try {
+    const owner = JSON.parse(text) as Partial<LockOwner>;
+    return typeof owner.pid === 'number' && typeof owner.host === 'string' ? owner as LockOwner : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether the lock's process may still run: on another machine (unknowable from here), or alive here. */
+function lockOwnerRuns(owner: LockOwner): boolean {
+  if (owner.startTime === undefined) return owner.host !== hostname() || isAlive(owner.pid);
+  return ownerMayLive({ pid: owner.pid, startTime: owner.startTime, host: owner.host, ...(owner.bootId === undefined ? {} : { bootId: owner.bootId }) });
+}
+
+function running(id: number, owner: LockOwner, file: string): ConfigError {
+  const where = owner.host === hostname() ? '' : ` on ${owner.host}`;
+  return new ConfigError(`session ${id} is running (pid ${owner.pid}${where}, since ${owner.since}): resuming it now would run its jobs twice; wait for it to end, or stop it first (lock file ${file})`);
 }
 
 /**

@@ -69,6 +69,7 @@ Options (flag > --template file > DROVER_<NAME> environment variable):
                            where the provider is (the cloud settings)
   --resume ID              run session ID's jobs that are still pending
   --retry ID               run session ID's failed and timed-out jobs again
+                           (refused while another drover runs the session)
 
 SSH hosts are reached with the worker's SSH settings: DROVER_SSH_IDENTITY_FILE,
 DROVER_SSH_KNOWN_HOSTS, DROVER_SSH_HOST_KEY_POLICY, DROVER_SSH_WORK_DIR,
@@ -178,7 +179,8 @@ export const batchCommand: Command = {
     let session: Session | undefined;
     let lines: string[];
     if (resume !== undefined || retry !== undefined) {
-      session = Session.open(sessionsDir, (resume ?? retry)!);
+      // Locked before its jobs are read: a session that another drover runs is refused, not run twice.
+      session = Session.open(sessionsDir, (resume ?? retry)!, { lock: true });
       checkSameJobs(session, input, positionals);
       lines = session.jobs.map((job) => job.line);
     } else {
@@ -199,12 +201,14 @@ export const batchCommand: Command = {
       const todo = session === undefined ? lines.length : session.jobs.filter((job) => job.status === 'pending' || job.status === 'running' || (retry !== undefined && (job.status === 'failed' || job.status === 'timeout'))).length;
       if (!(await askFirst(params, lines, todo, sessionsDir, session?.id))) {
         provider?.close();
+        session?.unlock();
         process.stderr.write('drover batch: you did not answer yes; nothing ran\n');
         return EXIT.FAILED;
       }
     }
     if (session === undefined) {
       session = createSession(lines, { command, sessionsDir, ...options });
+      session.lock();
     } else {
       session.update(resumeChanges(sessionParams(options), given));
       if (retry !== undefined) {
@@ -260,6 +264,7 @@ export const batchCommand: Command = {
       }
       return counts.ok === total ? EXIT.OK : EXIT.FAILED;
     } finally {
+      session.unlock();
       display.end();
       provider?.close();
       process.off('SIGINT', onSignal);

@@ -73,7 +73,9 @@ Options (flag > --template file > DROVER_<NAME> environment variable):
 
 SSH hosts are reached with the worker's SSH settings: DROVER_SSH_IDENTITY_FILE,
 DROVER_SSH_KNOWN_HOSTS, DROVER_SSH_HOST_KEY_POLICY, DROVER_SSH_WORK_DIR,
-DROVER_SSH_KEEPALIVE and DROVER_SSH_MAX_CHANNELS (see drover worker --help).
+DROVER_SSH_KEEPALIVE and DROVER_SSH_MAX_CHANNELS (see drover worker --help),
+or ssh.* in the --config file (DROVER_CONFIG); its engine.killSignal and
+engine.killGrace stop timed-out jobs, and its aws.* and gce.* serve --provider.
 A host that stops answering is retired at once, and its running jobs run
 again on another host; the batch goes on while one host works.
 
@@ -113,6 +115,8 @@ export const batchCommand: Command = {
   usage: 'cat jobs | drover batch [options] [--] [COMMAND...]',
   summary: 'run each line of stdin as a job, in parallel, in a resumable session',
   details: DETAILS,
+  // A session has a queue of its own (SESSIONS/ID/queue).
+  usesQueue: false,
   options: {
     split: { type: 'string' },
     timeout: { type: 'string' },
@@ -191,7 +195,7 @@ export const batchCommand: Command = {
     // The cloud's modules, and with them ssh2 (70 ms to load), load only for a batch that launches instances.
     const providerHosts = (setting('provider') ?? stored?.provider) === undefined ? undefined : await import('../batch/provider-hosts.js');
     const launch = launchOptions(setting, stored, (name) => providerHosts!.defaultSshUser(name));
-    const { config, ...ssh } = await sshSettings(launch?.settings ?? {});
+    const { config, ...ssh } = await sshSettings(values['config'] as string | undefined, launch?.settings ?? {});
     if (launch !== undefined && session === undefined && split === undefined) throw new UsageError(`--provider ${launch.provider} needs --split N: how many instances to launch`);
     const { createProvider } = await import('../cloud/providers.js');
     const provider = launch === undefined ? undefined : await createProvider(launch.provider, config);
@@ -344,12 +348,13 @@ function readTemplate(file: string): Template {
 
 /**
  * SSH settings and kill grace: the worker's own settings (DROVER_SSH_*,
- * DROVER_KILL_*), so one set serves both; and the config, with the cloud
- * settings the batch options give.
+ * DROVER_KILL_*, or the --config file's ssh.* and engine.*), so one set
+ * serves both; and the config, with the cloud settings the batch options give.
  */
-async function sshSettings(flags: Record<string, string | undefined>) {
+async function sshSettings(file: string | undefined, flags: Record<string, string | undefined>) {
   const { loadConfig } = await import('../runtime/config.js');
-  const config = loadConfig({ file: process.env['DROVER_CONFIG'] || undefined, flags });
+  // Without --config, loadConfig reads DROVER_CONFIG.
+  const config = loadConfig({ ...(file === undefined ? {} : { file }), flags });
   const { ssh } = config;
   return {
     ssh: {
@@ -472,6 +477,7 @@ export const sessionsCommand: Command = {
   summary: 'list batch sessions with their job counts',
   details: `Options:
   --sessions PATH          the sessions directory [~/.drover/sessions] (DROVER_SESSIONS)`,
+  usesQueue: false,
   options: { sessions: { type: 'string' } },
   async run(values) {
     const { Session, defaultSessionsDir, sessionIds } = await import('../batch/session.js');

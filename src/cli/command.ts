@@ -14,6 +14,12 @@ export interface Command {
   readonly details?: string;
   /** Flags beyond the common --config, --queue-dir and --help; parsed strictly. */
   readonly options: Options;
+  /**
+   * false: the command has no use for the task queue (a batch has queues of its own): the common
+   * queue flags (--queue-dir, --queue...) are refused with a sentence that says so, and --help does
+   * not list them.
+   */
+  readonly usesQueue?: false;
   /** Returns the exit code; throws UsageError or ConfigError for exit code 2. */
   run(values: Values, positionals: string[]): Promise<number>;
 }

@@ -27,6 +27,9 @@ import { EXIT } from './exit-codes.js';
 const DEFAULT_DEADLINE_S = 24 * 3600;
 const DEFAULT_RETRIES = 5;
 
+/** The common flags that choose the task queue: a command with `usesQueue: false` refuses them. */
+const QUEUE_FLAGS = ['queue-dir', 'queue', 'queue-type', 'queue-schema', 'artifact-dir'] as const;
+
 const common: Options = {
   config: { type: 'string', short: 'c' },
   'queue-dir': { type: 'string' },
@@ -313,6 +316,8 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stdout.write(help(name, command));
       return EXIT.OK;
     }
+    const queueFlag = command.usesQueue === false ? QUEUE_FLAGS.find((flag) => values[flag] !== undefined) : undefined;
+    if (queueFlag !== undefined) throw new UsageError(`--${queueFlag} is not an option of drover ${name}: it does not use the task queue`);
     return await command.run(values as Values, positionals);
   } catch (error) {
     return reportError(name, error);
@@ -449,7 +454,9 @@ function overview(): string {
 function help(name: string, command: Command): string {
   const text = `Usage: ${command.usage}\n\n${command.summary[0]!.toUpperCase()}${command.summary.slice(1)}.\n\n` +
     (command.details ? `${command.details}\n\n` : '') +
-    `Common options:\n  -c, --config FILE        YAML config file (also DROVER_CONFIG)\n  --queue-dir DIR          the embedded queue's directory [.drover]\n  --queue URL              a PostgreSQL queue, postgres://USER@HOST:PORT/DATABASE (also DROVER_QUEUE)\n  --queue-schema NAME      its schema [drover]; --artifact-dir DIR: its shared artifact directory\n  -h, --help               this text\n`;
+    `Common options:\n  -c, --config FILE        YAML config file (also DROVER_CONFIG)\n` +
+    (command.usesQueue === false ? '' : `  --queue-dir DIR          the embedded queue's directory [.drover]\n  --queue URL              a PostgreSQL queue, postgres://USER@HOST:PORT/DATABASE (also DROVER_QUEUE)\n  --queue-schema NAME      its schema [drover]; --artifact-dir DIR: its shared artifact directory\n`) +
+    `  -h, --help               this text\n`;
   if (name !== 'worker') return text;
   return text + `\nWorker options (flag > config file > DROVER_* environment):\n  --once                   run what is pending, then exit 0\n${describeSettings('text', Object.keys(common))}\n\nExit codes: 0 tasks done, 2 bad config or usage, 3 idle timeout,\n4 stopped by SIGTERM/SIGINT, 5 stopped by the host, 70 internal error.\n`;
 }

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import t from 'tap';
 import { EXIT } from '../src/cli/exit-codes.js';
 import { describeSettings, loadConfig } from '../src/runtime/config.js';
-import { drover, droverLoading, eventually, resolved, startWorker, submit } from './helpers/drover.js';
+import { drover, droverLoading, eventually, readTask, resolved, startWorker, submit } from './helpers/drover.js';
 
 const README = readFileSync(new URL('../README.md', import.meta.url), 'utf8');
 const COMMANDS = ['worker', 'submit', 'tasks', 'task', 'logs', 'cancel', 'artifact', 'migrate', 'diagram'];
@@ -103,6 +103,21 @@ t.test('README documents every exit code and every setting as the code has them'
     t.match(README, new RegExp(`\\n\\| ${code} \\| `), `README's exit code table has ${code} (${name})`);
   }
   t.ok(README.includes(describeSettings('markdown')), 'README\'s settings table is the one the code describes');
+});
+
+t.test('submit --payload FILE --max-run-time S: the flag is not dropped, it replaces the file\'s maxRunTime', async (t) => {
+  const cwd = t.testdir({ 'plain.yaml': 'command: echo plain\n', 'long.yaml': 'command: echo long\nmaxRunTime: 3600\n' });
+  const queueDir = join(cwd, '.drover');
+  const plain = await submit(['--payload', 'plain.yaml', '--max-run-time', '5', '--retries', '1'], { cwd });
+  const long = await submit(['--payload', 'long.yaml', '--max-run-time', '7'], { cwd });
+  const kept = await submit(['--payload', 'long.yaml'], { cwd });
+  t.same((await readTask(queueDir, plain)).payload, { command: 'echo plain', maxRunTime: 5 }, 'added to a payload without one');
+  t.equal((await readTask(queueDir, plain)).retriesLeft, 1, 'beside --retries, which a payload file takes too');
+  t.same((await readTask(queueDir, long)).payload, { command: 'echo long', maxRunTime: 7 }, 'the flag beats the file');
+  t.same((await readTask(queueDir, kept)).payload, { command: 'echo long', maxRunTime: 3600 }, 'without the flag, the file\'s');
+  const bad = await drover(['submit', '--payload', 'plain.yaml', '--max-run-time', '0'], { cwd });
+  t.equal(bad.code, EXIT.CONFIG);
+  t.match(bad.stderr, '--max-run-time must be a whole number of at least 1, not "0"');
 });
 
 t.test('submit, task, tasks, logs -f and artifact', async (t) => {

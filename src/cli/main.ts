@@ -129,6 +129,7 @@ the command's argv, run without a shell.
 
 Options:
   --max-run-time S         stop the command after S seconds; the run resolves failed
+                           (with --payload, it replaces the payload's maxRunTime)
   --retries N              how many more runs after worker-shutdown, claim-expired or
                            intermittent-task (onExitStatus.retry) [5]
   --deadline S             resolve exception/deadline-exceeded if not done within S seconds [86400]
@@ -345,6 +346,7 @@ function reportError(name: string, error: unknown): number {
 
 async function payloadFrom(values: Values, positionals: string[]): Promise<Payload> {
   const file = values['payload'] as string | undefined;
+  const maxRunTime = values['max-run-time'] === undefined ? undefined : integerOption(values, 'max-run-time', 0, 1);
   if (file !== undefined) {
     if (positionals.length > 0) throw new UsageError('give either --payload or a command, not both');
     const text = file === '-' ? await readStdin() : await readFile(file, 'utf8').catch((error: NodeJS.ErrnoException) => {
@@ -358,12 +360,12 @@ async function payloadFrom(values: Values, positionals: string[]): Promise<Paylo
       throw new UsageError(`payload ${file === '-' ? 'on stdin' : `file "${file}"`} is neither JSON nor YAML: ${errorMessage(error).split('\n')[0]}`);
     }
     if (payload === null || typeof payload !== 'object' || Array.isArray(payload)) throw new UsageError('a payload must be a JSON or YAML object');
-    return payload as Payload;
+    // As --retries and --deadline go with a payload file, so does --max-run-time: the flag beats the file.
+    return maxRunTime === undefined ? payload as Payload : { ...payload, maxRunTime };
   }
   if (positionals.length === 0) throw new UsageError('give a command after --, or --payload FILE');
   // One argument is a shell command line; several are the argv of the command itself.
   const command = positionals.length === 1 ? positionals[0]! : positionals;
-  const maxRunTime = values['max-run-time'] === undefined ? undefined : integerOption(values, 'max-run-time', 0, 1);
   return maxRunTime === undefined ? { command } : { command, maxRunTime };
 }
 

@@ -24,12 +24,14 @@ export async function runWorker(config: Config, queue: Queue, once: boolean, wor
   const logger = maskedLogger(workerLogger, new SecretMasker(Object.values(config.secretTaskEnv)));
   const workDir = resolvePath(config.workDir);
   if (config.instance) logger.info('settings from the instance', { source: config.instance.source, settings: config.instance.settings.join(',') || 'none' });
-  const { host, capacity, remote } = await hostFor(config, workDir, logger);
-  // A module that cannot be loaded is a config error: the queue is closed so that the process can exit.
-  const { engine, plugins } = await workerParts(config, remote).catch(async (error: unknown) => {
+  // A set-up error (a bad hosts file, a module that cannot be loaded) is a config error: the queue
+  // is closed so that the process can exit (a PostgreSQL pool would keep it alive).
+  const closeQueue = async (error: unknown): Promise<never> => {
     await queue.close();
     throw error;
-  });
+  };
+  const { host, capacity, remote } = await hostFor(config, workDir, logger).catch(closeQueue);
+  const { engine, plugins } = await workerParts(config, remote).catch(closeQueue);
   const worker = startWorker({
     workerId: config.workerId || `${hostname()}-${process.pid}`,
     queue,

@@ -17,6 +17,7 @@ import type { Readable } from 'node:stream';
 import { ConfigError, ResourceUnavailableError, errorMessage } from '../model/errors.js';
 import type { Logger } from '../runtime/logger.js';
 import type { Host, HostBootOptions, HostIdentity, Placement, PlacementRequest } from './host.js';
+import { parseSshAddress } from './ssh-address.js';
 import { MachinePool, type MachineStatus, type SelectionStrategy, type SlotRequest } from './selection.js';
 import { HostKeyError } from './ssh-known-hosts.js';
 import { SshConnectionError, SshTransport, type SshConnectionOptions } from './ssh-transport.js';
@@ -48,7 +49,10 @@ export interface SshHostOptions extends SshPoolOptions {
   readonly workDir?: string;
 }
 
-/** Parses a hosts file: one `[user@]name[:port] [capacity=N] [labels=a,b]` a line; `#` starts a comment. */
+/**
+ * Parses a hosts file: one `[user@]name[:port] [capacity=N] [labels=a,b]` a line; `#` starts a comment.
+ * Every problem (a bad address, a bad field) is named with its line, all at once.
+ */
 export function parseHostsFile(file: string): SshHostEntry[] {
   let text: string;
   try {
@@ -62,6 +66,11 @@ export function parseHostsFile(file: string): SshHostEntry[] {
     const line = raw.replace(/#.*/, '').trim();
     if (line === '') return;
     const [address, ...rest] = line.split(/\s+/);
+    try {
+      parseSshAddress(address!);
+    } catch (error) {
+      problems.push(`hosts file "${file}" line ${index + 1}: ${errorMessage(error)}`);
+    }
     let capacity: number | undefined;
     let labels: string[] | undefined;
     for (const field of rest) {

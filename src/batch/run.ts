@@ -97,7 +97,7 @@ async function runLockedSession(session: Session, options: RunSessionOptions): P
   const started = Date.now();
   const params = session.params;
   const { split, timeout, retries } = params;
-  for (const job of session.jobs) if (job.status === 'running') job.status = 'pending'; // a crashed predecessor's
+  for (const job of session.jobs) if (job.status === 'running') interrupt(job); // a crashed predecessor's
   session.save();
   const todo = session.jobs.filter((job) => job.status === 'pending');
   const tallies = new Map<string, { running: number; ok: number; failed: number }>();
@@ -212,7 +212,7 @@ async function runLockedSession(session: Session, options: RunSessionOptions): P
       return;
     }
     if (ended === 'stranded') {
-      job.status = 'pending';
+      interrupt(job);
       stranded ??= `no host is left to run on (${job.message ?? 'all retired'})`;
       stopping = true;
       worker.shutdown({ kind: 'fatal', message: stranded });
@@ -220,7 +220,8 @@ async function runLockedSession(session: Session, options: RunSessionOptions): P
       progress();
       return;
     }
-    job.status = ended;
+    if (ended === 'pending') interrupt(job);
+    else job.status = ended;
     if (ended === 'ok') tally(host).ok++;
     if (ended === 'failed' || ended === 'timeout') tally(host).failed++;
     options.onJob?.(job);
@@ -234,7 +235,7 @@ async function runLockedSession(session: Session, options: RunSessionOptions): P
         batchHost.retire(host, `${count} jobs in a row failed (--strikes ${params.strikes})`);
       }
     }
-    if ((ended === 'failed' || ended === 'timeout') && job.attempts - (job.lost ?? 0) <= retries && !stopping) {
+    if ((ended === 'failed' || ended === 'timeout') && failedAttempts(job) <= retries && !stopping) {
       job.status = 'pending';
       session.saveSoon();
       await submit([job]);
@@ -380,7 +381,7 @@ async function runLockedSession(session: Session, options: RunSessionOptions): P
     if (reason.kind === 'fatal') stranded ??= reason.message;
   } finally {
     options.signal?.removeEventListener('abort', onAbort);
-    for (const job of session.jobs) if (job.status === 'running') job.status = 'pending';
+    for (const job of session.jobs) if (job.status === 'running') interrupt(job);
     session.save();
     clearTimeout(progressTimer);
     if (progressDue) report();
@@ -395,6 +396,17 @@ async function runLockedSession(session: Session, options: RunSessionOptions): P
   }
   const interrupted = options.signal?.aborted ?? false;
   return outcome(interrupted, interrupted ? undefined : session.counts().pending > 0 ? stranded ?? 'the batch stopped early' : undefined);
+}
+
+/** A job whose attempt the batch cut short (an interruption, a crash, no host left): pending again, and that attempt does not use up a retry. */
+function interrupt(job: JobRecord): void {
+  job.status = 'pending';
+  job.interrupted = (job.interrupted ?? 0) + 1;
+}
+
+/** The attempts that count against --retries: not those whose host went away, nor those the batch cut short. */
+function failedAttempts(job: JobRecord): number {
+  return job.attempts - (job.lost ?? 0) - (job.interrupted ?? 0);
 }
 
 /** Opens the host source and builds the SSH host over what it gives. */

@@ -59,6 +59,11 @@ export interface JobRecord {
   host?: string;
   /** Attempts cut short because their host went away; they do not count against --retries. */
   lost?: number;
+  /**
+   * Attempts cut short by the batch itself: stopped by Ctrl-C or SIGTERM, running when a drover
+   * crashed, or left with no host to run on; like `lost` ones, they do not count against --retries.
+   */
+  interrupted?: number;
   started?: string;
   durationMs?: number;
   exitCode?: number | null;

@@ -1012,19 +1012,9 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
   async #openExec<T>(connection: Connection, command: string, onChannel: (channel: ClientChannel) => T): Promise<T> {
     for (let attempt = 0; ; attempt++) {
       try {
-        return await new Promise<T>((resolve, reject) => {
-          if (connection.closed) {
-            reject(new SshConnectionError(`the connection to ${this.address} was lost`, { cause: connection.error }));
-            return;
-          }
-          connection.client.exec(command, (error, channel) => {
-            if (error) {
-              reject(error);
-              return;
-            }
-            this.#stats.channelsOpened++;
-            resolve(onChannel(channel));
-          });
+        return await this.#request<ClientChannel, T>(connection, (done) => connection.client.exec(command, done), (channel) => {
+          this.#stats.channelsOpened++;
+          return onChannel(channel);
         });
       } catch (error) {
         if (error instanceof SshConnectionError) throw error;
@@ -1038,20 +1028,39 @@ export class SshTransport extends EventEmitter<{ lost: [error: Error] }> impleme
     }
   }
 
+  /**
+   * An ssh2 request on `connection` (a channel to open), settled by its callback, or failed once the
+   * connection is lost: ssh2 never calls back a request that the connection dropped under halfway
+   * (a channel confirmed, its subsystem not yet), and whoever waits on it would wait for ever.
+   * `take` runs inside the callback, before any event of what it gives.
+   */
+  #request<T, R>(connection: Connection, send: (done: (error: Error | undefined, value: T) => void) => void, take: (value: T) => R): Promise<R> {
+    return new Promise<R>((resolve, reject) => {
+      const lost = () => reject(new SshConnectionError(`the connection to ${this.address} was lost`, { cause: connection.error }));
+      if (connection.closed) {
+        lost();
+        return;
+      }
+      const signal = connection.closedSignal.signal;
+      signal.addEventListener('abort', lost, { once: true });
+      send((error, value) => {
+        signal.removeEventListener('abort', lost);
+        if (error) reject(error);
+        else resolve(take(value));
+      });
+    });
+  }
+
   /** The connection's SFTP channel (this transport's connection, made if need be, unless one is given). */
   async #sftp(given?: Connection): Promise<SFTPWrapper> {
     const connection = given ?? (await this.#connect());
     if (connection.sftp === undefined) {
-      connection.sftp = new Promise<SFTPWrapper>((resolve, reject) => {
-        connection.client.sftp((error, sftp) => {
-          if (error) {
-            reject(new SshConnectionError(`${this.address}: cannot start SFTP: ${error.message}`, { cause: error }));
-            return;
-          }
-          this.#stats.channelsOpened++;
-          sftp.on('error', () => {});
-          resolve(sftp);
-        });
+      connection.sftp = this.#request<SFTPWrapper, SFTPWrapper>(connection, (done) => connection.client.sftp(done), (sftp) => {
+        this.#stats.channelsOpened++;
+        sftp.on('error', () => {});
+        return sftp;
+      }).catch((error: unknown) => {
+        throw error instanceof SshConnectionError ? error : new SshConnectionError(`${this.address}: cannot start SFTP: ${errorMessage(error)}`, { cause: error });
       });
       connection.sftp.catch(() => {
         connection.sftp = undefined;

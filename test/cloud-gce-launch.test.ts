@@ -79,6 +79,6 @@ t.test('the instance machine ends leaked, not terminated, when the wait for the 
   const [output] = await fleet.dispose();
   const [made] = endpoint.instances();
   t.match(output, { outcome: 'leaked', reason: `the launch failed, and may have made an instance: compute:instances.insert: instance ${made!.id} was accepted` });
-  t.equal(endpoint.alive().length, 1, 'the instance runs: it is the watchdog\'s (see cloud-fixes-fleet-close)');
+  t.equal(endpoint.alive().length, 1, 'the instance runs: it is the watchdog\'s (see cloud-fleet-close.test.ts)');
   for (const instance of endpoint.instances()) await provider.terminate(instance.id);
 });

@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { randomUUID } from 'node:crypto';
 import { COMPACT_BYTES, CrashJournal } from '../src/hosts/journal.js';
 import { HardwareHost, LocalTransport } from '../src/hosts/local.js';
-import { bootId, groupPids, isAlive, parseProcStat, pidsWithCookie, processStartTime, readProcStat } from '../src/hosts/proc.js';
+import { bootId, groupPids, isAlive, liveProcesses, parseProcStat, pidsWithCookie, processStartTime, readProcStat } from '../src/hosts/proc.js';
 import { createLogger, type Logger } from '../src/runtime/logger.js';
 import { tsLoaderArg } from './helpers/node-script.js';
 
@@ -105,13 +105,17 @@ async function startCrashWorker(
 }
 
 /**
- * kill -9 of the worker and its agent together, as a supervisor that kills the worker's whole process
- * group does: the commands, each in a session of its own, are left to the journal.
- * (The worker alone dying is the agent's to handle: it stops the commands itself, see local-starters.test.ts.)
+ * kill -9 of the worker and its agent together (the OOM killer, a container's stop): the commands,
+ * each in a session of its own, are left to the journal. The agent (or the spawner) is in a session
+ * of its own too, out of the worker's group: both are frozen first, so that neither sees the other
+ * die and stops the commands itself. (The worker alone dying is the agent's to handle: it stops the
+ * commands, see local-starters.test.ts.)
  */
 async function crash(worker: ChildProcess): Promise<void> {
   const exited = new Promise((resolve) => worker.once('exit', resolve));
-  process.kill(-worker.pid!, 'SIGKILL');
+  const groups = [worker.pid!, ...liveProcesses().filter((stat) => stat.ppid === worker.pid).map((stat) => stat.pgrp)];
+  for (const pgid of groups) process.kill(-pgid, 'SIGSTOP');
+  for (const pgid of groups) process.kill(-pgid, 'SIGKILL');
   await exited;
 }
 

@@ -1,6 +1,7 @@
 /** The drover command as a user meets it: help, bad input, the read commands, and docs that match the code. */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import t from 'tap';
 import { EXIT } from '../src/cli/exit-codes.js';
 import { describeSettings, loadConfig } from '../src/runtime/config.js';
@@ -160,4 +161,27 @@ t.test('submit, task, tasks, logs -f and artifact', async (t) => {
   const unknown = await drover(['task', 'NoSuchTaskIdAtAll0000'], { cwd });
   t.equal(unknown.code, 1);
   t.match(unknown.stderr, 'NoSuchTaskIdAtAll0000');
+});
+
+t.test('logs -f of a task whose worker was killed prints that run\'s log once, then follows the retry', { timeout: 90_000 }, async (t) => {
+  const cwd = t.testdir();
+  const env = { DROVER_CLAIM_TIMEOUT: '2' };
+  const marker = join(cwd, 'marker');
+  // The first run prints, then waits to be killed; the retry prints something else and ends. The quotes keep the
+  // words apart in the command line, which the log quotes too.
+  const id = await submit(['--retries', '1', '--', `if [ -e ${marker} ]; then echo second" "run; else touch ${marker}; echo first" "run; sleep 100; fi`], { cwd, env });
+  const first = startWorker([], { cwd, env });
+  t.teardown(() => void first.child.kill('SIGKILL'));
+  await eventually('the first run to print', async () => (await drover(['logs', id], { cwd, env })).stdout.includes('first run'));
+  first.child.kill('SIGKILL'); // its live log is never finished
+  await first.exited;
+  // No worker sweeps meanwhile: the follower itself must see the run through.
+  const following = drover(['logs', id, '-f'], { cwd, env, timeoutMs: 60_000 });
+  await sleep(5000);
+  const second = startWorker([], { cwd, env });
+  t.teardown(() => void second.child.kill('SIGKILL'));
+  const followed = await following;
+  t.equal(followed.code, 0, followed.stderr);
+  t.equal(followed.stdout.split('first run').length - 1, 1, 'the first run\'s log, once');
+  t.match(followed.stdout, /first run\n[\s\S]*second run\n[\s\S]*resolved completed\n$/, 'then the retry\'s, to its end');
 });

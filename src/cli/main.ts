@@ -384,12 +384,29 @@ async function printLogs(queue: Queue, taskId: string, runId: number | undefined
     }
     await pipeline(await queue.readArtifact({ taskId, runId: next }, LIVE_LOG_NAME, { follow, signal }), process.stdout, { end: false });
     if (!follow || runId !== undefined) return EXIT.OK;
-    // Follow into the retry, if the queue scheduled one.
-    const after = await queue.task(taskId);
-    if (after.runs.length - 1 <= next && after.runs[next]?.state !== 'pending' && after.runs[next]?.state !== 'running') return EXIT.OK;
-    if (after.runs.length - 1 > next) next++;
+    // The log is whole (or its worker is gone): follow into the retry, if the queue schedules one. Never this
+    // run's log again, which would print it twice.
+    const after = await resolvedTask(queue, taskId, next, signal);
+    if (after === undefined || after.runs.length - 1 <= next) return EXIT.OK;
+    next++;
   }
   return EXIT.OK;
+}
+
+/**
+ * The task once run `runId` is resolved: its worker reports right after it ends the log; a run whose
+ * worker died is resolved by a sweep, which this asks for (its claim has run out by the time its
+ * log was given up). Undefined if that takes more than a minute, or the signal aborts.
+ */
+async function resolvedTask(queue: Queue, taskId: string, runId: number, signal: AbortSignal): Promise<TaskStatus | undefined> {
+  for (let i = 0; i < 240 && !signal.aborted; i++) {
+    const task = await queue.task(taskId);
+    const state = task.runs[runId]?.state;
+    if (state !== 'pending' && state !== 'running') return task;
+    if (i > 0) await queue.sweep();
+    await delay(250, signal);
+  }
+  return undefined;
 }
 
 function delay(ms: number, signal: AbortSignal): Promise<void> {

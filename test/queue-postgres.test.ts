@@ -5,6 +5,8 @@
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
+import { existsSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { ConfigError, QueueUnavailableError } from '../src/model/errors.js';
@@ -128,6 +130,14 @@ t.test('connections cut by the server', async (t) => {
 
 // A worker whose clock is off (a VM resumed without NTP) must not judge other workers' claims by it.
 const hasFaketime = spawnSync('faketime', ['-f', '+0s', 'true'], { stdio: 'ignore' }).status === 0;
+/** libfaketime itself, for a clock that a test steps while the process runs (faketime's wrapper fixes it at start). */
+const libfaketime = ['/usr/lib', '/usr/lib64'].flatMap((dir) => {
+  try {
+    return readdirSync(dir).map((arch) => join(dir, arch, 'faketime', 'libfaketime.so.1'));
+  } catch {
+    return [];
+  }
+}).find((path) => existsSync(path));
 t.test('workers whose clocks are 40 s apart agree on when a claim runs out: the server\'s clock', { skip: hasFaketime || process.env['CI'] ? false : 'faketime is not installed' }, async (t) => {
   const schema = freshSchema(t);
   const queue = await openQueue(t, { schema });
@@ -153,4 +163,35 @@ t.test('workers whose clocks are 40 s apart agree on when a claim runs out: the 
   t.ok(left > 20_000 && left <= 30_000, `its claim runs out 30 s from now by the server's clock, not 70 s (${left} ms)`);
   t.equal(await queue.sweep(), 0, 'and this worker does not sweep it');
   t.same((await queue.task(ids[1]!)).runs.map((run) => run.state), ['running']);
+});
+
+t.test('a worker\'s clock stepped while it runs is followed within clockCheckMs', { skip: libfaketime || process.env['CI'] ? false : 'libfaketime is not installed' }, async (t) => {
+  const schema = freshSchema(t);
+  const dir = t.testdir({ 'clock.txt': '+0s\n' });
+  const source = pathToFileURL(fileURLToPath(new URL('../src/queues/postgres.ts', import.meta.url))).href;
+  // The skew of the queue's clock against the server's, read on a connection of its own.
+  const script = [
+    `const { PostgresQueue } = await import(${JSON.stringify(source)});`,
+    "const { writeFileSync } = await import('node:fs');",
+    "const pg = (await import('pg')).default;",
+    `const server = new pg.Client({ connectionString: ${JSON.stringify(PG_URL)} });`,
+    'await server.connect();',
+    "const skew = async (queue) => queue.now() - Number((await server.query('SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::text AS now')).rows[0].now);",
+    `const queue = await PostgresQueue.open({ url: ${JSON.stringify(PG_URL)}, schema: ${JSON.stringify(schema)}, poolSize: 1, clockCheckMs: 100 });`,
+    'const before = await skew(queue);',
+    'const beforeStep = Date.now();',
+    `writeFileSync(${JSON.stringify(join(dir, 'clock.txt'))}, '+40s\\n'); // NTP steps this machine's clock 40 s ahead`,
+    'const steppedBy = Date.now() - beforeStep;',
+    'await new Promise((resolve) => setTimeout(resolve, 1000));',
+    'console.log(JSON.stringify({ before, after: await skew(queue), steppedBy }));',
+    'await queue.close();',
+    'await server.end();',
+  ].join('\n');
+  const env = ['env', `LD_PRELOAD=${libfaketime}`, `FAKETIME_TIMESTAMP_FILE=${join(dir, 'clock.txt')}`, 'FAKETIME_NO_CACHE=1', 'FAKETIME_DONT_FAKE_MONOTONIC=1'];
+  const { stdout, stderr, status } = await runNodeScript(script, 30_000, env);
+  t.equal(status, 0, stderr);
+  const { before, after, steppedBy } = JSON.parse(stdout) as { before: number; after: number; steppedBy: number };
+  t.ok(Math.abs(before) < 1000, `on the server's clock at first (${before} ms)`);
+  t.ok(steppedBy > 30_000, `its own clock jumped (${steppedBy} ms)`);
+  t.ok(Math.abs(after) < 1000, `and again after this machine's clock was stepped 40 s (${after} ms)`);
 });

@@ -4,10 +4,13 @@
  * worker that runs the task; and a worker killed with -9 mid-run loses its
  * runs to the claim timeout, after which another worker completes them.
  */
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import t from 'tap';
-import { drover, eventually, runOutcomes, startWorker, submit } from './helpers/drover.js';
+import { DROVER, drover, eventually, runOutcomes, startWorker, submit, userEnv } from './helpers/drover.js';
 import { allTasks, freshSchema, PG_URL } from './helpers/postgres.js';
 import { PostgresQueue } from '../src/queues/postgres.js';
 import { MIGRATIONS } from '../src/queues/postgres-migrations.js';
@@ -128,4 +131,19 @@ t.test('kill -9 of a worker mid-run: its runs expire and another worker complete
     const completedRun = s.runs.findIndex((r) => r.state === 'completed');
     t.equal(lines.filter((line) => line === `${s.taskId} ${completedRun}`).length, 1, `${s.taskId} run ${completedRun} ran once`);
   }
+});
+
+t.test('a worker whose clock is 40 s behind the server\'s renews its claims in time', { skip: spawnSync('faketime', ['-f', '+0s', 'true']).status === 0 || process.env['CI'] ? false : 'faketime is not installed' }, async (t) => {
+  const cwd = t.testdir({});
+  const schema = freshSchema(t);
+  const env = { DROVER_QUEUE: PG_URL, DROVER_QUEUE_SCHEMA: schema, DROVER_CLAIM_TIMEOUT: '2' };
+  // Outlives two claims: timed by the worker's own clock, its first reclaim would come 21 s after the claim ran out.
+  const id = await submit(['--', 'sleep 5'], { cwd, env });
+  const worker = spawn('faketime', ['-f', '-40s', process.execPath, DROVER, 'worker', '--once'], { cwd, env: userEnv(env), stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  worker.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  t.teardown(() => void worker.kill('SIGKILL'));
+  const [code] = (await Promise.race([once(worker, 'exit'), sleep(30_000, undefined, { ref: false }).then(() => ['timed out'])])) as [number | string];
+  t.equal(code, 0, stderr);
+  t.same(runOutcomes(await task(schema, id)), ['completed']);
 });

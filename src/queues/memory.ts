@@ -106,7 +106,8 @@ const ABANDONED_CHECK_MS = 200;
 export class MemoryQueue implements Queue {
   readonly store: MemoryStore;
   readonly #claimTimeoutMs: number;
-  readonly #now: () => number;
+  /** The queue's clock (Queue.now). */
+  readonly now: () => number;
   readonly #hooks: MemoryQueueHooks;
   /** Aborted by close: ends this instance's long polls and follows. */
   readonly #closing = new AbortController();
@@ -114,7 +115,7 @@ export class MemoryQueue implements Queue {
   constructor(options: MemoryQueueOptions = {}) {
     this.store = options.store ?? new MemoryStore();
     this.#claimTimeoutMs = options.claimTimeoutMs ?? DEFAULT_CLAIM_TIMEOUT_MS;
-    this.#now = options.now ?? Date.now;
+    this.now = options.now ?? Date.now;
     this.#hooks = options.hooks ?? {};
   }
 
@@ -122,7 +123,7 @@ export class MemoryQueue implements Queue {
     this.#assertOpen();
     assertTaskDefinition(task);
     const taskId = slugid();
-    const now = this.#now();
+    const now = this.now();
     // Stored as JSON, as a database would: later changes to the caller's object do not reach the queue.
     this.store.tasks.set(taskId, {
       taskId, order: this.store.order++, payload: JSON.stringify(task.payload), state: 'pending',
@@ -263,7 +264,7 @@ export class MemoryQueue implements Queue {
 
   async sweep(): Promise<number> {
     this.#assertOpen();
-    return this.#sweepAt(this.#now());
+    return this.#sweepAt(this.now());
   }
 
   async close(): Promise<void> {
@@ -319,7 +320,7 @@ export class MemoryQueue implements Queue {
   }
 
   #sweep(): number {
-    const now = this.#now();
+    const now = this.now();
     this.#sweepAt(now);
     return now;
   }
@@ -400,7 +401,7 @@ export class MemoryQueue implements Queue {
       if (artifact.removed) throw new TaskStateError(`artifact "${artifact.meta.name}" of task ${run.taskId} run ${run.runId} was removed while being read: its upload failed`);
       if (artifact.state === 'complete' || signal?.aborted || this.#closing.signal.aborted) return;
       const record = this.#record(run);
-      if (record !== undefined && uploadsAbandoned(record, this.#now(), this.#claimTimeoutMs)) return;
+      if (record !== undefined && uploadsAbandoned(record, this.now(), this.#claimTimeoutMs)) return;
       // New bytes wake it at once; the pause bounds how late it sees that the upload was abandoned.
       await this.#pause(ABANDONED_CHECK_MS, signal);
     }

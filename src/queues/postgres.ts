@@ -51,6 +51,8 @@ import { artifactNameProblem, DEFAULT_CLAIM_TIMEOUT_MS, DEFAULT_POLL_INTERVAL_MS
 import { CancelWatchers, Wakers } from './wakers.js';
 
 const FOLLOW_POLL_MS = 100;
+/** How often a queue on the server's clock measures its offset to it again (clockOffset). */
+const CLOCK_CHECK_MS = 60_000;
 /** Cancellation arrives by NOTIFY; this poll only catches notifications lost while the listener was down. */
 const MIN_CANCEL_POLL_MS = 1_000;
 /** How long writes that must not be lost (an artifact's start and end) are retried while the server is away. */
@@ -75,10 +77,12 @@ export interface PostgresQueueOptions {
   /**
    * The clock for claims and deadlines; tests inject one to skip time. By
    * default the server's: this machine's clock and its offset to the
-   * server's, measured when the queue opens, so workers whose clocks
-   * disagree still agree on when a claim runs out.
+   * server's, measured when the queue opens and every `clockCheckMs`, so
+   * workers whose clocks disagree still agree on when a claim runs out.
    */
   readonly now?: () => number;
+  /** How often the offset to the server's clock is measured again; default a minute. */
+  readonly clockCheckMs?: number;
   /** Told each time a write meets an unreachable server and will be retried: for the worker's log. */
   readonly onRetry?: (error: unknown) => void;
 }
@@ -149,7 +153,7 @@ export class PostgresQueue implements Queue {
     const url = parseQueueUrl(options.url);
     const schema = options.schema ?? url.schema ?? DEFAULT_SCHEMA;
     checkSchemaName(schema, 'queue schema');
-    for (const [name, value] of [['claimTimeoutMs', options.claimTimeoutMs], ['pollIntervalMs', options.pollIntervalMs], ['poolSize', options.poolSize]] as const) {
+    for (const [name, value] of [['claimTimeoutMs', options.claimTimeoutMs], ['pollIntervalMs', options.pollIntervalMs], ['poolSize', options.poolSize], ['clockCheckMs', options.clockCheckMs]] as const) {
       if (value !== undefined && !(Number.isFinite(value) && value > 0)) {
         throw new ConfigError(`queue option ${name} must be a positive number, not ${String(value)}`);
       }
@@ -171,14 +175,14 @@ export class PostgresQueue implements Queue {
     pool.on('error', () => undefined);
     // A checked-out connection that breaks between queries would otherwise throw from an 'error' event nobody hears.
     pool.on('connect', (client) => client.on('error', () => undefined));
-    let now = options.now;
+    let offset: number | undefined;
     try {
       const client = await pool.connect();
       let failed: Error | undefined;
       try {
         if (options.migrate === false) await checkVersion(client, schema);
         else await migrate(client, schema);
-        now ??= await serverClock(client);
+        if (options.now === undefined) offset = await clockOffset((text) => client.query<{ now: string }>(text));
       } catch (error) {
         failed = error as Error;
         throw error;
@@ -196,7 +200,7 @@ export class PostgresQueue implements Queue {
       await pool.end().catch(() => undefined);
       throw error;
     }
-    return new PostgresQueue(pool, clientConfig, url, schema, store, { ...options, now });
+    return new PostgresQueue(pool, clientConfig, url, schema, store, options, offset ?? 0);
   }
 
   /** Applies missing migrations and closes: `drover migrate`. */
@@ -223,7 +227,8 @@ export class PostgresQueue implements Queue {
   private readonly clientConfig: pg.ClientConfig;
   private readonly claimTimeoutMs: number;
   private readonly pollIntervalMs: number;
-  private readonly now: () => number;
+  /** The queue's clock (Queue.now): the server's, unless one was injected. */
+  readonly now: () => number;
   private readonly workChannel: string;
   private readonly cancelChannel: string;
   /** Long polls waiting on this instance; a work notification, `submit` and `close` wake them. */
@@ -237,10 +242,13 @@ export class PostgresQueue implements Queue {
   private listening = false;
   private listenerFailures = 0;
   private listenerTimer: NodeJS.Timeout | undefined;
+  /** The server's clock minus this machine's (clockOffset), when the queue runs on the server's clock. */
+  private clockOffset: number;
+  private readonly clockTimer: NodeJS.Timeout | undefined;
   private readonly closing = new AbortController();
   private closed: Promise<void> | undefined;
 
-  private constructor(pool: pg.Pool, clientConfig: pg.ClientConfig, url: QueueUrl, schema: string, store: ArtifactStore, options: PostgresQueueOptions) {
+  private constructor(pool: pg.Pool, clientConfig: pg.ClientConfig, url: QueueUrl, schema: string, store: ArtifactStore, options: PostgresQueueOptions, offset: number) {
     this.pool = pool;
     this.clientConfig = clientConfig;
     this.url = url;
@@ -249,7 +257,15 @@ export class PostgresQueue implements Queue {
     this.claimTimeoutMs = options.claimTimeoutMs ?? DEFAULT_CLAIM_TIMEOUT_MS;
     this.pollIntervalMs = options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
     this.watchers = new CancelWatchers(Math.max(MIN_CANCEL_POLL_MS, this.pollIntervalMs), () => this.checkCancellations());
-    this.now = options.now!;
+    this.clockOffset = offset;
+    if (options.now !== undefined) this.now = options.now;
+    else {
+      this.now = () => Date.now() + this.clockOffset;
+      this.clockTimer = setInterval(() => {
+        clockOffset((text) => this.pool.query<{ now: string }>(text)).then((measured) => (this.clockOffset = measured), () => undefined);
+      }, options.clockCheckMs ?? CLOCK_CHECK_MS);
+      this.clockTimer.unref();
+    }
     this.workChannel = `${schema}_work`;
     this.cancelChannel = `${schema}_cancel`;
   }
@@ -455,6 +471,7 @@ export class PostgresQueue implements Queue {
       this.wakers.wake();
       this.watchers.clear();
       clearTimeout(this.listenerTimer);
+      clearInterval(this.clockTimer);
       const listener = this.listener;
       this.listener = undefined;
       this.listening = false;
@@ -745,25 +762,27 @@ async function checkVersion(client: pg.ClientBase, schema: string): Promise<void
   }
 }
 
-/** Why the queue could not be opened, said so that the user knows what to fix. */
 
 /**
- * The server's clock, read on this machine: its clock plus the offset to the
- * server's, measured once, halfway through the shortest of three round trips.
- * Every rule (claims, deadlines, sweeps) then runs on one clock however far
- * the workers' own clocks are apart.
+ * How far the server's clock is ahead of this machine's, in ms: halfway
+ * through the shortest of three round trips. A queue that runs on the
+ * server's clock reads it as this machine's clock plus this offset, measured
+ * when it opens and every clockCheckMs after (a clock stepped by NTP is
+ * followed within that), so every rule (claims, deadlines, sweeps) runs on
+ * one clock however far the workers' own clocks are apart.
  */
-async function serverClock(client: pg.ClientBase): Promise<() => number> {
+async function clockOffset(query: (text: string) => Promise<pg.QueryResult<{ now: string }>>): Promise<number> {
   let best = { roundTrip: Infinity, offset: 0 };
   for (let i = 0; i < 3; i++) {
     const sent = Date.now();
-    const { rows } = await client.query<{ now: string }>(`SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::text AS now`);
+    const { rows } = await query(`SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::text AS now`);
     const received = Date.now();
     if (received - sent < best.roundTrip) best = { roundTrip: received - sent, offset: Number(rows[0]!.now) - (sent + received) / 2 };
   }
-  const offset = Math.round(best.offset);
-  return () => Date.now() + offset;
+  return Math.round(best.offset);
 }
+
+/** Why the queue could not be opened, said so that the user knows what to fix. */
 function openError(error: unknown, url: QueueUrl, schema: string): Error {
   if (error instanceof ConfigError) return error;
   const detail = errorMessage(error) || String((error as { code?: string }).code ?? error);

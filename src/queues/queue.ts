@@ -124,6 +124,11 @@ export interface Queue {
   listTasks(options?: ListTasksOptions): Promise<TaskStatus[]>;
   /** Resolves expired claims and passed deadlines now; returns how many runs it resolved. */
   sweep(): Promise<number>;
+  /**
+   * The queue's clock, on which claims (takenUntil) and deadlines are measured: a worker times its
+   * reclaims and reports by it. Without it, this machine's.
+   */
+  now?(): number;
   /** Releases connections and timers. Idempotent. */
   close(): Promise<void>;
 }

@@ -272,7 +272,8 @@ export class SqliteQueue implements Queue {
   private readonly claimTimeoutMs: number;
   private readonly pollIntervalMs: number;
   private readonly inlineWaitMs: number;
-  private readonly now: () => number;
+  /** The queue's clock (Queue.now). */
+  readonly now: () => number;
   /** Long polls waiting on this instance; `submit` and `close` wake them. */
   private readonly wakers = new Wakers();
   /** One transaction wrapper for every write: `fn` runs inside it. */

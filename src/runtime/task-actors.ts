@@ -75,7 +75,8 @@ class RunState {
 
 export function createTaskActors(runtime: TaskRuntime) {
   const { queue, host, engine, workerId } = runtime;
-  const now = runtime.now ?? Date.now;
+  // Claims are measured on the queue's clock (a PostgreSQL queue's is the server's), so reclaims are timed by it.
+  const now = runtime.now ?? (queue.now === undefined ? Date.now : () => queue.now!());
   const runs = new Map<string, RunState>();
   const secrets = new SecretMasker(runtime.plugins.flatMap((plugin) => plugin.secrets ?? []));
 

@@ -17,7 +17,7 @@ import ssh2 from 'ssh2';
 import { SshTransport } from '../src/hosts/ssh-transport.js';
 
 /** A server that accepts anyone and leaves every exec and subsystem request unanswered; `drop` ends the connection. */
-async function stallingServer(t: Test) {
+async function stallingServer(t: Test, options: { remoteAgent: boolean }) {
   const hostKey = ssh2.utils.generateKeyPairSync('ed25519');
   const clientKey = ssh2.utils.generateKeyPairSync('ed25519');
   let stalled: () => void = () => {};
@@ -42,7 +42,7 @@ async function stallingServer(t: Test) {
   const dir = t.testdir();
   writeFileSync(join(dir, 'id'), clientKey.private, { mode: 0o600 });
   writeFileSync(join(dir, 'known_hosts'), `[127.0.0.1]:${port} ${hostKey.public}\n`);
-  const transport = new SshTransport({ address: `me@127.0.0.1:${port}`, identityFiles: [join(dir, 'id')], knownHostsFile: join(dir, 'known_hosts'), agent: false });
+  const transport = new SshTransport({ address: `me@127.0.0.1:${port}`, identityFiles: [join(dir, 'id')], knownHostsFile: join(dir, 'known_hosts'), agent: false, remoteAgent: options.remoteAgent });
   t.teardown(() => transport.close());
   const lost: Error[] = [];
   transport.on('lost', (error) => lost.push(error));
@@ -54,12 +54,13 @@ async function settled(work: Promise<unknown>, ms: number): Promise<string> {
   return Promise.race([work.then(() => 'done', (error: Error) => error.message), sleep(ms, undefined, { ref: false }).then(() => 'still waiting')]);
 }
 
-for (const [what, request] of [
-  ['a file write (the SFTP subsystem)', (transport: SshTransport) => transport.writeFile('/tmp/never-written', 'x')],
-  ['a command (exec)', (transport: SshTransport) => transport.run('true')],
+for (const [what, remoteAgent, request] of [
+  ['a file write (the SFTP subsystem)', false, (transport: SshTransport) => transport.writeFile('/tmp/never-written', 'x')],
+  ['a command (exec)', false, (transport: SshTransport) => transport.run('true')],
+  ['a command whose remote agent is starting (exec)', true, (transport: SshTransport) => transport.run('true')],
 ] as const) {
   t.test(`${what} that the connection drops under fails, and says the connection was lost`, async (t) => {
-    const { transport, requested, lost, drop } = await stallingServer(t);
+    const { transport, requested, lost, drop } = await stallingServer(t, { remoteAgent });
     const work = request(transport);
     work.catch(() => {});
     await Promise.race([requested, sleep(10_000, undefined, { ref: false })]);

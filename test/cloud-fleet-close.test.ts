@@ -125,10 +125,12 @@ t.test('the final sweep does not join a sweep under way that judged before an in
 
   // A periodic sweep: it lists and judges now, then takes its time terminating the leftover.
   cloud.faults.slow(1500, { action: 'TerminateInstances', count: 1 });
-  const describes = cloud.count('DescribeInstances');
+  const terminates = cloud.endpoint.arrived('TerminateInstances');
+  const answered = cloud.count('TerminateInstances');
   const underWay = watchdog.sweep();
-  await until('the sweep under way to have listed', () => cloud.count('DescribeInstances') > describes);
-  await new Promise((resolve) => setTimeout(resolve, 200));
+  // The sweep judges every instance it listed before its first terminate: that call's arrival proves it judged.
+  await until('the sweep under way to have judged (its terminate call to reach the endpoint)', () => cloud.endpoint.arrived('TerminateInstances') > terminates);
+  t.equal(cloud.count('TerminateInstances'), answered, 'its terminate call is held by the slow fault: the sweep is still under way');
 
   await source.close();
   t.same(watchdog.adopted(), [], 'the adopted instance was terminated before close() returned');

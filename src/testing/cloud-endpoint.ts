@@ -127,6 +127,7 @@ export class CloudFaults {
 export class FakeCloud {
   readonly faults = new CloudFaults();
   readonly calls: CallRecord[] = [];
+  readonly #arrived = new Map<string, number>();
   readonly #instances = new Map<string, FakeInstance>();
   readonly #options: FakeCloudOptions;
   readonly #sshPorts: number[];
@@ -186,8 +187,9 @@ export class FakeCloud {
     instance.terminatedAt ??= this.now();
   }
 
-  /** Records a call, and waits when a slow fault applies to it. */
+  /** Counts a call as arrived, and waits when a slow fault applies to it. */
   async enter(action: string): Promise<void> {
+    this.#arrived.set(action, (this.#arrived.get(action) ?? 0) + 1);
     const slow = this.faults.take('slow', action);
     if (slow?.ms !== undefined) await sleep(slow.ms);
   }
@@ -199,6 +201,11 @@ export class FakeCloud {
   /** How many calls of `action` were answered (failed ones included). */
   count(action: string): number {
     return this.calls.filter((call) => call.action === action).length;
+  }
+
+  /** How many calls of `action` reached the endpoint, answered or not yet (a slow fault may hold them). */
+  arrived(action: string): number {
+    return this.#arrived.get(action) ?? 0;
   }
 }
 
@@ -212,6 +219,13 @@ export interface CloudEndpoint {
   readonly calls: readonly CallRecord[];
   /** How many calls of this action (`RunInstances`, `instances.insert`, ...) were answered, failed ones included. */
   count(action: string): number;
+  /**
+   * How many calls of this action reached the endpoint, answered or not:
+   * a call a slow fault holds counts here at once, and in count() once it
+   * is answered. A test waits on it to know that a client has got as far
+   * as sending that call.
+   */
+  arrived(action: string): number;
   /** Instances not yet terminated (deleted). */
   alive(): FakeInstance[];
   close(): Promise<void>;
@@ -224,6 +238,7 @@ export function cloudEndpoint(cloud: FakeCloud, server: Server, port: number): C
     faults: cloud.faults,
     calls: cloud.calls,
     count: (action) => cloud.count(action),
+    arrived: (action) => cloud.arrived(action),
     alive: () => cloud.alive(),
     close: () => closeServer(server),
   };

@@ -63,8 +63,10 @@ t.test('a canceled run: warned once, with the task, the run and the reason', asy
 });
 
 t.test('a run whose claim is lost (the deadline passed): warned once, with the queue\'s reason', async (t) => {
-  const { lines, queue } = worker(t, { claimTimeoutMs: 1000 });
-  const id = await queue.submit({ payload: { command: 'sleep 30' }, deadline: Date.now() + 1500, retries: 0 });
+  const { worker: w, lines, queue } = worker(t, { claimTimeoutMs: 1000 });
+  // The task must be claimed before its deadline: the worker's boot is not to count against it.
+  await eventually('the worker to be claiming', () => w.state() === 'claiming.polling');
+  const id = await queue.submit({ payload: { command: 'sleep 30' }, deadline: Date.now() + 5000, retries: 0 });
   const [line] = await eventually('the log to say the run ends unresolved', () => unresolvedLines(lines, id).length > 0 && unresolvedLines(lines, id));
   t.match(line, new RegExp(`warn\\s+the run ends unresolved: the claim was lost taskId=${id} runId=0 reason=claim-lost detail=".*deadline passed`));
   await sleep(300);
@@ -72,11 +74,16 @@ t.test('a run whose claim is lost (the deadline passed): warned once, with the q
 });
 
 t.test('a run whose report the queue refuses: an error, once, with the refused resolution and the queue\'s answer', async (t) => {
-  // The command ends at once; a slow upload (a plugin's finished hook) outlasts the task's deadline. The claim
-  // is long, so no reclaim notices the loss first: the report does.
-  const slowUpload: Plugin = { name: 'slow-upload', newTask: () => ({ finished: () => sleep(2000) }) };
-  const { lines, queue } = worker(t, { claimTimeoutMs: 60_000, plugins: [slowUpload] });
-  const id = await queue.submit({ payload: { command: 'true' }, deadline: Date.now() + 1000, retries: 0 });
+  // The command ends at once; a slow upload (a plugin's finished hook) lasts until the task's deadline has
+  // passed, however soon the task was claimed. The claim is long, so no reclaim notices the loss first: the
+  // report does.
+  let deadline = 0;
+  const slowUpload: Plugin = { name: 'slow-upload', newTask: () => ({ finished: () => sleep(Math.max(0, deadline - Date.now()) + 500) }) };
+  const { worker: w, lines, queue } = worker(t, { claimTimeoutMs: 60_000, plugins: [slowUpload] });
+  // The task must be claimed before its deadline: the worker's boot is not to count against it.
+  await eventually('the worker to be claiming', () => w.state() === 'claiming.polling');
+  deadline = Date.now() + 5000;
+  const id = await queue.submit({ payload: { command: 'true' }, deadline, retries: 0 });
   const [line] = await eventually('the log to say the run ends unresolved', () => unresolvedLines(lines, id).length > 0 && unresolvedLines(lines, id));
   t.match(line, new RegExp(`error\\s+the run ends unresolved: the queue refused its resolution taskId=${id} runId=0 reason=report-refused resolution=completed detail="the queue refused the report: .*deadline`));
   await sleep(300);

@@ -9,28 +9,17 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import t from 'tap';
 import { ScriptEngine } from '../src/engines/script.js';
 import { SshHost } from '../src/hosts/ssh-host.js';
 import { livelogPlugin } from '../src/plugins/livelog.js';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 import { createLogger } from '../src/runtime/logger.js';
-import { runOutcomes } from './helpers/drover.js';
+import { eventually, runOutcomes } from './helpers/drover.js';
 import { remoteWorkDir, requireSshd, sshd } from './helpers/sshd.js';
 import { inProcessWorker } from './helpers/worker.js';
 
 if (!requireSshd(t)) process.exit(0);
-
-async function eventually<T>(what: string, check: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 30_000): Promise<T> {
-  const until = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined && value !== false) return value;
-    if (Date.now() > until) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(50);
-  }
-}
 
 t.test('a run whose host goes down resolves exception/worker-shutdown naming the host; it runs again on the other', async (t) => {
   const first = await sshd(t);
@@ -66,13 +55,13 @@ t.test('a run whose host goes down resolves exception/worker-shutdown naming the
     deadline: Date.now() + 120_000,
     retries: 1,
   });
-  const busy = await eventually('the task to run on one host', () => host.status().find((m) => m.running === 1));
+  const busy = await eventually('the task to run on one host', () => host.status().find((m) => m.running === 1), 30_000);
   const victim = servers.find((server) => server.address === busy.address)!;
   await victim.crash();
   const task = await eventually('the task to resolve', async () => {
     const current = await queue.task(id);
     return current.state !== 'pending' && current.state !== 'running' && current;
-  });
+  }, 30_000);
   t.same(runOutcomes(task), ['exception/worker-shutdown', 'completed'], 'retried, as after a shutdown');
   const message = task.runs[0]!.message ?? '';
   t.match(message, `host ${victim.address} went down: `, 'the first run\'s message names the host that went down');

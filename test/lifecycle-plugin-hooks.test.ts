@@ -9,7 +9,6 @@
  */
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import t, { type Test } from 'tap';
 import { ProcessEngine } from '../src/engines/process.js';
 import { HardwareHost } from '../src/hosts/local.js';
@@ -18,17 +17,8 @@ import type { Plugin } from '../src/plugins/plugin.js';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 import { instantiate } from '../src/runtime/extensions.js';
 import { createLogger } from '../src/runtime/logger.js';
+import { eventually } from './helpers/drover.js';
 import { inProcessWorker } from './helpers/worker.js';
-
-async function eventually<T>(what: string, check: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 15_000): Promise<T> {
-  const until = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined && value !== false) return value;
-    if (Date.now() > until) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(20);
-  }
-}
 
 /** A worker with `plugins` (and livelog) on a fresh queue; its log lines, its host and its queue. */
 function worker(t: Test, plugins: readonly Plugin[]) {

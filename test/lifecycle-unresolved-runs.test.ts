@@ -16,17 +16,8 @@ import { livelogPlugin } from '../src/plugins/livelog.js';
 import type { Plugin } from '../src/plugins/plugin.js';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 import { createLogger } from '../src/runtime/logger.js';
+import { eventually } from './helpers/drover.js';
 import { inProcessWorker } from './helpers/worker.js';
-
-async function eventually<T>(what: string, check: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> {
-  const until = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined && value !== false) return value;
-    if (Date.now() > until) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(20);
-  }
-}
 
 function worker(t: Test, options: { claimTimeoutMs: number; plugins?: readonly Plugin[] }) {
   const dir = t.testdir({});

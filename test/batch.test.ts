@@ -2,7 +2,9 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t from 'tap';
+import { createSession } from '../src/batch/run.js';
 import { EXIT } from '../src/cli/exit-codes.js';
+import { MAX_RUN_TIME_SECONDS } from '../src/plugins/maxruntime.js';
 import { SqliteQueue } from '../src/queues/sqlite.js';
 import { drover, droverLoading } from './helpers/drover.js';
 
@@ -94,6 +96,40 @@ t.test('--timeout kills the job\'s process group; failures and --retries; exit 1
   t.same(log.filter((line) => line.job === 3).map((line) => line.status), ['timeout', 'timeout']);
   await new Promise((resolve) => setTimeout(resolve, 3500));
   t.throws(() => readFileSync(join(cwd, 'marker')), 'the timed-out job\'s background child was killed with it');
+});
+
+t.test('--timeout longer than a worker can keep (MAX_RUN_TIME_SECONDS) is refused before any job runs, wherever it comes from', async (t) => {
+  const cwd = t.testdir({ 'long.yaml': `timeout: ${MAX_RUN_TIME_SECONDS + 1}\n` });
+  const sessionsDir = join(cwd, 'sessions');
+  const limit = `must be at most ${MAX_RUN_TIME_SECONDS} seconds`;
+  const cases: [string[], Record<string, string>, string][] = [
+    [['--timeout', String(MAX_RUN_TIME_SECONDS + 1)], {}, `--timeout ${limit}`],
+    [['--timeout', '3000000', '--strikes', '1'], {}, `--timeout ${limit} (about 24.8 days, the longest maxRunTime a worker can keep), not "3000000"\n`],
+    [['--template', 'long.yaml'], {}, `--timeout ${limit} (about 24.8 days, the longest maxRunTime a worker can keep), not "${MAX_RUN_TIME_SECONDS + 1}" (from template "long.yaml")`],
+    [[], { DROVER_TIMEOUT: '3000000' }, `--timeout ${limit} (about 24.8 days, the longest maxRunTime a worker can keep), not "3000000" (from DROVER_TIMEOUT)`],
+  ];
+  for (const [args, env, message] of cases) {
+    const result = await drover(['batch', '--sessions', sessionsDir, ...args, '--', 'sh', '-c', 'echo ran >> ran'], { cwd, input: '1\n', env });
+    t.equal(result.code, EXIT.CONFIG, `drover batch ${[...Object.entries(env).map(([name, value]) => `${name}=${value}`), ...args].join(' ')} exits 2`);
+    t.match(result.stderr, message);
+  }
+  t.throws(() => readFileSync(join(cwd, 'ran')), 'no job ran');
+  t.throws(() => readFileSync(join(sessionsDir, '1', 'params.json')), 'no session was made');
+
+  // The longest a worker keeps is a timeout a job runs under.
+  const longest = await drover(['batch', '--sessions', sessionsDir, '--timeout', String(MAX_RUN_TIME_SECONDS), 'echo'], { cwd, input: '1\n' });
+  t.equal(longest.code, EXIT.OK, longest.stderr);
+  t.match(longest.stdout, /^session 1 \(\d+ s\): 1\/1 OK/m);
+
+  // A session stored with a longer timeout (before the bound) is refused on --resume, unless --timeout replaces it.
+  createSession(['a'], { command: ['echo'], sessionsDir, timeout: 3_000_000 });
+  const resumed = await drover(['batch', '--sessions', sessionsDir, '--resume', '2'], { cwd });
+  t.equal(resumed.code, EXIT.CONFIG);
+  t.match(resumed.stderr, `session 2 has timeout 3000000 (${join(sessionsDir, '2', 'params.json')}), above the most a job may run, ${MAX_RUN_TIME_SECONDS} seconds`);
+  t.match(resumed.stderr, 'give --timeout S to replace it');
+  const replaced = await drover(['batch', '--sessions', sessionsDir, '--resume', '2', '--timeout', '60'], { cwd });
+  t.equal(replaced.code, EXIT.OK, replaced.stderr);
+  t.match(replaced.stdout, /^session 2 \(\d+ s\): 1\/1 OK/m);
 });
 
 t.test('bad input exits 2 with a clear message', async (t) => {

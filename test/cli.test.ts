@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import t from 'tap';
 import { EXIT } from '../src/cli/exit-codes.js';
+import { MAX_RUN_TIME_SECONDS } from '../src/plugins/maxruntime.js';
 import { describeSettings, loadConfig } from '../src/runtime/config.js';
 import { drover, droverLoading, eventually, readTask, resolved, startWorker, submit } from './helpers/drover.js';
 
@@ -119,6 +120,26 @@ t.test('submit --payload FILE --max-run-time S: the flag is not dropped, it repl
   const bad = await drover(['submit', '--payload', 'plain.yaml', '--max-run-time', '0'], { cwd });
   t.equal(bad.code, EXIT.CONFIG);
   t.match(bad.stderr, '--max-run-time must be a whole number of at least 1, not "0"');
+});
+
+t.test('submit --max-run-time longer than a worker can keep (MAX_RUN_TIME_SECONDS) is refused, and no task is queued', async (t) => {
+  const cwd = t.testdir({ 'plain.yaml': 'command: echo plain\n' });
+  const queueDir = join(cwd, '.drover');
+  const message = `--max-run-time must be at most ${MAX_RUN_TIME_SECONDS} seconds (about 24.8 days, the longest maxRunTime a worker can keep), not "3000000"`;
+  for (const args of [['--max-run-time', '3000000', '--', 'true'], ['--payload', 'plain.yaml', '--max-run-time', '3000000']]) {
+    const result = await drover(['submit', ...args], { cwd });
+    t.equal(result.code, EXIT.CONFIG, `drover submit ${args.join(' ')} exits 2`);
+    t.match(result.stderr, message);
+  }
+  t.same(JSON.parse((await drover(['tasks', '--json'], { cwd })).stdout), [], 'no task was queued');
+  const over = await drover(['submit', '--max-run-time', String(MAX_RUN_TIME_SECONDS + 1), '--', 'true'], { cwd });
+  t.equal(over.code, EXIT.CONFIG, 'one second over is refused');
+  // The longest a worker keeps is accepted, and a worker runs the task under it.
+  const longest = await submit(['--max-run-time', String(MAX_RUN_TIME_SECONDS), '--', 'echo longest'], { cwd });
+  t.same((await readTask(queueDir, longest)).payload, { command: 'echo longest', maxRunTime: MAX_RUN_TIME_SECONDS });
+  const worker = await drover(['worker', '--once'], { cwd });
+  t.equal(worker.code, EXIT.OK, worker.stderr);
+  t.equal((await readTask(queueDir, longest)).state, 'completed');
 });
 
 t.test('submit, task, tasks, logs -f and artifact', async (t) => {

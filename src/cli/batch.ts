@@ -2,7 +2,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import { createRequire } from 'node:module';
-import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
+import { dirname, isAbsolute, join, resolve as resolvePath } from 'node:path';
 import { createInterface } from 'node:readline';
 import { ConfigError, errorMessage } from '../model/errors.js';
 import { CLOUD_SETTING_FLAGS } from './instances.js';
@@ -10,7 +10,7 @@ import type { Progress } from '../batch/progress.js';
 import type { ProviderLaunch } from '../batch/provider-hosts.js';
 import { PROVIDER_NAMES, type ProviderName } from '../cloud/provider.js';
 import { jobsHash, type JobRecord, type Session, type SessionParams } from '../batch/session.js';
-import { UsageError, type Command, type Values } from './command.js';
+import { MAX_RUN_TIME_BOUND, UsageError, type Command, type Values } from './command.js';
 import { EXIT } from './exit-codes.js';
 
 const DETAILS = `Each line of stdin is one job. The line is split into words as a shell
@@ -35,7 +35,8 @@ Options (flag > --template file > DROVER_<NAME> environment variable):
                            "user@name:port [capacity=N]" a line [this machine]
   --split N                jobs that run at once [number of CPUs; with --hosts,
                            one per host]; hosts without capacity=N share them
-  --timeout S              kill a job's process group after S seconds (status timeout)
+  --timeout S              kill a job's process group after S seconds (status timeout);
+                           at most ${MAX_RUN_TIME_BOUND.max} (about 24.8 days)
   --retries N              run a failed or timed-out job up to N more times [0]
   --strikes N              retire a host after N failed or timed-out jobs in a
                            row on it [0: never]
@@ -148,10 +149,16 @@ export const batchCommand: Command = {
       return fromEnv === '' ? undefined : fromEnv;
     };
     const given = (name: SettingName) => setting(name) !== undefined;
-    const split = whole(setting('split'), 'split', undefined, 1);
-    const timeout = whole(setting('timeout'), 'timeout', 0, 1);
-    const retries = whole(setting('retries'), 'retries', 0, 0);
-    const strikes = whole(setting('strikes'), 'strikes', 0, 0);
+    /** Where a setting's value came from, for an error about it: nothing for a flag (the message names the flag). */
+    const origin = (name: SettingName): string | undefined => {
+      if (values[name] !== undefined) return undefined;
+      return template?.settings[name] !== undefined ? `template "${templateFile}"` : `DROVER_${name.toUpperCase().replace(/-/g, '_')}`;
+    };
+    const split = whole(setting('split'), 'split', undefined, 1, { from: origin('split') });
+    // A job's timeout is its task's maxRunTime: a longer one would fail every job as a malformed payload.
+    const timeout = whole(setting('timeout'), 'timeout', 0, 1, { from: origin('timeout'), ...MAX_RUN_TIME_BOUND });
+    const retries = whole(setting('retries'), 'retries', 0, 0, { from: origin('retries') });
+    const strikes = whole(setting('strikes'), 'strikes', 0, 0, { from: origin('strikes') });
     const yes = ['1', 'true', 'yes'].includes(setting('yes') ?? '');
     const report = setting('report');
     if (report !== undefined && !/^sh:\s*\S/.test(report)) throw new UsageError(`--report must be 'sh: COMMAND', not "${report}"`);
@@ -186,6 +193,11 @@ export const batchCommand: Command = {
       // Locked before its jobs are read: a session that another drover runs is refused, not run twice.
       session = Session.open(sessionsDir, (resume ?? retry)!, { lock: true });
       checkSameJobs(session, input, positionals);
+      // A session stored before maxRunTime had its bound would fail every job it runs.
+      const storedTimeout = session.params.timeout;
+      if (!given('timeout') && storedTimeout !== undefined && storedTimeout > MAX_RUN_TIME_BOUND.max) {
+        throw new UsageError(`session ${session.id} has timeout ${storedTimeout} (${join(session.dir, 'params.json')}), above the most a job may run, ${MAX_RUN_TIME_BOUND.max}${MAX_RUN_TIME_BOUND.unit}; give --timeout S to replace it`);
+      }
       lines = session.jobs.map((job) => job.line);
     } else {
       lines = input.split('\n').filter((line) => line.trim().length > 0);
@@ -524,10 +536,13 @@ function describeJob(job: JobRecord): string {
   return `job ${job.n} ${job.status === 'pending' ? 'stopped' : job.status} slot ${job.slot ?? '-'} (${seconds} s, ${end}): ${job.line}`;
 }
 
-function whole<T extends number | undefined>(raw: string | undefined, name: string, fallback: T, min: number): number | T {
+/** A whole-number option, at least `min` and at most `max`; an error names the option and, unless it was a flag, where its value came `from`. */
+function whole<T extends number | undefined>(raw: string | undefined, name: string, fallback: T, min: number, limits: { readonly from?: string | undefined; readonly max?: number; readonly unit?: string } = {}): number | T {
   if (raw === undefined || raw === '') return fallback;
   const value = Number(raw);
-  if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} must be a whole number of at least ${min}, not "${raw}"`);
+  const from = limits.from === undefined ? '' : ` (from ${limits.from})`;
+  if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} must be a whole number of at least ${min}, not "${raw}"${from}`);
+  if (limits.max !== undefined && value > limits.max) throw new UsageError(`--${name} must be at most ${limits.max}${limits.unit ?? ''}, not "${raw}"${from}`);
   return value;
 }
 

@@ -1,6 +1,7 @@
 /** The shape of a `drover` subcommand; main.ts lists them, parses flags and maps errors to exit codes. */
 import type { ParseArgsConfig } from 'node:util';
 import { DroverError } from '../model/errors.js';
+import { MAX_RUN_TIME_SECONDS } from '../plugins/maxruntime.js';
 
 export type Options = ParseArgsConfig['options'] & {};
 export type Values = Record<string, string | boolean | undefined>;
@@ -30,3 +31,10 @@ export class UsageError extends DroverError {
     super('DROVER_USAGE', message);
   }
 }
+
+/**
+ * The bound of a maxRunTime given on the command line (`submit --max-run-time`, `batch --timeout`):
+ * the maxruntime plugin's, so that a longer one is refused at once rather than failing each task
+ * as a malformed payload when a worker loads it.
+ */
+export const MAX_RUN_TIME_BOUND = { max: MAX_RUN_TIME_SECONDS, unit: ' seconds (about 24.8 days, the longest maxRunTime a worker can keep)' } as const;

@@ -16,7 +16,7 @@ import { SqliteQueue } from '../queues/sqlite.js';
 import { createLogger, type Logger } from '../runtime/logger.js';
 import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '../runtime/config.js';
 import type { InstanceConfig } from '../hosts/metadata.js';
-import { UsageError, type Command, type Options, type Values } from './command.js';
+import { MAX_RUN_TIME_BOUND, UsageError, type Command, type Options, type Values } from './command.js';
 import { batchCommand, sessionsCommand } from './batch.js';
 import { diagramCommand } from './diagram.js';
 import { instancesCommand } from './instances.js';
@@ -128,7 +128,8 @@ const commands: Record<string, Command> = {
 the command's argv, run without a shell.
 
 Options:
-  --max-run-time S         stop the command after S seconds; the run resolves failed
+  --max-run-time S         stop the command after S seconds, at most ${MAX_RUN_TIME_BOUND.max}
+                           (about 24.8 days); the run resolves failed
                            (with --payload, it replaces the payload's maxRunTime)
   --retries N              how many more runs after worker-shutdown, claim-expired or
                            intermittent-task (onExitStatus.retry) [5]
@@ -346,7 +347,7 @@ function reportError(name: string, error: unknown): number {
 
 async function payloadFrom(values: Values, positionals: string[]): Promise<Payload> {
   const file = values['payload'] as string | undefined;
-  const maxRunTime = values['max-run-time'] === undefined ? undefined : integerOption(values, 'max-run-time', 0, 1);
+  const maxRunTime = values['max-run-time'] === undefined ? undefined : integerOption(values, 'max-run-time', 0, 1, MAX_RUN_TIME_BOUND);
   if (file !== undefined) {
     if (positionals.length > 0) throw new UsageError('give either --payload or a command, not both');
     const text = file === '-' ? await readStdin() : await readFile(file, 'utf8').catch((error: NodeJS.ErrnoException) => {
@@ -425,11 +426,12 @@ async function readStdin(): Promise<string> {
   return Buffer.concat(chunks).toString('utf8');
 }
 
-function integerOption(values: Values, name: string, fallback: number, min: number): number {
+function integerOption(values: Values, name: string, fallback: number, min: number, bound?: { readonly max: number; readonly unit: string }): number {
   const raw = values[name];
   if (raw === undefined) return fallback;
   const value = Number(raw);
   if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} must be a whole number of at least ${min}, not "${String(raw)}"`);
+  if (bound !== undefined && value > bound.max) throw new UsageError(`--${name} must be at most ${bound.max}${bound.unit}, not "${String(raw)}"`);
   return value;
 }
 

@@ -81,3 +81,47 @@ t.test('a session recorded in QUEUE-DIR/cloud-sessions (by an earlier drover) is
   t.notMatch(cleaned.stdout, new RegExp(`terminated ${live.id}`), 'the legacy session\'s instance is live');
   t.match(cleaned.stdout, /^1 terminated, 0 failed, 1 left alone/m);
 });
+
+t.test('a batch\'s own watchdog reads QUEUE-DIR/cloud-sessions too, as drover instances does: the instance of a session recorded there is left alone', async (t) => {
+  const cwd = t.testdir({});
+  const server = await sshd(t);
+  // The first two launches are the earlier drover's; the batch's instance is the third.
+  const cloud = await CLOUDS.aws(t, [server.port, server.port, server.port]);
+  Object.assign(process.env, dummyCloudCredentials(cwd));
+  const legacy = join(cwd, '.drover', 'cloud-sessions');
+  mkdirSync(legacy, { recursive: true });
+  new SessionRegistry(legacy).open({ session: 'old-session', owner: ownerId(), provider: 'aws' });
+  const live = await cloud.provider.launch({ image: 'ami-1', instanceType: 't3.micro', session: 'old-session', owner: ownerId(), token: 'old-1' });
+  const over = await cloud.provider.launch({ image: 'ami-1', instanceType: 't3.micro', session: 'gone-session', owner: ownerId(), token: 'old-2' });
+  const alive = (id: string) => (cloud.alive() as { id: string }[]).some((instance) => instance.id === id);
+  const knownHosts = join(cwd, 'known_hosts');
+  writeFileSync(knownHosts, `[127.0.0.1]:${server.port} ${server.hostPublicKey}\n`);
+  // No DROVER_QUEUE_DIR: the batch's queue directory is ./.drover, where the earlier drover recorded its session.
+  const env = {
+    ...dummyCloudCredentials(cwd),
+    DROVER_AWS_ENDPOINT: cloud.endpoint.url,
+    DROVER_CLOUD_SESSIONS: join(cwd, 'cloud-sessions'),
+    DROVER_SSH_IDENTITY_FILE: server.identityFile,
+    DROVER_SSH_KNOWN_HOSTS: knownHosts,
+    DROVER_SSH_WORK_DIR: remoteWorkDir(t, server.user),
+    SSH_AUTH_SOCK: '',
+  };
+  const marker = `42.${Math.floor(Math.random() * 1e6)}`;
+  const args = ['batch', '--provider', 'aws', '--instance-type', 't3.micro', '--image', 'ami-0123456789abcdef0', '--ssh-user', server.user, '--split', '1', '--sessions', join(cwd, 'sessions'), '--', 'sleep'];
+  const child = spawn(process.execPath, [DROVER, ...args], { cwd, env: userEnv(env), stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stdout.resume();
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  t.teardown(() => child.kill('SIGKILL'));
+  child.stdin.end(`${marker}\n`);
+  // The batch's watchdog sweeps as the batch starts: the gone session's instance is a leftover.
+  await eventually('the batch\'s watchdog to terminate the leftover', () => !alive(over.id), 30_000);
+  await eventually('the job to sleep on the batch\'s instance', () => processesWith(`sleep\0${marker}`).length === 1, 30_000);
+  t.ok(alive(live.id), 'the instance of the session recorded in .drover/cloud-sessions is live, and left alone');
+
+  child.kill('SIGINT');
+  t.equal(await exited, EXIT.SIGNAL, stderr);
+  await eventually('the batch\'s instance to be terminated', () => cloud.alive().length === 1, 10_000);
+  t.ok(alive(live.id), 'and still is after the batch ended');
+});

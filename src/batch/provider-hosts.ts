@@ -22,17 +22,15 @@
  */
 import { randomUUID } from 'node:crypto';
 import { userInfo } from 'node:os';
-import { join } from 'node:path';
 import { InstanceFleet, type FleetOptions } from '../cloud/instance-runtime.js';
 import type { Provider, ProviderName } from '../cloud/provider.js';
+import type { SessionRegistry } from '../cloud/sessions.js';
 import { Watchdog } from '../cloud/watchdog.js';
 import { errorMessage, ResourceUnavailableError } from '../model/errors.js';
-import type { Config } from '../runtime/config.js';
 import type { Logger } from '../runtime/logger.js';
 import type { SshHostEntry } from '../hosts/ssh-host.js';
 import type { SshConnectionOptions } from '../hosts/ssh-transport.js';
 import type { BatchHostSource, BatchHostSet } from './hosts.js';
-import { cloudSessionRegistry } from './session.js';
 
 /** What a batch launches, as its session keeps it. */
 export interface ProviderLaunch {
@@ -133,16 +131,16 @@ export function providerHosts(options: ProviderHostsOptions): BatchHostSource & 
 
 /**
  * The CLI's source: a provider made from the settings (cloud settings
- * aws.* / gce.*), the open-session registry `drover instances` reads
- * (this user's: cloudSessionRegistry in session.ts).
+ * aws.* / gce.*), and the open-session registry that `drover instances`
+ * reads too (openCloudSessions in src/cli/instances.ts).
  */
-export function launchSource(provider: Provider, launch: ProviderLaunch, config: Config, ssh: SshConnectionOptions, session: string): BatchHostSource {
+export function launchSource(provider: Provider, launch: ProviderLaunch, registry: SessionRegistry, ssh: SshConnectionOptions, session: string): BatchHostSource {
   return providerHosts({
     provider,
     spec: { image: launch.image, instanceType: launch.instanceType, ...(launch.network === undefined ? {} : { network: launch.network }), ...(launch.key === undefined ? {} : { key: launch.key }) },
     sshUser: launch.sshUser,
     ssh,
     session,
-    registry: cloudSessionRegistry({ legacyDirs: [join(config.queue.dir, 'cloud-sessions')] }),
+    registry,
   });
 }

@@ -5,7 +5,7 @@ import { createRequire } from 'node:module';
 import { dirname, isAbsolute, join, resolve as resolvePath } from 'node:path';
 import { createInterface } from 'node:readline';
 import { ConfigError, errorMessage } from '../model/errors.js';
-import { CLOUD_SETTING_FLAGS } from './instances.js';
+import { CLOUD_SETTING_FLAGS, openCloudSessions } from './instances.js';
 import type { Progress } from '../batch/progress.js';
 import type { ProviderLaunch } from '../batch/provider-hosts.js';
 import { PROVIDER_NAMES, type ProviderName } from '../cloud/provider.js';
@@ -234,7 +234,7 @@ export const batchCommand: Command = {
     // The session says what it runs on: the instances of a provider, or hosts (which replace a provider's on --resume).
     if (launch !== undefined) session.update({ ...cloud, hosts: undefined });
     else if (hosts !== undefined) session.update({ provider: undefined, hostSource: undefined });
-    const hostSource = launch === undefined ? undefined : providerHosts!.launchSource(provider!, launch, config, ssh.ssh, `batch-${session.id}-${randomUUID().slice(0, 8)}`);
+    const hostSource = launch === undefined ? undefined : providerHosts!.launchSource(provider!, launch, openCloudSessions(config), ssh.ssh, `batch-${session.id}-${randomUUID().slice(0, 8)}`);
     const interrupt = new AbortController();
     let signalName: string | undefined;
     const onSignal = (signal: NodeJS.Signals) => {

@@ -5,8 +5,10 @@
  * --cleanup terminates the leftovers.
  */
 import { join } from 'node:path';
+import { cloudSessionRegistry } from '../batch/session.js';
+import type { SessionRegistry } from '../cloud/sessions.js';
 import { ConfigError } from '../model/errors.js';
-import { flagName, loadConfig, SETTINGS } from '../runtime/config.js';
+import { flagName, loadConfig, SETTINGS, type Config } from '../runtime/config.js';
 import { createLogger } from '../runtime/logger.js';
 import { UsageError, type Command } from './command.js';
 import { EXIT } from './exit-codes.js';
@@ -59,10 +61,10 @@ export const instancesCommand: Command = {
     if (!config.cloud.provider) throw new ConfigError('which cloud? give --provider aws|gce (or DROVER_CLOUD_PROVIDER, cloud.provider in the config file)');
     const logger = createLogger({ level: config.logLevel, format: config.logFormat });
     // The SDKs load only here.
-    const [{ createProvider }, { cloudSessionRegistry }, { Watchdog }] = await Promise.all([import('../cloud/providers.js'), import('../batch/session.js'), import('../cloud/watchdog.js')]);
+    const [{ createProvider }, { Watchdog }] = await Promise.all([import('../cloud/providers.js'), import('../cloud/watchdog.js')]);
     const provider = await createProvider(config.cloud.provider, config, logger);
     try {
-      const watchdog = new Watchdog({ providers: [provider], registry: cloudSessionRegistry({ legacyDirs: [join(config.queue.dir, 'cloud-sessions')] }), logger });
+      const watchdog = new Watchdog({ providers: [provider], registry: openCloudSessions(config), logger });
       if (values['cleanup'] !== true) {
         const reports = await watchdog.survey();
         if (reports.length === 0) {
@@ -87,6 +89,16 @@ export const instancesCommand: Command = {
     }
   },
 };
+
+/**
+ * The open cloud sessions, as `drover instances` and a `drover batch --provider` both see them:
+ * this user's registry (cloudSessionRegistry), and the config's QUEUE-DIR/cloud-sessions, where
+ * earlier versions recorded them. Both commands take it from here: were one of them to miss a
+ * directory, it would take the instances of a batch that still runs for leftovers, and terminate them.
+ */
+export function openCloudSessions(config: Config): SessionRegistry {
+  return cloudSessionRegistry({ legacyDirs: [join(config.queue.dir, 'cloud-sessions')] });
+}
 
 function table(header: string[], rows: string[][]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => (row[i] ?? '').length)));

@@ -51,6 +51,26 @@ t.test('bad usage exits 2 and says what was wrong', async (t) => {
   }
 });
 
+t.test('the overview says which commands refuse the queue flags, and they are the ones that do', async (t) => {
+  const cwd = t.testdir({});
+  const text = (await drover(['--help'], { cwd })).stdout;
+  const overview = text.replace(/\s+/g, ' ');
+  t.notMatch(overview, /Every command takes[^.]*--queue/, 'not every command takes the queue flags');
+  const names = [...text.matchAll(/^ {2}([a-z]+) +\S/gm)].map((match) => match[1]!);
+  t.ok(names.length >= COMMANDS.length, `the overview lists the commands (${names.join(', ')})`);
+  const refusing: string[] = [];
+  for (const name of names) {
+    const help = await drover([name, '--help'], { cwd });
+    if (help.stdout.includes('--queue-dir DIR')) continue;
+    refusing.push(name);
+    const result = await drover([name, '--queue-dir', 'q', '--', 'echo'], { cwd, input: '1\n', env: { DROVER_SESSIONS: join(cwd, 'sessions') } });
+    t.equal(result.code, EXIT.CONFIG, `drover ${name} --queue-dir exits 2`);
+    t.match(result.stderr, `--queue-dir is not an option of drover ${name}: it does not use the task queue`);
+  }
+  t.same(refusing, ['batch', 'sessions']);
+  t.match(overview, `--queue URL (PostgreSQL) or --queue-dir DIR (SQLite) chooses the task queue; ${refusing.join(' and ')} refuse these flags`);
+});
+
 t.test('a bad config file is refused naming the file and every bad field', async (t) => {
   const cwd = t.testdir({
     'bad.yaml': 'capacity: lots\nqueue:\n  claimTimeout: -1\ncolour: red\n',

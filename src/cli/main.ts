@@ -469,7 +469,25 @@ function table(header: string[], rows: string[][]): string {
 
 function overview(): string {
   const list = Object.entries(commands).map(([name, command]) => `  ${name.padEnd(10)} ${command.summary}`).join('\n');
-  return `drover: a task worker engine\n\nUsage: drover COMMAND [options]\n\nCommands:\n${list}\n\nEvery command takes --config FILE, --queue URL (PostgreSQL) or --queue-dir DIR (SQLite), and --help.\n"drover COMMAND --help" tells more.\n`;
+  // Which commands refuse the queue flags comes from the table, so that the sentence stays true.
+  const refusing = Object.entries(commands).filter(([, command]) => command.usesQueue === false).map(([name]) => name);
+  const queue = `--queue URL (PostgreSQL) or --queue-dir DIR (SQLite) chooses the task queue; ${refusing.join(' and ')} refuse these flags (a batch session has a queue of its own).`;
+  return `drover: a task worker engine\n\nUsage: drover COMMAND [options]\n\nCommands:\n${list}\n\n${wrap(`Every command takes --config FILE and --help. ${queue}`)}\n"drover COMMAND --help" tells more.\n`;
+}
+
+/** Breaks text into lines of at most `width` characters, at spaces. */
+function wrap(text: string, width = 78): string {
+  const lines: string[] = [];
+  let line = '';
+  for (const word of text.split(' ')) {
+    if (line !== '' && line.length + 1 + word.length > width) {
+      lines.push(line);
+      line = word;
+    } else {
+      line = line === '' ? word : `${line} ${word}`;
+    }
+  }
+  return [...lines, line].join('\n');
 }
 
 function help(name: string, command: Command): string {

@@ -10,7 +10,7 @@ import t from 'tap';
 import { randomUUID } from 'node:crypto';
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Readable } from 'node:stream';
+import { text } from 'node:stream/consumers';
 import { ProcessEngine } from '../src/engines/process.js';
 import { isZombie, pidsWithCookie, readProcStat } from '../src/hosts/proc.js';
 import { SshHost } from '../src/hosts/ssh-host.js';
@@ -23,15 +23,6 @@ import { inProcessWorker } from './helpers/worker.js';
 if (!requireSshd(t)) process.exit(0);
 
 const BASE_ENV = { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: 'C.UTF-8' };
-
-function collect(stream: Readable): Promise<string> {
-  return new Promise((resolve, reject) => {
-    let text = '';
-    stream.on('data', (chunk: Buffer) => (text += chunk.toString()));
-    stream.on('end', () => resolve(text));
-    stream.on('error', reject);
-  });
-}
 
 /** The remote agent that started the process `pid` (the test's sshd runs on this machine): its parent, named drover-agent. */
 function agentOf(pid: number): number {
@@ -67,7 +58,7 @@ t.test('the agent is killed (SIGKILL) under a running command: its group is kill
   const cookie = cookieFor(t);
   const running = await transport.exec(['sh', '-c', 'sleep 1000 & sleep 1000; wait'], { cwd: dir, env: BASE_ENV, cookie });
   running.stdout.resume();
-  const stderr = collect(running.stderr);
+  const stderr = text(running.stderr);
   await until('sh and two sleeps', () => pidsWithCookie(cookie).length === 3);
   const agent = agentOf(readProcStat(pidsWithCookie(cookie)[0]!)!.pgrp);
   const killedAt = Date.now();
@@ -83,7 +74,7 @@ t.test('the agent is killed (SIGKILL) under a running command: its group is kill
   t.ok(transport.connected, 'the connection lives on');
 
   const again = await transport.exec(['echo', 'again'], { cwd: dir, env: BASE_ENV, cookie });
-  const [status, stdout] = await Promise.all([again.exited, collect(again.stdout), collect(again.stderr)]);
+  const [status, stdout] = await Promise.all([again.exited, text(again.stdout), text(again.stderr)]);
   t.same([status, stdout], [{ exitCode: 0, signal: null }, 'again\n'], 'a later command runs');
   t.equal(transport.stats.agentsStarted, 2, 'through a new agent');
   t.equal(transport.stats.connectionsOpened, 1, 'on the same connection');

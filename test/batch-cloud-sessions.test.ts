@@ -11,15 +11,29 @@
 import { spawn } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { EXIT } from '../src/cli/exit-codes.js';
 import { ownerId, SessionRegistry } from '../src/cloud/sessions.js';
 import { dummyCloudCredentials } from '../src/testing/cloud-endpoint.js';
+import type { TestSshd } from '../src/testing/sshd.js';
 import { CLOUDS } from './helpers/clouds.js';
 import { DROVER, drover, eventually, processesWith, userEnv } from './helpers/drover.js';
 import { remoteWorkDir, requireSshd, sshd } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
+
+/** A batch's environment for `dir`: the local EC2 endpoint, the sshd's keys, and a registry of open sessions of the test's own. */
+function batchEnv(t: Test, dir: string, server: TestSshd, endpoint: string, knownHosts: string): Record<string, string> {
+  return {
+    ...dummyCloudCredentials(dir),
+    DROVER_AWS_ENDPOINT: endpoint,
+    DROVER_CLOUD_SESSIONS: join(dir, 'cloud-sessions'),
+    DROVER_SSH_IDENTITY_FILE: server.identityFile,
+    DROVER_SSH_KNOWN_HOSTS: knownHosts,
+    DROVER_SSH_WORK_DIR: remoteWorkDir(t, server.user),
+    SSH_AUTH_SOCK: '',
+  };
+}
 
 t.test('drover instances --cleanup from another directory leaves a running batch\'s instance alone', async (t) => {
   const base = t.testdir({ batch: {}, elsewhere: {} });
@@ -28,15 +42,7 @@ t.test('drover instances --cleanup from another directory leaves a running batch
   const knownHosts = join(base, 'known_hosts');
   writeFileSync(knownHosts, `[127.0.0.1]:${server.port} ${server.hostPublicKey}\n`);
   // No DROVER_QUEUE_DIR: each directory has its own .drover, as for a user.
-  const env = {
-    ...dummyCloudCredentials(base),
-    DROVER_AWS_ENDPOINT: cloud.endpoint.url,
-    DROVER_CLOUD_SESSIONS: join(base, 'cloud-sessions'),
-    DROVER_SSH_IDENTITY_FILE: server.identityFile,
-    DROVER_SSH_KNOWN_HOSTS: knownHosts,
-    DROVER_SSH_WORK_DIR: remoteWorkDir(t, server.user),
-    SSH_AUTH_SOCK: '',
-  };
+  const env = batchEnv(t, base, server, cloud.endpoint.url, knownHosts);
   const marker = `41.${Math.floor(Math.random() * 1e6)}`;
   const args = ['batch', '--provider', 'aws', '--instance-type', 't3.micro', '--image', 'ami-0123456789abcdef0', '--ssh-user', server.user, '--split', '1', '--sessions', join(base, 'sessions'), '--', 'sleep'];
   const child = spawn(process.execPath, [DROVER, ...args], { cwd: join(base, 'batch'), env: userEnv(env), stdio: ['pipe', 'pipe', 'pipe'] });
@@ -97,15 +103,7 @@ t.test('a batch\'s own watchdog reads QUEUE-DIR/cloud-sessions too, as drover in
   const knownHosts = join(cwd, 'known_hosts');
   writeFileSync(knownHosts, `[127.0.0.1]:${server.port} ${server.hostPublicKey}\n`);
   // No DROVER_QUEUE_DIR: the batch's queue directory is ./.drover, where the earlier drover recorded its session.
-  const env = {
-    ...dummyCloudCredentials(cwd),
-    DROVER_AWS_ENDPOINT: cloud.endpoint.url,
-    DROVER_CLOUD_SESSIONS: join(cwd, 'cloud-sessions'),
-    DROVER_SSH_IDENTITY_FILE: server.identityFile,
-    DROVER_SSH_KNOWN_HOSTS: knownHosts,
-    DROVER_SSH_WORK_DIR: remoteWorkDir(t, server.user),
-    SSH_AUTH_SOCK: '',
-  };
+  const env = batchEnv(t, cwd, server, cloud.endpoint.url, knownHosts);
   const marker = `42.${Math.floor(Math.random() * 1e6)}`;
   const args = ['batch', '--provider', 'aws', '--instance-type', 't3.micro', '--image', 'ami-0123456789abcdef0', '--ssh-user', server.user, '--split', '1', '--sessions', join(cwd, 'sessions'), '--', 'sleep'];
   const child = spawn(process.execPath, [DROVER, ...args], { cwd, env: userEnv(env), stdio: ['pipe', 'pipe', 'pipe'] });

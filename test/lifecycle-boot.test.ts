@@ -17,18 +17,15 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import t, { type Test } from 'tap';
-import { ProcessEngine } from '../src/engines/process.js';
 import type { Host, HostBootOptions, HostIdentity } from '../src/hosts/host.js';
 import { HardwareHost, LocalTransport } from '../src/hosts/local.js';
 import { MachinePool } from '../src/hosts/selection.js';
 import { SshHost } from '../src/hosts/ssh-host.js';
 import type { Transport } from '../src/hosts/transport.js';
-import { livelogPlugin } from '../src/plugins/livelog.js';
 import type { Plugin } from '../src/plugins/plugin.js';
-import { SqliteQueue } from '../src/queues/sqlite.js';
-import { createLogger } from '../src/runtime/logger.js';
+import { createLogger, type Logger } from '../src/runtime/logger.js';
 import { eventually } from './helpers/drover.js';
-import { inProcessWorker } from './helpers/worker.js';
+import { localWorker } from './helpers/worker.js';
 
 /** Starts `server` on a loopback port (returned); it is closed, with every connection, when `t` ends. */
 async function listening<S extends Server | ReturnType<typeof createTcpServer>>(t: Test, server: S): Promise<number> {
@@ -48,17 +45,8 @@ async function listening<S extends Server | ReturnType<typeof createTcpServer>>(
 }
 
 /** A worker on `host`, its queue and work directory in `dir`. */
-function workerOn(t: Test, dir: string, host: Host, logger = createLogger({ level: 'info', write: () => {} }), plugins: readonly Plugin[] = []) {
-  const queue = SqliteQueue.open({ dir: join(dir, 'queue'), claimTimeoutMs: 10_000, pollIntervalMs: 50 });
-  return inProcessWorker(t, {
-    workerId: 'boot-worker',
-    queue,
-    host,
-    engine: new ProcessEngine({ killGraceMs: 200 }),
-    plugins: [...plugins, livelogPlugin()],
-    workDir: join(dir, 'work'),
-    logger,
-  });
+function workerOn(t: Test, dir: string, host: Host, logger?: Logger, plugins: readonly Plugin[] = []) {
+  return localWorker(t, dir, { host, plugins, workerId: 'boot-worker', ...(logger === undefined ? {} : { logger }) }).worker;
 }
 
 /**

@@ -8,35 +8,19 @@
  * in this process: the embedded queue, this machine's host, real commands.
  */
 import { existsSync } from 'node:fs';
-import { join } from 'node:path';
 import t, { type Test } from 'tap';
-import { ProcessEngine } from '../src/engines/process.js';
-import { HardwareHost } from '../src/hosts/local.js';
-import { livelogPlugin } from '../src/plugins/livelog.js';
 import type { Plugin } from '../src/plugins/plugin.js';
-import { SqliteQueue } from '../src/queues/sqlite.js';
 import { instantiate } from '../src/runtime/extensions.js';
 import { createLogger } from '../src/runtime/logger.js';
 import { eventually } from './helpers/drover.js';
-import { inProcessWorker } from './helpers/worker.js';
+import { localWorker } from './helpers/worker.js';
 
 /** A worker with `plugins` (and livelog) on a fresh queue; its log lines, its host and its queue. */
 function worker(t: Test, plugins: readonly Plugin[]) {
   const dir = t.testdir({});
   const lines: string[] = [];
   const logger = createLogger({ level: 'info', write: (line) => lines.push(line) });
-  const queue = SqliteQueue.open({ dir: join(dir, 'queue'), claimTimeoutMs: 10_000, pollIntervalMs: 50 });
-  const host = new HardwareHost({ workDir: join(dir, 'work') });
-  const running = inProcessWorker(t, {
-    workerId: 'hooks-worker',
-    queue,
-    host,
-    engine: new ProcessEngine({ killGraceMs: 200 }),
-    plugins: [...plugins, livelogPlugin()],
-    workDir: join(dir, 'work'),
-    logger,
-    pollWaitMs: 100,
-  });
+  const { worker: running, queue, host } = localWorker(t, dir, { plugins, logger, workerId: 'hooks-worker', pollWaitMs: 100 });
   const submit = () => queue.submit({ payload: { command: 'echo ran' }, deadline: Date.now() + 60_000, retries: 0 });
   return { worker: running, lines, host, queue, submit };
 }

@@ -11,29 +11,25 @@
  * as a shell starts a foreground job, and the group is sent SIGINT as the
  * terminal would.
  */
-import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { groupPids, isAlive, readProcStat } from '../src/hosts/proc.js';
-import { DROVER, eventually, readTask, runOutcomes, submit, userEnv, type WorkerProcess } from './helpers/drover.js';
+import { eventually, readTask, runOutcomes, startWorker, submit, type WorkerProcess } from './helpers/drover.js';
 
 /** `drover worker ARGS...` as the leader of a new process group (a foreground job), killed with its group at teardown. */
 function startGroupLeader(t: Test, args: readonly string[], cwd: string, env: Record<string, string> = {}): WorkerProcess {
-  const child = spawn(process.execPath, [DROVER, 'worker', ...args], { cwd, env: userEnv(env), stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-  let log = '';
-  child.stdout!.on('data', (d: Buffer) => (log += d.toString()));
-  child.stderr!.on('data', (d: Buffer) => (log += d.toString()));
-  const exited = new Promise<number | string>((resolve) => child.on('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  const worker = startWorker(args, { cwd, env, detached: true });
   t.teardown(() => {
     try {
-      process.kill(-child.pid!, 'SIGKILL');
+      process.kill(-worker.child.pid!, 'SIGKILL');
     } catch {
       // gone
     }
   });
-  return { child, log: () => log, exited };
+  return worker;
 }
 
 /** Waits for the pid file a task writes first (`echo $$ > FILE`): its process group. */
@@ -62,7 +58,9 @@ for (const { starter, env } of STARTERS) {
   t.test(`${starter}: Ctrl-C (SIGINT to the worker's process group) lets a running task complete within the grace period`, async (t) => {
     const cwd = t.testdir({});
     const workerEnv = env(t);
-    const id = await submit(['--', `echo $$ > ${join(cwd, 'task.pid')}; sleep 1.5; echo done`], { cwd });
+    // It runs until told to end, after the SIGINT: so it is surely running when the Ctrl-C comes.
+    const go = join(cwd, 'go');
+    const id = await submit(['--', `echo $$ > ${join(cwd, 'task.pid')}; while [ ! -e ${go} ]; do sleep 0.1; done; echo done`], { cwd });
     const worker = startGroupLeader(t, ['--shutdown-grace', '20'], cwd, workerEnv);
     const pgid = await pidFrom(join(cwd, 'task.pid'));
     const helper = readProcStat(pgid)?.ppid;
@@ -70,6 +68,8 @@ for (const { starter, env } of STARTERS) {
     t.not(readProcStat(helper!)?.pgrp, worker.child.pid, `the ${starter} is not in the worker's process group`);
     t.not(readProcStat(pgid)?.pgrp, worker.child.pid, 'nor is the task');
     process.kill(-worker.child.pid!, 'SIGINT');
+    await eventually('the worker to begin its graceful shutdown', () => worker.log().includes('shutting down gracefully'));
+    writeFileSync(go, '');
     t.equal(await worker.exited, 4, 'exit code 4: stopped by a signal', { log: worker.log() });
     t.match(worker.log(), /shutting down gracefully/);
     t.same(runOutcomes(await readTask(join(cwd, '.drover'), id)), ['completed'], 'the task ran to its end, within the grace period');

@@ -35,6 +35,21 @@ function batchEnv(t: Test, dir: string, server: TestSshd, endpoint: string, know
   };
 }
 
+
+/** `drover batch --provider aws --split 1` in `cwd`, its one job a `sleep` of a marker found with processesWith(`sleep\0MARKER`). */
+function sleepingBatch(t: Test, cwd: string, sessions: string, server: TestSshd, env: Record<string, string>) {
+  const marker = `${Math.floor(Math.random() * 1e6)}.5`;
+  const args = ['batch', '--provider', 'aws', '--instance-type', 't3.micro', '--image', 'ami-0123456789abcdef0', '--ssh-user', server.user, '--split', '1', '--sessions', sessions, '--', 'sleep'];
+  const child = spawn(process.execPath, [DROVER, ...args], { cwd, env: userEnv(env), stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stdout.resume();
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  t.teardown(() => child.kill('SIGKILL'));
+  child.stdin.end(`${marker}\n`);
+  return { child, marker, exited, stderr: () => stderr };
+}
+
 t.test('drover instances --cleanup from another directory leaves a running batch\'s instance alone', async (t) => {
   const base = t.testdir({ batch: {}, elsewhere: {} });
   const server = await sshd(t);
@@ -43,15 +58,7 @@ t.test('drover instances --cleanup from another directory leaves a running batch
   writeFileSync(knownHosts, `[127.0.0.1]:${server.port} ${server.hostPublicKey}\n`);
   // No DROVER_QUEUE_DIR: each directory has its own .drover, as for a user.
   const env = batchEnv(t, base, server, cloud.endpoint.url, knownHosts);
-  const marker = `41.${Math.floor(Math.random() * 1e6)}`;
-  const args = ['batch', '--provider', 'aws', '--instance-type', 't3.micro', '--image', 'ami-0123456789abcdef0', '--ssh-user', server.user, '--split', '1', '--sessions', join(base, 'sessions'), '--', 'sleep'];
-  const child = spawn(process.execPath, [DROVER, ...args], { cwd: join(base, 'batch'), env: userEnv(env), stdio: ['pipe', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  child.stdout.resume();
-  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-  t.teardown(() => child.kill('SIGKILL'));
-  child.stdin.end(`${marker}\n`);
+  const { child, marker, exited, stderr } = sleepingBatch(t, join(base, 'batch'), join(base, 'sessions'), server, env);
   await eventually('the job to sleep on the instance', () => processesWith(`sleep\0${marker}`).length === 1, 30_000);
   t.equal(cloud.alive().length, 1, 'the batch\'s instance runs');
 
@@ -67,7 +74,7 @@ t.test('drover instances --cleanup from another directory leaves a running batch
   t.equal(processesWith(`sleep\0${marker}`).length, 1, 'and so does its job');
 
   child.kill('SIGINT');
-  t.equal(await exited, EXIT.SIGNAL, stderr);
+  t.equal(await exited, EXIT.SIGNAL, stderr());
   await eventually('the instance to be terminated', () => cloud.alive().length === 0, 10_000);
 });
 
@@ -104,22 +111,14 @@ t.test('a batch\'s own watchdog reads QUEUE-DIR/cloud-sessions too, as drover in
   writeFileSync(knownHosts, `[127.0.0.1]:${server.port} ${server.hostPublicKey}\n`);
   // No DROVER_QUEUE_DIR: the batch's queue directory is ./.drover, where the earlier drover recorded its session.
   const env = batchEnv(t, cwd, server, cloud.endpoint.url, knownHosts);
-  const marker = `42.${Math.floor(Math.random() * 1e6)}`;
-  const args = ['batch', '--provider', 'aws', '--instance-type', 't3.micro', '--image', 'ami-0123456789abcdef0', '--ssh-user', server.user, '--split', '1', '--sessions', join(cwd, 'sessions'), '--', 'sleep'];
-  const child = spawn(process.execPath, [DROVER, ...args], { cwd, env: userEnv(env), stdio: ['pipe', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  child.stdout.resume();
-  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-  t.teardown(() => child.kill('SIGKILL'));
-  child.stdin.end(`${marker}\n`);
+  const { child, marker, exited, stderr } = sleepingBatch(t, cwd, join(cwd, 'sessions'), server, env);
   // The batch's watchdog sweeps as the batch starts: the gone session's instance is a leftover.
   await eventually('the batch\'s watchdog to terminate the leftover', () => !alive(over.id), 30_000);
   await eventually('the job to sleep on the batch\'s instance', () => processesWith(`sleep\0${marker}`).length === 1, 30_000);
   t.ok(alive(live.id), 'the instance of the session recorded in .drover/cloud-sessions is live, and left alone');
 
   child.kill('SIGINT');
-  t.equal(await exited, EXIT.SIGNAL, stderr);
+  t.equal(await exited, EXIT.SIGNAL, stderr());
   await eventually('the batch\'s instance to be terminated', () => cloud.alive().length === 1, 10_000);
   t.ok(alive(live.id), 'and still is after the batch ended');
 });

@@ -1,7 +1,6 @@
 /** The drover command as a user meets it: help, bad input, the read commands, and docs that match the code. */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import t from 'tap';
 import { EXIT } from '../src/cli/exit-codes.js';
 import { MAX_RUN_TIME_SECONDS } from '../src/plugins/maxruntime.js';
@@ -216,9 +215,9 @@ t.test('logs -f of a task whose worker was killed prints that run\'s log once, t
   await eventually('the first run to print', async () => (await drover(['logs', id], { cwd, env })).stdout.includes('first run'));
   first.child.kill('SIGKILL'); // its live log is never finished
   await first.exited;
-  // No worker sweeps meanwhile: the follower itself must see the run through.
+  // No worker sweeps meanwhile: the follower itself must see the run through (queue.task() does not sweep).
   const following = drover(['logs', id, '-f'], { cwd, env, timeoutMs: 60_000 });
-  await sleep(5000);
+  await eventually('the follower to sweep the lost run', async () => (await readTask(join(cwd, '.drover'), id)).runs[0]?.state === 'exception', 30_000);
   const second = startWorker([], { cwd, env });
   t.teardown(() => void second.child.kill('SIGKILL'));
   const followed = await following;

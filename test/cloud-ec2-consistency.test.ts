@@ -20,7 +20,7 @@ import { createLogger } from '../src/runtime/logger.js';
 import { dummyCloudCredentials } from '../src/testing/cloud-endpoint.js';
 import { startEc2Endpoint, type Ec2Endpoint } from '../src/testing/ec2-endpoint.js';
 import type { TestSshd } from '../src/testing/sshd.js';
-import { requireSshd, sshd } from './helpers/sshd.js';
+import { requireSshd, sshd, until } from './helpers/sshd.js';
 
 if (!requireSshd(t)) process.exit(0);
 
@@ -31,14 +31,6 @@ Object.assign(process.env, dummyCloudCredentials(dir));
 const TIMING = { bootTimeoutMs: 10_000, sshTimeoutMs: 15_000, drainTimeoutMs: 1000, terminateAttempts: 10, terminateBackoffMs: 20, terminateMaxBackoffMs: 100 };
 /** Two attempts per call: the provider alone cannot outwait four NotFound answers; the instance machine's retry has to. */
 const RETRY = { attempts: 2, baseDelayMs: 5, maxDelayMs: 20, timeoutMs: 5000 };
-
-async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
 
 async function ec2(t: Test, options: { sshPorts?: number[]; notFoundCalls: number; visibilityGraceMs?: number }): Promise<{ endpoint: Ec2Endpoint; provider: AwsProvider }> {
   const endpoint = await startEc2Endpoint({ bootMs: 50, shutdownMs: 50, notFoundCalls: options.notFoundCalls, ...(options.sshPorts ? { sshPorts: options.sshPorts } : {}) });

@@ -25,20 +25,13 @@ import { createLogger, type Logger } from '../src/runtime/logger.js';
 import { dummyCloudCredentials, type CloudEndpoint } from '../src/testing/cloud-endpoint.js';
 import { startEc2Endpoint } from '../src/testing/ec2-endpoint.js';
 import { CLOUDS } from './helpers/clouds.js';
+import { until } from './helpers/sshd.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'drover-fleet-close-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));
 Object.assign(process.env, dummyCloudCredentials(dir));
 
 const TIMING = { bootTimeoutMs: 10_000, sshTimeoutMs: 10_000, drainTimeoutMs: 100, terminateAttempts: 2, terminateBackoffMs: 10, terminateMaxBackoffMs: 20 };
-
-async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
 
 let count = 0;
 function sourceOptions(t: Test, provider: Provider, extra: Partial<ProviderHostsOptions> = {}): { options: ProviderHostsOptions; registry: SessionRegistry; lines: string[]; logger: Logger } {

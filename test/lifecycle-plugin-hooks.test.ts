@@ -86,7 +86,6 @@ t.test('a shutdown that throws synchronously is logged naming the plugin; the ot
   t.equal(lines.filter((line) => /error\s+plugin broken: shutdown failed error="no handle to close"/.test(line)).length, 1, 'the failure is logged once, naming the plugin');
   t.notOk(lines.some((line) => /plugin plain: shutdown failed/.test(line)), 'a shutdown that returns nothing is no failure');
   t.notOk(existsSync(journal), 'the host was disposed: its journal is closed and gone');
-  t.notOk(lines.some((line) => /shutting down failed/.test(line)), 'the dispose stage itself did not fail');
 });
 
 t.test('a plugin module whose beforeClaim is not a function is refused when it is loaded', async (t) => {

@@ -7,33 +7,17 @@
  * the run and the reason. A real worker in this process: the embedded
  * queue, this machine's host, real commands.
  */
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import t, { type Test } from 'tap';
-import { ProcessEngine } from '../src/engines/process.js';
-import { HardwareHost } from '../src/hosts/local.js';
-import { livelogPlugin } from '../src/plugins/livelog.js';
 import type { Plugin } from '../src/plugins/plugin.js';
-import { SqliteQueue } from '../src/queues/sqlite.js';
 import { createLogger } from '../src/runtime/logger.js';
 import { eventually } from './helpers/drover.js';
-import { inProcessWorker } from './helpers/worker.js';
+import { localWorker } from './helpers/worker.js';
 
 function worker(t: Test, options: { claimTimeoutMs: number; plugins?: readonly Plugin[] }) {
-  const dir = t.testdir({});
   const lines: string[] = [];
   const logger = createLogger({ level: 'info', write: (line) => lines.push(line) });
-  const queue = SqliteQueue.open({ dir: join(dir, 'queue'), claimTimeoutMs: options.claimTimeoutMs, pollIntervalMs: 50 });
-  const running = inProcessWorker(t, {
-    workerId: 'unresolved-worker',
-    queue,
-    host: new HardwareHost({ workDir: join(dir, 'work') }),
-    engine: new ProcessEngine({ killGraceMs: 200 }),
-    plugins: [...(options.plugins ?? []), livelogPlugin()],
-    workDir: join(dir, 'work'),
-    logger,
-    pollWaitMs: 100,
-  });
+  const { worker: running, queue } = localWorker(t, t.testdir({}), { ...options, logger, workerId: 'unresolved-worker', pollWaitMs: 100 });
   return { worker: running, lines, queue };
 }
 
@@ -54,7 +38,7 @@ t.test('a canceled run: warned once, with the task, the run and the reason', asy
 });
 
 t.test('a run whose claim is lost (the deadline passed): warned once, with the queue\'s reason', async (t) => {
-  const { worker: w, lines, queue } = worker(t, { claimTimeoutMs: 1000 });
+  const { worker: w, lines, queue } = worker(t, { claimTimeoutMs: 3000 });
   // The task must be claimed before its deadline: the worker's boot is not to count against it.
   await eventually('the worker to be claiming', () => w.state() === 'claiming.polling');
   const id = await queue.submit({ payload: { command: 'sleep 30' }, deadline: Date.now() + 5000, retries: 0 });

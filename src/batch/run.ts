@@ -311,19 +311,21 @@ async function runLockedSession(session: Session, options: RunSessionOptions): P
   const workDir = join(session.dir, 'work');
   let host: Host;
   const commands: HostCommands = { ...(params.pre === undefined ? {} : { pre: params.pre }), ...(params.post === undefined ? {} : { post: params.post }), ...(params.overlay === undefined ? {} : { overlay: params.overlay }) };
-  // A signal that comes while the hosts open or --pre runs stops the batch before its first job:
-  // the worker's abort listener does not exist yet, and one added to an aborted signal never fires.
-  const interruptedBeforeStart = async () => {
+  /** What a batch that ends before its first job (a failure, an interruption) closes. */
+  const closeBeforeStart = async () => {
     if (source !== undefined) await closeQuietly(source, logger);
     await queue.close();
     await endStreams(streams);
+  };
+  // A signal that comes while the hosts open or --pre runs stops the batch before its first job:
+  // the worker's abort listener does not exist yet, and one added to an aborted signal never fires.
+  const interruptedBeforeStart = async () => {
+    await closeBeforeStart();
     return outcome(true);
   };
   if (source !== undefined) {
     batchHost = await openHosts(source, session, options, logger, hostOutput, commands).catch(async (error: unknown) => {
-      await closeQuietly(source, logger);
-      await queue.close();
-      await endStreams(streams);
+      await closeBeforeStart();
       throw error;
     });
     host = batchHost;
@@ -339,8 +341,7 @@ async function runLockedSession(session: Session, options: RunSessionOptions): P
       }
       if (code !== 0) {
         hostOutput(LOCALHOST, `--pre exited with ${code ?? 'a signal'}; no job runs`);
-        await queue.close();
-        await endStreams(streams);
+        await closeBeforeStart();
         return outcome(false, `--pre failed on ${LOCALHOST} (exit ${code ?? 'by a signal'})`);
       }
     }

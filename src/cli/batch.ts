@@ -10,7 +10,7 @@ import type { Progress } from '../batch/progress.js';
 import type { ProviderLaunch } from '../batch/provider-hosts.js';
 import { PROVIDER_NAMES, type ProviderName } from '../cloud/provider.js';
 import { jobsHash, type JobRecord, type Session, type SessionParams } from '../batch/session.js';
-import { MAX_RUN_TIME_BOUND, UsageError, type Command, type Values } from './command.js';
+import { MAX_RUN_TIME_BOUND, UsageError, whole, type Command, type Values } from './command.js';
 import { EXIT } from './exit-codes.js';
 
 const DETAILS = `Each line of stdin is one job. The line is split into words as a shell
@@ -534,16 +534,6 @@ function describeJob(job: JobRecord): string {
   const seconds = ((job.durationMs ?? 0) / 1000).toFixed(1);
   const end = job.signal ? `signal ${job.signal}` : `exit ${job.exitCode ?? '-'}`;
   return `job ${job.n} ${job.status === 'pending' ? 'stopped' : job.status} slot ${job.slot ?? '-'} (${seconds} s, ${end}): ${job.line}`;
-}
-
-/** A whole-number option, at least `min` and at most `max`; an error names the option and, unless it was a flag, where its value came `from`. */
-function whole<T extends number | undefined>(raw: string | undefined, name: string, fallback: T, min: number, limits: { readonly from?: string | undefined; readonly max?: number; readonly unit?: string } = {}): number | T {
-  if (raw === undefined || raw === '') return fallback;
-  const value = Number(raw);
-  const from = limits.from === undefined ? '' : ` (from ${limits.from})`;
-  if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} must be a whole number of at least ${min}, not "${raw}"${from}`);
-  if (limits.max !== undefined && value > limits.max) throw new UsageError(`--${name} must be at most ${limits.max}${limits.unit ?? ''}, not "${raw}"${from}`);
-  return value;
 }
 
 async function readStdin(): Promise<string> {

@@ -38,3 +38,16 @@ export class UsageError extends DroverError {
  * as a malformed payload when a worker loads it.
  */
 export const MAX_RUN_TIME_BOUND = { max: MAX_RUN_TIME_SECONDS, unit: ' seconds (about 24.8 days, the longest maxRunTime a worker can keep)' } as const;
+
+/**
+ * A whole-number option (`fallback` when not given), at least `min` and at most `max`; an error names the
+ * option and, unless it was a flag, where its value came `from`. An empty value is no number.
+ */
+export function whole<T extends number | undefined>(raw: string | undefined, name: string, fallback: T, min: number, limits: { readonly from?: string | undefined; readonly max?: number; readonly unit?: string } = {}): number | T {
+  if (raw === undefined) return fallback;
+  const value = Number(raw);
+  const from = limits.from === undefined ? '' : ` (from ${limits.from})`;
+  if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} must be a whole number of at least ${min}, not "${raw}"${from}`);
+  if (limits.max !== undefined && value > limits.max) throw new UsageError(`--${name} must be at most ${limits.max}${limits.unit ?? ''}, not "${raw}"${from}`);
+  return value;
+}

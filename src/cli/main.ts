@@ -16,7 +16,7 @@ import { SqliteQueue } from '../queues/sqlite.js';
 import { createLogger, type Logger } from '../runtime/logger.js';
 import { SETTINGS, describeSettings, flagName, loadConfig, type Config } from '../runtime/config.js';
 import type { InstanceConfig } from '../hosts/metadata.js';
-import { MAX_RUN_TIME_BOUND, UsageError, type Command, type Options, type Values } from './command.js';
+import { MAX_RUN_TIME_BOUND, UsageError, whole, type Command, type Options, type Values } from './command.js';
 import { batchCommand, sessionsCommand } from './batch.js';
 import { diagramCommand } from './diagram.js';
 import { instancesCommand } from './instances.js';
@@ -427,12 +427,7 @@ async function readStdin(): Promise<string> {
 }
 
 function integerOption(values: Values, name: string, fallback: number, min: number, bound?: { readonly max: number; readonly unit: string }): number {
-  const raw = values[name];
-  if (raw === undefined) return fallback;
-  const value = Number(raw);
-  if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} must be a whole number of at least ${min}, not "${String(raw)}"`);
-  if (bound !== undefined && value > bound.max) throw new UsageError(`--${name} must be at most ${bound.max}${bound.unit}, not "${String(raw)}"`);
-  return value;
+  return whole(values[name] as string | undefined, name, fallback, min, bound);
 }
 
 function onePositional(positionals: string[], what: string): string {
@@ -471,23 +466,8 @@ function overview(): string {
   const list = Object.entries(commands).map(([name, command]) => `  ${name.padEnd(10)} ${command.summary}`).join('\n');
   // Which commands refuse the queue flags comes from the table, so that the sentence stays true.
   const refusing = Object.entries(commands).filter(([, command]) => command.usesQueue === false).map(([name]) => name);
-  const queue = `--queue URL (PostgreSQL) or --queue-dir DIR (SQLite) chooses the task queue; ${refusing.join(' and ')} refuse these flags (a batch session has a queue of its own).`;
-  return `drover: a task worker engine\n\nUsage: drover COMMAND [options]\n\nCommands:\n${list}\n\n${wrap(`Every command takes --config FILE and --help. ${queue}`)}\n"drover COMMAND --help" tells more.\n`;
-}
-
-/** Breaks text into lines of at most `width` characters, at spaces. */
-function wrap(text: string, width = 78): string {
-  const lines: string[] = [];
-  let line = '';
-  for (const word of text.split(' ')) {
-    if (line !== '' && line.length + 1 + word.length > width) {
-      lines.push(line);
-      line = word;
-    } else {
-      line = line === '' ? word : `${line} ${word}`;
-    }
-  }
-  return [...lines, line].join('\n');
+  const queue = `Every command takes --config FILE and --help. --queue URL (PostgreSQL) or\n--queue-dir DIR (SQLite) chooses the task queue; ${refusing.join(' and ')}\nrefuse these flags (a batch session has a queue of its own).`;
+  return `drover: a task worker engine\n\nUsage: drover COMMAND [options]\n\nCommands:\n${list}\n\n${queue}\n"drover COMMAND --help" tells more.\n`;
 }
 
 function help(name: string, command: Command): string {

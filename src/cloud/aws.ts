@@ -109,10 +109,11 @@ export class AwsProvider implements Provider {
     return this.#launched.get(id);
   }
 
-  #call<T>(what: string, call: (signal: AbortSignal) => Promise<T>, options: CallOptions): Promise<T> {
-    return cloudCall(`ec2:${what}`, call, { policy: this.#retry, transient: isTransientAwsError, signal: options.signal, logger: this.#logger });
+  /** One EC2 call, retried while its error is transient (or `alsoRetry` says it is worth another try). */
+  #call<T>(what: string, call: (signal: AbortSignal) => Promise<T>, options: CallOptions, alsoRetry?: (error: unknown) => boolean): Promise<T> {
+    const transient = alsoRetry === undefined ? isTransientAwsError : (error: unknown) => isTransientAwsError(error) || alsoRetry(error);
+    return cloudCall(`ec2:${what}`, call, { policy: this.#retry, transient, signal: options.signal, logger: this.#logger });
   }
-
 
   async launch(spec: LaunchSpec, options: CallOptions = {}): Promise<CloudInstance> {
     const tags = { ...spec.tags, [SESSION_TAG]: spec.session, [OWNER_TAG]: spec.owner };
@@ -156,12 +157,7 @@ export class AwsProvider implements Provider {
     // A NotFound for an instance launched here moments ago is retried like a transient error: it is not visible yet.
     const notVisibleYet = (error: unknown) => isInstanceNotFound(error) && this.#recentLaunch(id) !== undefined;
     try {
-      await cloudCall('ec2:TerminateInstances', (abortSignal) => this.#client.send(new TerminateInstancesCommand({ InstanceIds: [id] }), { abortSignal }), {
-        policy: this.#retry,
-        transient: (error) => isTransientAwsError(error) || notVisibleYet(error),
-        signal: options.signal,
-        logger: this.#logger,
-      });
+      await this.#call('TerminateInstances', (abortSignal) => this.#client.send(new TerminateInstancesCommand({ InstanceIds: [id] }), { abortSignal }), options, notVisibleYet);
     } catch (error) {
       if (!isInstanceNotFound(error)) throw error;
       const launch = this.#recentLaunch(id);

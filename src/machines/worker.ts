@@ -279,7 +279,7 @@ export const workerMachine = setup({
             src: 'dispose',
             input: ({ context }) => ({ reason: context.reason! }),
             onDone: '#worker.stopped',
-            // The dispose actor logs its own failure: the worker stops all the same, with its reason.
+            // The dispose actor logs each part's failure and goes on; the worker stops all the same, with its reason.
             onError: '#worker.stopped',
           },
           on: {

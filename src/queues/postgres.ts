@@ -762,7 +762,6 @@ async function checkVersion(client: pg.ClientBase, schema: string): Promise<void
   }
 }
 
-
 /**
  * How far the server's clock is ahead of this machine's, in ms: halfway
  * through the shortest of three round trips. A queue that runs on the

@@ -115,19 +115,13 @@ export function startWorker(options: WorkerOptions): Worker {
         return { claims, now: Date.now() };
       }),
       dispose: fromPromise<void, { reason: ShutdownReason }>(async ({ input }) => {
-        try {
-          logger.info('shutting down', { reason: input.reason.kind });
-          // Every plugin's shutdown runs, and then the host's dispose, whatever one of them does: through
-          // attempt(), a hook that throws synchronously or returns no promise is one more logged failure.
-          for (const plugin of [...plugins].reverse()) {
-            await attempt(() => plugin.shutdown?.({ workerId, logger })).catch((error: unknown) => logger.error(`plugin ${plugin.name}: shutdown failed`, { error }));
-          }
-          await attempt(() => host.dispose()).catch((error: unknown) => logger.error(`host ${host.name}: dispose failed`, { error }));
-        } catch (error) {
-          // The machine stops the worker either way (disposing.onError); the log says what went wrong.
-          logger.error('shutting down failed', { error });
-          throw error;
+        logger.info('shutting down', { reason: input.reason.kind });
+        // Every plugin's shutdown runs, and then the host's dispose, whatever one of them does: through
+        // attempt(), a hook that throws synchronously or returns no promise is one more logged failure.
+        for (const plugin of [...plugins].reverse()) {
+          await attempt(() => plugin.shutdown?.({ workerId, logger })).catch((error: unknown) => logger.error(`plugin ${plugin.name}: shutdown failed`, { error }));
         }
+        await attempt(() => host.dispose()).catch((error: unknown) => logger.error(`host ${host.name}: dispose failed`, { error }));
       }),
       task: taskMachine.provide({ actors: taskActors }),
     },

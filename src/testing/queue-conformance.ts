@@ -548,8 +548,7 @@ export function queueConformance(t: Test, makeQueue: MakeQueue): void {
   });
 }
 
-/** The first non-empty listing, asked for every 20 ms; the last (empty) one once `ms` passed. */
-/** What `read` gives once it is `ready`, or after `ms` whatever it gives then. */
+/** What `read` gives once it is `ready` (asked every 20 ms), or after `ms` whatever it gives then. */
 async function within<T>(ms: number, read: () => Promise<T>, ready: (value: T) => boolean): Promise<T> {
   const giveUpAt = Date.now() + ms;
   for (;;) {

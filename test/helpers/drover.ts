@@ -116,12 +116,13 @@ export interface WorkerProcess {
   readonly exited: Promise<number | string>;
 }
 
-/** Starts `drover worker ARGS...` in the background. */
-export function startWorker(args: readonly string[], options: RunOptions): WorkerProcess {
+/** Starts `drover worker ARGS...` in the background; `detached`: as the leader of a process group of its own (a foreground job). */
+export function startWorker(args: readonly string[], options: RunOptions & { readonly detached?: boolean }): WorkerProcess {
   const child = spawn(process.execPath, [DROVER, 'worker', ...args], {
     cwd: options.cwd,
     env: userEnv(options.env),
     stdio: ['ignore', 'pipe', 'pipe'],
+    detached: options.detached ?? false,
   });
   let log = '';
   child.stdout!.on('data', (d: Buffer) => (log += d.toString()));

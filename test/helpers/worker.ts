@@ -32,9 +32,9 @@ export function inProcessWorker(t: Teardown, options: InProcessWorkerOptions): W
 export function localWorker<H extends Host = HardwareHost>(
   t: Teardown,
   dir: string,
-  options: { readonly host?: H; readonly logger?: Logger; readonly plugins?: readonly Plugin[]; readonly workerId?: string; readonly pollWaitMs?: number } = {},
+  options: { readonly host?: H; readonly logger?: Logger; readonly plugins?: readonly Plugin[]; readonly workerId?: string; readonly pollWaitMs?: number; readonly claimTimeoutMs?: number } = {},
 ): { worker: Worker; queue: SqliteQueue; host: H } {
-  const queue = SqliteQueue.open({ dir: join(dir, 'queue'), claimTimeoutMs: 10_000, pollIntervalMs: 50 });
+  const queue = SqliteQueue.open({ dir: join(dir, 'queue'), claimTimeoutMs: options.claimTimeoutMs ?? 10_000, pollIntervalMs: 50 });
   const host = options.host ?? (new HardwareHost({ workDir: join(dir, 'work') }) as Host as H);
   const worker = inProcessWorker(t, {
     workerId: options.workerId ?? 'local-worker',
